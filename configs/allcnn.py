@@ -1,0 +1,20 @@
+"""All-CNN-C on CIFAR-10, as in the paper (FACTS.md).
+
+  python -m invjax.main --config=configs/allcnn.py --workdir=DIR             # invariance
+  python -m invjax.main --config=configs/allcnn.py:baseline --workdir=DIR    # baseline
+  python -m invjax.main --config=configs/allcnn.py:batchaug --workdir=DIR    # M=8, alpha=0
+"""
+
+from invjax import config_lib
+
+
+def get_config(variant: str = "invariance"):
+  c = config_lib.base_config()
+  c.model.name = "allcnn"
+  c.dataset = "cifar10"
+  c.batch_size = 128
+  c.num_epochs = 350.0
+  c.learning_rate = 0.01
+  c.lr_boundaries = (200, 250, 300)
+  c.lr_decay = 0.1
+  return config_lib.apply_variant(c, variant)

@@ -1,0 +1,102 @@
+"""`--mode=analyze`: invariance scores (Eq. 2) of a trained run, every sown layer.
+
+Reads the latest checkpoint in WORKDIR and writes WORKDIR/analysis/scores.npz
+(per-image scores, [N, num_transforms] per layer, "pixels" first), analysis/summary.json
+(test accuracy, per-layer medians and quartiles) and figures/invariance_scores.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import numpy as np
+
+from invjax import analysis
+from invjax import augment
+from invjax import checkpoints
+from invjax import steps as steps_lib
+from invjax import train
+
+SCORES_FILE = os.path.join("analysis", "scores.npz")
+SUMMARY_FILE = os.path.join("analysis", "summary.json")
+FIGURE_FILE = os.path.join("figures", "invariance_scores.png")
+
+
+def _batches(images: np.ndarray, batch_size: int, placement: train.Placement):
+  """Float batches in [0, 1], split over devices where the size allows."""
+  n_dev = jax.device_count()
+
+  def gen():
+    for start in range(0, len(images), batch_size):
+      x = images[start:start + batch_size].astype(np.float32) / 255.0
+      yield placement.shard(x) if len(x) % n_dev == 0 else jax.device_put(
+          x, placement.replicated)
+  return gen
+
+
+def summarize(scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+  out = {}
+  for layer, s in scores.items():
+    s = s[np.isfinite(s)]
+    q1, med, q3 = np.percentile(s, [25, 50, 75])
+    out[layer] = {"median": float(med), "q1": float(q1), "q3": float(q3),
+                  "mean": float(np.mean(s))}
+  return out
+
+
+def analyze(config, workdir: str, data=None) -> dict[str, Any]:
+  """Scores the latest checkpoint of the run in `workdir`; returns the summary."""
+  run = train.build(config, data)
+  placement = train.Placement.create()
+  ckpts = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
+  step = ckpts.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {ckpts.directory}: train first "
+                            f"(python -m invjax.main --config=... --workdir={workdir}).")
+  try:
+    state = ckpts.restore(train.initial_state(run, placement), step)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"the checkpoint in {ckpts.directory} does not fit the model of "
+                     f"this config ({config.model}); analyze with the config that "
+                     f"trained it ({os.path.join(workdir, train.CONFIG_FILE)}).") from e
+  ckpts.close()
+  ranges = augment.AugmentRanges.from_config(config.augment)
+  ac = config.analysis
+  feature_fn = lambda x: steps_lib.features(state, x)
+  transform = lambda key, x: augment.augment(key, x, ranges, scoring=True)
+  logging.info("scoring %d test images x %d transformations, %d layers",
+               len(run.data.x_test), ac.num_transforms, len(run.layer_shapes) + 1)
+  scores = analysis.score_dataset(
+      feature_fn, _batches(run.data.x_test, ac.batch_size, placement),
+      jax.random.key(ac.seed), ac.num_transforms, transform)
+  test = train.evaluate(jax.jit(steps_lib.make_eval_step(run.step_config.top5)), state,
+                        run.data.x_test, run.data.y_test, config.eval_batch_size,
+                        placement)
+  summary = {"step": int(step), "dataset": run.data.name, "model": config.model.name,
+             "variant": config.variant, "copies": config.copies, "alpha": config.alpha,
+             "test": test, "layers": summarize(scores)}
+  if jax.process_index() == 0:
+    os.makedirs(os.path.join(workdir, "analysis"), exist_ok=True)
+    np.savez_compressed(os.path.join(workdir, SCORES_FILE), **scores)
+    with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
+      json.dump(summary, f, indent=2)
+    from invjax import report  # pylint: disable=g-import-not-at-top
+    report.plot_scores({config.variant: scores}, os.path.join(workdir, FIGURE_FILE),
+                       title=f"{config.model.name} on {run.data.name}, step {step}")
+  return summary
+
+
+def load(workdir: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """(per-image scores, summary) written by `analyze` in `workdir`."""
+  path = os.path.join(workdir, SCORES_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: run --mode=analyze on "
+                            f"{workdir} first.")
+  with np.load(path) as f:
+    scores = {k: f[k] for k in f.files}
+  with open(os.path.join(workdir, SUMMARY_FILE)) as f:
+    return scores, json.load(f)

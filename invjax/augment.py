@@ -1,0 +1,168 @@
+"""The paper's augmentation scheme (Appendix A, Table 2), per example, on device.
+
+Images are float32 in [0, 1], HWC. Each image gets its own parameters:
+
+  flip f = +-1, translation t_x, t_y (fraction of the image size), scale z_x, z_y,
+  rotation theta, shear phi, contrast gamma, brightness delta.
+
+The affine part is one warp about the image centre with the forward matrix
+
+  A = [[f * z_x * cos(theta), -z_y * sin(theta + phi), t_x * W],
+       [    z_x * sin(theta),  z_y * cos(theta + phi), t_y * H]]
+
+in (x right, y down) pixel coordinates centred on the image: a point p of the input lands
+on A p of the output. dm-pix resamples by pulling (output coordinate -> input coordinate)
+and indexes its matrix over (h, w, c), so the warp given to it is the inverse of A with
+rows and columns put in (y, x) order and the channel axis left alone.
+
+Then contrast `gamma * (x - mean) + mean` (mean per image and channel), brightness
+`x + delta`, and clipping to [0, 1].
+
+Training draws each parameter from a normal centred on its range with standard deviation
+(max - min) / 4, truncated to the range; the scoring transformations (Eq. 2) take, for each
+parameter, one of the two extremes of the halved range at random.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import dm_pix as pix
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentRanges:
+  """Half-widths of the parameter ranges (each range is centre +- half-width).
+
+  Defaults are the paper's (FACTS.md). A half-width of 0 turns a transformation off;
+  `flip` is the probability of a horizontal flip.
+  """
+  flip: float = 0.5
+  translate: float = 0.1  # fraction of the image size
+  scale: float = 0.15  # z in [1 - scale, 1 + scale], x and y independent
+  rotation: float = 22.5  # degrees
+  shear: float = 0.15  # radians
+  contrast: float = 0.5  # gamma in [1 - contrast, 1 + contrast]
+  brightness: float = 0.25  # delta in [-brightness, brightness]
+
+  @classmethod
+  def from_config(cls, cfg) -> "AugmentRanges":
+    """From a mapping (e.g. an ml_collections ConfigDict) with some of the fields."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(cfg.keys()) - names)
+    if unknown:
+      raise ValueError(
+          f"config.augment has unknown field(s) {unknown}; valid fields are "
+          f"{sorted(names)}.")
+    return cls(**{k: float(cfg[k]) for k in cfg.keys()})
+
+  def halved(self) -> "AugmentRanges":
+    """The scoring ranges: every half-width halved (the flip probability is kept)."""
+    return dataclasses.replace(
+        self, translate=self.translate / 2, scale=self.scale / 2,
+        rotation=self.rotation / 2, shear=self.shear / 2,
+        contrast=self.contrast / 2, brightness=self.brightness / 2)
+
+
+class AugmentParams(NamedTuple):
+  """Per-image parameters, each of shape [N]."""
+  flip: jax.Array  # +1 (keep) or -1 (mirror)
+  tx: jax.Array  # translation, fraction of the width
+  ty: jax.Array  # translation, fraction of the height
+  zx: jax.Array
+  zy: jax.Array
+  theta: jax.Array  # rotation, radians
+  phi: jax.Array  # shear, radians
+  gamma: jax.Array  # contrast factor
+  delta: jax.Array  # brightness offset
+
+  @classmethod
+  def identity(cls, n: int) -> "AugmentParams":
+    zeros, ones = jnp.zeros((n,)), jnp.ones((n,))
+    return cls(flip=ones, tx=zeros, ty=zeros, zx=ones, zy=ones, theta=zeros,
+               phi=zeros, gamma=ones, delta=zeros)
+
+
+def _centres_and_half_widths(r: AugmentRanges):
+  # Order matches AugmentParams after `flip`.
+  centres = (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0)
+  halves = (r.translate, r.translate, r.scale, r.scale, math.radians(r.rotation),
+            r.shear, r.contrast, r.brightness)
+  return centres, halves
+
+
+def sample_params(key: jax.Array, n: int, ranges: AugmentRanges) -> AugmentParams:
+  """Training parameters: truncated normals (range = +-2 sigma), Bernoulli flip."""
+  flip_key, key = jax.random.split(key)
+  flip = jnp.where(jax.random.bernoulli(flip_key, ranges.flip, (n,)), -1.0, 1.0)
+  centres, halves = _centres_and_half_widths(ranges)
+  # std = (max - min) / 4 = half / 2, truncated at +-2 std = the range.
+  z = jax.random.truncated_normal(key, -2.0, 2.0, (len(centres), n), jnp.float32)
+  values = [c + (h / 2.0) * z[i] for i, (c, h) in enumerate(zip(centres, halves))]
+  return AugmentParams(flip, *values)
+
+
+def sample_scoring_params(key: jax.Array, n: int,
+                          ranges: AugmentRanges) -> AugmentParams:
+  """Scoring parameters: each at one extreme of the halved range, sign at random."""
+  r = ranges.halved()
+  flip_key, key = jax.random.split(key)
+  flip = jnp.where(jax.random.bernoulli(flip_key, r.flip, (n,)), -1.0, 1.0)
+  centres, halves = _centres_and_half_widths(r)
+  signs = jnp.where(jax.random.bernoulli(key, 0.5, (len(centres), n)), 1.0, -1.0)
+  values = [c + h * signs[i] for i, (c, h) in enumerate(zip(centres, halves))]
+  return AugmentParams(flip, *values)
+
+
+def forward_matrix(p: AugmentParams, height: int, width: int) -> jax.Array:
+  """The forward affine matrices [N, 2, 3] in centred (x, y) pixel coordinates."""
+  row0 = jnp.stack([p.flip * p.zx * jnp.cos(p.theta),
+                    -p.zy * jnp.sin(p.theta + p.phi), p.tx * width], axis=-1)
+  row1 = jnp.stack([p.zx * jnp.sin(p.theta), p.zy * jnp.cos(p.theta + p.phi),
+                    p.ty * height], axis=-1)
+  return jnp.stack([row0, row1], axis=-2)
+
+
+def pull_matrix_hwc(forward: jax.Array, height: int, width: int) -> jax.Array:
+  """dm-pix's 3x4 matrix over (h, w, c) that pulls the output of one forward warp.
+
+  For output pixel (i, j) (row, column) the input is sampled at
+  c + L^-1 ((x, y) - c - t), with c the centre and (x, y) = (j, i).
+  """
+  lin, t = forward[:, :2], forward[:, 2]
+  inv = jnp.linalg.inv(lin)  # (x, y) order
+  centre = jnp.array([(width - 1) / 2.0, (height - 1) / 2.0])
+  offset_xy = centre - inv @ (centre + t)
+  # Reorder to (y, x): swap both rows and columns.
+  inv_yx = inv[::-1, ::-1]
+  offset_yx = offset_xy[::-1]
+  m = jnp.zeros((3, 4), forward.dtype)
+  m = m.at[:2, :2].set(inv_yx).at[:2, 3].set(offset_yx).at[2, 2].set(1.0)
+  return m
+
+
+def apply(images: jax.Array, params: AugmentParams) -> jax.Array:
+  """Augments a batch [N, H, W, C] in [0, 1] with per-image parameters."""
+  n, h, w, _ = images.shape
+  forward = forward_matrix(params, h, w)
+
+  def one(image, fwd, gamma, delta):
+    m = pull_matrix_hwc(fwd, h, w)
+    out = pix.affine_transform(image, m, order=1, mode="nearest")
+    out = pix.adjust_contrast(out, gamma)
+    out = pix.adjust_brightness(out, delta)
+    return jnp.clip(out, 0.0, 1.0)
+
+  del n
+  return jax.vmap(one)(images, forward, params.gamma, params.delta)
+
+
+def augment(key: jax.Array, images: jax.Array, ranges: AugmentRanges,
+            scoring: bool = False) -> jax.Array:
+  """Draws per-image parameters and applies them."""
+  sampler = sample_scoring_params if scoring else sample_params
+  return apply(images, sampler(key, images.shape[0], ranges))

@@ -1,0 +1,123 @@
+"""The configuration every run starts from, its variants, and its checks.
+
+Config files in `configs/` call `base_config()` and override a few fields. Every field a
+run depends on is here, with its meaning.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from invjax import augment
+from invjax import losses
+from invjax import models
+
+VARIANTS = {
+    # name: (copies M, alpha)
+    "invariance": (8, 0.1),  # data augmentation invariance, the paper's proposal
+    "baseline": (1, 0.0),  # the paper's baseline: epoch-wise augmentation, CE only
+    "batchaug": (8, 0.0),  # control: M copies per seed in the batch, no L_inv
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = ml_collections.ConfigDict({"name": "allcnn", "width": 1.0})
+  # "digits" (embedded), a path to an .npz, or a tensorflow-datasets name.
+  c.dataset = "cifar10"
+  c.data_dir = ""  # tfds data_dir ("" = tfds default)
+  c.train_examples = 0  # use only the first N training images (0 = all)
+  c.test_examples = 0  # use only the first N test images (0 = all)
+
+  c.variant = "invariance"  # informative: which of VARIANTS set copies and alpha
+  c.batch_size = 128  # the real batch: batch_size / copies seed images x copies
+  c.copies = 8  # M, augmented copies of each seed image in a batch
+  c.alpha = 0.1  # weight of the invariance loss (Eq. 4); CE weighs 1 - alpha
+  c.alpha_ratio = 10.0  # alpha of the deepest layer / alpha of the first
+  c.loss_method = "pairwise"  # "pairwise" (|B|x|B| matrices) or "moments" (O(B D))
+
+  c.num_epochs = 350.0
+  c.learning_rate = 0.01
+  c.lr_boundaries = (200, 250, 300)  # epochs at which the rate is multiplied by lr_decay
+  c.lr_decay = 0.1
+  c.momentum = 0.9
+  c.nesterov = True
+
+  c.augment = ml_collections.ConfigDict({
+      "flip": 0.5, "translate": 0.1, "scale": 0.15, "rotation": 22.5,
+      "shear": 0.15, "contrast": 0.5, "brightness": 0.25})
+
+  c.seed = 0  # initialisation, seed order and augmentation all follow from it
+  c.log_every_steps = 50
+  c.eval_every_epochs = 1.0
+  c.checkpoint_every_steps = 0  # 0: once per epoch (and always at the end)
+  c.keep_checkpoints = 3
+  c.eval_batch_size = 500
+  c.probe_seeds = 16  # L_inv probe: a fixed batch of seeds x probe_copies, eval mode
+  c.probe_copies = 8
+
+  c.analysis = ml_collections.ConfigDict({
+      "num_transforms": 5,  # transformed copies per test image (Eq. 2)
+      "batch_size": 500,
+      "seed": 1,
+  })
+  return c
+
+
+def apply_variant(c: ml_collections.ConfigDict, variant: str | None):
+  """Sets copies and alpha for one of VARIANTS ("" or None keeps the config's)."""
+  if not variant:
+    return c
+  if variant not in VARIANTS:
+    raise ValueError(f"config variant {variant!r} is unknown; valid variants are "
+                     f"{sorted(VARIANTS)} (e.g. --config=configs/allcnn.py:baseline).")
+  c.variant = variant
+  c.copies, c.alpha = VARIANTS[variant]
+  return c
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+  """Raises ValueError naming the field, its value and the fix. Runs before compiling."""
+  errors = []
+  if c.copies < 1:
+    errors.append(f"config.copies={c.copies}: M must be >= 1 (1 is the baseline).")
+  elif c.batch_size % c.copies:
+    errors.append(f"config.batch_size={c.batch_size} is not a multiple of "
+                  f"config.copies={c.copies}; choose a batch of K * M images.")
+  elif (c.batch_size // c.copies) % num_devices:
+    errors.append(f"config.batch_size={c.batch_size} gives "
+                  f"{c.batch_size // c.copies} seed images per batch, not a multiple of "
+                  f"the {num_devices} devices; make batch_size / copies a multiple of "
+                  f"{num_devices}.")
+  if not 0.0 <= c.alpha < 1.0:
+    errors.append(f"config.alpha={c.alpha} must be in [0, 1).")
+  if c.alpha > 0 and c.copies < 2:
+    errors.append(f"config.alpha={c.alpha} needs copies of each seed in the batch, "
+                  f"but config.copies={c.copies}; set copies >= 2 or alpha=0.")
+  if c.loss_method not in losses.METHODS:
+    errors.append(f"config.loss_method={c.loss_method!r} is unknown; valid methods "
+                  f"are {list(losses.METHODS)}.")
+  if c.model.name not in models.names():
+    errors.append(f"config.model.name={c.model.name!r} is unknown; valid names are "
+                  f"{models.names()}.")
+  try:
+    augment.AugmentRanges.from_config(c.augment)
+  except ValueError as e:
+    errors.append(str(e))
+  if c.num_epochs <= 0:
+    errors.append(f"config.num_epochs={c.num_epochs} must be > 0.")
+  late = [b for b in c.lr_boundaries if b >= c.num_epochs]
+  if late:
+    errors.append(f"config.lr_boundaries={tuple(c.lr_boundaries)} has epoch(s) {late} "
+                  f"at or past config.num_epochs={c.num_epochs}; scale them with the "
+                  "schedule (e.g. the same fractions of num_epochs).")
+  if c.probe_copies < 2 or c.probe_seeds < 2:
+    errors.append("config.probe_seeds and config.probe_copies must be >= 2 to measure "
+                  f"L_inv, got {c.probe_seeds} and {c.probe_copies}.")
+  if errors:
+    raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
+
+
+def scaled_boundaries(c: ml_collections.ConfigDict, num_epochs: float):
+  """The schedule's boundaries moved to a run of `num_epochs`, same fractions."""
+  return tuple(b * num_epochs / c.num_epochs for b in c.lr_boundaries)

@@ -1,0 +1,68 @@
+"""Several runs of one config that differ in variant (baseline, invariance, ...):
+train (or resume, or reuse), analyze, tabulate and draw them side by side."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+from absl import logging
+
+from invjax import analyze as analyze_lib
+from invjax import checkpoints
+from invjax import config_lib
+from invjax import report
+from invjax import train
+
+
+def _finished(workdir: str, total_steps: int) -> bool:
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return False
+  ckpts = checkpoints.Checkpoints(workdir)
+  try:
+    return (ckpts.latest_step() or 0) >= total_steps
+  finally:
+    ckpts.close()
+
+
+def _analysis_current(workdir: str, step: int) -> bool:
+  path = os.path.join(workdir, analyze_lib.SUMMARY_FILE)
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    return json.load(f).get("step") == step
+
+
+def run_variant(config, workdir: str, data=None) -> dict:
+  """Trains (resuming if interrupted) and analyzes one run, reusing finished work."""
+  run = train.build(config, data)
+  if not _finished(workdir, run.total_steps):
+    train.train_and_evaluate(config, workdir, data=run.data)
+  if not _analysis_current(workdir, run.total_steps):
+    analyze_lib.analyze(config, workdir, data=run.data)
+  return analyze_lib.load(workdir)
+
+
+def compare_variants(base_config, workdir: str, variants, data=None) -> dict:
+  """Runs each variant in WORKDIR/<variant>; writes the comparison into WORKDIR."""
+  scores, summaries = {}, {}
+  for variant in variants:
+    config = copy.deepcopy(base_config)
+    with config.unlocked():
+      config_lib.apply_variant(config, variant)
+    logging.info("=== %s ===", variant)
+    scores[variant], summaries[variant] = run_variant(
+        config, os.path.join(workdir, variant), data)
+  name = f"{base_config.model.name} on {summaries[variants[0]]['dataset']}"
+  figures = [
+      report.plot_scores(scores, os.path.join(workdir, "invariance_scores.png"),
+                         title=f"invariance scores, {name}"),
+      report.plot_loss_dynamics({v: os.path.join(workdir, v) for v in variants},
+                                os.path.join(workdir, "inv_loss_dynamics.png"),
+                                title=f"L_inv during training (probe batch), {name}"),
+  ]
+  table = report.median_table(summaries, variants)
+  with open(os.path.join(workdir, "summary.txt"), "w") as f:
+    f.write(table + "\n")
+  return {"table": table, "figures": figures, "summaries": summaries}

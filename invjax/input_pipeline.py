@@ -1,0 +1,180 @@
+"""Data: whole data sets as uint8 arrays in host memory, and the seed-image schedule.
+
+Three sources, chosen by `config.dataset`:
+  - "digits": scikit-learn's 1,797 handwritten digits (shipped with scikit-learn, no
+    download), upsampled from 8x8 to 32x32x3, with a fixed stratified train/test split.
+  - a path ending in ".npz" with x_train, y_train, x_test, y_test (uint8 images
+    [N, H, W, C] or [N, H, W]; integer labels), e.g. a decoded copy of CIFAR-10.
+  - any other name: a tensorflow-datasets data set with "image" and "label" features
+    and "train"/"test" splits (e.g. "cifar10"), read with `tfds.load`. TensorFlow is
+    imported only here, and only for this source.
+
+Augmentation happens on device in the train step; this module only picks which seed
+images each step sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+DIGITS_TEST_FRACTION = 0.25
+DIGITS_SPLIT_SEED = 0
+
+
+@dataclasses.dataclass
+class Dataset:
+  name: str
+  x_train: np.ndarray  # uint8 [N, H, W, C]
+  y_train: np.ndarray  # int32 [N]
+  x_test: np.ndarray
+  y_test: np.ndarray
+  num_classes: int
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return tuple(self.x_train.shape[1:])
+
+  def subset(self, train: int | None, test: int | None) -> "Dataset":
+    """The first `train` / `test` examples (None or 0 keeps all)."""
+    return dataclasses.replace(
+        self, x_train=self.x_train[:train or None], y_train=self.y_train[:train or None],
+        x_test=self.x_test[:test or None], y_test=self.y_test[:test or None])
+
+
+def load(config) -> Dataset:
+  """Loads the data set named by `config.dataset` (see the module docstring)."""
+  name = config.dataset
+  if name == "digits":
+    ds = load_digits()
+  elif name.endswith(".npz"):
+    ds = load_npz(name)
+  else:
+    ds = load_tfds(name, config.get("data_dir") or None)
+  return ds.subset(config.get("train_examples"), config.get("test_examples"))
+
+
+def _to_rgb32(images8: np.ndarray, size: int = 32) -> np.ndarray:
+  """[N, 8, 8] digits in 0..16 -> uint8 [N, size, size, 3], bilinear upsampling."""
+  n, h, w = images8.shape
+  # Pixel centres of the output in input coordinates (half-pixel convention).
+  ys = (np.arange(size) + 0.5) * h / size - 0.5
+  xs = (np.arange(size) + 0.5) * w / size - 0.5
+  y0 = np.clip(np.floor(ys).astype(int), 0, h - 1)
+  x0 = np.clip(np.floor(xs).astype(int), 0, w - 1)
+  y1, x1 = np.clip(y0 + 1, 0, h - 1), np.clip(x0 + 1, 0, w - 1)
+  wy = np.clip(ys - y0, 0, 1)[None, :, None]
+  wx = np.clip(xs - x0, 0, 1)[None, None, :]
+  img = images8.astype(np.float64)
+  top = img[:, y0][:, :, x0] * (1 - wx) + img[:, y0][:, :, x1] * wx
+  bottom = img[:, y1][:, :, x0] * (1 - wx) + img[:, y1][:, :, x1] * wx
+  out = top * (1 - wy) + bottom * wy
+  out = np.round(out / 16.0 * 255.0).clip(0, 255).astype(np.uint8)
+  return np.repeat(out[..., None], 3, axis=-1)
+
+
+def load_digits() -> Dataset:
+  from sklearn import datasets as skdatasets  # pylint: disable=g-import-not-at-top
+  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
+  digits = skdatasets.load_digits()
+  x = _to_rgb32(digits.images)
+  y = digits.target.astype(np.int32)
+  x_train, x_test, y_train, y_test = model_selection.train_test_split(
+      x, y, test_size=DIGITS_TEST_FRACTION, random_state=DIGITS_SPLIT_SEED, stratify=y)
+  return Dataset("digits", x_train, y_train, x_test, y_test, num_classes=10)
+
+
+def load_npz(path: str) -> Dataset:
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"config.dataset={path!r}: no such file. Give the path of an .npz with "
+        "x_train, y_train, x_test, y_test.")
+  with np.load(path, allow_pickle=False) as f:
+    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f]
+    if missing:
+      raise ValueError(f"config.dataset={path!r} lacks the key(s) {missing}; an .npz "
+                       "needs x_train, y_train, x_test, y_test.")
+    arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    names = f["label_names"] if "label_names" in f else None
+  for split in ("train", "test"):
+    x = arrays[f"x_{split}"]
+    if x.ndim == 3:
+      x = x[..., None]
+    if x.dtype != np.uint8 or x.ndim != 4:
+      raise ValueError(f"{path}: x_{split} must be uint8 images [N, H, W, C] (or "
+                       f"[N, H, W]), got {x.dtype} {x.shape}.")
+    arrays[f"x_{split}"] = x
+    y = arrays[f"y_{split}"]
+    if not np.issubdtype(y.dtype, np.integer) or y.shape != (x.shape[0],):
+      raise ValueError(f"{path}: y_{split} must be integer labels [{x.shape[0]}], got "
+                       f"{y.dtype} {y.shape}.")
+    arrays[f"y_{split}"] = y.astype(np.int32)
+  num_classes = (len(names) if names is not None
+                 else int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1)
+  for split in ("train", "test"):
+    y = arrays[f"y_{split}"]
+    if y.min() < 0 or y.max() >= num_classes:
+      raise ValueError(f"{path}: y_{split} has labels outside [0, {num_classes}).")
+  return Dataset(os.path.basename(path), num_classes=num_classes, **arrays)
+
+
+def load_tfds(name: str, data_dir: str | None) -> Dataset:
+  """A tensorflow-datasets image classification set, whole, as numpy."""
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        f"config.dataset={name!r} is read with tensorflow-datasets, which needs "
+        "TensorFlow (`pip install tensorflow-cpu tensorflow-datasets`). Without it, "
+        "use config.dataset=digits or the path of an .npz copy.") from e
+  tf.config.set_visible_devices([], "GPU")  # keep TensorFlow off the accelerators
+  builder = tfds.builder(name, data_dir=data_dir)
+  builder.download_and_prepare()
+  splits = {}
+  for split in ("train", "test"):
+    ds = builder.as_dataset(split=split, batch_size=-1, as_supervised=True)
+    x, y = tfds.as_numpy(ds)
+    splits[split] = (np.asarray(x, np.uint8), np.asarray(y, np.int32))
+  num_classes = builder.info.features["label"].num_classes
+  return Dataset(name, splits["train"][0], splits["train"][1], splits["test"][0],
+                 splits["test"][1], num_classes=num_classes)
+
+
+class SeedSchedule:
+  """Which training images are the seeds of each step.
+
+  The training set is read in passes, each a fresh permutation determined by
+  (seed, pass); step s takes the next `seeds_per_step` positions of that endless stream.
+  So the seeds of any step follow from the step number alone: a resumed run sees exactly
+  the seeds the uninterrupted run would have. With M copies per seed, an epoch of N / B
+  steps covers N / M distinct seeds.
+  """
+
+  def __init__(self, num_examples: int, seeds_per_step: int, seed: int):
+    if seeds_per_step > num_examples:
+      raise ValueError(f"{seeds_per_step} seed images per step but only "
+                       f"{num_examples} training images.")
+    self.n = num_examples
+    self.k = seeds_per_step
+    self.seed = seed
+    self._cache: dict[int, np.ndarray] = {}
+
+  def _perm(self, p: int) -> np.ndarray:
+    if p not in self._cache:
+      if len(self._cache) > 4:
+        self._cache.pop(min(self._cache))
+      self._cache[p] = np.random.default_rng([self.seed, p]).permutation(self.n)
+    return self._cache[p]
+
+  def indices(self, step: int) -> np.ndarray:
+    start = step * self.k
+    out = []
+    while len(out) < self.k:
+      p, off = divmod(start, self.n)
+      take = min(self.k - len(out), self.n - off)
+      out.extend(self._perm(p)[off:off + take])
+      start += take
+    return np.asarray(out, np.int64)

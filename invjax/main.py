@@ -1,0 +1,51 @@
+"""Command line: train, analyze or describe one run.
+
+  python -m invjax.main --config=configs/allcnn.py --workdir=DIR [--config.FIELD=VALUE]
+  python -m invjax.main --config=configs/allcnn.py --workdir=DIR --mode=analyze
+  python -m invjax.main --config=configs/allcnn.py --mode=describe
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from invjax import analyze as analyze_lib
+from invjax import describe as describe_lib
+from invjax import report
+from invjax import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/allcnn.py or configs/allcnn.py:baseline.",
+    lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory of the run: config, metrics, "
+                    "checkpoints, figures. Rerunning on it resumes.")
+flags.DEFINE_enum("mode", "train", ["train", "analyze", "describe"],
+                  "train (default), analyze (invariance scores of the latest "
+                  "checkpoint) or describe (model summary, no training).")
+flags.DEFINE_bool("allow_config_change", False,
+                  "Resume a workdir even though its saved config differs.")
+flags.mark_flag_as_required("config")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = FLAGS.config
+  if FLAGS.mode == "describe":
+    print(describe_lib.format_description(describe_lib.describe(config), config))
+    return
+  if not FLAGS.workdir:
+    raise app.UsageError(f"--workdir is required for --mode={FLAGS.mode}.")
+  if FLAGS.mode == "train":
+    result = train.train_and_evaluate(config, FLAGS.workdir, FLAGS.allow_config_change)
+    logging.info("finished: %s", result)
+    print(f"test accuracy {result['accuracy']:.4f} after {result['step']} steps")
+  else:
+    summary = analyze_lib.analyze(config, FLAGS.workdir)
+    print(report.median_table({config.variant: summary}))
+
+
+if __name__ == "__main__":
+  app.run(main)

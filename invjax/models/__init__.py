@@ -1,0 +1,76 @@
+"""The model registry: a config names a model, and nothing else branches on the name.
+
+A model is a flax.linen Module constructed as `cls(num_classes=..., dtype=..., **fields)`
+whose `__call__(x, train)` takes images [B, H, W, C] in [0, 1] and returns logits
+[B, num_classes], sowing the layers of the invariance loss and score, in depth order,
+into the `intermediates` collection. Adding an architecture is one module here plus one
+line in `_REGISTRY`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from invjax.models import allcnn
+
+_REGISTRY: dict[str, type[nn.Module]] = {
+    "allcnn": allcnn.AllCNN,
+}
+
+
+def names() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def create(name: str, num_classes: int, dtype: Any = jnp.float32,
+           **fields) -> nn.Module:
+  """Builds model `name` with the given fields (e.g. `width`)."""
+  if name not in _REGISTRY:
+    raise ValueError(f"config.model.name={name!r} is not a known model; "
+                     f"valid names are {names()}.")
+  cls = _REGISTRY[name]
+  valid = {f.name for f in dataclasses.fields(cls)} - {"parent", "name",
+                                                        "num_classes", "dtype"}
+  unknown = sorted(set(fields) - valid)
+  if unknown:
+    raise ValueError(f"config.model has field(s) {unknown} that model {name!r} does "
+                     f"not take; its fields are {sorted(valid)}.")
+  return cls(num_classes=num_classes, dtype=dtype, **fields)
+
+
+def sown(intermediates) -> dict[str, Any]:
+  """{layer name: activations} from a model's `intermediates` collection, in order.
+
+  The order is the order of the `sow` calls (depth order) only while tracing: a dict
+  that comes out of jit or eval_shape has its keys sorted ("conv10" before "conv2").
+  Use `layer_shapes` for the depth order outside a trace.
+  """
+  return {k: v[0] if isinstance(v, tuple) else v for k, v in intermediates.items()}
+
+
+def layer_shapes(model: nn.Module, image_shape) -> dict[str, tuple[int, ...]]:
+  """{sown layer: per-example activation shape}, in depth order. Compiles nothing."""
+  order: list[str] = []
+  x = jnp.zeros((1, *image_shape))
+
+  def trace():
+    variables = model.init(jax.random.key(0), x, train=False)
+    feats = sown(model.apply(variables, x, train=False,
+                             mutable=["intermediates"])[1]["intermediates"])
+    order.extend(feats)  # recorded during the trace, in sow order
+    return feats
+
+  shapes = jax.eval_shape(trace)
+  return {k: tuple(shapes[k].shape[1:]) for k in order}
+
+
+def param_count(model: nn.Module, image_shape) -> int:
+  x = jnp.zeros((1, *image_shape))
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+  return sum(math.prod(p.shape) for p in jax.tree.leaves(params["params"]))

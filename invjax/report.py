@@ -1,0 +1,113 @@
+"""Figures and tables: invariance score box plots (Figures 2-4), L_inv over training
+(Figure 5), and the per-layer median table. matplotlib only, no display needed."""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+from invjax import metrics_io
+
+COLOURS = {"baseline": "#d62728", "invariance": "#1f77b4", "batchaug": "#2ca02c"}
+
+
+def _colour(name: str, i: int) -> str:
+  return COLOURS.get(name, f"C{i}")
+
+
+def plot_scores(models: Mapping[str, Mapping[str, np.ndarray]], path: str,
+                title: str = "") -> str:
+  """Box plots of per-image invariance scores, layer by layer, models side by side.
+
+  Args:
+    models: {model label: {layer: scores [N, copies]}}, layers in depth order with
+      "pixels" first; every model must have the same layers.
+  """
+  labels = list(models)
+  layers = list(next(iter(models.values())))
+  n = len(labels)
+  width = 0.8 / n
+  fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(layers) * max(n, 1.5)), 4))
+  for i, label in enumerate(labels):
+    data = [np.ravel(models[label][l]) for l in layers]
+    data = [d[np.isfinite(d)] for d in data]
+    pos = np.arange(len(layers)) + (i - (n - 1) / 2) * width
+    bp = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True,
+                    showfliers=False, medianprops={"color": "black"})
+    for box in bp["boxes"]:
+      box.set_facecolor(_colour(label, i))
+      box.set_alpha(0.75)
+    ax.plot([], [], "s", color=_colour(label, i), label=label)
+  ax.set_xticks(np.arange(len(layers)))
+  ax.set_xticklabels(layers, rotation=30)
+  ax.set_ylabel("invariance score")
+  ax.axhline(1.0, color="grey", lw=0.5, ls=":")
+  ax.set_title(title)
+  ax.legend(loc="lower right")
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def plot_loss_dynamics(workdirs: Mapping[str, str], path: str,
+                       prefix: str = "probe/inv_loss/", title: str = "") -> str:
+  """Figure 5: per-layer L_inv over training for each run, epochs on a quadratic axis."""
+  records = {label: metrics_io.read(d) for label, d in workdirs.items()}
+  layers: list[str] = []
+  for recs in records.values():
+    for r in recs:
+      for k in r:
+        if k.startswith(prefix) and k[len(prefix):] not in layers:
+          layers.append(k[len(prefix):])
+  if not layers:
+    raise ValueError(f"no {prefix}* metrics in {list(workdirs.values())}")
+  cols = min(len(layers), 3)
+  rows = -(-len(layers) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
+  for j, layer in enumerate(layers):
+    ax = axes[j // cols][j % cols]
+    for i, (label, recs) in enumerate(records.items()):
+      x, vals = metrics_io.series(recs, prefix + layer, against="epoch")
+      ax.plot(x, vals, color=_colour(label, i), label=label)
+    ax.set_xscale("function", functions=(lambda e: np.sqrt(np.maximum(e, 0)),
+                                         lambda e: np.square(e)))
+    ax.set_title(layer)
+    ax.set_xlabel("epoch (quadratic scale)")
+    ax.set_ylabel("L_inv")
+  for j in range(len(layers), rows * cols):
+    axes[j // cols][j % cols].axis("off")
+  axes[0][0].legend()
+  fig.suptitle(title or "invariance loss during training (lower is more invariant)")
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def median_table(summaries: Mapping[str, dict], columns: Sequence[str] | None = None
+                 ) -> str:
+  """A text table: test accuracy and per-layer median score of each model."""
+  columns = list(columns or summaries)
+  layers = list(next(iter(summaries.values()))["layers"])
+  w = max(12, *(len(c) + 2 for c in columns))
+  lines = ["".ljust(14) + "".join(c.rjust(w) for c in columns)]
+  row = lambda name, vals: name.ljust(14) + "".join(v.rjust(w) for v in vals)
+  lines.append(row("test accuracy",
+                   [f"{summaries[c]['test']['accuracy']:.4f}" for c in columns]))
+  if all("top5" in summaries[c]["test"] for c in columns):
+    lines.append(row("test top-5", [f"{summaries[c]['test']['top5']:.4f}"
+                                    for c in columns]))
+  lines.append("median invariance score")
+  for l in layers:
+    lines.append(row("  " + l, [f"{summaries[c]['layers'][l]['median']:.3f}"
+                                for c in columns]))
+  return "\n".join(lines)

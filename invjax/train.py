@@ -1,0 +1,310 @@
+"""One training run, top to bottom: data, model, state, the step loop, checkpoints.
+
+`train_and_evaluate(config, workdir)` trains (or resumes) the run in `workdir`. The
+workdir ends up holding config.json, metrics.jsonl, tensorboard/ and checkpoints/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from invjax import augment
+from invjax import checkpoints
+from invjax import config_lib
+from invjax import input_pipeline
+from invjax import metrics_io
+from invjax import models
+from invjax import steps as steps_lib
+
+CONFIG_FILE = "config.json"
+
+
+# Devices -------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Placement:
+  """The data-parallel mesh: batches split over axis "data", the state replicated."""
+  mesh: jax.sharding.Mesh
+
+  @classmethod
+  def create(cls) -> "Placement":
+    # Auto axes: XLA propagates the batch sharding through the step (GSPMD).
+    return cls(jax.make_mesh((jax.device_count(),), ("data",),
+                             axis_types=(jax.sharding.AxisType.Auto,)))
+
+  @property
+  def batch(self):
+    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
+
+  @property
+  def replicated(self):
+    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+  def shard(self, x: np.ndarray) -> jax.Array:
+    """A host batch (this process's share) -> a global array split over devices."""
+    return jax.make_array_from_process_local_data(self.batch, x)
+
+  def replicate(self, tree):
+    return jax.device_put(tree, self.replicated)
+
+
+# Pieces of a run -------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Run:
+  """What a run's configuration and data determine, built without compiling."""
+  config: Any
+  data: input_pipeline.Dataset
+  model: Any
+  step_config: steps_lib.StepConfig
+  steps_per_epoch: int
+  total_steps: int
+  lr_fn: Any
+  layer_shapes: dict[str, tuple[int, ...]]  # sown layers in depth order, per example
+  param_count: int
+
+
+def build(config, data: input_pipeline.Dataset | None = None) -> Run:
+  """Checks the config, loads the data and builds the model. No compilation."""
+  config_lib.validate(config, jax.device_count())
+  data = data if data is not None else input_pipeline.load(config)
+  n = len(data.x_train)
+  if n < config.batch_size:
+    raise ValueError(f"config.batch_size={config.batch_size} exceeds the {n} "
+                     f"training images of {data.name}.")
+  model = models.create(config.model.name, data.num_classes, **{
+      k: v for k, v in config.model.items() if k != "name"})
+  layer_shapes = models.layer_shapes(model, data.image_shape)
+  param_count = models.param_count(model, data.image_shape)
+  steps_per_epoch = n // config.batch_size
+  total_steps = max(1, int(round(config.num_epochs * steps_per_epoch)))
+  lr_fn = steps_lib.create_learning_rate_fn(
+      config.learning_rate, config.lr_boundaries, config.lr_decay, steps_per_epoch)
+  step_config = steps_lib.StepConfig(
+      copies=config.copies, alpha=config.alpha, alpha_ratio=config.alpha_ratio,
+      loss_method=config.loss_method,
+      ranges=augment.AugmentRanges.from_config(config.augment),
+      num_layers=len(layer_shapes), top5=data.num_classes > 10)
+  return Run(config, data, model, step_config, steps_per_epoch, total_steps, lr_fn,
+             layer_shapes, param_count)
+
+
+def initial_state(run: Run, placement: Placement) -> steps_lib.TrainState:
+  tx = steps_lib.create_optimizer(run.lr_fn, run.config.momentum, run.config.nesterov)
+  key = jax.random.fold_in(jax.random.key(run.config.seed), 0)
+  state = steps_lib.create_train_state(key, run.model, run.data.image_shape, tx)
+  return placement.replicate(state)
+
+
+def _flat_config(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat_config(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, (list, tuple)) else v
+  return out
+
+
+def check_workdir_config(config, workdir: str, allow_change: bool = False) -> None:
+  """Refuses to resume a workdir that was started with a different configuration."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = _flat_config(json.load(f))
+  given = _flat_config(json.loads(config.to_json_best_effort()))
+  diff = {k: (saved.get(k), given.get(k)) for k in sorted(set(saved) | set(given))
+          if saved.get(k) != given.get(k)}
+  if diff and not allow_change:
+    lines = "\n".join(f"  {k}: saved {a!r}, given {b!r}" for k, (a, b) in diff.items())
+    raise ValueError(
+        f"{workdir} holds a run with another configuration:\n{lines}\n"
+        "Use a new --workdir (or delete this one) to start fresh, or pass "
+        "--allow_config_change to resume with the new values.")
+
+
+def save_config(config, workdir: str) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+# Evaluation ------------------------------------------------------------------------
+
+def evaluate(eval_step, state, images: np.ndarray, labels: np.ndarray,
+             batch_size: int, placement: Placement) -> dict[str, float]:
+  """Clean test-set accuracy (top-1, and top-5 if the step computes it) and loss."""
+  n_dev = jax.device_count()
+  batch_size = max(n_dev, batch_size - batch_size % n_dev)
+  totals: dict[str, float] = {}
+  for start in range(0, len(images), batch_size):
+    x, y = images[start:start + batch_size], labels[start:start + batch_size]
+    mask = np.ones(len(x), np.float32)
+    pad = batch_size - len(x)  # pad the last batch: one compiled shape
+    if pad:
+      x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+      y = np.concatenate([y, np.zeros(pad, y.dtype)])
+      mask = np.concatenate([mask, np.zeros(pad, np.float32)])
+    out = eval_step(state, placement.shard(x), placement.shard(y), placement.shard(mask))
+    for k, v in jax.device_get(out).items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  count = totals.pop("count")
+  result = {"accuracy": totals["correct"] / count,
+            "cross_entropy": totals["cross_entropy"] / count}
+  if "correct5" in totals:
+    result["top5"] = totals["correct5"] / count
+  return result
+
+
+def _mean_metrics(pending: list[dict]) -> dict[str, float]:
+  stacked = jax.device_get(pending)
+  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+
+
+def _check_finite(step: int, metrics: dict[str, float]) -> None:
+  bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+  if bad:
+    raise FloatingPointError(
+        f"non-finite training loss at step {step}: {', '.join(bad)} "
+        "(terms: cross_entropy, inv_loss/<layer>). No checkpoint was written after it; "
+        "the last good one is kept. Lower config.learning_rate or check the data.")
+
+
+class _Preemption:
+  """Turns SIGTERM (how Cloud TPUs are preempted) into a checkpoint and a clean exit."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: saving a checkpoint and stopping")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+# The loop --------------------------------------------------------------------------
+
+def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
+                       data: input_pipeline.Dataset | None = None) -> dict[str, Any]:
+  """Trains the run of `config` in `workdir`, resuming from its latest checkpoint.
+
+  Returns the final test metrics (e.g. {"accuracy": ..., "step": ...}).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  if not os.access(workdir, os.W_OK):
+    raise PermissionError(f"--workdir={workdir} cannot be written; choose another.")
+  run = build(config, data)
+  check_workdir_config(config, workdir, allow_config_change)
+  cfg = run.step_config
+  placement = Placement.create()
+  data = run.data
+  k = config.batch_size // config.copies
+  logging.info("%s on %s: %d train / %d test images, %d classes; %d seeds x %d copies "
+               "per batch of %d; %d steps (%d per epoch); %d devices",
+               config.model.name, data.name, len(data.x_train), len(data.x_test),
+               data.num_classes, k, config.copies, config.batch_size, run.total_steps,
+               run.steps_per_epoch, jax.device_count())
+
+  state = initial_state(run, placement)
+  ckpts = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
+  start = ckpts.latest_step() or 0
+  if start:
+    state = ckpts.restore(state, start)
+    logging.info("resumed from step %d", start)
+  save_config(config, workdir)
+  log = metrics_io.MetricsLog(workdir, resume_step=start,
+                              enabled=jax.process_index() == 0)
+  progress = metrics_io.Progress(run.total_steps, log)
+
+  train_step = jax.jit(steps_lib.make_train_step(cfg), donate_argnums=0)
+  eval_step = jax.jit(steps_lib.make_eval_step(cfg.top5))
+  probe_step = jax.jit(steps_lib.make_probe_step(cfg, config.probe_copies))
+
+  schedule = input_pipeline.SeedSchedule(len(data.x_train), k, config.seed)
+  root = jax.random.key(config.seed)
+  aug_key, probe_key = jax.random.fold_in(root, 1), jax.random.fold_in(root, 2)
+  probe_idx = np.random.default_rng([config.seed, 2]).choice(
+      len(data.x_train), min(config.probe_seeds, len(data.x_train)), replace=False)
+  probe_seeds = data.x_train[np.sort(probe_idx)]
+  probe_seeds = probe_seeds[:len(probe_seeds) - len(probe_seeds) % jax.device_count()]
+
+  ckpt_every = config.checkpoint_every_steps or run.steps_per_epoch
+  eval_every = max(1, int(round(config.eval_every_epochs * run.steps_per_epoch)))
+  spe = run.steps_per_epoch
+
+  def log_probe(step):
+    inv = jax.device_get(probe_step(state, placement.shard(probe_seeds), probe_key))
+    log.write(step, {f"probe/inv_loss/{k}": v for k, v in inv.items()} |
+              {"epoch": step / spe})
+
+  if start == 0:
+    log_probe(0)  # Figure 5 starts at the initialisation
+  pending: list[dict] = []
+  t_log, s_log = time.time(), start
+  test = {}
+  with _Preemption() as preempt:
+    for step in range(start, run.total_steps):
+      idx = schedule.indices(step)
+      state, metrics = train_step(
+          state, placement.shard(data.x_train[idx]), placement.shard(data.y_train[idx]),
+          jax.random.fold_in(aug_key, step))
+      pending.append(metrics)
+      done = step + 1
+      last = done == run.total_steps
+      progress(done)
+      if done % config.log_every_steps == 0 or last or preempt.requested or (
+          done % ckpt_every == 0):
+        summary = _mean_metrics(pending)
+        pending = []
+        _check_finite(done, summary)
+        now = time.time()
+        summary |= {"lr": float(run.lr_fn(step)), "epoch": done / spe,
+                    "steps_per_sec": (done - s_log) / max(now - t_log, 1e-9)}
+        t_log, s_log = now, done
+        log.write(done, {f"train/{k}": v for k, v in summary.items()
+                         if k not in ("lr", "epoch", "steps_per_sec")} |
+                  {k: summary[k] for k in ("lr", "epoch", "steps_per_sec")})
+        log_probe(done)
+      if done % eval_every == 0 or last:
+        test = evaluate(eval_step, state, data.x_test, data.y_test,
+                        config.eval_batch_size, placement)
+        log.write(done, {f"test/{k}": v for k, v in test.items()} | {"epoch": done / spe})
+        logging.info("step %d (epoch %.1f): test accuracy %.4f", done, done / spe,
+                     test["accuracy"])
+      if done % ckpt_every == 0 or last or preempt.requested:
+        ckpts.save(done, state, force=True)
+      if preempt.requested and not last:
+        ckpts.close()
+        log.close()
+        logging.warning("stopped at step %d after SIGTERM; rerun to resume", done)
+        raise SystemExit(143)
+  if not test:  # resumed a finished run
+    test = evaluate(eval_step, state, data.x_test, data.y_test,
+                    config.eval_batch_size, placement)
+  ckpts.close()
+  log.close()
+  return {"step": run.total_steps, **test}

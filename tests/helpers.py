@@ -1,0 +1,53 @@
+"""Small data and tiny configs for the end-to-end tests."""
+
+import os
+
+import numpy as np
+
+from invjax import config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_npz(path, n_train=64, n_test=24, size=16, classes=4, seed=0):
+  """Learnable toy images: class c is a bright square in quadrant c, plus noise."""
+  rng = np.random.default_rng(seed)
+
+  def make(n):
+    y = rng.integers(0, classes, n)
+    x = rng.integers(0, 60, (n, size, size, 3))
+    h = size // 2
+    for i, c in enumerate(y):
+      r, col = divmod(int(c) % 4, 2)
+      x[i, r * h:(r + 1) * h, col * h:(col + 1) * h] += 180
+    return x.clip(0, 255).astype(np.uint8), y.astype(np.int64)
+
+  x_train, y_train = make(n_train)
+  x_test, y_test = make(n_test)
+  np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+  return str(path)
+
+
+def tiny_config(dataset, variant="invariance", **overrides):
+  c = config_lib.base_config()
+  c.model.width = 0.125
+  c.dataset = dataset
+  c.batch_size = 16
+  c.num_epochs = 2.0
+  c.learning_rate = 0.05
+  c.lr_boundaries = (1,)
+  c.log_every_steps = 2
+  c.eval_batch_size = 16
+  c.probe_seeds = 4
+  c.probe_copies = 4
+  c.analysis.batch_size = 16
+  c.analysis.num_transforms = 2
+  config_lib.apply_variant(c, variant)
+  c.copies = 4 if variant != "baseline" else 1
+  for k, v in overrides.items():
+    target = c
+    *path, last = k.split(".")
+    for p in path:
+      target = target[p]
+    target[last] = v
+  return c

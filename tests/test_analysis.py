@@ -1,0 +1,99 @@
+"""Eq. 2: invariance scores against a naive N x N reference; streaming = direct."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from invjax import analysis
+
+
+def naive_scores(clean, transformed):
+  c = np.asarray(clean, np.float64).reshape(len(clean), -1)
+  t = np.asarray(transformed, np.float64).reshape(len(clean), -1)
+  n, d = c.shape
+  dist = lambda a, b: np.sum((a - b) ** 2) / d
+  out = []
+  for i in range(n):
+    den = np.mean([dist(c[i], c[j]) for j in range(n)])  # (1/N) sum_j, j = i included
+    out.append(1 - dist(c[i], t[i]) / den)
+  return np.array(out)
+
+
+def test_matches_naive_reference():
+  rng = np.random.default_rng(0)
+  clean = rng.normal(size=(40, 3, 3, 4)) + 5.0
+  moved = clean + 0.3 * rng.normal(size=clean.shape)
+  got = analysis.invariance_scores(jnp.asarray(clean, jnp.float32),
+                                   jnp.asarray(moved, jnp.float32))
+  np.testing.assert_allclose(got, naive_scores(clean, moved), rtol=1e-4, atol=1e-5)
+
+
+def test_identical_is_one_and_unrelated_is_near_zero():
+  rng = np.random.default_rng(1)
+  clean = jnp.asarray(rng.normal(size=(500, 64)), jnp.float32)
+  np.testing.assert_allclose(analysis.invariance_scores(clean, clean), 1.0)
+  other = jnp.asarray(rng.normal(size=(500, 64)), jnp.float32)
+  # A random other image is as far as an average pair: S ~ 0.
+  assert abs(float(jnp.median(analysis.invariance_scores(clean, other)))) < 0.1
+
+
+def test_constant_layer_defined():
+  c = jnp.ones((6, 5))
+  np.testing.assert_array_equal(analysis.invariance_scores(c, c), 1.0)
+  s = analysis.invariance_scores(c, c.at[0].set(2.0))
+  assert s[0] == -np.inf and np.all(s[1:] == 1.0)
+
+
+def test_stats_merge_equals_whole():
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(37, 9)) * 3 + 100, jnp.float32)
+  parts = [x[:5], x[5:20], x[20:]]
+  merged = analysis.LayerStats.of(parts[0])
+  for p in parts[1:]:
+    merged = merged.merge(analysis.LayerStats.of(p))
+  whole = analysis.LayerStats.of(x)
+  np.testing.assert_allclose(merged.count, 37)
+  np.testing.assert_allclose(merged.mean, whole.mean, rtol=1e-6)
+  np.testing.assert_allclose(merged.m2, whole.m2, rtol=1e-4)
+
+
+def test_streaming_equals_direct_and_keeps_layer_order():
+  """score_dataset over uneven batches = invariance_scores on whole arrays."""
+  rng = np.random.default_rng(3)
+  images = jnp.asarray(rng.uniform(size=(23, 4, 4, 3)), jnp.float32)
+  w1 = jnp.asarray(rng.normal(size=(48, 7)), jnp.float32)
+  w2 = jnp.asarray(rng.normal(size=(7, 5)), jnp.float32)
+
+  def feature_fn(x):  # names whose sorted order is not their depth order
+    h = jax.nn.relu(x.reshape(len(x), -1) @ w1)
+    return {"pixels": x, "layer10": h, "layer2": h @ w2}
+
+  def transform(key, x):
+    return x + 0.1 * jax.random.normal(key, x.shape)
+
+  key = jax.random.key(7)
+  sizes = [10, 10, 3]
+  def batches():
+    start = 0
+    for s in sizes:
+      yield images[start:start + s]
+      start += s
+
+  got = analysis.score_dataset(feature_fn, batches, key, 2, transform)
+  assert list(got) == ["pixels", "layer10", "layer2"]
+  for name, scores in got.items():
+    assert scores.shape == (23, 2)
+    for c in range(2):  # rebuild exactly the transformed copies the stream used
+      moved = jnp.concatenate([
+          transform(jax.random.fold_in(jax.random.fold_in(key, i), c),
+                    images[sum(sizes[:i]):sum(sizes[:i + 1])])
+          for i in range(len(sizes))])
+      direct = analysis.invariance_scores(feature_fn(images)[name],
+                                          feature_fn(moved)[name])
+      np.testing.assert_allclose(scores[:, c], direct, rtol=1e-4, atol=1e-5)
+
+
+def test_shape_mismatch_rejected():
+  with pytest.raises(ValueError, match="same shape"):
+    analysis.invariance_scores(jnp.zeros((3, 2)), jnp.zeros((3, 3)))

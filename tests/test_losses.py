@@ -1,0 +1,159 @@
+"""Eq. 1, 3, 4: the invariance loss against a naive double loop, and its properties."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from invjax import losses
+
+
+def naive_loss(features, seed_ids, include_self=False):
+  f = np.asarray(features, np.float64).reshape(len(features), -1)
+  b, d = f.shape
+  within, allp = [], []
+  for i, j in itertools.product(range(b), range(b)):
+    if i == j and not include_self:
+      continue
+    dist = np.sum((f[i] - f[j]) ** 2) / d  # Eq. 1
+    allp.append(dist)
+    if seed_ids[i] == seed_ids[j]:
+      within.append(dist)
+  return np.mean(within) / np.mean(allp)
+
+
+def literal_loss(f, ids):
+  """Eq. 3 read literally, self-pairs counted in both means (numpy, float64)."""
+  f = f.astype(np.float64)
+  d = np.mean((f[:, None] - f[None]) ** 2, axis=-1)
+  same = ids[:, None] == ids[None]
+  return d[same].mean() / d.mean()
+
+
+def test_literal_reference_agrees_with_naive_loop():
+  rng = np.random.default_rng(9)
+  f, ids = rng.normal(size=(10, 3)), np.repeat(np.arange(5), 2)
+  assert literal_loss(f, ids) == pytest.approx(naive_loss(f, ids, include_self=True))
+
+
+LAYOUTS = {
+    "4 seeds x 4 copies": np.repeat(np.arange(4), 4),
+    "interleaved": np.tile(np.arange(4), 4),
+    "unequal groups": np.array([7, 7, 7, 3, 3, 9, 9, 9, 9, 1, 1, 7]),
+    "with singletons": np.array([0, 0, 1, 2, 2, 2, 3, 4]),
+    "large ids": np.array([10**6, 5, 10**6, 5, -3, -3]),
+}
+
+
+@pytest.mark.parametrize("method", losses.METHODS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_matches_naive_double_loop(method, layout):
+  ids = LAYOUTS[layout]
+  rng = np.random.default_rng(len(ids))
+  for shape in [(5,), (3, 3, 2)]:
+    # A shared offset makes the ||a||^2 - 2ab + ||b||^2 expansion cancel badly unless
+    # the implementation centres first.
+    f = rng.normal(size=(len(ids), *shape)) + 30.0
+    got = losses.invariance_loss(jnp.asarray(f, jnp.float32), jnp.asarray(ids), method)
+    np.testing.assert_allclose(got, naive_loss(f, ids), rtol=2e-5)
+
+
+def test_methods_agree_in_value_and_gradient():
+  rng = np.random.default_rng(0)
+  f = jnp.asarray(rng.normal(size=(32, 6, 6, 8)), jnp.float32)
+  ids = jnp.repeat(jnp.arange(4), 8)
+  vals, grads = {}, {}
+  for m in losses.METHODS:
+    vals[m], grads[m] = jax.value_and_grad(losses.invariance_loss)(f, ids, m)
+  np.testing.assert_allclose(vals["pairwise"], vals["moments"], rtol=1e-5)
+  np.testing.assert_allclose(grads["pairwise"], grads["moments"], atol=1e-6, rtol=1e-4)
+  assert float(jnp.max(jnp.abs(grads["moments"]))) > 0
+
+
+def test_jit_and_copies_identical_give_zero():
+  f = jnp.repeat(jax.random.normal(jax.random.key(0), (4, 10)), 3, axis=0)
+  ids = jnp.repeat(jnp.arange(4), 3)
+  for m in losses.METHODS:
+    assert float(jax.jit(losses.invariance_loss, static_argnums=2)(f, ids, m)) == \
+        pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", losses.METHODS)
+def test_constant_layer_is_zero_with_zero_gradient(method):
+  f = jnp.full((8, 4, 4, 3), 0.7)
+  ids = jnp.repeat(jnp.arange(2), 4)
+  val, grad = jax.value_and_grad(losses.invariance_loss)(f, ids, method)
+  assert float(val) == 0.0
+  assert np.all(np.isfinite(grad)) and float(jnp.max(jnp.abs(grad))) == 0.0
+
+
+def _population_batch(key, k, m, dim=2048, sigma=0.5):
+  """K seeds x M copies: copy = seed mean + sigma * noise (distances concentrate)."""
+  k1, k2 = jax.random.split(key)
+  centres = jax.random.normal(k1, (k, 1, dim))
+  f = (centres + sigma * jax.random.normal(k2, (k, m, dim))).reshape(k * m, dim)
+  return f, jnp.repeat(jnp.arange(k), m)
+
+
+@pytest.mark.parametrize("method", losses.METHODS)
+def test_nearly_independent_of_batch_size_and_copies(method):
+  """The paper's property: L_inv barely moves with B and M when self-pairs are out.
+
+  Exactly, the within-seed mean does not depend on M; the all-pairs mean holds a
+  within-seed share (M - 1) / (B - 1), the only dependence left. Counting self-pairs
+  (the equation read literally) scales the numerator by (M - 1) / M instead.
+  """
+  layouts = [(16, 8), (32, 4), (64, 2), (8, 16), (8, 8), (32, 8)]
+  vals, literal = [], []
+  for i, (k, m) in enumerate(layouts):
+    f, ids = _population_batch(jax.random.key(i), k, m)
+    vals.append(float(jax.jit(losses.invariance_loss, static_argnums=2)(f, ids, method)))
+    literal.append(literal_loss(np.asarray(f[:, :256]), np.asarray(ids)))
+  vals, literal = np.array(vals), np.array(literal)
+  assert vals.max() / vals.min() < 1.12, vals
+  assert literal.max() / literal.min() > 1.5, literal  # what the exclusion prevents
+
+
+def test_rejects_bad_input():
+  f = jnp.zeros((4, 3))
+  with pytest.raises(ValueError, match="method"):
+    losses.invariance_loss(f, jnp.arange(4), "cosine")
+  with pytest.raises(ValueError, match="seed_ids"):
+    losses.invariance_loss(f, jnp.arange(3))
+  with pytest.raises(ValueError, match="B >= 2"):
+    losses.invariance_loss(jnp.zeros((1, 3)), jnp.arange(1))
+
+
+@pytest.mark.parametrize("n,alpha,ratio", [(9, 0.1, 10.0), (12, 0.3, 5.0), (2, 0.1, 10.0)])
+def test_layer_weights_exponential_law(n, alpha, ratio):
+  w = np.asarray(losses.layer_weights(n, alpha, ratio))
+  assert w.shape == (n,)
+  np.testing.assert_allclose(w.sum(), alpha, rtol=1e-6)
+  np.testing.assert_allclose(w[-1] / w[0], ratio, rtol=1e-5)
+  steps = w[1:] / w[:-1]  # geometric: a constant factor per layer
+  np.testing.assert_allclose(steps, ratio ** (1 / (n - 1)), rtol=1e-5)
+
+
+def test_layer_weights_single_layer_and_errors():
+  np.testing.assert_allclose(losses.layer_weights(1, 0.1), [0.1])
+  with pytest.raises(ValueError):
+    losses.layer_weights(0)
+
+
+def test_total_loss_eq4():
+  ce = jnp.float32(2.0)
+  inv = {"a": jnp.float32(0.5), "b": jnp.float32(0.25)}
+  w = losses.layer_weights(2, 0.1, 10.0)
+  expected = 0.9 * 2.0 + float(w[0]) * 0.5 + float(w[1]) * 0.25
+  assert float(losses.total_loss(ce, inv, w, 0.1)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_cross_entropy_matches_reference():
+  logits = jnp.array([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+  labels = jnp.array([0, 2])
+  p = np.exp(np.asarray(logits))
+  p /= p.sum(1, keepdims=True)
+  ref = -np.mean(np.log(p[[0, 1], [0, 2]]))
+  assert float(losses.cross_entropy(logits, labels)) == pytest.approx(ref, rel=1e-6)

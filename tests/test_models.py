@@ -1,0 +1,56 @@
+"""Models: published sizes, sown layers (names, shapes, depth order), the registry."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from invjax import models
+from invjax.models import allcnn
+
+
+def test_allcnn_c_parameter_count_matches_published():
+  m = models.create("allcnn", num_classes=10)
+  n = models.param_count(m, (32, 32, 3))
+  assert abs(n - 1.37e6) / 1.37e6 < 0.02, n
+
+
+def test_allcnn_sown_layers_names_and_shapes():
+  m = models.create("allcnn", num_classes=10)
+  shapes = models.layer_shapes(m, (32, 32, 3))
+  assert shapes == {
+      "conv1": (32, 32, 96), "conv2": (32, 32, 96), "conv3": (16, 16, 96),
+      "conv4": (16, 16, 192), "conv5": (16, 16, 192), "conv6": (8, 8, 192),
+      "conv7": (6, 6, 192), "conv8": (6, 6, 192), "conv9": (6, 6, 10)}
+
+
+def test_sown_activations_are_post_relu_and_logits_pool_the_last():
+  m = models.create("allcnn", num_classes=10, width=0.125)
+  x = jax.random.uniform(jax.random.key(0), (3, 32, 32, 3))
+  v = m.init(jax.random.key(1), x, train=False)
+  logits, st = m.apply(v, x, train=False, mutable=["intermediates"])
+  feats = models.sown(st["intermediates"])
+  assert all(float(jnp.min(f)) >= 0.0 for f in feats.values())
+  np.testing.assert_allclose(logits, jnp.mean(feats["conv9"], axis=(1, 2)), rtol=1e-6)
+
+
+def test_depth_order_survives_more_than_nine_layers():
+  """"conv10" sorts before "conv2"; layer_shapes must keep the sow order."""
+  layers = allcnn.CIFAR_LAYERS + ((8, 1, 1, "VALID"), (8, 1, 1, "VALID"))
+  m = models.create("allcnn", num_classes=3, width=0.125, layers=layers)
+  names = list(models.layer_shapes(m, (32, 32, 3)))
+  assert names == [f"conv{i}" for i in range(1, 12)]
+
+
+def test_width_scales_hidden_channels_only():
+  m = models.create("allcnn", num_classes=7, width=0.25)
+  shapes = models.layer_shapes(m, (32, 32, 3))
+  assert shapes["conv1"][-1] == 24 and shapes["conv4"][-1] == 48
+  assert shapes["conv9"][-1] == 7
+
+
+def test_registry_errors_name_the_field():
+  with pytest.raises(ValueError, match="config.model.name='resnet'.*allcnn"):
+    models.create("resnet", 10)
+  with pytest.raises(ValueError, match="depth"):
+    models.create("allcnn", 10, depth=3)

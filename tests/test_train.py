@@ -1,0 +1,217 @@
+"""End to end on tiny data: train, resume, analyze, compare; the CLI; config checks."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from invjax import analyze
+from invjax import checkpoints
+from invjax import config_lib
+from invjax import experiment
+from invjax import metrics_io
+from invjax import train
+from tests import helpers
+
+LAYERS = [f"conv{i}" for i in range(1, 10)]
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory):
+  return helpers.write_npz(tmp_path_factory.mktemp("data") / "toy.npz")
+
+
+@pytest.fixture(scope="module")
+def trained(npz, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  config = helpers.tiny_config(npz)
+  result = train.train_and_evaluate(config, workdir)
+  return config, workdir, result
+
+
+def test_training_writes_config_metrics_checkpoints(trained):
+  config, workdir, result = trained
+  assert result["step"] == 8 and 0.0 <= result["accuracy"] <= 1.0  # 64 / 16 x 2 epochs
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["copies"] == 4
+  records = metrics_io.read(workdir)
+  steps, losses = metrics_io.series(records, "train/loss")
+  np.testing.assert_array_equal(steps, [2, 4, 6, 8])
+  assert np.all(np.isfinite(losses))
+  for layer in LAYERS:
+    s, v = metrics_io.series(records, f"probe/inv_loss/{layer}")
+    assert s[0] == 0 and s[-1] == 8 and np.all(v > 0)
+    assert len(metrics_io.series(records, f"train/inv_loss/{layer}")[0]) == 4
+  _, acc = metrics_io.series(records, "test/accuracy")
+  assert acc[-1] == pytest.approx(result["accuracy"])
+  ckpts = checkpoints.Checkpoints(workdir)
+  assert ckpts.latest_step() == 8
+  ckpts.close()
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_rerun_of_finished_run_resumes_without_training(trained):
+  config, workdir, result = trained
+  before = len(metrics_io.read(workdir))
+  again = train.train_and_evaluate(config, workdir)
+  assert again["accuracy"] == pytest.approx(result["accuracy"])
+  assert len(metrics_io.read(workdir)) == before
+
+
+def test_changed_config_is_refused_with_the_differing_field(trained):
+  config, workdir, _ = trained
+  other = helpers.tiny_config(config.dataset, alpha=0.2)
+  with pytest.raises(ValueError, match=r"alpha: saved 0.1, given 0.2"):
+    train.train_and_evaluate(other, workdir)
+
+
+def test_analyze_scores_every_layer_in_depth_order(trained):
+  config, workdir, _ = trained
+  summary = analyze.analyze(config, workdir)
+  scores, loaded = analyze.load(workdir)
+  assert list(scores) == ["pixels"] + LAYERS
+  assert list(loaded["layers"]) == ["pixels"] + LAYERS
+  for s in scores.values():
+    assert s.shape == (24, 2) and np.all(s <= 1.0)
+  assert summary["step"] == 8
+  for layer, stats in summary["layers"].items():
+    assert stats["median"] == pytest.approx(float(np.median(scores[layer])))
+  assert os.path.getsize(os.path.join(workdir, analyze.FIGURE_FILE)) > 10_000
+
+
+def test_resume_after_kill_continues_from_the_last_checkpoint(npz, tmp_path):
+  """SIGKILL a real training process mid-run; rerunning it resumes, and ends with the
+  parameters of the same run left alone."""
+  args = [sys.executable, "-m", "invjax.main", "--config=configs/quickstart.py",
+          f"--config.dataset={npz}", "--config.batch_size=16", "--config.copies=4",
+          "--config.num_epochs=6", "--config.lr_boundaries=(4,)",
+          "--config.eval_every_epochs=3", "--config.checkpoint_every_steps=4",
+          "--config.eval_batch_size=16", "--config.probe_seeds=4",
+          "--config.probe_copies=4", "--config.log_every_steps=4"]
+  killed, whole = str(tmp_path / "killed"), str(tmp_path / "whole")
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  proc = subprocess.Popen(args + [f"--workdir={killed}"], cwd=helpers.ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 120
+  ckpt_dir = os.path.join(killed, "checkpoints")
+  while time.time() < deadline:
+    done = [d for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(
+        ckpt_dir) else []
+    if done:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert done, "no checkpoint appeared before the deadline"
+  records = metrics_io.read(killed)
+  out = subprocess.run(args + [f"--workdir={killed}"], cwd=helpers.ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "resumed from step" in out.stderr
+  assert int(out.stderr.split("resumed from step")[1].split()[0]) >= 4
+  subprocess.run(args + [f"--workdir={whole}"], cwd=helpers.ROOT, env=env,
+                 capture_output=True, check=True, timeout=300)
+  config = helpers.tiny_config(npz)
+  states = []
+  for wd in (killed, whole):
+    ck = checkpoints.Checkpoints(wd)
+    assert ck.latest_step() == 24
+    state = train.initial_state(train.build(config_for(wd)), train.Placement.create())
+    states.append(ck.restore(state))
+    ck.close()
+  jax.tree.map(np.testing.assert_array_equal, states[0].params, states[1].params)
+  # metrics of the killed run were not duplicated past the resume point
+  steps, _ = metrics_io.series(metrics_io.read(killed), "train/loss")
+  assert len(steps) == len(set(steps)) and steps[-1] == 24
+  del records
+
+
+def config_for(workdir):
+  """The config a workdir was trained with (from its config.json)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, "config.json")) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def test_compare_variants_table_and_figures(npz, tmp_path):
+  base = helpers.tiny_config(npz, num_epochs=1.0, lr_boundaries=())
+  result = experiment.compare_variants(base, str(tmp_path), ["baseline", "invariance"])
+  table = result["table"]
+  assert "baseline" in table and "invariance" in table and "conv9" in table
+  assert table.index("pixels") < table.index("conv1") < table.index("conv9")
+  for path in result["figures"]:
+    assert os.path.getsize(path) > 10_000
+  # a second call reuses both runs: nothing is trained again
+  mtimes = {v: os.path.getmtime(os.path.join(tmp_path, v, "metrics.jsonl"))
+            for v in ("baseline", "invariance")}
+  experiment.compare_variants(base, str(tmp_path), ["baseline", "invariance"])
+  for v, t in mtimes.items():
+    assert os.path.getmtime(os.path.join(tmp_path, v, "metrics.jsonl")) == t
+
+
+def test_cli_describe_prints_parameters_and_layers():
+  out = subprocess.run([sys.executable, "-m", "invjax.main",
+                        "--config=configs/allcnn.py", "--config.dataset=digits",
+                        "--mode=describe"], cwd=helpers.ROOT, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "parameters: 1,370,996" in out.stdout
+  assert "conv9        (6, 6, 10)" in out.stdout
+  assert "forward FLOPs per image" in out.stdout
+
+
+def test_tfds_cifar10_one_step_with_mock_data(tmp_path):
+  pytest.importorskip("tensorflow")
+  tfds = pytest.importorskip("tensorflow_datasets")
+  sys.path.insert(0, os.path.join(helpers.ROOT, "configs"))
+  import allcnn  # pylint: disable=g-import-not-at-top
+  config = allcnn.get_config("invariance")
+  config.model.width = 0.125
+  config.batch_size = 16
+  config.num_epochs = 1.0
+  config.lr_boundaries = ()
+  config.eval_batch_size = 16
+  config.probe_seeds = 2
+  config.probe_copies = 2
+  with tfds.testing.mock_data(num_examples=16):
+    result = train.train_and_evaluate(config, str(tmp_path))
+  assert result["step"] == 1
+
+
+BAD = [
+    ({"batch_size": 100, "copies": 8}, "config.batch_size=100 is not a multiple"),
+    ({"copies": 0}, "config.copies=0"),
+    ({"alpha": 1.0}, r"config.alpha=1.0 must be in \[0, 1\)"),
+    ({"alpha": 0.1, "copies": 1}, "needs copies"),
+    ({"loss_method": "cosine"}, "config.loss_method='cosine'.*pairwise"),
+    ({"model.name": "vgg"}, "config.model.name='vgg'.*allcnn"),
+    ({"augment.hue": 0.1}, r"unknown field\(s\) \['hue'\]"),
+    ({"lr_boundaries": (1, 5), "num_epochs": 3.0}, r"epoch\(s\) \[5\]"),
+    ({"num_epochs": 0.0}, "num_epochs=0.0"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD)
+def test_config_errors_name_field_and_fix(overrides, message):
+  c = helpers.tiny_config("digits")
+  with c.unlocked():
+    for k, v in overrides.items():
+      target = c
+      *path, last = k.split(".")
+      for p in path:
+        target = target[p]
+      target[last] = v
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate(c)
+
+
+def test_seeds_must_split_over_devices():
+  c = helpers.tiny_config("digits", batch_size=24, copies=8)  # 3 seeds
+  with pytest.raises(ValueError, match="multiple of the 2 devices"):
+    config_lib.validate(c, num_devices=2)
