@@ -17,7 +17,8 @@ from invjax import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/allcnn.py or configs/allcnn.py:baseline.",
+    "config", None, "Config file, e.g. configs/allcnn.py or configs/allcnn.py:baseline. With "
+    "--mode=analyze it defaults to the config saved in the workdir.",
     lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory of the run: config, metrics, "
                     "checkpoints, figures. Rerunning on it resumes.")
@@ -26,13 +27,16 @@ flags.DEFINE_enum("mode", "train", ["train", "analyze", "describe"],
                   "checkpoint) or describe (model summary, no training).")
 flags.DEFINE_bool("allow_config_change", False,
                   "Resume a workdir even though its saved config differs.")
-flags.mark_flag_as_required("config")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = FLAGS.config
+  if config is None and FLAGS.mode == "analyze" and FLAGS.workdir:
+    config = train.load_config(FLAGS.workdir)  # the config the run was trained with
+  if config is None:
+    raise app.UsageError("--config is required (e.g. --config=configs/allcnn.py).")
   if FLAGS.mode == "describe":
     print(describe_lib.format_description(describe_lib.describe(config), config))
     return

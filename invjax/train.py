@@ -135,6 +135,16 @@ def check_workdir_config(config, workdir: str, allow_change: bool = False) -> No
         "--allow_config_change to resume with the new values.")
 
 
+def load_config(workdir: str):
+  """The configuration a workdir's run was started with."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: {workdir} holds no run.")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
 def save_config(config, workdir: str) -> None:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:

@@ -117,12 +117,12 @@ def test_resume_after_kill_continues_from_the_last_checkpoint(npz, tmp_path):
   assert int(out.stderr.split("resumed from step")[1].split()[0]) >= 4
   subprocess.run(args + [f"--workdir={whole}"], cwd=helpers.ROOT, env=env,
                  capture_output=True, check=True, timeout=300)
-  config = helpers.tiny_config(npz)
   states = []
   for wd in (killed, whole):
     ck = checkpoints.Checkpoints(wd)
     assert ck.latest_step() == 24
-    state = train.initial_state(train.build(config_for(wd)), train.Placement.create())
+    state = train.initial_state(train.build(train.load_config(wd)),
+                                train.Placement.create())
     states.append(ck.restore(state))
     ck.close()
   jax.tree.map(np.testing.assert_array_equal, states[0].params, states[1].params)
@@ -130,13 +130,6 @@ def test_resume_after_kill_continues_from_the_last_checkpoint(npz, tmp_path):
   steps, _ = metrics_io.series(metrics_io.read(killed), "train/loss")
   assert len(steps) == len(set(steps)) and steps[-1] == 24
   del records
-
-
-def config_for(workdir):
-  """The config a workdir was trained with (from its config.json)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(workdir, "config.json")) as f:
-    return ml_collections.ConfigDict(json.load(f))
 
 
 def test_compare_variants_table_and_figures(npz, tmp_path):
