@@ -98,6 +98,40 @@ def invariance_loss(features: jax.Array, seed_ids: jax.Array,
   return fn(features, seed_ids)
 
 
+def grouped_invariance_loss(features: jax.Array, copies: int,
+                            method: str = "pairwise") -> jax.Array:
+  """L_inv for a batch laid out as consecutive groups: examples k*M .. k*M + M - 1 are
+  the copies of seed k. Equal to `invariance_loss(features, repeat(arange(K), M))`.
+
+  This is the form the train step uses. The within-seed term reduces over [K, M, ...]
+  blocks, so when the batch is split over devices by seed, it is computed where the
+  activations are; the all-pairs term of "moments" needs only a global sum.
+  """
+  if method not in METHODS:
+    raise ValueError(f"invariance loss method {method!r} is unknown; "
+                     f"valid methods are {list(METHODS)}.")
+  b = features.shape[0]
+  if copies < 2 or b % copies:
+    raise ValueError(f"grouped_invariance_loss needs copies >= 2 dividing the batch "
+                     f"({b}), got copies={copies}.")
+  f = _flat(features)  # centred on the batch mean
+  k, dim = b // copies, f.shape[1]
+  groups = f.reshape(k, copies, dim)
+  pairs_within = k * copies * (copies - 1)
+  if method == "pairwise":
+    d = pairwise_distances(features)
+    between = jnp.sum(d) / (b * (b - 1))  # the diagonal is 0
+    sq = jnp.sum(groups * groups, axis=-1)  # [K, M]
+    gram = jnp.einsum("kmd,knd->kmn", groups, groups)
+    block = jnp.maximum((sq[:, :, None] + sq[:, None, :] - 2.0 * gram) / dim, 0.0)
+    within = jnp.sum(block) / pairs_within
+  else:
+    dev = groups - jnp.mean(groups, axis=1, keepdims=True)
+    within = 2.0 * copies * jnp.sum(dev * dev) / pairs_within / dim
+    between = 2.0 * b * jnp.sum(f * f) / (b * (b - 1)) / dim
+  return _safe_ratio(within, between)
+
+
 def layer_weights(num_layers: int, alpha: float = 0.1,
                   ratio: float = 10.0) -> jax.Array:
   """Eq. 4's exponential law: weights[l] ~ ratio ** (l / (L - 1)), summing to alpha.

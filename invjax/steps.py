@@ -79,9 +79,13 @@ def expand_seeds(seed_images: jax.Array, labels: jax.Array, copies: int):
 def _accuracy(logits, labels, top5: bool) -> dict[str, jax.Array]:
   out = {"accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
   if top5:
-    top = jax.lax.top_k(logits, 5)[1]
-    out["top5"] = jnp.mean(jnp.any(top == labels[:, None], axis=-1))
+    out["top5"] = jnp.mean(_in_top5(logits, labels))
   return out
+
+
+def _in_top5(logits, labels):
+  top = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+  return jnp.any(top == labels[:, None], axis=-1)
 
 
 def make_train_step(cfg: StepConfig) -> Callable:
@@ -90,7 +94,7 @@ def make_train_step(cfg: StepConfig) -> Callable:
   measure_inv = cfg.copies > 1  # L_inv needs copies in the batch
 
   def train_step(state: TrainState, seed_images, labels, key):
-    x, y, seed_ids = expand_seeds(seed_images, labels, cfg.copies)
+    x, y, _ = expand_seeds(seed_images, labels, cfg.copies)
     x = augment.augment(key, to_float(x), cfg.ranges)
 
     def loss_fn(params):
@@ -101,7 +105,7 @@ def make_train_step(cfg: StepConfig) -> Callable:
       inv = {}
       if measure_inv:
         feats = models.sown(updates["intermediates"])
-        inv = {k: losses.invariance_loss(v, seed_ids, cfg.loss_method)
+        inv = {k: losses.grouped_invariance_loss(v, cfg.copies, cfg.loss_method)
                for k, v in feats.items()}
       if cfg.alpha > 0:
         loss = losses.total_loss(ce, inv, weights, cfg.alpha)
@@ -137,8 +141,7 @@ def make_eval_step(top5: bool) -> Callable:
            "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
            "cross_entropy": jnp.sum(ce * mask)}
     if top5:
-      top = jax.lax.top_k(logits, 5)[1]
-      out["correct5"] = jnp.sum(jnp.any(top == labels[:, None], -1) * mask)
+      out["correct5"] = jnp.sum(_in_top5(logits, labels) * mask)
     return out
 
   return eval_step
@@ -158,12 +161,12 @@ def make_probe_step(cfg: StepConfig, probe_copies: int) -> Callable:
   """
 
   def probe_step(state, seed_images, key):
-    x, _, seed_ids = expand_seeds(seed_images, jnp.zeros(seed_images.shape[0],
-                                                         jnp.int32), probe_copies)
+    x, _, _ = expand_seeds(seed_images, jnp.zeros(seed_images.shape[0], jnp.int32),
+                           probe_copies)
     x = augment.augment(key, to_float(x), cfg.ranges)
     feats = features(state, x)
     feats.pop("pixels")
-    return {k: losses.invariance_loss(v, seed_ids, cfg.loss_method)
+    return {k: losses.grouped_invariance_loss(v, probe_copies, cfg.loss_method)
             for k, v in feats.items()}
 
   return probe_step

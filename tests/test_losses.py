@@ -60,6 +60,26 @@ def test_matches_naive_double_loop(method, layout):
     np.testing.assert_allclose(got, naive_loss(f, ids), rtol=2e-5)
 
 
+@pytest.mark.parametrize("method", losses.METHODS)
+@pytest.mark.parametrize("k,m", [(4, 4), (2, 8), (8, 2)])
+def test_grouped_form_equals_seed_id_form(method, k, m):
+  rng = np.random.default_rng(k * m)
+  f = jnp.asarray(rng.normal(size=(k * m, 3, 2, 5)) + 10.0, jnp.float32)
+  ids = jnp.repeat(jnp.arange(k), m)
+  got = losses.grouped_invariance_loss(f, m, method)
+  np.testing.assert_allclose(got, naive_loss(np.asarray(f), np.asarray(ids)), rtol=2e-5)
+  g1 = jax.grad(losses.grouped_invariance_loss)(f, m, method)
+  g2 = jax.grad(losses.invariance_loss)(f, ids, method)
+  np.testing.assert_allclose(g1, g2, atol=1e-6, rtol=1e-4)
+
+
+def test_grouped_form_rejects_bad_layout():
+  with pytest.raises(ValueError, match="copies"):
+    losses.grouped_invariance_loss(jnp.zeros((6, 2)), 4)
+  with pytest.raises(ValueError, match="copies"):
+    losses.grouped_invariance_loss(jnp.zeros((6, 2)), 1)
+
+
 def test_methods_agree_in_value_and_gradient():
   rng = np.random.default_rng(0)
   f = jnp.asarray(rng.normal(size=(32, 6, 6, 8)), jnp.float32)

@@ -27,8 +27,9 @@ def test_allcnn_sown_layers_names_and_shapes():
 def test_sown_activations_are_post_relu_and_logits_pool_the_last():
   m = models.create("allcnn", num_classes=10, width=0.125)
   x = jax.random.uniform(jax.random.key(0), (3, 32, 32, 3))
-  v = m.init(jax.random.key(1), x, train=False)
-  logits, st = m.apply(v, x, train=False, mutable=["intermediates"])
+  v = jax.jit(lambda: m.init(jax.random.key(1), x, train=False))()
+  logits, st = jax.jit(lambda v: m.apply(v, x, train=False,
+                                         mutable=["intermediates"]))(v)
   feats = models.sown(st["intermediates"])
   assert all(float(jnp.min(f)) >= 0.0 for f in feats.values())
   np.testing.assert_allclose(logits, jnp.mean(feats["conv9"], axis=(1, 2)), rtol=1e-6)

@@ -10,12 +10,13 @@ from invjax import augment
 from invjax import losses
 from invjax import models
 from invjax import steps
+from tests import helpers
 
 SHAPE = (16, 16, 3)
 
 
-def _setup(copies, alpha, method="pairwise", width=0.125, classes=4):
-  m = models.create("allcnn", classes, width=width)
+def _setup(copies, alpha, method="pairwise", classes=4):
+  m = models.create("allcnn", classes, layers=helpers.TINY_LAYERS)
   layers = list(models.layer_shapes(m, SHAPE))
   cfg = steps.StepConfig(copies=copies, alpha=alpha, alpha_ratio=10.0,
                          loss_method=method, ranges=augment.AugmentRanges(),
@@ -52,7 +53,7 @@ def test_loss_is_eq4_over_the_augmented_batch():
   logits, upd = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
                                x, train=True, mutable=["batch_stats", "intermediates"])
   feats = models.sown(upd["intermediates"])
-  inv = [losses.invariance_loss(feats[l], ids) for l in layers]
+  inv = [losses.invariance_loss(feats[l], ids) for l in layers]  # the seed-id form
   w = losses.layer_weights(len(layers), 0.3, 10.0)
   ce = losses.cross_entropy(logits, y)
   expected = 0.7 * ce + jnp.sum(w * jnp.stack(inv))
@@ -103,14 +104,23 @@ def test_training_lowers_the_invariance_loss():
 
 
 def test_eval_step_masks_padding():
-  _, cfg, state, _ = _setup(copies=1, alpha=0.0)
-  images, labels = _seeds(6)
+  _, cfg, state, _ = _setup(copies=1, alpha=0.0, classes=12)
+  images, labels = _seeds(6, classes=12)
   mask = jnp.array([1, 1, 1, 1, 0, 0], jnp.float32)
   out = jax.jit(steps.make_eval_step(top5=True))(state, images, labels, mask)
-  logits = steps.eval_logits(state, steps.to_float(images))
-  correct = np.sum((np.argmax(logits, -1) == np.asarray(labels))[:4])
+  logits = np.asarray(steps.eval_logits(state, steps.to_float(images)))
+  labels = np.asarray(labels)
+  correct = np.sum((np.argmax(logits, -1) == labels)[:4])
+  rank = np.sum(logits > logits[np.arange(6), labels][:, None], axis=1)
   assert float(out["count"]) == 4 and float(out["correct"]) == correct
-  assert float(out["correct5"]) == 4  # 4 classes: the top 5 hold every label
+  assert float(out["correct5"]) == np.sum((rank < 5)[:4])
+
+
+def test_top5_with_fewer_than_five_classes_counts_every_label():
+  _, cfg, state, _ = _setup(copies=1, alpha=0.0, classes=4)
+  images, labels = _seeds(6)
+  out = jax.jit(steps.make_eval_step(top5=True))(state, images, labels, jnp.ones(6))
+  assert float(out["correct5"]) == 6
 
 
 def test_probe_step_is_deterministic_and_per_layer():

@@ -22,7 +22,11 @@ CIFAR_LAYERS = (
 
 
 class AllCNN(nn.Module):
-  """All-CNN-C. `width` scales every hidden layer's channels (1.0 is the paper's)."""
+  """All-CNN-C. `width` scales every hidden layer's channels (1.0 is the paper's).
+
+  `layers` lists the hidden convolutions as (features, kernel, stride, padding); a last
+  1x1 convolution to the classes is always added.
+  """
   num_classes: int
   width: float = 1.0
   layers: Sequence[tuple[int, int, int, str]] = CIFAR_LAYERS
@@ -36,7 +40,8 @@ class AllCNN(nn.Module):
     norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9,
                                 epsilon=1e-5, dtype=self.dtype)
     x = x.astype(self.dtype)
-    specs = [(max(1, round(f * self.width)), k, s, p) for f, k, s, p in self.layers]
+    specs = [(max(1, round(f * self.width)), int(k), int(s), str(p))
+             for f, k, s, p in self.layers]
     specs.append((self.num_classes, 1, 1, "VALID"))  # class scores, not scaled
     for i, spec in enumerate(specs, start=1):
       x = nn.relu(norm()(conv(*spec)(x)))
