@@ -1,7 +1,14 @@
 """A narrow All-CNN-C on the embedded handwritten digits: minutes on a laptop CPU.
 
 Same method and schedule shape as configs/allcnn.py; an eighth of the width, 30 epochs
-over 1,347 training digits (scikit-learn's, upsampled to 32x32x3), no download.
+(630 steps) over 1,347 training digits (scikit-learn's, upsampled to 32x32x3), no
+download. Two departures from the paper's CIFAR-10 settings, both for this data and
+this short schedule:
+  - no horizontal flips: a mirrored handwritten 2 or 7 is not the same digit, so a flip
+    is not an identity-preserving transformation here (for training nor scoring);
+  - alpha = 0.6 for the invariance variant: with the paper's 0.1 the invariance loss
+    acts over tens of thousands of steps (its Figure 5), not over 630. With 0.1 here the
+    deepest layer scores as the baseline does; see README.md for the measured numbers.
 """
 
 from invjax import config_lib
@@ -17,7 +24,9 @@ def get_config(variant: str = "invariance"):
   c.learning_rate = 0.05
   c.lr_boundaries = (18, 23, 27)
   c.lr_decay = 0.1
-  c.log_every_steps = 10
+  c.augment.flip = 0.0
+  c.invariance_alpha = 0.6
+  c.log_every_steps = 21  # once per epoch
   c.eval_every_epochs = 5.0
   c.eval_batch_size = 450
   c.analysis.batch_size = 450

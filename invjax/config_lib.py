@@ -13,10 +13,10 @@ from invjax import losses
 from invjax import models
 
 VARIANTS = {
-    # name: (copies M, alpha)
-    "invariance": (8, 0.1),  # data augmentation invariance, the paper's proposal
-    "baseline": (1, 0.0),  # the paper's baseline: epoch-wise augmentation, CE only
-    "batchaug": (8, 0.0),  # control: M copies per seed in the batch, no L_inv
+    # name: (copies, alpha), from the config's invariance_copies and invariance_alpha
+    "invariance": lambda c: (c.invariance_copies, c.invariance_alpha),  # the proposal
+    "baseline": lambda c: (1, 0.0),  # the paper's baseline: epoch-wise augmentation
+    "batchaug": lambda c: (c.invariance_copies, 0.0),  # control: copies, no L_inv
 }
 
 
@@ -33,6 +33,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 128  # the real batch: batch_size / copies seed images x copies
   c.copies = 8  # M, augmented copies of each seed image in a batch
   c.alpha = 0.1  # weight of the invariance loss (Eq. 4); CE weighs 1 - alpha
+  c.invariance_copies = 8  # M of the "invariance" and "batchaug" variants
+  c.invariance_alpha = 0.1  # alpha of the "invariance" variant
   c.alpha_ratio = 10.0  # alpha of the deepest layer / alpha of the first
   c.loss_method = "pairwise"  # "pairwise" (|B|x|B| matrices) or "moments" (O(B D))
 
@@ -72,7 +74,7 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str | None):
     raise ValueError(f"config variant {variant!r} is unknown; valid variants are "
                      f"{sorted(VARIANTS)} (e.g. --config=configs/allcnn.py:baseline).")
   c.variant = variant
-  c.copies, c.alpha = VARIANTS[variant]
+  c.copies, c.alpha = VARIANTS[variant](c)
   return c
 
 

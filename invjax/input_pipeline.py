@@ -135,17 +135,13 @@ def load_tfds(name: str, data_dir: str | None) -> Dataset:
   builder.download_and_prepare()
   splits = {}
   for split in ("train", "test"):
-    # One batch of the whole split. batch_size=-1 would ask tfds for a batch of
-    # sys.maxsize when the split size is unknown (e.g. under tfds.testing.mock_data
-    # without metadata), which aborts TensorFlow; iterate in that case.
-    n = builder.info.splits[split].num_examples
-    ds = builder.as_dataset(split=split, as_supervised=True,
-                            batch_size=n if n else None)
-    if n:
-      x, y = tfds.as_numpy(ds)
-    else:
-      pairs = list(tfds.as_numpy(ds))
-      x, y = np.stack([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+    # Fixed-size batches, concatenated. (batch_size=-1 makes tfds ask for a batch of
+    # sys.maxsize when it does not know the split size, e.g. under
+    # tfds.testing.mock_data without metadata, and TensorFlow aborts the process.)
+    ds = builder.as_dataset(split=split, as_supervised=True, batch_size=10_000)
+    parts = list(tfds.as_numpy(ds))
+    x = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
     splits[split] = (np.asarray(x, np.uint8), np.asarray(y, np.int32))
   num_classes = builder.info.features["label"].num_classes
   return Dataset(name, splits["train"][0], splits["train"][1], splits["test"][0],

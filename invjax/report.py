@@ -79,6 +79,7 @@ def plot_loss_dynamics(workdirs: Mapping[str, str], path: str,
       ax.plot(x, vals, color=_colour(label, i), label=label)
     ax.set_xscale("function", functions=(lambda e: np.sqrt(np.maximum(e, 0)),
                                          lambda e: np.square(e)))
+    ax.set_xlim(left=0)  # autoscaling margins would hide the initialisation (epoch 0)
     ax.set_title(layer)
     ax.set_xlabel("epoch (quadratic scale)")
     ax.set_ylabel("L_inv")

@@ -232,11 +232,12 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
   cfg = run.step_config
   placement = Placement.create()
   data = run.data
-  k = config.batch_size // config.copies
+  num_seeds = config.batch_size // config.copies
   logging.info("%s on %s: %d train / %d test images, %d classes; %d seeds x %d copies "
                "per batch of %d; %d steps (%d per epoch); %d devices",
                config.model.name, data.name, len(data.x_train), len(data.x_test),
-               data.num_classes, k, config.copies, config.batch_size, run.total_steps,
+               data.num_classes, num_seeds, config.copies, config.batch_size,
+               run.total_steps,
                run.steps_per_epoch, jax.device_count())
 
   state = initial_state(run, placement)
@@ -254,7 +255,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
   eval_step = jax.jit(steps_lib.make_eval_step(cfg.top5))
   probe_step = jax.jit(steps_lib.make_probe_step(cfg, config.probe_copies))
 
-  schedule = input_pipeline.SeedSchedule(len(data.x_train), k, config.seed)
+  schedule = input_pipeline.SeedSchedule(len(data.x_train), num_seeds, config.seed)
   root = jax.random.key(config.seed)
   aug_key, probe_key = jax.random.fold_in(root, 1), jax.random.fold_in(root, 2)
   probe_idx = np.random.default_rng([config.seed, 2]).choice(
@@ -268,7 +269,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
 
   def log_probe(step):
     inv = jax.device_get(probe_step(state, placement.shard(probe_seeds), probe_key))
-    log.write(step, {f"probe/inv_loss/{k}": v for k, v in inv.items()} |
+    log.write(step, {f"probe/inv_loss/{name}": v for name, v in inv.items()} |
               {"epoch": step / spe})
 
   if start == 0:
@@ -292,12 +293,10 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
         pending = []
         _check_finite(done, summary)
         now = time.time()
-        summary |= {"lr": float(run.lr_fn(step)), "epoch": done / spe,
-                    "steps_per_sec": (done - s_log) / max(now - t_log, 1e-9)}
+        log.write(done, {f"train/{name}": v for name, v in summary.items()} | {
+            "lr": float(run.lr_fn(step)), "epoch": done / spe,
+            "steps_per_sec": (done - s_log) / max(now - t_log, 1e-9)})
         t_log, s_log = now, done
-        log.write(done, {f"train/{k}": v for k, v in summary.items()
-                         if k not in ("lr", "epoch", "steps_per_sec")} |
-                  {k: summary[k] for k in ("lr", "epoch", "steps_per_sec")})
         log_probe(done)
       if done % eval_every == 0 or last:
         test = evaluate(eval_step, state, data.x_test, data.y_test,

@@ -1,7 +1,20 @@
 """Shared test set-up: small data made here, nothing downloaded."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Keep TensorFlow (used only by tfds tests) quiet and off any accelerator.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+# Many tests (and the subprocesses they start, which inherit the environment) compile
+# the same small programs; JAX's persistent compilation cache compiles each once per
+# test session. Set before anything imports jax.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="invjax-test-jax-cache-")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"

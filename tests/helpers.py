@@ -9,8 +9,20 @@ from invjax import config_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def write_npz(path, n_train=64, n_test=24, size=16, classes=4, seed=0):
+def toy_images(n, size=16, classes=4, seed=0):
   """Learnable toy images: class c is a bright square in quadrant c, plus noise."""
+  rng = np.random.default_rng(seed)
+  y = rng.integers(0, classes, n)
+  x = rng.integers(0, 60, (n, size, size, 3))
+  h = size // 2
+  for i, c in enumerate(y):
+    r, col = divmod(int(c) % 4, 2)
+    x[i, r * h:(r + 1) * h, col * h:(col + 1) * h] += 180
+  return x.clip(0, 255).astype(np.uint8), y.astype(np.int64)
+
+
+def write_npz(path, n_train=64, n_test=24, size=16, classes=4, seed=0):
+  """An .npz of toy_images."""
   rng = np.random.default_rng(seed)
 
   def make(n):
@@ -43,8 +55,8 @@ def tiny_config(dataset, variant="invariance", **overrides):
   c.probe_copies = 4
   c.analysis.batch_size = 16
   c.analysis.num_transforms = 2
+  c.invariance_copies = 4
   config_lib.apply_variant(c, variant)
-  c.copies = 4 if variant != "baseline" else 1
   for k, v in overrides.items():
     target = c
     *path, last = k.split(".")

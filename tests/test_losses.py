@@ -177,3 +177,21 @@ def test_cross_entropy_matches_reference():
   p /= p.sum(1, keepdims=True)
   ref = -np.mean(np.log(p[[0, 1], [0, 2]]))
   assert float(losses.cross_entropy(logits, labels)) == pytest.approx(ref, rel=1e-6)
+
+
+@pytest.mark.parametrize("method", losses.METHODS)
+def test_gradient_matches_finite_differences(method):
+  """jax.grad of L_inv against central differences of the float64 naive loop."""
+  rng = np.random.default_rng(4)
+  f = rng.normal(size=(6, 4))
+  ids = np.array([0, 0, 1, 1, 2, 2])
+  grad = np.asarray(jax.grad(losses.invariance_loss)(jnp.asarray(f, jnp.float32),
+                                                     jnp.asarray(ids), method))
+  eps = 1e-5
+  fd = np.zeros_like(f)
+  for idx in np.ndindex(*f.shape):
+    up, down = f.copy(), f.copy()
+    up[idx] += eps
+    down[idx] -= eps
+    fd[idx] = (naive_loss(up, ids) - naive_loss(down, ids)) / (2 * eps)
+  np.testing.assert_allclose(grad, fd, rtol=1e-3, atol=1e-5)

@@ -48,15 +48,21 @@ def test_loss_is_eq4_over_the_augmented_batch():
   key = jax.random.key(3)
   new_state, metrics = jax.jit(steps.make_train_step(cfg))(state, seeds, labels, key)
   # Recompute from scratch: same augmentation, same forward pass.
-  x, y, ids = steps.expand_seeds(seeds, labels, 4)
-  x = augment.augment(key, steps.to_float(x), cfg.ranges)
-  logits, upd = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                               x, train=True, mutable=["batch_stats", "intermediates"])
-  feats = models.sown(upd["intermediates"])
-  inv = [losses.invariance_loss(feats[l], ids) for l in layers]  # the seed-id form
-  w = losses.layer_weights(len(layers), 0.3, 10.0)
-  ce = losses.cross_entropy(logits, y)
-  expected = 0.7 * ce + jnp.sum(w * jnp.stack(inv))
+
+  @jax.jit
+  def recompute(state):
+    x, y, ids = steps.expand_seeds(seeds, labels, 4)
+    x = augment.augment(key, steps.to_float(x), cfg.ranges)
+    logits, upd = state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats}, x, train=True,
+        mutable=["batch_stats", "intermediates"])
+    feats = models.sown(upd["intermediates"])
+    inv = [losses.invariance_loss(feats[l], ids) for l in layers]  # the seed-id form
+    w = losses.layer_weights(len(layers), 0.3, 10.0)
+    ce = losses.cross_entropy(logits, y)
+    return 0.7 * ce + jnp.sum(w * jnp.stack(inv)), inv
+
+  expected, inv = recompute(state)
   assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-5)
   for l, v in zip(layers, inv):
     assert float(metrics[f"inv_loss/{l}"]) == pytest.approx(float(v), rel=1e-5)
@@ -89,18 +95,24 @@ def test_baseline_step_has_no_inv_metrics():
   assert not any(k.startswith("inv_loss/") for k in m)
 
 
-def test_training_lowers_the_invariance_loss():
-  """A strong alpha on one fixed batch: L_inv of the deepest layer goes down."""
-  _, cfg, state, layers = _setup(copies=4, alpha=0.8, method="moments")
-  seeds, labels = _seeds(4)
-  step = jax.jit(steps.make_train_step(cfg), donate_argnums=0)
-  first = last = None
-  for i in range(25):
-    state, m = step(state, seeds, labels, jax.random.key(i))
-    value = float(m[f"inv_loss/{layers[-1]}"])
-    first = value if first is None else first
-    last = value
-  assert last < 0.7 * first, (first, last)
+def test_optimising_the_invariance_loss_lowers_it():
+  """Same seeds, keys and steps with alpha = 0.8 and alpha = 0: the optimised model's
+  L_inv at the deepest layer ends clearly lower (mean of the last 40 of 200 steps).
+  At alpha = 0 it is measured with the same step (stop_gradient), so the comparison is
+  like for like. The drop is slow, a property of the loss: ~0.88 -> ~0.73 here."""
+  x, y = helpers.toy_images(32, size=SHAPE[0])
+  seeds, labels = jnp.asarray(x), jnp.asarray(y, jnp.int32)
+  last = {}
+  for alpha in (0.0, 0.8):
+    _, cfg, state, layers = _setup(copies=4, alpha=alpha, method="moments")
+    step = jax.jit(steps.make_train_step(cfg), donate_argnums=0)
+    values = []
+    for i in range(200):
+      sl = slice(4 * (i % 8), 4 * (i % 8) + 4)
+      state, m = step(state, seeds[sl], labels[sl], jax.random.key(i))
+      values.append(m[f"inv_loss/{layers[-1]}"])
+    last[alpha] = float(np.mean(jax.device_get(values[-40:])))
+  assert last[0.8] < 0.9 * last[0.0], last
 
 
 def test_eval_step_masks_padding():

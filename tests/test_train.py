@@ -16,6 +16,7 @@ from invjax import checkpoints
 from invjax import config_lib
 from invjax import experiment
 from invjax import metrics_io
+from invjax import models
 from invjax import train
 from tests import helpers
 
@@ -113,8 +114,7 @@ def test_resume_after_kill_continues_from_the_last_checkpoint(npz, tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   assert "resumed from step" in out.stderr
   assert int(out.stderr.split("resumed from step")[1].split()[0]) >= 4
-  subprocess.run(args + [f"--workdir={whole}"], cwd=helpers.ROOT, env=env,
-                 capture_output=True, check=True, timeout=300)
+  train.train_and_evaluate(train.load_config(killed), whole)  # the same run, left alone
   states = []
   for wd in (killed, whole):
     ck = checkpoints.Checkpoints(wd)
@@ -148,13 +148,14 @@ def test_compare_variants_table_and_figures(npz, tmp_path):
 
 def test_cli_describe_prints_parameters_and_layers():
   out = subprocess.run([sys.executable, "-m", "invjax.main",
-                        "--config=configs/allcnn.py", "--config.dataset=digits",
-                        "--mode=describe"], cwd=helpers.ROOT, capture_output=True,
-                       text=True, timeout=120)
+                        "--config=configs/quickstart.py", "--mode=describe"],
+                       cwd=helpers.ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
-  assert "parameters: 1,370,996" in out.stdout
+  model = models.create("allcnn", 10, width=0.125)
+  assert f"parameters: {models.param_count(model, (32, 32, 3)):,}" in out.stdout
   assert "conv9        (6, 6, 10)" in out.stdout
-  assert "forward FLOPs per image" in out.stdout
+  flops = float(out.stdout.split("forward FLOPs per image (XLA): ")[1].split()[0])
+  assert 0.005 < flops < 0.05  # GFLOPs: 1/64 of All-CNN-C's 0.54
 
 
 def test_tfds_cifar10_one_step_with_mock_data(tmp_path):
@@ -230,3 +231,14 @@ def test_two_devices_train_like_one(trained, tmp_path):
     ck.close()
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4),
                states[0].params, states[1].params)
+
+
+def test_variants_set_copies_and_alpha():
+  c = config_lib.base_config()
+  c.invariance_copies, c.invariance_alpha = 4, 0.3
+  assert (config_lib.apply_variant(c, "invariance").copies, c.alpha) == (4, 0.3)
+  assert (config_lib.apply_variant(c, "batchaug").copies, c.alpha) == (4, 0.0)
+  assert (config_lib.apply_variant(c, "baseline").copies, c.alpha) == (1, 0.0)
+  assert c.variant == "baseline"
+  with pytest.raises(ValueError, match="valid variants are"):
+    config_lib.apply_variant(c, "strong")
