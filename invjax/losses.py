@@ -33,6 +33,12 @@ def pairwise_distances(features: jax.Array) -> jax.Array:
   return jnp.maximum(d, 0.0)
 
 
+def _check_method(method: str) -> None:
+  if method not in METHODS:
+    raise ValueError(f"invariance loss method {method!r} is unknown; "
+                     f"valid methods are {list(METHODS)}.")
+
+
 def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
   """num / den, and 0 where den == 0 (then num == 0 too: all activations equal).
 
@@ -85,9 +91,7 @@ def invariance_loss(features: jax.Array, seed_ids: jax.Array,
     method: "pairwise" (the |B| x |B| distance matrix from matrix products) or
       "moments" (the same value in O(B D) from per-seed and batch means).
   """
-  if method not in METHODS:
-    raise ValueError(f"invariance loss method {method!r} is unknown; "
-                     f"valid methods are {list(METHODS)}.")
+  _check_method(method)
   if features.ndim < 2 or features.shape[0] < 2:
     raise ValueError("invariance_loss needs features of shape [B, ...] with B >= 2, "
                      f"got {features.shape}.")
@@ -107,9 +111,7 @@ def grouped_invariance_loss(features: jax.Array, copies: int,
   blocks, so when the batch is split over devices by seed, it is computed where the
   activations are; the all-pairs term of "moments" needs only a global sum.
   """
-  if method not in METHODS:
-    raise ValueError(f"invariance loss method {method!r} is unknown; "
-                     f"valid methods are {list(METHODS)}.")
+  _check_method(method)
   b = features.shape[0]
   if copies < 2 or b % copies:
     raise ValueError(f"grouped_invariance_loss needs copies >= 2 dividing the batch "

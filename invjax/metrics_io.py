@@ -113,6 +113,7 @@ class Progress:
     now = time.time()
     if self._clu is not None:
       self._clu(step, now)
+      return
     if self._last is None:
       self._last = (step, now)
       return

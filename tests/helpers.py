@@ -22,20 +22,9 @@ def toy_images(n, size=16, classes=4, seed=0):
 
 
 def write_npz(path, n_train=64, n_test=24, size=16, classes=4, seed=0):
-  """An .npz of toy_images."""
-  rng = np.random.default_rng(seed)
-
-  def make(n):
-    y = rng.integers(0, classes, n)
-    x = rng.integers(0, 60, (n, size, size, 3))
-    h = size // 2
-    for i, c in enumerate(y):
-      r, col = divmod(int(c) % 4, 2)
-      x[i, r * h:(r + 1) * h, col * h:(col + 1) * h] += 180
-    return x.clip(0, 255).astype(np.uint8), y.astype(np.int64)
-
-  x_train, y_train = make(n_train)
-  x_test, y_test = make(n_test)
+  """An .npz of toy_images (different draws for the two splits)."""
+  x_train, y_train = toy_images(n_train, size, classes, seed)
+  x_test, y_test = toy_images(n_test, size, classes, seed + 1)
   np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
   return str(path)
 

@@ -1,0 +1,42 @@
+"""The pure core imports no TensorFlow, tfds, clu or orbax; without TensorFlow (as on a
+bare accelerator image) training and analysis still work."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests import helpers
+
+SHELL_ONLY = ("tensorflow", "tensorflow_datasets", "clu", "orbax")
+
+
+def test_core_imports_no_shell_packages():
+  code = ("import sys; import invjax.augment, invjax.losses, invjax.analysis, "
+          "invjax.models, invjax.steps; "
+          f"print([m for m in {SHELL_ONLY!r} if m in sys.modules])")
+  out = subprocess.run([sys.executable, "-c", code], cwd=helpers.ROOT,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "[]"
+
+
+def test_train_and_analyze_without_tensorflow(tmp_path):
+  npz = helpers.write_npz(tmp_path / "toy.npz")
+  workdir = str(tmp_path / "run")
+  # Make TensorFlow (and so tensorboard summaries and tfds loading) unimportable.
+  code = (
+      "import sys; sys.modules['tensorflow'] = None; sys.path.insert(0, '.');"
+      "from invjax import train, analyze; from tests import helpers;"
+      f"c = helpers.tiny_config({npz!r}, num_epochs=1.0, lr_boundaries=());"
+      f"train.train_and_evaluate(c, {workdir!r}); analyze.analyze(c, {workdir!r});"
+      "print('TF', 'tensorflow' in sys.modules and sys.modules['tensorflow'] is not None)")
+  out = subprocess.run([sys.executable, "-c", code], cwd=helpers.ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "TF False" in out.stdout
+  assert "no TensorBoard summaries" in out.stderr
+  assert not os.path.exists(os.path.join(workdir, "tensorboard"))
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    assert any("test/accuracy" in json.loads(line) for line in f)
+  assert os.path.exists(os.path.join(workdir, "analysis", "scores.npz"))
