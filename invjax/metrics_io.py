@@ -15,13 +15,21 @@ from typing import Any, Mapping
 from absl import logging
 import numpy as np
 
-try:  # clu.metric_writers imports TensorFlow.
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
-except ImportError:  # pragma: no cover - exercised on machines without TensorFlow
-  metric_writers = periodic_actions = None
-
 METRICS_FILE = "metrics.jsonl"
+
+
+def _clu():
+  """(metric_writers, periodic_actions) from clu, or (None, None) without TensorFlow.
+
+  Imported on first use: clu.metric_writers imports TensorFlow, seconds that a
+  --mode=describe or a notebook reading metrics should not pay.
+  """
+  try:
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+    return metric_writers, periodic_actions
+  except ImportError:
+    return None, None
 
 
 def _plain(v: Any):
@@ -42,6 +50,7 @@ class MetricsLog:
     with open(self.path, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in kept)
     self._file = open(self.path, "a")
+    metric_writers, _ = _clu()
     if metric_writers is not None:
       self.writer = metric_writers.create_default_writer(
           os.path.join(workdir, "tensorboard"), asynchronous=False)
@@ -104,6 +113,7 @@ class Progress:
     self.num_steps = num_steps
     self.every_secs = every_secs
     self._clu = None
+    _, periodic_actions = _clu()
     if periodic_actions is not None and writer.enabled and writer.writer is not None:
       self._clu = periodic_actions.ReportProgress(
           num_train_steps=num_steps, writer=writer.writer, every_secs=every_secs)

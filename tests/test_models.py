@@ -55,3 +55,30 @@ def test_registry_errors_name_the_field():
     models.create("resnet", 10)
   with pytest.raises(ValueError, match="depth"):
     models.create("allcnn", 10, depth=3)
+
+
+@pytest.mark.parametrize("name,published", [("wrn", 36.5e6), ("densenet", 0.77e6)])
+def test_parameter_counts_match_published(name, published):
+  n = models.param_count(models.create(name, num_classes=10), (32, 32, 3))
+  assert abs(n - published) / published < 0.02, n
+
+
+def test_wrn_28_10_sows_its_12_residual_blocks():
+  shapes = models.layer_shapes(models.create("wrn", num_classes=10), (32, 32, 3))
+  widths = [160] * 4 + [320] * 4 + [640] * 4
+  sizes = [32] * 4 + [16] * 4 + [8] * 4
+  assert shapes == {f"block{i + 1}": (s, s, w)
+                    for i, (s, w) in enumerate(zip(sizes, widths))}
+
+
+def test_densenet_bc_sows_stem_and_dense_blocks():
+  shapes = models.layer_shapes(models.create("densenet", num_classes=10), (32, 32, 3))
+  # 24 stem channels; each block adds 16 x 12; transitions halve the channels.
+  assert shapes == {"stem": (32, 32, 24), "dense1": (32, 32, 216),
+                    "dense2": (16, 16, 300), "dense3": (8, 8, 342)}
+
+
+@pytest.mark.parametrize("name,depth", [("wrn", 27), ("densenet", 99)])
+def test_depth_that_does_not_fit_is_refused(name, depth):
+  with pytest.raises(ValueError, match="config.model.depth"):
+    models.layer_shapes(models.create(name, num_classes=10, depth=depth), (32, 32, 3))

@@ -242,3 +242,36 @@ def test_variants_set_copies_and_alpha():
   assert c.variant == "baseline"
   with pytest.raises(ValueError, match="valid variants are"):
     config_lib.apply_variant(c, "strong")
+
+
+TINY_MODEL = {  # overrides that shrink each config's model to seconds of compiling
+    "allcnn.py": {"layers": helpers.TINY_LAYERS},
+    "wrn.py": {"depth": 10, "widen": 1},
+    "densenet.py": {"depth": 10, "growth": 4},
+}
+
+
+@pytest.mark.parametrize("config_file", sorted(TINY_MODEL))
+def test_every_config_runs_one_step(config_file, npz, tmp_path):
+  """Each config file, as written, but tiny: the real training code for one step."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "cfg", os.path.join(helpers.ROOT, "configs", config_file))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  baseline = module.get_config("baseline")
+  assert (baseline.copies, baseline.alpha) == (1, 0.0)
+  config = module.get_config("invariance")
+  assert (config.copies, config.alpha) == (8, 0.1)
+  config.model.update(TINY_MODEL[config_file])
+  config.dataset = npz
+  config.batch_size = 16
+  config.num_epochs = 1.0 / 4  # one step of 16 of the 64 toy images
+  config.lr_boundaries = ()
+  config.eval_batch_size = 24
+  config.probe_seeds = 2
+  config.probe_copies = 2
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result["step"] == 1
+  _, loss = metrics_io.series(metrics_io.read(str(tmp_path)), "train/loss")
+  assert len(loss) == 1 and np.isfinite(loss[0])

@@ -18,9 +18,13 @@ import jax
 import jax.numpy as jnp
 
 from invjax.models import allcnn
+from invjax.models import densenet
+from invjax.models import wrn
 
 _REGISTRY: dict[str, type[nn.Module]] = {
     "allcnn": allcnn.AllCNN,
+    "densenet": densenet.DenseNetBC,
+    "wrn": wrn.WideResNet,
 }
 
 

@@ -1,0 +1,52 @@
+"""DenseNet-BC (Huang et al., 2017): bottleneck layers and compression, with batch
+norm and no dropout, as trained in the paper (L = 100, growth rate k = 12).
+
+A 3x3 stem of 2k channels, three dense blocks of (L - 4) / 6 bottleneck layers
+(BN-ReLU-conv1x1 to 4k, BN-ReLU-conv3x3 to k, concatenated to the block's input), with
+transitions (BN-ReLU-conv1x1 to compression x channels, 2x2 average pooling) between
+them, then BN, ReLU, global average pooling and a dense layer. Sown: the output of the
+first convolution ("stem") and of every dense block ("dense1" ... "dense3").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class DenseNetBC(nn.Module):
+  num_classes: int
+  depth: int = 100
+  growth: int = 12
+  compression: float = 0.5
+  num_blocks: int = 3
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    per_block, rem = divmod(self.depth - 4, 2 * self.num_blocks)
+    if rem or per_block < 1:
+      raise ValueError(f"config.model.depth={self.depth}: DenseNet-BC with "
+                       f"{self.num_blocks} blocks has depth 6n + 4 (e.g. 100, 40).")
+    conv = lambda f, k: nn.Conv(
+        f, (k, k), padding="SAME", use_bias=False, dtype=self.dtype,
+        kernel_init=nn.initializers.he_normal())
+    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                                epsilon=1e-5, dtype=self.dtype)
+    x = conv(2 * self.growth, 3)(x.astype(self.dtype))
+    self.sow("intermediates", "stem", x)
+    for block in range(self.num_blocks):
+      for _ in range(per_block):
+        y = conv(4 * self.growth, 1)(nn.relu(norm()(x)))
+        y = conv(self.growth, 3)(nn.relu(norm()(y)))
+        x = jnp.concatenate([x, y], axis=-1)
+      self.sow("intermediates", f"dense{block + 1}", x)
+      if block < self.num_blocks - 1:
+        x = conv(math.floor(x.shape[-1] * self.compression), 1)(nn.relu(norm()(x)))
+        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    x = nn.relu(norm()(x))
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
