@@ -49,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
       "flip": 0.5, "translate": 0.1, "scale": 0.15, "rotation": 22.5,
       "shear": 0.15, "contrast": 0.5, "brightness": 0.25})
 
+  # bfloat16 activations and matmuls (TPU, recent GPUs); parameters, batch-norm
+  # statistics, the cross-entropy and the invariance loss stay float32.
+  c.half_precision = False
   c.seed = 0  # initialisation, seed order and augmentation all follow from it
   c.log_every_steps = 50
   c.eval_every_epochs = 1.0

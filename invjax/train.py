@@ -83,8 +83,10 @@ def build(config, data: input_pipeline.Dataset | None = None) -> Run:
   if n < config.batch_size:
     raise ValueError(f"config.batch_size={config.batch_size} exceeds the {n} "
                      f"training images of {data.name}.")
-  model = models.create(config.model.name, data.num_classes, **{
-      k: v for k, v in config.model.items() if k != "name"})
+  model = models.create(
+      config.model.name, data.num_classes,
+      dtype=jnp.bfloat16 if config.get("half_precision") else jnp.float32,
+      **{k: v for k, v in config.model.items() if k != "name"})
   layer_shapes = models.layer_shapes(model, data.image_shape)
   param_count = models.param_count(model, data.image_shape)
   steps_per_epoch = n // config.batch_size

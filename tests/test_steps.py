@@ -150,3 +150,26 @@ def test_learning_rate_schedule_piecewise():
   lr = steps.create_learning_rate_fn(0.1, (2, 3), 0.2, steps_per_epoch=10)
   np.testing.assert_allclose([lr(0), lr(19), lr(20), lr(29), lr(30), lr(100)],
                              [0.1, 0.1, 0.02, 0.02, 0.004, 0.004], rtol=1e-6)
+
+
+def test_half_precision_computes_in_bfloat16_and_keeps_float32_state():
+  """bfloat16 activations; float32 parameters, batch-norm statistics and losses; the
+  loss close to the float32 one."""
+  seeds, labels = _seeds(4)
+  out = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    m = models.create("allcnn", 4, dtype=dtype, layers=helpers.TINY_LAYERS)
+    cfg = steps.StepConfig(copies=4, alpha=0.3, alpha_ratio=10.0, loss_method="moments",
+                           ranges=augment.AugmentRanges(), num_layers=3)
+    state = steps.create_train_state(jax.random.key(0), m, SHAPE, optax.sgd(0.05))
+    x = steps.to_float(seeds)
+    _, inter = jax.jit(lambda s: steps.eval_logits(s, x, mutable=["intermediates"]))(state)
+    assert all(v[0].dtype == dtype for v in inter["intermediates"].values())
+    new, metrics = jax.jit(steps.make_train_step(cfg))(state, seeds, labels,
+                                                       jax.random.key(1))
+    for tree in (new.params, new.batch_stats):
+      assert {x.dtype for x in jax.tree.leaves(tree)} == {jnp.dtype(jnp.float32)}
+    assert all(v.dtype == jnp.float32 for v in metrics.values())
+    out[dtype] = metrics
+  for k, v in out[jnp.float32].items():
+    assert float(out[jnp.bfloat16][k]) == pytest.approx(float(v), rel=0.05, abs=0.02), k
