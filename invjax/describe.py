@@ -10,8 +10,10 @@ from invjax import train
 
 def forward_flops(model, image_shape) -> float:
   """Forward FLOPs of one image, from XLA's cost analysis of the eval-mode pass."""
-  x = jnp.zeros((1, *image_shape))
-  variables = jax.jit(lambda: model.init(jax.random.key(0), x, train=False))()
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape),
+                                                train=False))
+  # lower() needs shapes only: no weights are initialised or computed.
   compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
       variables, x).compile()
   cost = compiled.cost_analysis()

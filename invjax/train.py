@@ -110,12 +110,13 @@ def initial_state(run: Run, placement: Placement) -> steps_lib.TrainState:
 
 
 def _flat_config(d, prefix=""):
+  """{"a.b": value} of a config read back from JSON (tuples are lists on both sides)."""
   out = {}
   for k, v in d.items():
     if isinstance(v, dict):
       out.update(_flat_config(v, f"{prefix}{k}."))
     else:
-      out[f"{prefix}{k}"] = list(v) if isinstance(v, (list, tuple)) else v
+      out[f"{prefix}{k}"] = v
   return out
 
 
