@@ -1,9 +1,19 @@
-"""All-CNN-C (Springenberg et al., 2014) with batch norm, as trained in the paper.
+"""All-CNN (Springenberg et al., 2014) with batch norm, as trained in the paper.
 
-Nine 3x3/1x1 convolutions, strided convolutions instead of pooling, global average
-pooling of the last one into the class scores. Every convolution is followed by batch norm
-and a ReLU, and the activation after each ReLU is sown as a layer of the invariance loss
-and score (`intermediates` collection, names conv1 ... conv9, in depth order).
+Convolutions only: strided convolutions instead of pooling, and global average pooling of
+the last one, a 1x1 convolution to the classes, into the class scores. Every convolution
+is followed by batch norm and a ReLU, and the activation after each ReLU is sown as a
+layer of the invariance loss and score (`intermediates` collection, names conv1, conv2,
+... in depth order).
+
+Two layer sets, chosen by name with `layers` (or give the list of layers itself):
+  - "cifar": All-CNN-C for 32x32 inputs, 9 convolutions (conv1 ... conv9).
+  - "tinyimagenet": the paper's All-CNN for 64x64 Tiny ImageNet, "with three additional
+    layers and a stride-2 first convolution": Springenberg et al.'s ImageNet All-CNN
+    (11x11 / 5x5 / 3x3 blocks of 96, 256 and 384 channels, then 1024), whose first
+    convolution strides by 4 on 224x224 images and here by 2 on 64x64 images, as in the
+    authors' Tiny ImageNet configuration. 12 convolutions (conv1 ... conv12); the
+    activations go 64 -> 32 -> 16 -> 8 -> 4 pixels wide.
 """
 
 from __future__ import annotations
@@ -13,23 +23,51 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-# (features, kernel, stride, padding) for CIFAR-10 (32x32 inputs).
-CIFAR_LAYERS = (
-    (96, 3, 1, "SAME"), (96, 3, 1, "SAME"), (96, 3, 2, "SAME"),
-    (192, 3, 1, "SAME"), (192, 3, 1, "SAME"), (192, 3, 2, "SAME"),
-    (192, 3, 1, "VALID"), (192, 1, 1, "VALID"),
-)
+# Hidden layers as (features, kernel, stride, padding); the class layer is added.
+LAYER_SETS = {
+    "cifar": (  # All-CNN-C, 32x32 inputs
+        (96, 3, 1, "SAME"), (96, 3, 1, "SAME"), (96, 3, 2, "SAME"),
+        (192, 3, 1, "SAME"), (192, 3, 1, "SAME"), (192, 3, 2, "SAME"),
+        (192, 3, 1, "VALID"), (192, 1, 1, "VALID"),
+    ),
+    "tinyimagenet": (  # ImageNet All-CNN, first stride 2, 64x64 inputs
+        (96, 11, 2, "SAME"), (96, 1, 1, "SAME"), (96, 3, 2, "SAME"),
+        (256, 5, 1, "SAME"), (256, 1, 1, "SAME"), (256, 3, 2, "SAME"),
+        (384, 3, 1, "SAME"), (384, 1, 1, "SAME"), (384, 3, 2, "SAME"),
+        (1024, 3, 1, "SAME"), (1024, 1, 1, "VALID"),
+    ),
+}
+CIFAR_LAYERS = LAYER_SETS["cifar"]
+
+
+def layer_specs(layers) -> tuple[tuple[int, int, int, str], ...]:
+  """`layers` as a tuple of (features, kernel, stride, padding): a name or the list."""
+  if isinstance(layers, str):
+    if layers not in LAYER_SETS:
+      raise ValueError(f"config.model.layers={layers!r} is not a known All-CNN layer "
+                       f"set; valid names are {sorted(LAYER_SETS)}, or give a list of "
+                       "(features, kernel, stride, padding).")
+    return LAYER_SETS[layers]
+  specs = []
+  for spec in layers:
+    if (len(spec) != 4 or str(spec[3]).upper() not in ("SAME", "VALID")
+        or any(int(v) < 1 for v in spec[:3])):
+      raise ValueError(f"config.model.layers has the entry {tuple(spec)!r}; each must "
+                       "be (features, kernel, stride, 'SAME' or 'VALID') with positive "
+                       "integers.")
+    specs.append((int(spec[0]), int(spec[1]), int(spec[2]), str(spec[3]).upper()))
+  return tuple(specs)
 
 
 class AllCNN(nn.Module):
   """All-CNN-C. `width` scales every hidden layer's channels (1.0 is the paper's).
 
-  `layers` lists the hidden convolutions as (features, kernel, stride, padding); a last
-  1x1 convolution to the classes is always added.
+  `layers` names one of LAYER_SETS or lists the hidden convolutions as (features,
+  kernel, stride, padding); a last 1x1 convolution to the classes is always added.
   """
   num_classes: int
   width: float = 1.0
-  layers: Sequence[tuple[int, int, int, str]] = CIFAR_LAYERS
+  layers: str | Sequence[tuple[int, int, int, str]] = "cifar"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -40,8 +78,8 @@ class AllCNN(nn.Module):
     norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9,
                                 epsilon=1e-5, dtype=self.dtype)
     x = x.astype(self.dtype)
-    specs = [(max(1, round(f * self.width)), int(k), int(s), str(p))
-             for f, k, s, p in self.layers]
+    specs = [(max(1, round(f * self.width)), k, s, p)
+             for f, k, s, p in layer_specs(self.layers)]
     specs.append((self.num_classes, 1, 1, "VALID"))  # class scores, not scaled
     for i, spec in enumerate(specs, start=1):
       x = nn.relu(norm()(conv(*spec)(x)))
