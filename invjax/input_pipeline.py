@@ -5,9 +5,11 @@ Three sources, chosen by `config.dataset`:
     download), upsampled from 8x8 to 32x32x3, with a fixed stratified train/test split.
   - a path ending in ".npz" with x_train, y_train, x_test, y_test (uint8 images
     [N, H, W, C] or [N, H, W]; integer labels), e.g. a decoded copy of CIFAR-10.
-  - any other name: a tensorflow-datasets data set with "image" and "label" features
-    and "train"/"test" splits (e.g. "cifar10"), read with `tfds.load`. TensorFlow is
-    imported only here, and only for this source.
+  - any other name: a tensorflow-datasets data set with "image" and "label" features,
+    a "train" split and a test split (`config.test_split`, "test" by default), e.g.
+    "cifar10", or one of invjax's own builders (`invjax.datasets`: "tiny_imagenet",
+    whose test split is "validation"). TensorFlow is imported only here, and only for
+    this source.
 
 Augmentation happens on device in the train step; this module only picks which seed
 images each step sees.
@@ -16,9 +18,12 @@ images each step sees.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 
 import numpy as np
+
+from invjax import datasets as invjax_datasets
 
 DIGITS_TEST_FRACTION = 0.25
 DIGITS_SPLIT_SEED = 0
@@ -52,7 +57,9 @@ def load(config) -> Dataset:
   elif name.endswith(".npz"):
     ds = load_npz(name)
   else:
-    ds = load_tfds(name, config.get("data_dir") or None)
+    ds = load_tfds(name, config.get("data_dir") or None,
+                   manual_dir=config.get("manual_dir") or None,
+                   test_split=config.get("test_split") or "test")
   return ds.subset(config.get("train_examples"), config.get("test_examples"))
 
 
@@ -120,8 +127,13 @@ def load_npz(path: str) -> Dataset:
   return Dataset(os.path.basename(path), num_classes=num_classes, **arrays)
 
 
-def load_tfds(name: str, data_dir: str | None) -> Dataset:
-  """A tensorflow-datasets image classification set, whole, as numpy."""
+def load_tfds(name: str, data_dir: str | None, manual_dir: str | None = None,
+              test_split: str = "test") -> Dataset:
+  """A tensorflow-datasets image classification set, whole, as numpy.
+
+  Prepares it first if needed (downloading, or from `manual_dir` for data sets that
+  need a manual download, e.g. "tiny_imagenet").
+  """
   try:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -131,10 +143,20 @@ def load_tfds(name: str, data_dir: str | None) -> Dataset:
         "TensorFlow (`pip install tensorflow-cpu tensorflow-datasets`). Without it, "
         "use config.dataset=digits or the path of an .npz copy.") from e
   tf.config.set_visible_devices([], "GPU")  # keep TensorFlow off the accelerators
+  own = name in invjax_datasets.BUILDERS
+  if own:
+    importlib.import_module(invjax_datasets.BUILDERS[name])  # registers the builder
   builder = tfds.builder(name, data_dir=data_dir)
-  builder.download_and_prepare()
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=manual_dir,
+      try_download_gcs=not own))  # tfds's bucket has only its catalog's data sets
+  available = sorted(builder.info.splits)
+  for split in ("train", test_split):
+    if available and split not in available:
+      raise ValueError(f"config.dataset={name!r} has no split {split!r}; its splits are "
+                       f"{available}. Set config.test_split to the held-out one.")
   splits = {}
-  for split in ("train", "test"):
+  for split in ("train", test_split):
     # Fixed-size batches, concatenated. (batch_size=-1 makes tfds ask for a batch of
     # sys.maxsize when it does not know the split size, e.g. under
     # tfds.testing.mock_data without metadata, and TensorFlow aborts the process.)
@@ -144,8 +166,8 @@ def load_tfds(name: str, data_dir: str | None) -> Dataset:
     y = np.concatenate([p[1] for p in parts])
     splits[split] = (np.asarray(x, np.uint8), np.asarray(y, np.int32))
   num_classes = builder.info.features["label"].num_classes
-  return Dataset(name, splits["train"][0], splits["train"][1], splits["test"][0],
-                 splits["test"][1], num_classes=num_classes)
+  return Dataset(name, splits["train"][0], splits["train"][1], splits[test_split][0],
+                 splits[test_split][1], num_classes=num_classes)
 
 
 class SeedSchedule:
