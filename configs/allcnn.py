@@ -11,7 +11,9 @@ from invjax import config_lib
 def get_config(variant: str = "invariance"):
   c = config_lib.base_config()
   c.model.name = "allcnn"
+  c.model.layers = "cifar"  # All-CNN-C
   c.dataset = "cifar10"
+  c.image_shape, c.num_classes = (32, 32, 3), 10
   c.batch_size = 128
   c.num_epochs = 350.0
   c.learning_rate = 0.01

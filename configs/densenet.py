@@ -13,6 +13,7 @@ def get_config(variant: str = "invariance"):
   c.model = config_lib.ml_collections.ConfigDict(
       {"name": "densenet", "depth": 100, "growth": 12, "compression": 0.5})
   c.dataset = "cifar10"
+  c.image_shape, c.num_classes = (32, 32, 3), 10
   c.batch_size = 64
   c.num_epochs = 300.0
   c.learning_rate = 0.1

@@ -19,6 +19,7 @@ def get_config(variant: str = "invariance"):
   c.model.name = "allcnn"
   c.model.width = 0.125
   c.dataset = "digits"
+  c.image_shape, c.num_classes = (32, 32, 3), 10
   c.batch_size = 64
   c.num_epochs = 30.0
   c.learning_rate = 0.05

@@ -13,6 +13,7 @@ def get_config(variant: str = "invariance"):
   c.model = config_lib.ml_collections.ConfigDict(
       {"name": "wrn", "depth": 28, "widen": 10})
   c.dataset = "cifar10"
+  c.image_shape, c.num_classes = (32, 32, 3), 10
   c.batch_size = 128
   c.num_epochs = 200.0
   c.learning_rate = 0.1

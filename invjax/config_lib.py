@@ -26,6 +26,14 @@ def base_config() -> ml_collections.ConfigDict:
   # "digits" (embedded), a path to an .npz, or a tensorflow-datasets name.
   c.dataset = "cifar10"
   c.data_dir = ""  # tfds data_dir ("" = tfds default)
+  # Where tfds finds archives that need a manual download, e.g. tiny-imagenet-200.zip
+  # ("" = tfds's default, <data_dir>/downloads/manual).
+  c.manual_dir = ""
+  c.test_split = "test"  # the held-out split of a tfds data set (Tiny ImageNet: validation)
+  # What the data must be, checked when it is loaded; (), 0 = whatever it is. Set in the
+  # paper's configs, so that --mode=describe needs no data.
+  c.image_shape = ()  # (height, width, channels)
+  c.num_classes = 0
   c.train_examples = 0  # use only the first N training images (0 = all)
   c.test_examples = 0  # use only the first N test images (0 = all)
 
@@ -109,6 +117,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     augment.AugmentRanges.from_config(c.augment)
   except ValueError as e:
     errors.append(str(e))
+  shape = tuple(c.get("image_shape") or ())
+  if shape and (len(shape) != 3 or any(not isinstance(v, int) or v < 1 for v in shape)):
+    errors.append(f"config.image_shape={shape} must be (height, width, channels) of "
+                  "positive integers, or () to take the data's.")
+  if c.get("num_classes", 0) < 0:
+    errors.append(f"config.num_classes={c.num_classes} must be > 0, or 0 to take the "
+                  "data's.")
   if c.num_epochs <= 0:
     errors.append(f"config.num_epochs={c.num_epochs} must be > 0.")
   late = [b for b in c.lr_boundaries if b >= c.num_epochs]

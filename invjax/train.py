@@ -75,18 +75,42 @@ class Run:
   param_count: int
 
 
+def create_model(config, num_classes: int):
+  """The model the config names, for `num_classes` classes."""
+  return models.create(
+      config.model.name, num_classes,
+      dtype=jnp.bfloat16 if config.get("half_precision") else jnp.float32,
+      **{k: v for k, v in config.model.items() if k != "name"})
+
+
+def check_data(config, data: input_pipeline.Dataset) -> None:
+  """The data against what the config says it must be (config.image_shape etc.)."""
+  errors = []
+  want = tuple(config.get("image_shape") or ())
+  if want and tuple(data.image_shape) != want:
+    errors.append(f"config.image_shape={want} but {data.name} has images of shape "
+                  f"{tuple(data.image_shape)}; set --config.image_shape="
+                  f"'{tuple(data.image_shape)}' (or '()' to accept any) if that data is "
+                  "what you mean.")
+  if config.get("num_classes") and data.num_classes != config.num_classes:
+    errors.append(f"config.num_classes={config.num_classes} but {data.name} has "
+                  f"{data.num_classes} classes; set --config.num_classes="
+                  f"{data.num_classes} (or 0 to accept any) if that data is what you mean.")
+  if len(data.x_train) < config.batch_size:
+    errors.append(f"config.batch_size={config.batch_size} exceeds the "
+                  f"{len(data.x_train)} training images of {data.name}.")
+  if errors:
+    raise ValueError("the data do not match the configuration:\n  " +
+                     "\n  ".join(errors))
+
+
 def build(config, data: input_pipeline.Dataset | None = None) -> Run:
   """Checks the config, loads the data and builds the model. No compilation."""
   config_lib.validate(config, jax.device_count())
   data = data if data is not None else input_pipeline.load(config)
+  check_data(config, data)
   n = len(data.x_train)
-  if n < config.batch_size:
-    raise ValueError(f"config.batch_size={config.batch_size} exceeds the {n} "
-                     f"training images of {data.name}.")
-  model = models.create(
-      config.model.name, data.num_classes,
-      dtype=jnp.bfloat16 if config.get("half_precision") else jnp.float32,
-      **{k: v for k, v in config.model.items() if k != "name"})
+  model = create_model(config, data.num_classes)
   layer_shapes = models.layer_shapes(model, data.image_shape)
   param_count = models.param_count(model, data.image_shape)
   steps_per_epoch = n // config.batch_size

@@ -9,6 +9,13 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+# The tests' programs are tiny and compiled once each, so compiling dominates their
+# time: XLA:CPU's backend optimisation off makes the suite about 40 % faster (measured
+# on the one-step config tests). Subprocesses inherit it; numerics are unchanged in
+# kind (float tolerances of the tests hold either way).
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
+
 # Many tests (and the subprocesses they start, which inherit the environment) compile
 # the same small programs; JAX's persistent compilation cache compiles each once per
 # test session. Set before anything imports jax.

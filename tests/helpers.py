@@ -21,11 +21,15 @@ def toy_images(n, size=16, classes=4, seed=0):
   return x.clip(0, 255).astype(np.uint8), y.astype(np.int64)
 
 
-def write_npz(path, n_train=64, n_test=24, size=16, classes=4, seed=0):
-  """An .npz of toy_images (different draws for the two splits)."""
+def write_npz(path, n_train=64, n_test=24, size=16, classes=4, seed=0,
+              label_names=0):
+  """An .npz of toy_images (different draws for the two splits). With label_names=N,
+  it names N classes, so a loader sees N classes whichever labels were drawn."""
   x_train, y_train = toy_images(n_train, size, classes, seed)
   x_test, y_test = toy_images(n_test, size, classes, seed + 1)
-  np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+  extra = {"label_names": np.array([f"c{i}" for i in range(label_names)])} \
+      if label_names else {}
+  np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, **extra)
   return str(path)
 
 

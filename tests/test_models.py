@@ -82,3 +82,91 @@ def test_densenet_bc_sows_stem_and_dense_blocks():
 def test_depth_that_does_not_fit_is_refused(name, depth):
   with pytest.raises(ValueError, match="config.model.depth"):
     models.layer_shapes(models.create(name, num_classes=10, depth=depth), (32, 32, 3))
+
+
+# ---------------------------------------------------------------------------
+# Tiny ImageNet variants
+# ---------------------------------------------------------------------------
+
+def test_allcnn_tinyimagenet_has_three_more_layers_and_a_stride_2_first_conv():
+  m = models.create("allcnn", num_classes=200, layers="tinyimagenet")
+  shapes = models.layer_shapes(m, (64, 64, 3))
+  assert shapes == {
+      "conv1": (32, 32, 96), "conv2": (32, 32, 96), "conv3": (16, 16, 96),
+      "conv4": (16, 16, 256), "conv5": (16, 16, 256), "conv6": (8, 8, 256),
+      "conv7": (8, 8, 384), "conv8": (8, 8, 384), "conv9": (4, 4, 384),
+      "conv10": (4, 4, 1024), "conv11": (4, 4, 1024), "conv12": (4, 4, 200)}
+  assert len(shapes) == len(models.layer_shapes(
+      models.create("allcnn", num_classes=200), (64, 64, 3))) + 3
+
+
+def _allcnn_params_by_hand(layers, in_channels, num_classes):
+  """Convolution kernels (no bias) plus batch norm's scale and offset, per layer."""
+  total, c_in = 0, in_channels
+  for features, kernel, _, _ in list(layers) + [(num_classes, 1, 1, "VALID")]:
+    total += kernel * kernel * c_in * features + 2 * features
+    c_in = features
+  return total
+
+
+def test_allcnn_tinyimagenet_parameter_count_is_its_layers():
+  m = models.create("allcnn", num_classes=200, layers="tinyimagenet")
+  expected = _allcnn_params_by_hand(allcnn.LAYER_SETS["tinyimagenet"], 3, 200)
+  assert models.param_count(m, (64, 64, 3)) == expected == 8_557_296
+
+
+def test_wrn_on_64x64_images_keeps_its_blocks_at_four_times_the_area():
+  shapes = models.layer_shapes(models.create("wrn", num_classes=200), (64, 64, 3))
+  assert [shapes[f"block{i}"] for i in (1, 5, 9, 12)] == [
+      (64, 64, 160), (32, 32, 320), (16, 16, 640), (16, 16, 640)]
+  n = models.param_count(models.create("wrn", num_classes=200), (64, 64, 3))
+  n10 = models.param_count(models.create("wrn", num_classes=10), (32, 32, 3))
+  assert n - n10 == 190 * (640 + 1)  # only the classifier grows
+
+
+def test_unknown_layer_set_and_bad_layer_entries_are_refused():
+  with pytest.raises(ValueError, match=r"config.model.layers='imagenet'.*\['cifar', "
+                     r"'tinyimagenet'\]"):
+    models.layer_shapes(models.create("allcnn", 10, layers="imagenet"), (32, 32, 3))
+  with pytest.raises(ValueError, match="config.model.layers has the entry"):
+    models.layer_shapes(models.create("allcnn", 10, layers=((8, 3, 1, "FULL"),)),
+                        (32, 32, 3))
+
+
+# ---------------------------------------------------------------------------
+# Forward cost (describe)
+# ---------------------------------------------------------------------------
+
+def _conv_macs_by_hand(layers, size, in_channels, num_classes):
+  """Every tap of every convolution: out_h * out_w * out_c * k * k * in_c."""
+  total, c_in = 0, in_channels
+  for features, kernel, stride, padding in list(layers) + [(num_classes, 1, 1, "VALID")]:
+    size = -(-size // stride) if padding == "SAME" else (size - kernel) // stride + 1
+    total += size * size * features * kernel * kernel * c_in
+    c_in = features
+  return total
+
+
+@pytest.mark.parametrize("layers,size,classes", [
+    ("cifar", 32, 10), ("tinyimagenet", 64, 200), (((5, 3, 2, "VALID"),), 9, 3)])
+def test_dense_macs_counts_every_convolution_tap(layers, size, classes):
+  from invjax import describe  # pylint: disable=g-import-not-at-top
+  m = models.create("allcnn", num_classes=classes, layers=layers)
+  spec = allcnn.layer_specs(layers)
+  assert describe.dense_macs(m, (size, size, 3)) == _conv_macs_by_hand(
+      spec, size, 3, classes)
+
+
+# FACTS.md: forward cost per 32x32 image, GMAC.
+PUBLISHED_GMAC = {"allcnn": 0.27, "wrn": 5.25, "densenet": 0.29}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_GMAC))
+def test_forward_cost_agrees_with_published(name):
+  from invjax import describe  # pylint: disable=g-import-not-at-top
+  m = models.create(name, num_classes=10)
+  published = PUBLISHED_GMAC[name] * 1e9
+  dense = describe.dense_macs(m, (32, 32, 3))
+  assert abs(dense - published) / published < 0.02, dense
+  xla = describe.forward_flops(m, (32, 32, 3)) / 2  # XLA's cost analysis, FLOPs
+  assert abs(xla - published) / published < 0.10, xla
