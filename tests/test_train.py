@@ -203,6 +203,8 @@ BAD = [
     ({"augment.hue": 0.1}, r"unknown field\(s\) \['hue'\]"),
     ({"lr_boundaries": (1, 5), "num_epochs": 3.0}, r"epoch\(s\) \[5\]"),
     ({"num_epochs": 0.0}, "num_epochs=0.0"),
+    ({"image_shape": (32, 32)}, r"config.image_shape=\(32, 32\) must be \(height, "),
+    ({"num_classes": -1}, "config.num_classes=-1 must be > 0"),
 ]
 
 
@@ -218,6 +220,18 @@ def test_config_errors_name_field_and_fix(overrides, message):
       target[last] = v
   with pytest.raises(ValueError, match=message):
     config_lib.validate(c)
+
+
+def test_data_of_another_shape_or_class_count_is_refused_naming_both(npz):
+  c = helpers.tiny_config(npz, image_shape=(32, 32, 3), num_classes=10)
+  with pytest.raises(ValueError) as e:
+    train.build(c)
+  message = str(e.value)
+  assert ("config.image_shape=(32, 32, 3) but toy.npz has images of shape (16, 16, 3); "
+          "set --config.image_shape='(16, 16, 3)'") in message
+  assert "config.num_classes=10 but toy.npz has 4 classes" in message
+  c = helpers.tiny_config(npz, image_shape=(16, 16, 3), num_classes=4)
+  assert train.build(c).data.image_shape == (16, 16, 3)  # matching data are accepted
 
 
 def test_seeds_must_split_over_devices():
