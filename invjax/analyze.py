@@ -76,9 +76,10 @@ def analyze(config, workdir: str, data=None) -> dict[str, Any]:
   test = train.evaluate(jax.jit(steps_lib.make_eval_step(run.step_config.top5)), state,
                         run.data.x_test, run.data.y_test, config.eval_batch_size,
                         placement)
+  robustness = transformed_accuracy(state, run, placement)
   summary = {"step": int(step), "dataset": run.data.name, "model": config.model.name,
              "variant": config.variant, "copies": config.copies, "alpha": config.alpha,
-             "test": test, "layers": summarize(scores)}
+             "test": test, "transformed_test": robustness, "layers": summarize(scores)}
   if jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, "analysis"), exist_ok=True)
     np.savez_compressed(os.path.join(workdir, SCORES_FILE), **scores)
@@ -88,6 +89,22 @@ def analyze(config, workdir: str, data=None) -> dict[str, Any]:
     report.plot_scores({config.variant: scores}, os.path.join(workdir, FIGURE_FILE),
                        title=f"{config.model.name} on {run.data.name}, step {step}")
   return summary
+
+
+def transformed_accuracy(state, run, placement) -> dict[str, Any]:
+  """Accuracy on test images under the scoring transformations: does invariance buy
+  robustness? Each of `analysis.num_transforms` passes draws one transformation per
+  image (keys apart from the scoring's); the mean and each pass are reported."""
+  config, ac = run.config, run.config.analysis
+  step = jax.jit(steps_lib.make_eval_step(
+      run.step_config.top5, augment.AugmentRanges.from_config(config.augment)))
+  key = jax.random.fold_in(jax.random.key(ac.seed), 1_000_003)
+  passes = [train.evaluate(step, state, run.data.x_test, run.data.y_test,
+                           config.eval_batch_size, placement, jax.random.fold_in(key, t))
+            for t in range(ac.num_transforms)]
+  out = {k: float(np.mean([p[k] for p in passes])) for k in passes[0]}
+  out["accuracy_per_pass"] = [p["accuracy"] for p in passes]
+  return out
 
 
 def load(workdir: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

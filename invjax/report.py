@@ -107,6 +107,9 @@ def median_table(summaries: Mapping[str, dict], columns: Sequence[str] | None = 
   if all("top5" in summaries[c]["test"] for c in columns):
     lines.append(row("test top-5", [f"{summaries[c]['test']['top5']:.4f}"
                                     for c in columns]))
+  if all("transformed_test" in summaries[c] for c in columns):
+    lines.append(row("transformed", [f"{summaries[c]['transformed_test']['accuracy']:.4f}"
+                                     for c in columns]))
   lines.append("median invariance score")
   for l in layers:
     lines.append(row("  " + l, [f"{summaries[c]['layers'][l]['median']:.3f}"

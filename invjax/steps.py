@@ -131,11 +131,19 @@ def eval_logits(state: TrainState, images: jax.Array, mutable=False):
                         images, train=False, mutable=mutable)
 
 
-def make_eval_step(top5: bool) -> Callable:
-  """(state, images uint8, labels, mask) -> sums of correct predictions and loss."""
+def make_eval_step(top5: bool, ranges: augment.AugmentRanges | None = None) -> Callable:
+  """(state, images uint8, labels, mask[, key]) -> sums of correct predictions and loss.
 
-  def eval_step(state, images, labels, mask):
-    logits = eval_logits(state, to_float(images))
+  With `ranges`, the step takes a key and scores the images after a scoring
+  transformation (Eq. 2's: the halved ranges at their extremes), one per image: the
+  accuracy of the model on transformed test images.
+  """
+
+  def eval_step(state, images, labels, mask, key=None):
+    x = to_float(images)
+    if ranges is not None:
+      x = augment.augment(key, x, ranges, scoring=True)
+    logits = eval_logits(state, x)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     out = {"count": jnp.sum(mask),
            "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),

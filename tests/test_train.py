@@ -85,6 +85,10 @@ def test_analyze_scores_every_layer_in_depth_order(trained):
   for layer, stats in summary["layers"].items():
     assert stats["median"] == pytest.approx(float(np.median(scores[layer])))
   assert os.path.getsize(os.path.join(workdir, analyze.FIGURE_FILE)) > 10_000
+  moved = loaded["transformed_test"]
+  assert len(moved["accuracy_per_pass"]) == 2  # one pass per scoring transformation
+  assert moved["accuracy"] == pytest.approx(np.mean(moved["accuracy_per_pass"]))
+  assert moved["cross_entropy"] != loaded["test"]["cross_entropy"]
 
 
 def test_resume_after_kill_continues_from_the_last_checkpoint(npz, tmp_path):
