@@ -1,0 +1,335 @@
+"""The paper's results as computations: train what a result needs, analyze it, and write
+it beside the paper's numbers (FACTS.md).
+
+A *cell* is one model on one data set (a column of Table 1). A *scale* shortens the
+paper's schedule (fewer epochs, the same shape of learning-rate schedule), takes a subset
+of the data or overrides other fields, so a result can be made on a CPU in minutes and at
+full length on a TPU. Runs live in WORKDIR/<cell>/<scale tag>/<variant>: a finished run
+is reused, an interrupted one resumes, so a sweep picks up where it stopped.
+
+The command line is experiments/reproduce.py.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import datetime
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import re
+from typing import Any, Sequence
+
+from absl import logging
+import jax
+import numpy as np
+
+from invjax import config_lib
+from invjax import experiment
+from invjax import input_pipeline
+from invjax import metrics_io
+from invjax import report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  config_file: str  # relative to the repository root
+  figure: int  # the paper's figure of this architecture's scores
+  label: str
+
+
+CELLS = {
+    "allcnn_cifar10": Cell("configs/allcnn.py", 2, "All-CNN, CIFAR-10"),
+    "wrn_cifar10": Cell("configs/wrn.py", 3, "WRN-28-10, CIFAR-10"),
+    "densenet_cifar10": Cell("configs/densenet.py", 4, "DenseNet-BC, CIFAR-10"),
+    "allcnn_tinyimagenet": Cell("configs/allcnn_tinyimagenet.py", 2,
+                                "All-CNN, Tiny ImageNet"),
+    "wrn_tinyimagenet": Cell("configs/wrn_tinyimagenet.py", 3, "WRN-28-10, Tiny ImageNet"),
+}
+VARIANTS = ("baseline", "batchaug", "invariance")
+
+# FACTS.md, Table 1: test accuracy in %, (top-1, top-5); top-5 only on Tiny ImageNet.
+PAPER_ACCURACY = {
+    "allcnn_cifar10": {"baseline": (91.48, None), "invariance": (92.47, None)},
+    "wrn_cifar10": {"baseline": (94.58, None), "invariance": (94.86, None)},
+    "densenet_cifar10": {"baseline": (94.88, None), "invariance": (93.98, None)},
+    "allcnn_tinyimagenet": {"baseline": (51.09, 73.48), "invariance": (52.57, 76.53)},
+    "wrn_tinyimagenet": {"baseline": (61.49, 82.99), "invariance": (61.23, 83.23)},
+}
+# FACTS.md, Figures 2-4: median invariance score of the deepest scored layer, read off
+# the plots (approximate); the pixel space scores about 0.55.
+PAPER_DEEPEST_MEDIAN = {
+    "allcnn_cifar10": {"baseline": 0.48, "invariance": 0.98},
+    "wrn_cifar10": {"baseline": 0.67, "invariance": 0.95},
+    "densenet_cifar10": {"baseline": 0.54, "invariance": 0.97},
+    "allcnn_tinyimagenet": {"baseline": 0.65, "invariance": 0.75},
+    "wrn_tinyimagenet": {"baseline": 0.60, "invariance": 0.85},
+}
+PAPER_PIXELS_MEDIAN = 0.55
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+  """How a result departs from the paper's runs. The default is the paper's."""
+  epochs: float = 0.0  # 0: the config's (the paper's); else the schedule is scaled
+  train_examples: int = 0  # 0: all
+  test_examples: int = 0
+  overrides: tuple[tuple[str, Any], ...] = ()  # (field path, value), e.g. model.width
+
+  def tag(self) -> str:
+    """A short folder name: readable for the usual knobs, a hash for the rest."""
+    parts = []
+    if self.epochs:
+      parts.append(f"e{self.epochs:g}")
+    if self.train_examples:
+      parts.append(f"train{self.train_examples}")
+    if self.test_examples:
+      parts.append(f"test{self.test_examples}")
+    rest = []
+    for path, value in self.overrides:
+      if path == "dataset":
+        parts.append(os.path.splitext(os.path.basename(str(value)))[0])
+      elif path == "model.width":
+        parts.append(f"w{value:g}" if isinstance(value, float) else f"w{value}")
+      else:
+        rest.append(f"{path}={value!r}")
+    if rest:
+      parts.append("o" + hashlib.sha1("\n".join(sorted(rest)).encode()).hexdigest()[:8])
+    return re.sub(r"[^A-Za-z0-9.+-]", "", "_".join(parts).replace("_", "+")).replace(
+        "+", "_") or "paper"
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+  """"model.width=0.25" -> ("model.width", 0.25); values are Python literals or text."""
+  path, sep, raw = text.partition("=")
+  if not sep or not path:
+    raise ValueError(f"--set {text!r}: expected FIELD=VALUE, e.g. --set model.width=0.25")
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    value = raw
+  return path, value
+
+
+def load_config_module(config_file: str):
+  spec = importlib.util.spec_from_file_location(
+      "invjax_cell_config", os.path.join(ROOT, config_file))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def cell_config(cell: str, variant: str, scale: Scale):
+  """The cell's config file, as the variant, with the scale applied."""
+  if cell not in CELLS:
+    raise ValueError(f"unknown cell {cell!r}; valid cells are {sorted(CELLS)}.")
+  config = load_config_module(CELLS[cell].config_file).get_config(variant)
+  with config.unlocked():
+    for path, value in scale.overrides:
+      target = config
+      *parents, last = path.split(".")
+      for p in parents:
+        target = target[p]
+      if last not in target:
+        raise ValueError(f"--set {path}=...: the config has no field {path!r}.")
+      try:
+        target[last] = value
+      except TypeError:  # another type on purpose, e.g. a list of layers for a name
+        del target[last]
+        target[last] = value
+    if scale.epochs:
+      config.lr_boundaries = config_lib.scaled_boundaries(config, scale.epochs)
+      config.num_epochs = float(scale.epochs)
+    if scale.train_examples:
+      config.train_examples = scale.train_examples
+    if scale.test_examples:
+      config.test_examples = scale.test_examples
+  return config
+
+
+def hardware() -> str:
+  d = jax.devices()[0]
+  host = f"{os.cpu_count()} host cores ({platform.machine()})"
+  if d.platform == "cpu":
+    return f"CPU only: {host}, jax {jax.__version__}"
+  return f"{jax.device_count()} x {d.device_kind} ({d.platform}), {host}, jax {jax.__version__}"
+
+
+def run_cell(cell: str, scale: Scale, workdir: str,
+             variants: Sequence[str] = VARIANTS) -> dict[str, dict]:
+  """Trains (or resumes, or reuses) and analyzes each variant of a cell at a scale.
+
+  Returns {variant: {"scores", "summary", "workdir", "config"}}.
+  """
+  base = os.path.join(workdir, cell, scale.tag())
+  data = None
+  out = {}
+  for variant in variants:
+    config = cell_config(cell, variant, scale)
+    if data is None:  # the variants share the data: load it once
+      data = input_pipeline.load(config)
+    logging.info("=== %s, %s, %s ===", cell, scale.tag(), variant)
+    run_dir = os.path.join(base, variant)
+    scores, summary = experiment.run_variant(config, run_dir, data)
+    out[variant] = {"scores": scores, "summary": summary, "workdir": run_dir,
+                    "config": config}
+  return out
+
+
+# Writing results ---------------------------------------------------------------------
+
+def _header(title: str, cells: dict[str, dict], scale: Scale, command: str) -> list[str]:
+  lines = [f"# {title}", "",
+           f"- command: `{command}`",
+           f"- produced {datetime.date.today().isoformat()} on {hardware()}",
+           f"- scale: `{scale.tag()}`"]
+  for cell, runs in cells.items():
+    c = next(iter(runs.values()))["config"]
+    paper = load_config_module(CELLS[cell].config_file).get_config("invariance")
+    n_train = c.train_examples or "all"
+    n_test = c.test_examples or "all"
+    lines.append(
+        f"- {CELLS[cell].label}: data `{next(iter(runs.values()))['summary']['dataset']}` "
+        f"({n_train} training, {n_test} test images), {c.num_epochs:g} epochs "
+        f"(paper: {paper.num_epochs:g}), lr {c.learning_rate:g} x{c.lr_decay:g} at "
+        f"epochs {tuple(round(b, 2) for b in c.lr_boundaries)}, batch {c.batch_size}, "
+        f"model {dict(c.model)}")
+  lines.append("")
+  return lines
+
+
+def _pct(x) -> str:
+  return "-" if x is None else f"{100 * x:.2f}"
+
+
+def write_table1(cells: dict[str, dict], scale: Scale, out_dir: str, command: str) -> str:
+  """Table 1: test accuracy of every variant of every cell, the paper's beside."""
+  lines = _header("Table 1: test accuracy (%)", cells, scale, command)
+  lines.append("Ours, with the paper's in brackets. Tiny ImageNet: top-1 / top-5. "
+               "'transformed': accuracy on test images under the scoring "
+               "transformations (mean of the passes), not in the paper.")
+  lines.append("")
+  names = list(cells)
+  lines.append("| | " + " | ".join(CELLS[c].label for c in names) + " |")
+  lines.append("| --- |" + " --- |" * len(names))
+  record = {}
+  for variant in VARIANTS:
+    row, trow = [], []
+    for cell in names:
+      run = cells[cell].get(variant)
+      if run is None:
+        row.append("not run")
+        trow.append("not run")
+        continue
+      test = run["summary"]["test"]
+      ours = _pct(test["accuracy"]) + (f" / {_pct(test['top5'])}" if "top5" in test
+                                        else "")
+      paper = PAPER_ACCURACY[cell].get(variant)
+      if paper:
+        ours += f" ({paper[0]:.2f}" + (f" / {paper[1]:.2f}" if paper[1] else "") + ")"
+      row.append(ours)
+      tt = run["summary"].get("transformed_test")
+      trow.append(_pct(tt["accuracy"]) + (f" / {_pct(tt['top5'])}" if tt and "top5" in tt
+                                          else "") if tt else "-")
+      record.setdefault(cell, {})[variant] = {"test": test, "transformed_test": tt,
+                                              "paper": paper}
+    lines.append(f"| {variant} | " + " | ".join(row) + " |")
+    lines.append(f"| {variant}, transformed | " + " | ".join(trow) + " |")
+  return _write(out_dir, "table1", lines, record)
+
+
+def write_scores_figure(cell: str, runs: dict[str, dict], scale: Scale, out_dir: str,
+                        command: str) -> str:
+  """Figures 2-4: per-layer box plots, pixels first, and the median table."""
+  fig = CELLS[cell].figure
+  name = f"figure{fig}_{cell}"
+  png = report.plot_scores({v: r["scores"] for v, r in runs.items()},
+                           os.path.join(out_dir, name + ".png"),
+                           title=f"invariance scores, {CELLS[cell].label} ({scale.tag()})")
+  summaries = {v: r["summary"] for v, r in runs.items()}
+  lines = _header(f"Figure {fig}: invariance score per layer, {CELLS[cell].label}",
+                  {cell: runs}, scale, command)
+  lines += [f"![Figure {fig}]({os.path.basename(png)})", "",
+            "Per-layer median score (Eq. 2, 5 transformations per test image), and "
+            "test accuracy:", "", "```", report.median_table(summaries), "```", ""]
+  deepest = list(next(iter(summaries.values()))["layers"])[-1]
+  lines.append(f"Deepest layer ({deepest}), median: ours against the paper's (read off "
+               "its plot, approximate):")
+  lines.append("")
+  lines.append("| | ours | paper |")
+  lines.append("| --- | --- | --- |")
+  pixels = next(iter(summaries.values()))["layers"]["pixels"]["median"]
+  lines.append(f"| pixels | {pixels:.3f} | {PAPER_PIXELS_MEDIAN:.2f} |")
+  for v, s in summaries.items():
+    paper = PAPER_DEEPEST_MEDIAN[cell].get(v)
+    lines.append(f"| {v} | {s['layers'][deepest]['median']:.3f} | "
+                 f"{'-' if paper is None else f'{paper:.2f}'} |")
+  record = {v: {"layers": s["layers"], "test": s["test"],
+                "transformed_test": s.get("transformed_test")}
+            for v, s in summaries.items()}
+  return _write(out_dir, name, lines, record)
+
+
+def loss_dynamics_check(workdirs: dict[str, str]) -> dict[str, dict[str, dict]]:
+  """Per variant and layer: probe L_inv at the start, its peak and at the end."""
+  out = {}
+  for variant, wd in workdirs.items():
+    records = metrics_io.read(wd)
+    layers = []
+    for r in records:
+      for k in r:
+        if k.startswith("probe/inv_loss/") and k[15:] not in layers:
+          layers.append(k[15:])
+    out[variant] = {}
+    for layer in layers:
+      epochs, values = metrics_io.series(records, f"probe/inv_loss/{layer}", "epoch")
+      values = np.asarray(values, np.float64)
+      i = int(np.argmax(values))
+      out[variant][layer] = {"start": float(values[0]), "peak": float(values[i]),
+                             "peak_epoch": float(epochs[i]), "end": float(values[-1])}
+  return out
+
+
+def write_figure5(cell: str, runs: dict[str, dict], scale: Scale, out_dir: str,
+                  command: str) -> str:
+  """Figure 5: per-layer L_inv of the probe batch over training, every variant."""
+  name = f"figure5_{cell}"
+  workdirs = {v: r["workdir"] for v, r in runs.items()}
+  png = report.plot_loss_dynamics(
+      workdirs, os.path.join(out_dir, name + ".png"),
+      title=f"L_inv during training (probe batch), {CELLS[cell].label} ({scale.tag()})")
+  check = loss_dynamics_check(workdirs)
+  lines = _header(f"Figure 5: L_inv per layer during training, {CELLS[cell].label}",
+                  {cell: runs}, scale, command)
+  lines += [f"![Figure 5]({os.path.basename(png)})", "",
+            "The paper: the baseline's L_inv keeps rising over training; with the loss "
+            "it rises over the first epochs, then falls, in every layer but the last. "
+            "Ours, per layer (probe batch: fixed seeds x copies, eval mode):", ""]
+  variants = list(check)
+  lines.append("| layer | " + " | ".join(f"{v}: start, peak (epoch), end" for v in variants)
+               + " |")
+  lines.append("| --- |" + " --- |" * len(variants))
+  for layer in check[variants[0]]:
+    cells = []
+    for v in variants:
+      c = check[v][layer]
+      trend = "rises" if c["end"] > c["start"] else "falls"
+      cells.append(f"{c['start']:.3f}, {c['peak']:.3f} ({c['peak_epoch']:.1f}), "
+                   f"{c['end']:.3f}: {trend}")
+    lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+  return _write(out_dir, name, lines, check)
+
+
+def _write(out_dir: str, name: str, lines: list[str], record) -> str:
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, name + ".md")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  with open(os.path.join(out_dir, name + ".json"), "w") as f:
+    json.dump(record, f, indent=2, default=float)
+  return path

@@ -1,0 +1,99 @@
+"""One command per result of the paper: trains what it needs, analyzes, writes the result.
+
+  python experiments/reproduce.py --result=figure2              # All-CNN, CIFAR-10
+  python experiments/reproduce.py --result=table1 --cells=allcnn_cifar10,wrn_cifar10
+  python experiments/reproduce.py --result=all --cells=allcnn_cifar10 \\
+      --epochs=10 --train_examples=10000 --test_examples=2000 \\
+      --set dataset=data/cifar10.npz --set model.width=0.25
+
+Results:  table1 (test accuracy of every cell), figure2 / figure3 / figure4 (invariance
+scores per layer of All-CNN / WRN / DenseNet), figure5 (L_inv during training), all.
+Each trains the baseline, the batch-augmentation control (M copies, alpha = 0) and the
+invariance model of each cell (same seed and data), in WORKDIR/<cell>/<scale>/<variant>;
+finished runs are reused and interrupted ones resume, so rerunning an interrupted sweep
+picks up where it stopped. The result files (Markdown with the paper's numbers beside
+ours, JSON, PNG) go to RESULTS_DIR/<scale>/, with this command and the hardware.
+
+Scale knobs: --epochs (the learning-rate schedule keeps its shape), --train_examples,
+--test_examples, and --set FIELD=VALUE for any config field (a data set path, a model
+width, half_precision, ...).
+"""
+
+import os
+import shlex
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import paper  # pylint: disable=g-import-not-at-top
+
+RESULTS = ("table1", "figure2", "figure3", "figure4", "figure5", "all")
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("result", "all", RESULTS, "Which result to produce.")
+flags.DEFINE_list("cells", None, f"Cells (model, data) to run, from {sorted(paper.CELLS)}. "
+                  "Default: table1 and all: the three CIFAR-10 cells; figureN: the "
+                  "CIFAR-10 cell of its architecture; figure5: allcnn_cifar10.")
+flags.DEFINE_list("variants", list(paper.VARIANTS), "Variants to train.")
+flags.DEFINE_string("workdir", "runs/paper", "Root of the training runs.")
+flags.DEFINE_string("results_dir", os.path.join(paper.ROOT, "experiments", "results"),
+                    "Root of the result files; each scale writes a subfolder.")
+flags.DEFINE_float("epochs", 0.0, "Train for this many epochs (0: the paper's), with the "
+                   "learning-rate boundaries at the same fractions of training.")
+flags.DEFINE_integer("train_examples", 0, "Use the first N training images (0: all).")
+flags.DEFINE_integer("test_examples", 0, "Use the first N test images (0: all).")
+flags.DEFINE_multi_string("set", [], "FIELD=VALUE config override for every run, e.g. "
+                          "--set dataset=data/cifar10.npz --set model.width=0.25.")
+
+DEFAULT_CELLS = {
+    "table1": ["allcnn_cifar10", "wrn_cifar10", "densenet_cifar10"],
+    "all": ["allcnn_cifar10", "wrn_cifar10", "densenet_cifar10"],
+    "figure2": ["allcnn_cifar10"], "figure3": ["wrn_cifar10"],
+    "figure4": ["densenet_cifar10"], "figure5": ["allcnn_cifar10"],
+}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cells = FLAGS.cells or DEFAULT_CELLS[FLAGS.result]
+  unknown = sorted(set(cells) - set(paper.CELLS))
+  if unknown:
+    raise app.UsageError(f"--cells: unknown {unknown}; valid: {sorted(paper.CELLS)}")
+  figure = {"figure2": 2, "figure3": 3, "figure4": 4}.get(FLAGS.result)
+  if figure and any(paper.CELLS[c].figure != figure for c in cells):
+    raise app.UsageError(f"--result={FLAGS.result} shows "
+                         f"{[c for c in paper.CELLS if paper.CELLS[c].figure == figure]}")
+  try:
+    overrides = tuple(paper.parse_override(s) for s in FLAGS.set)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  scale = paper.Scale(FLAGS.epochs, FLAGS.train_examples, FLAGS.test_examples, overrides)
+  for cell in cells:  # refuse bad overrides before training anything
+    for variant in FLAGS.variants:
+      paper.cell_config(cell, variant, scale)
+  command = " ".join(["python experiments/reproduce.py"] +
+                     [shlex.quote(a) for a in sys.argv[1:]])
+  out_dir = os.path.join(FLAGS.results_dir, scale.tag())
+  t0 = time.time()
+  results = {c: paper.run_cell(c, scale, FLAGS.workdir, FLAGS.variants) for c in cells}
+  written = []
+  if FLAGS.result in ("table1", "all"):
+    written.append(paper.write_table1(results, scale, out_dir, command))
+  for cell in cells:
+    if FLAGS.result == "all" or FLAGS.result == f"figure{paper.CELLS[cell].figure}":
+      written.append(paper.write_scores_figure(cell, results[cell], scale, out_dir,
+                                               command))
+    if FLAGS.result in ("figure5", "all"):
+      written.append(paper.write_figure5(cell, results[cell], scale, out_dir, command))
+  for path in written:
+    print(f"== {path}")
+    with open(path) as f:
+      print(f.read())
+  print(f"wall time {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+  app.run(main)
