@@ -97,16 +97,19 @@ The layer "pixels" (the input itself) should come first."""
 
 
 def accumulate_stats(feature_fn: FeatureFn, batches: Iterable[jax.Array],
-                     order: list[str] | None = None) -> dict[str, LayerStats]:
+                     order: list[str] | None = None,
+                     preprocess: Callable[[jax.Array], jax.Array] = lambda x: x
+                     ) -> dict[str, LayerStats]:
   """First pass: per-layer statistics of the clean activations.
 
   If `order` is a list, the layer names are appended to it in feature_fn's order
-  (dicts that leave jit come back with sorted keys).
+  (dicts that leave jit come back with sorted keys). `preprocess` runs on device on
+  each batch first (e.g. uint8 -> float, so the host sends a quarter of the bytes).
   """
 
   @jax.jit
   def batch_stats(images):
-    feats = feature_fn(images)
+    feats = feature_fn(preprocess(images))
     if order is not None and not order:
       order.extend(feats)
     return {k: LayerStats.of(_flat(v)) for k, v in feats.items()}
@@ -124,7 +127,8 @@ def accumulate_stats(feature_fn: FeatureFn, batches: Iterable[jax.Array],
 
 def score_dataset(feature_fn: FeatureFn, batches: Callable[[], Iterable],
                   key: jax.Array, num_copies: int,
-                  transform: Callable[[jax.Array, jax.Array], jax.Array]
+                  transform: Callable[[jax.Array, jax.Array], jax.Array],
+                  preprocess: Callable[[jax.Array], jax.Array] = lambda x: x
                   ) -> dict[str, np.ndarray]:
   """Per-image invariance scores of every layer, [N, num_copies] each, in the order of
   feature_fn's layers.
@@ -136,12 +140,15 @@ def score_dataset(feature_fn: FeatureFn, batches: Callable[[], Iterable],
     key: PRNG key of the transformations.
     num_copies: transformed copies per image (the paper uses 5).
     transform: (key, images) -> transformed images.
+    preprocess: applied on device to each batch before anything else (e.g. uint8 ->
+      float in [0, 1]); feature_fn and transform see its output.
   """
   order: list[str] = []
-  stats = accumulate_stats(feature_fn, batches(), order)
+  stats = accumulate_stats(feature_fn, batches(), order, preprocess)
 
   @jax.jit
   def batch_scores(stats, images, batch_key):
+    images = preprocess(images)
     clean = {k: _flat(v) for k, v in feature_fn(images).items()}
     out = {k: [] for k in clean}
     for c in range(num_copies):

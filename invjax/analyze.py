@@ -27,12 +27,12 @@ FIGURE_FILE = os.path.join("figures", "invariance_scores.png")
 
 
 def _batches(images: np.ndarray, batch_size: int, placement: train.Placement):
-  """Float batches in [0, 1], split over devices where the size allows."""
+  """uint8 batches (made float on device), split over devices where the size allows."""
   n_dev = jax.device_count()
 
   def gen():
     for start in range(0, len(images), batch_size):
-      x = images[start:start + batch_size].astype(np.float32) / 255.0
+      x = images[start:start + batch_size]
       yield placement.shard(x) if len(x) % n_dev == 0 else jax.device_put(
           x, placement.replicated)
   return gen
@@ -72,7 +72,8 @@ def analyze(config, workdir: str, data=None) -> dict[str, Any]:
                len(run.data.x_test), ac.num_transforms, len(run.layer_shapes) + 1)
   scores = analysis.score_dataset(
       feature_fn, _batches(run.data.x_test, ac.batch_size, placement),
-      jax.random.key(ac.seed), ac.num_transforms, transform)
+      jax.random.key(ac.seed), ac.num_transforms, transform,
+      preprocess=steps_lib.to_float)
   test = train.evaluate(jax.jit(steps_lib.make_eval_step(run.step_config.top5)), state,
                         run.data.x_test, run.data.y_test, config.eval_batch_size,
                         placement)

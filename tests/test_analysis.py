@@ -94,6 +94,28 @@ def test_streaming_equals_direct_and_keeps_layer_order():
       np.testing.assert_allclose(scores[:, c], direct, rtol=1e-4, atol=1e-5)
 
 
+def test_preprocess_runs_on_device_before_features_and_transform():
+  """uint8 batches with preprocess = to_float score as the float batches do."""
+  rng = np.random.default_rng(4)
+  raw = rng.integers(0, 256, (12, 4, 4, 3), dtype=np.uint8)
+  w = jnp.asarray(rng.normal(size=(48, 6)), jnp.float32)
+  feature_fn = lambda x: {"pixels": x, "h": jax.nn.relu(x.reshape(len(x), -1) @ w)}
+  transform = lambda key, x: x + 0.1 * jax.random.normal(key, x.shape)
+  to_float = lambda x: x.astype(jnp.float32) / 255.0
+  key = jax.random.key(2)
+  as_uint8 = analysis.score_dataset(feature_fn, lambda: [raw[:8], raw[8:]], key, 2,
+                                    transform, preprocess=to_float)
+  floats = np.asarray(raw, np.float32) / 255.0
+  as_float = analysis.score_dataset(feature_fn, lambda: [floats[:8], floats[8:]], key, 2,
+                                    transform)
+  for name in ("pixels", "h"):
+    np.testing.assert_allclose(as_uint8[name], as_float[name], rtol=1e-5, atol=1e-6)
+  # without it, the noise meets 0..255 values instead of 0..1: other scores
+  unscaled = analysis.score_dataset(feature_fn, lambda: [raw[:8], raw[8:]], key, 2,
+                                    transform)
+  assert not np.allclose(unscaled["pixels"], as_float["pixels"], atol=1e-3)
+
+
 def test_shape_mismatch_rejected():
   with pytest.raises(ValueError, match="same shape"):
     analysis.invariance_scores(jnp.zeros((3, 2)), jnp.zeros((3, 3)))
