@@ -13,10 +13,13 @@ from invjax import losses
 from invjax import models
 
 VARIANTS = {
-    # name: (copies, alpha), from the config's invariance_copies and invariance_alpha
-    "invariance": lambda c: (c.invariance_copies, c.invariance_alpha),  # the proposal
+    # name: (copies, alpha). References to invariance_copies / invariance_alpha, so an
+    # override of those (e.g. --config.invariance_alpha=0.3) reaches the variant's
+    # copies and alpha even though the config file applied the variant first.
+    "invariance": lambda c: (c.get_ref("invariance_copies"),
+                             c.get_ref("invariance_alpha")),  # the proposal
     "baseline": lambda c: (1, 0.0),  # the paper's baseline: epoch-wise augmentation
-    "batchaug": lambda c: (c.invariance_copies, 0.0),  # control: copies, no L_inv
+    "batchaug": lambda c: (c.get_ref("invariance_copies"), 0.0),  # copies, no L_inv
 }
 
 
@@ -84,8 +87,14 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str | None):
   if variant not in VARIANTS:
     raise ValueError(f"config variant {variant!r} is unknown; valid variants are "
                      f"{sorted(VARIANTS)} (e.g. --config=configs/allcnn.py:baseline).")
+  copies, alpha = VARIANTS[variant](c)
+  with c.unlocked():
+    # Replace the fields rather than write through a reference an earlier variant set.
+    for field in ("copies", "alpha"):
+      if field in c:
+        del c[field]
+    c.copies, c.alpha = copies, alpha
   c.variant = variant
-  c.copies, c.alpha = VARIANTS[variant](c)
   return c
 
 

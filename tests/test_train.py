@@ -280,6 +280,28 @@ def test_variants_set_copies_and_alpha():
     config_lib.apply_variant(c, "strong")
 
 
+def test_overriding_invariance_fields_after_the_variant_reaches_copies_and_alpha():
+  """A config file applies its variant; command-line overrides come later."""
+  import copy  # pylint: disable=g-import-not-at-top
+  inv = config_lib.apply_variant(config_lib.base_config(), "invariance")
+  inv.lock()
+  inv.invariance_alpha, inv.invariance_copies = 0.5, 4  # as --config.X=... does
+  assert (inv.copies, inv.alpha) == (4, 0.5)
+  aug = config_lib.apply_variant(config_lib.base_config(), "batchaug")
+  aug.invariance_alpha, aug.invariance_copies = 0.5, 4
+  assert (aug.copies, aug.alpha) == (4, 0.0)
+  # Re-applying a variant replaces the references instead of writing through them,
+  # and copies are independent of their original.
+  other = copy.deepcopy(inv)
+  config_lib.apply_variant(other, "baseline")
+  assert (other.copies, other.alpha) == (1, 0.0)
+  assert (other.invariance_copies, other.invariance_alpha) == (4, 0.5)
+  assert (inv.copies, inv.alpha) == (4, 0.5)
+  other.invariance_alpha = 0.2
+  assert inv.alpha == 0.5
+  assert json.loads(inv.to_json_best_effort())["alpha"] == 0.5
+
+
 # Each config as FACTS.md has it: (batch, M, epochs, lr, boundaries, decay, translate).
 PAPER = {
     "allcnn.py": (128, 8, 350, 0.01, (200, 250, 300), 0.1, 0.1),
