@@ -35,7 +35,12 @@ def _analysis_current(workdir: str, step: int) -> bool:
 
 
 def run_variant(config, workdir: str, data=None) -> dict:
-  """Trains (resuming if interrupted) and analyzes one run, reusing finished work."""
+  """Trains (resuming if interrupted) and analyzes one run, reusing finished work.
+
+  A workdir that holds a run of another configuration is refused (it would otherwise
+  be reused as if it were this one).
+  """
+  train.check_workdir_config(config, workdir)
   run = train.build(config, data)
   if not _finished(workdir, run.total_steps):
     train.train_and_evaluate(config, workdir, data=run.data)

@@ -99,6 +99,14 @@ def test_reproduce_all_writes_results_and_reuses_runs(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   assert metrics.stat().st_mtime == before
   assert json.loads((results / folder / "table1.json").read_text()) == record
+  # A finished run of another configuration is refused, not reused.
+  from invjax import experiment  # pylint: disable=g-import-not-at-top
+  changed = paper.cell_config("allcnn_cifar10", "invariance", paper.Scale(
+      epochs=2, overrides=tuple(paper.parse_override(a) for a in args[8::2])))
+  with changed.unlocked():
+    changed.alpha_ratio = 3.0
+  with pytest.raises(ValueError, match="alpha_ratio: saved 10.0, given 3.0"):
+    experiment.run_variant(changed, str(metrics.parent))
 
 
 def test_loss_dynamics_check_reads_start_peak_end(tmp_path):
