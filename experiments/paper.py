@@ -100,8 +100,7 @@ class Scale:
         rest.append(f"{path}={value!r}")
     if rest:
       parts.append("o" + hashlib.sha1("\n".join(sorted(rest)).encode()).hexdigest()[:8])
-    return re.sub(r"[^A-Za-z0-9.+-]", "", "_".join(parts).replace("_", "+")).replace(
-        "+", "_") or "paper"
+    return re.sub(r"[^A-Za-z0-9._-]", "", "_".join(parts).replace("+", "_")) or "paper"
 
 
 def parse_override(text: str) -> tuple[str, Any]:

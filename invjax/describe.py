@@ -17,35 +17,40 @@ from invjax import models
 from invjax import train
 
 
-def forward_flops(model, image_shape) -> float:
-  """Forward FLOPs of one image, from XLA's cost analysis of the eval-mode pass."""
+def _forward_shapes(model, image_shape):
+  """(variables, one image) as shapes only: nothing is initialised or computed."""
   x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape),
                                                 train=False))
-  # lower() needs shapes only: no weights are initialised or computed.
+  return variables, x
+
+
+def forward_flops(model, image_shape) -> float:
+  """Forward FLOPs of one image, from XLA's cost analysis of the eval-mode pass."""
   compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
-      variables, x).compile()
+      *_forward_shapes(model, image_shape)).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
 def describe(config, data=None) -> dict:
-  config_lib.validate(config, jax.device_count())
   shape, classes = tuple(config.get("image_shape") or ()), config.get("num_classes", 0)
-  steps = {}
-  if data is None and shape and classes:
-    dataset = f"{config.dataset} (declared, not loaded)"
-  else:
+  if data is None and shape and classes:  # declared: no data needed
+    config_lib.validate(config, jax.device_count())
+    model = train.create_model(config, classes)
+    d = {"dataset": f"{config.dataset} (declared, not loaded)",
+         "parameters": models.param_count(model, shape),
+         "sown_layers": models.layer_shapes(model, shape)}
+  else:  # learn the shape from the data (build validates and traces the model)
     run = train.build(config, data)
-    shape, classes, dataset = run.data.image_shape, run.data.num_classes, run.data.name
-    steps = {"steps_per_epoch": run.steps_per_epoch, "total_steps": run.total_steps}
-  model = train.create_model(config, classes)
-  return {"model": config.model.name, "dataset": dataset, "input": tuple(shape),
-          "num_classes": classes, "parameters": models.param_count(model, shape),
-          "sown_layers": models.layer_shapes(model, shape),
+    model, shape, classes = run.model, run.data.image_shape, run.data.num_classes
+    d = {"dataset": run.data.name, "parameters": run.param_count,
+         "sown_layers": run.layer_shapes, "steps_per_epoch": run.steps_per_epoch,
+         "total_steps": run.total_steps}
+  return {"model": config.model.name, "input": tuple(shape), "num_classes": classes,
           "forward_flops_per_image": forward_flops(model, shape),
-          "forward_macs_per_image": dense_macs(model, shape), **steps}
+          "forward_macs_per_image": dense_macs(model, shape), **d}
 
 
 def format_description(d: dict, config) -> str:
@@ -89,9 +94,8 @@ def dense_macs(model, image_shape) -> float:
   the matrix products. XLA's cost analysis instead leaves out the taps that fall on
   zero padding, so it reports less, the more so the smaller the feature maps.
   """
-  x = jnp.zeros((1, *image_shape))
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-  closed = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
+  closed = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(
+      *_forward_shapes(model, image_shape))
   total = 0.0
   for eqn in _eqns(closed.jaxpr):
     if eqn.primitive.name == "conv_general_dilated":

@@ -19,6 +19,7 @@ from invjax import experiment
 from invjax import metrics_io
 from invjax import models
 from invjax import train
+from experiments import paper
 from tests import helpers
 
 LAYERS = helpers.TINY_SOWN
@@ -324,12 +325,7 @@ CONFIG_FILES = sorted(f for f in os.listdir(os.path.join(helpers.ROOT, "configs"
 
 
 def _load_config_module(config_file):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(
-      "cfg", os.path.join(helpers.ROOT, "configs", config_file))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return paper.load_config_module(os.path.join("configs", config_file))
 
 
 def test_every_config_file_is_covered():
