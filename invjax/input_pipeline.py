@@ -21,12 +21,16 @@ import dataclasses
 import importlib
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from invjax import datasets as invjax_datasets
+from invjax import steps as steps_lib
 
 DIGITS_TEST_FRACTION = 0.25
 DIGITS_SPLIT_SEED = 0
+SHUFFLE_STREAM = 3  # fold_in(key(config.seed), 3) orders the training set
 
 
 @dataclasses.dataclass
@@ -173,35 +177,52 @@ def load_tfds(name: str, data_dir: str | None, manual_dir: str | None = None,
 class SeedSchedule:
   """Which training images are the seeds of each step.
 
-  The training set is read in passes, each a fresh permutation determined by
-  (seed, pass); step s takes the next `seeds_per_step` positions of that endless stream.
-  So the seeds of any step follow from the step number alone: a resumed run sees exactly
-  the seeds the uninterrupted run would have. With M copies per seed, an epoch of N / B
-  steps covers N / M distinct seeds.
+  The training set is read in passes, each in the order of a fresh permutation made on
+  the device from (seed, pass) (`steps.pass_permutation`); step s takes the next
+  `seeds_per_step` positions of that endless stream (`steps.seed_indices`). So the seeds
+  of any step follow from the step number alone: a resumed run sees exactly the seeds
+  the uninterrupted run would have. With M copies per seed, an epoch of N / B steps
+  covers N / M distinct seeds.
+
+  `window(step0, num_steps)` gives what a program of several steps needs on the device:
+  the index of the first pass it touches and the permutations of that pass and the next
+  ([2, N] int32, made once per pass). `indices(step)` is the same on the host.
   """
 
-  def __init__(self, num_examples: int, seeds_per_step: int, seed: int):
+  def __init__(self, num_examples: int, seeds_per_step: int, seed: int,
+               sharding=None):
     if seeds_per_step > num_examples:
       raise ValueError(f"{seeds_per_step} seed images per step but only "
                        f"{num_examples} training images.")
     self.n = num_examples
     self.k = seeds_per_step
-    self.seed = seed
-    self._cache: dict[int, np.ndarray] = {}
+    key = jax.random.fold_in(jax.random.key(seed), SHUFFLE_STREAM)
+    n = num_examples
+    self._pair_fn = jax.jit(
+        lambda p: jnp.stack([steps_lib.pass_permutation(key, p, n),
+                             steps_lib.pass_permutation(key, p + 1, n)]),
+        out_shardings=sharding)
+    self._pair: tuple[int, jax.Array] | None = None
+    self._host: tuple[int, np.ndarray] | None = None
 
-  def _perm(self, p: int) -> np.ndarray:
-    if p not in self._cache:
-      if len(self._cache) > 4:
-        self._cache.pop(min(self._cache))
-      self._cache[p] = np.random.default_rng([self.seed, p]).permutation(self.n)
-    return self._cache[p]
+  def max_steps_per_window(self) -> int:
+    """The most steps one window is sure to cover, wherever it starts."""
+    return max(1, self.n // self.k)
+
+  def window(self, step0: int, num_steps: int) -> tuple[int, jax.Array]:
+    first = step0 * self.k // self.n
+    last = ((step0 + num_steps) * self.k - 1) // self.n
+    if last > first + 1:
+      raise ValueError(f"{num_steps} steps of {self.k} seeds span more than two passes "
+                       f"over {self.n} training images; take fewer steps per program.")
+    if self._pair is None or self._pair[0] != first:
+      self._pair = (first, self._pair_fn(first))
+    return self._pair
 
   def indices(self, step: int) -> np.ndarray:
-    start = step * self.k
-    out = []
-    while len(out) < self.k:
-      p, off = divmod(start, self.n)
-      take = min(self.k - len(out), self.n - off)
-      out.extend(self._perm(p)[off:off + take])
-      start += take
-    return np.asarray(out, np.int64)
+    """int64 [K]: the training-set indices of step `step`'s seeds, on the host."""
+    first, perms = self.window(step, 1)
+    if self._host is None or self._host[0] != first:
+      self._host = (first, np.asarray(jax.device_get(perms)))
+    return steps_lib.seed_indices(self._host[1], first, step, 1, self.k)[0].astype(
+        np.int64)

@@ -51,6 +51,12 @@ class Placement:
   def replicated(self):
     return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
 
+  @property
+  def stacked_batch(self):
+    """Several steps' batches [S, K, ...]: split over devices along K."""
+    return jax.sharding.NamedSharding(self.mesh,
+                                      jax.sharding.PartitionSpec(None, "data"))
+
   def shard(self, x: np.ndarray) -> jax.Array:
     """A host batch (this process's share) -> a global array split over devices."""
     return jax.make_array_from_process_local_data(self.batch, x)
@@ -99,6 +105,13 @@ def check_data(config, data: input_pipeline.Dataset) -> None:
   if len(data.x_train) < config.batch_size:
     errors.append(f"config.batch_size={config.batch_size} exceeds the "
                   f"{len(data.x_train)} training images of {data.name}.")
+  seeds = config.batch_size // max(config.copies, 1)
+  spd = config.get("steps_per_dispatch", 1)
+  if spd * seeds > len(data.x_train):
+    errors.append(f"config.steps_per_dispatch={spd} steps of {seeds} seed images "
+                  f"read more than the {len(data.x_train)} training images of "
+                  f"{data.name} (one pass); set it to at most "
+                  f"{max(1, len(data.x_train) // seeds)}.")
   if errors:
     raise ValueError("the data do not match the configuration:\n  " +
                      "\n  ".join(errors))
@@ -212,18 +225,100 @@ def evaluate(eval_step, state, images: np.ndarray, labels: np.ndarray,
   return result
 
 
-def _mean_metrics(pending: list[dict]) -> dict[str, float]:
-  stacked = jax.device_get(pending)
-  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+def _summarize(pending: list[tuple[int, dict]]) -> dict[str, float]:
+  """Means of the metrics of the steps run since the last summary.
+
+  `pending` holds (first step, {name: [S] values}) per program run. Raises
+  FloatingPointError naming the first step and the terms that were not finite.
+  """
+  fetched = jax.device_get(pending)
+  for step0, metrics in fetched:
+    bad = {k: np.flatnonzero(~np.isfinite(np.asarray(v))) for k, v in metrics.items()}
+    first = min((int(i[0]) for i in bad.values() if len(i)), default=None)
+    if first is not None:
+      terms = [k for k, i in bad.items() if first in i]
+      raise FloatingPointError(
+          f"non-finite training loss at step {step0 + first + 1}: {', '.join(terms)} "
+          "(terms: cross_entropy, inv_loss/<layer>). No checkpoint was written after "
+          "it; the last good one is kept. Lower config.learning_rate or check the data.")
+  names = fetched[0][1]
+  return {k: float(np.mean(np.concatenate([np.atleast_1d(m[k]) for _, m in fetched])))
+          for k in names}
 
 
-def _check_finite(step: int, metrics: dict[str, float]) -> None:
-  bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-  if bad:
-    raise FloatingPointError(
-        f"non-finite training loss at step {step}: {', '.join(bad)} "
-        "(terms: cross_entropy, inv_loss/<layer>). No checkpoint was written after it; "
-        "the last good one is kept. Lower config.learning_rate or check the data.")
+def data_fits_on_device(data: input_pipeline.Dataset, fraction: float = 0.5) -> bool:
+  """Whether the training set takes at most `fraction` of one device's memory (True
+  where the device does not say, e.g. on CPU)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  limit = stats.get("bytes_limit")
+  return not limit or data.x_train.nbytes + data.y_train.nbytes <= fraction * limit
+
+
+class TrainPrograms:
+  """The run's training programs, compiled ahead of time, and how to call them.
+
+  A program runs S steps (`config.steps_per_dispatch`) in one dispatch; a 1-step
+  program fills the gaps up to log, evaluation and checkpoint steps. Both are compiled
+  before the first step (`compiled[S]`; `compile_seconds[S]` says how long) and called as
+  compiled executables, which refuse arguments of other shapes or shardings rather
+  than recompiling: nothing compiles inside the step loop.
+
+  With the training set on the device (`config.data_on_device`, the default where it
+  fits), each step gathers its seeds there from the epoch's permutation; otherwise the
+  host gathers each program's batches and sends them.
+  """
+
+  def __init__(self, run: Run, placement: Placement, state):
+    config, data = run.config, run.data
+    self.run, self.placement = run, placement
+    self.k = config.batch_size // config.copies
+    self.steps_per_dispatch = int(config.get("steps_per_dispatch", 1))
+    self.on_device = bool(config.get("data_on_device", True))
+    if self.on_device and not data_fits_on_device(data):
+      logging.warning("the training set (%.1f GB) takes over half of a device's "
+                      "memory: the host gathers the batches instead "
+                      "(config.data_on_device=False).", data.x_train.nbytes / 1e9)
+      self.on_device = False
+    self.schedule = input_pipeline.SeedSchedule(len(data.x_train), self.k,
+                                                config.seed, placement.replicated)
+    self.aug_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    if self.on_device:
+      self.x_train = placement.replicate(data.x_train)
+      self.y_train = placement.replicate(data.y_train)
+    self.compiled, self.compile_seconds = {}, {}
+    for size in sorted({1, self.steps_per_dispatch}):
+      t = time.perf_counter()
+      fn = steps_lib.make_train_chunk(run.step_config, size, self.k, placement.batch,
+                                      data_on_device=self.on_device,
+                                      unroll=jax.default_backend() == "cpu")
+      jitted = jax.jit(fn, donate_argnums=0,
+                       out_shardings=(placement.replicated, placement.replicated))
+      self.compiled[size] = jitted.lower(*self._args(state, 0, size)).compile()
+      self.compile_seconds[size] = time.perf_counter() - t
+
+  def _args(self, state, step0: int, size: int):
+    first, perms = self.schedule.window(step0, size)
+    if self.on_device:
+      return (state, self.x_train, self.y_train, perms, np.int32(first),
+              np.int32(step0), self.aug_key)
+    idx = np.stack([self.schedule.indices(s) for s in range(step0, step0 + size)])
+    data = self.run.data
+    shard = lambda a: jax.make_array_from_process_local_data(
+        self.placement.stacked_batch, a)
+    return (state, shard(data.x_train[idx]), shard(data.y_train[idx]), np.int32(step0),
+            self.aug_key)
+
+  def chunk_size(self, done: int, next_stop: int) -> int:
+    """Steps to run from `done`: a whole program's if the next stop is that far."""
+    return self.steps_per_dispatch if done + self.steps_per_dispatch <= next_stop else 1
+
+  def __call__(self, state, step0: int, size: int):
+    """(state after steps step0 .. step0 + size - 1, their metrics [size])."""
+    return self.compiled[size](*self._args(state, step0, size))
+
+
+def _next_multiple(done: int, every: int) -> int:
+  return (done // every + 1) * every
 
 
 class _Preemption:
@@ -285,50 +380,55 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
                               enabled=jax.process_index() == 0)
   progress = metrics_io.Progress(run.total_steps, log)
 
-  train_step = jax.jit(steps_lib.make_train_step(cfg), donate_argnums=0)
+  programs = TrainPrograms(run, placement, state)
+  logging.info("compiled the training program%s in %.1f s; training set %s",
+               f" ({programs.steps_per_dispatch} steps per dispatch)"
+               if programs.steps_per_dispatch > 1 else "",
+               sum(programs.compile_seconds.values()),
+               "on the device" if programs.on_device else "read from the host")
   eval_step = jax.jit(steps_lib.make_eval_step(cfg.top5))
   probe_step = jax.jit(steps_lib.make_probe_step(cfg, config.probe_copies))
 
-  schedule = input_pipeline.SeedSchedule(len(data.x_train), num_seeds, config.seed)
-  root = jax.random.key(config.seed)
-  aug_key, probe_key = jax.random.fold_in(root, 1), jax.random.fold_in(root, 2)
+  probe_key = jax.random.fold_in(jax.random.key(config.seed), 2)
   probe_idx = np.random.default_rng([config.seed, 2]).choice(
       len(data.x_train), min(config.probe_seeds, len(data.x_train)), replace=False)
   probe_seeds = data.x_train[np.sort(probe_idx)]
-  probe_seeds = probe_seeds[:len(probe_seeds) - len(probe_seeds) % jax.device_count()]
+  probe_seeds = placement.shard(
+      probe_seeds[:len(probe_seeds) - len(probe_seeds) % jax.device_count()])
 
   ckpt_every = config.checkpoint_every_steps or run.steps_per_epoch
   eval_every = max(1, int(round(config.eval_every_epochs * run.steps_per_epoch)))
+  log_every = config.log_every_steps
   spe = run.steps_per_epoch
+  lrs = np.asarray(jax.device_get(jax.vmap(run.lr_fn)(jnp.arange(run.total_steps))))
 
   def log_probe(step):
-    inv = jax.device_get(probe_step(state, placement.shard(probe_seeds), probe_key))
+    inv = jax.device_get(probe_step(state, probe_seeds, probe_key))
     log.write(step, {f"probe/inv_loss/{name}": v for name, v in inv.items()} |
               {"epoch": step / spe})
 
   if start == 0:
     log_probe(0)  # Figure 5 starts at the initialisation
-  pending: list[dict] = []
+  pending: list[tuple[int, dict]] = []
   t_log, s_log = time.time(), start
   test = {}
+  done = start
   with _Preemption() as preempt:
-    for step in range(start, run.total_steps):
-      idx = schedule.indices(step)
-      state, metrics = train_step(
-          state, placement.shard(data.x_train[idx]), placement.shard(data.y_train[idx]),
-          jax.random.fold_in(aug_key, step))
-      pending.append(metrics)
-      done = step + 1
+    while done < run.total_steps:
+      next_stop = min(run.total_steps, _next_multiple(done, log_every),
+                      _next_multiple(done, ckpt_every), _next_multiple(done, eval_every))
+      size = programs.chunk_size(done, next_stop)
+      state, metrics = programs(state, done, size)
+      pending.append((done, metrics))
+      done += size
       last = done == run.total_steps
       progress(done)
-      if done % config.log_every_steps == 0 or last or preempt.requested or (
-          done % ckpt_every == 0):
-        summary = _mean_metrics(pending)
+      if done % log_every == 0 or last or preempt.requested or done % ckpt_every == 0:
+        summary = _summarize(pending)
         pending = []
-        _check_finite(done, summary)
         now = time.time()
         log.write(done, {f"train/{name}": v for name, v in summary.items()} | {
-            "lr": float(run.lr_fn(step)), "epoch": done / spe,
+            "lr": float(lrs[done - 1]), "epoch": done / spe,
             "steps_per_sec": (done - s_log) / max(now - t_log, 1e-9)})
         t_log, s_log = now, done
         log_probe(done)

@@ -1,5 +1,7 @@
 """The jitted train step: batch layout, Eq. 4 as optimised, and learning."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -8,6 +10,7 @@ import optax
 import pytest
 
 from invjax import augment
+from invjax import config_lib
 from invjax import losses
 from invjax import models
 from invjax import steps
@@ -89,6 +92,75 @@ def test_alpha_zero_measures_but_does_not_optimise_inv_loss():
   p2, _ = _updated_params(copies=4, alpha=0.5)
   diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), p0, p2)
   assert max(jax.tree.leaves(diff)) > 1e-4
+
+
+def test_moments_default_trains_as_pairwise_does():
+  """The O(B D) form is the default; a whole step with it (real activations, grouped
+  layout, gradients through every layer) gives the pairwise form's parameters."""
+  assert config_lib.base_config().loss_method == "moments"
+  pairwise, mp = _updated_params(copies=4, alpha=0.5, method="pairwise")
+  moments, mm = _updated_params(copies=4, alpha=0.5, method="moments")
+  for k in mp:
+    assert float(mm[k]) == pytest.approx(float(mp[k]), rel=1e-5), k
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               moments, pairwise)
+  ce_only, _ = _updated_params(copies=4, alpha=0.0, method="moments")
+  diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), moments, ce_only)
+  assert max(jax.tree.leaves(diff)) > 1e-4  # the loss term did act
+
+
+def test_same_batch_step_without_measuring_inv_loss():
+  _, cfg, state, _ = _setup(copies=4, alpha=0.0, method="moments")
+  seeds, labels = _seeds(4)
+  bare = dataclasses.replace(cfg, measure_inv=False)
+  args = (state, seeds, labels, jax.random.key(5))
+  new, metrics = jax.jit(steps.make_train_step(bare))(*args)
+  assert not any(k.startswith("inv_loss/") for k in metrics)
+  measured, _ = jax.jit(steps.make_train_step(cfg))(*args)
+  jax.tree.map(np.testing.assert_array_equal, new.params, measured.params)
+  forced = dataclasses.replace(cfg, alpha=0.3, measure_inv=False)  # alpha > 0 needs it
+  _, m = jax.jit(steps.make_train_step(forced))(*args)
+  assert "inv_loss/conv1" in m
+
+
+def test_seed_indices_on_device_equal_the_host_formula():
+  rng = np.random.default_rng(0)
+  perms = np.stack([rng.permutation(10), rng.permutation(10)]).astype(np.int32)
+  # passes 3 and 4 of a 10-image set, 4 seeds per step: steps 8..11 cover 32..47
+  host = steps.seed_indices(perms, 3, 8, 3, 4)
+  dev = jax.jit(lambda p, f, s: steps.seed_indices(p, f, s, 3, 4))(
+      jnp.asarray(perms), 3, 8)
+  np.testing.assert_array_equal(host, dev)
+  stream = np.concatenate([perms[0], perms[1]])  # positions 30..49
+  np.testing.assert_array_equal(host.ravel(), stream[2:14])
+
+
+@pytest.mark.parametrize("data_on_device", [True, False])
+def test_chunk_of_steps_equals_single_steps(data_on_device):
+  """3 steps in one program (looped or unrolled) = the same 3 steps one by one."""
+  _, cfg, state, _ = _setup(copies=4, alpha=0.3, method="moments")
+  x, y = _seeds(12, seed=1)
+  perms = jnp.stack([jnp.arange(12, dtype=jnp.int32)[::-1],
+                     jnp.arange(12, dtype=jnp.int32)])
+  key = jax.random.key(9)
+  single = jax.jit(steps.make_train_step(cfg))
+  expected, losses_ = state, []
+  for s in range(2, 5):  # steps 2, 3, 4 take positions 8..19: across the pass end
+    idx = steps.seed_indices(np.asarray(perms), 0, s, 1, 4)[0]
+    expected, m = single(expected, x[idx], y[idx], jax.random.fold_in(key, s))
+    losses_.append(float(m["loss"]))
+  for unroll in (True, False):
+    chunk = jax.jit(steps.make_train_chunk(cfg, 3, 4, data_on_device=data_on_device,
+                                           unroll=unroll))
+    if data_on_device:
+      got, metrics = chunk(state, x, y, perms, 0, 2, key)
+    else:
+      idx = steps.seed_indices(np.asarray(perms), 0, 2, 3, 4)
+      got, metrics = chunk(state, x[idx], y[idx], 2, key)
+    np.testing.assert_allclose(metrics["loss"], losses_, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 got.params, expected.params)
+    assert int(got.step) == 3
 
 
 def test_baseline_step_has_no_inv_metrics():

@@ -136,6 +136,75 @@ def test_resume_after_kill_continues_from_the_last_checkpoint(npz, tmp_path):
   del records
 
 
+def _restored_params(workdir):
+  ck = checkpoints.Checkpoints(workdir)
+  state = train.initial_state(train.build(train.load_config(workdir)),
+                              train.Placement.create())
+  params = ck.restore(state).params
+  ck.close()
+  return params
+
+
+def test_steps_per_dispatch_and_data_placement_do_not_change_the_run(npz, tmp_path):
+  """3 steps per program (with 1-step programs up to the log, eval and checkpoint
+  steps), and batches gathered on the host instead of the device: the same run."""
+  runs = {"one": {}, "three": {"steps_per_dispatch": 3},
+          "host": {"steps_per_dispatch": 3, "data_on_device": False}}
+  losses = {}
+  for name, fields in runs.items():
+    config = helpers.tiny_config(npz, num_epochs=3.0, lr_boundaries=(2,),
+                                 log_every_steps=5, **fields)
+    train.train_and_evaluate(config, str(tmp_path / name))
+    losses[name] = metrics_io.series(metrics_io.read(str(tmp_path / name)),
+                                     "train/loss")
+  np.testing.assert_array_equal(losses["one"][0], [4, 5, 8, 10, 12])
+  params = {name: _restored_params(str(tmp_path / name)) for name in runs}
+  for name in ("three", "host"):
+    np.testing.assert_allclose(losses[name][1], losses["one"][1], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 params[name], params["one"])
+  # ...and the run moved: a wrong schedule could not pass as the same run.
+  init = train.initial_state(train.build(helpers.tiny_config(npz)),
+                             train.Placement.create()).params
+  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params["one"], init)
+  assert max(jax.tree.leaves(moved)) > 1e-3
+
+
+def test_nothing_compiles_inside_the_step_loop(npz, tmp_path, monkeypatch):
+  """After the first evaluation, hundreds of steps across passes, logs, evaluations,
+  probes and checkpoints lower and compile nothing more."""
+  events = []
+  watched = ("/jax/core/compile/jaxpr_to_mlir_module_duration",
+             "/jax/core/compile/backend_compile_duration")
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event in watched:
+      events.append(event)
+
+  seen = {}
+  original = metrics_io.Progress.__call__
+
+  def progress(self, step):
+    seen[step] = len(events)
+    return original(self, step)
+
+  monkeypatch.setattr(metrics_io.Progress, "__call__", progress)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    config = helpers.tiny_config(npz, num_epochs=12.0, lr_boundaries=(5, 9),
+                                 log_every_steps=3, eval_every_epochs=2.0,
+                                 checkpoint_every_steps=7, steps_per_dispatch=2)
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  first_eval = 2 * 4  # 4 steps per epoch
+  after = min(s for s in seen if s > first_eval)
+  assert seen[first_eval] > 0  # the listener sees the compilations before it
+  assert seen[48] == seen[after], (
+      f"{seen[48] - seen[after]} lowerings/compilations after step {after}")
+
+
 def test_compare_variants_table_and_figures(npz, tmp_path):
   base = helpers.tiny_config(npz, num_epochs=1.0, lr_boundaries=())
   result = experiment.compare_variants(base, str(tmp_path), ["baseline", "invariance"])
