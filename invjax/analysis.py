@@ -96,40 +96,62 @@ FeatureFn = Callable[[jax.Array], Mapping[str, jax.Array]]
 The layer "pixels" (the input itself) should come first."""
 
 
-def accumulate_stats(feature_fn: FeatureFn, batches: Iterable[jax.Array],
+MetricsFn = Callable[[jax.Array, jax.Array], Mapping[str, jax.Array]]
+"""Maps (logits [n, classes], labels [n]) to sums over the batch, e.g. {"correct": ...}."""
+
+
+def _split(feature_fn: FeatureFn, with_logits: bool, images):
+  out = feature_fn(images)
+  return out if with_logits else (out, None)
+
+
+def _add(total, part):
+  return part if total is None else {k: total[k] + part[k] for k in total}
+
+
+def accumulate_stats(feature_fn: FeatureFn, batches: Iterable,
                      order: list[str] | None = None,
-                     preprocess: Callable[[jax.Array], jax.Array] = lambda x: x
-                     ) -> dict[str, LayerStats]:
+                     preprocess: Callable[[jax.Array], jax.Array] = lambda x: x,
+                     metrics_fn: MetricsFn | None = None):
   """First pass: per-layer statistics of the clean activations.
 
   If `order` is a list, the layer names are appended to it in feature_fn's order
   (dicts that leave jit come back with sorted keys). `preprocess` runs on device on
   each batch first (e.g. uint8 -> float, so the host sends a quarter of the bytes).
+  With `metrics_fn` (see `score_dataset`), returns (stats, metric sums of the clean
+  images).
   """
 
   @jax.jit
-  def batch_stats(images):
-    feats = feature_fn(preprocess(images))
+  def batch_stats(images, labels=None):
+    feats, logits = _split(feature_fn, metrics_fn is not None, preprocess(images))
     if order is not None and not order:
       order.extend(feats)
-    return {k: LayerStats.of(_flat(v)) for k, v in feats.items()}
+    stats = {k: LayerStats.of(_flat(v)) for k, v in feats.items()}
+    return stats, (metrics_fn(logits, labels) if metrics_fn else None)
 
   merge = jax.jit(lambda a, b: jax.tree.map(
       lambda x, y: x.merge(y), a, b, is_leaf=lambda x: isinstance(x, LayerStats)))
-  total = None
-  for images in batches:
-    s = batch_stats(images)
+  total, sums = None, []
+  for batch in batches:
+    s, m = batch_stats(*batch) if metrics_fn else batch_stats(batch)
     total = s if total is None else merge(total, s)
+    sums.append(m)
   if total is None:
     raise ValueError("no images to score")
-  return total
+  if metrics_fn is None:
+    return total
+  clean = None
+  for m in jax.device_get(sums):
+    clean = _add(clean, {k: float(v) for k, v in m.items()})
+  return total, clean
 
 
 def score_dataset(feature_fn: FeatureFn, batches: Callable[[], Iterable],
                   key: jax.Array, num_copies: int,
                   transform: Callable[[jax.Array, jax.Array], jax.Array],
-                  preprocess: Callable[[jax.Array], jax.Array] = lambda x: x
-                  ) -> dict[str, np.ndarray]:
+                  preprocess: Callable[[jax.Array], jax.Array] = lambda x: x,
+                  metrics_fn: MetricsFn | None = None):
   """Per-image invariance scores of every layer, [N, num_copies] each, in the order of
   feature_fn's layers.
 
@@ -142,23 +164,42 @@ def score_dataset(feature_fn: FeatureFn, batches: Callable[[], Iterable],
     transform: (key, images) -> transformed images.
     preprocess: applied on device to each batch before anything else (e.g. uint8 ->
       float in [0, 1]); feature_fn and transform see its output.
+    metrics_fn: optional classification metrics from the same forward passes. Then
+      `batches` yields (images, labels), feature_fn returns (features, logits), and
+      the result is (scores, {"clean": sums, "transformed": [sums of copy c, ...]}):
+      e.g. the accuracy on the clean images and on exactly the transformed copies that
+      were scored, at no extra forward pass.
   """
   order: list[str] = []
-  stats = accumulate_stats(feature_fn, batches(), order, preprocess)
+  with_logits = metrics_fn is not None
+  stats = accumulate_stats(feature_fn, batches(), order, preprocess, metrics_fn)
+  stats, clean_sums = stats if with_logits else (stats, None)
 
   @jax.jit
-  def batch_scores(stats, images, batch_key):
+  def batch_scores(stats, images, batch_key, labels=None):
     images = preprocess(images)
-    clean = {k: _flat(v) for k, v in feature_fn(images).items()}
+    feats, _ = _split(feature_fn, with_logits, images)
+    clean = {k: _flat(v) for k, v in feats.items()}
     out = {k: [] for k in clean}
+    sums = []
     for c in range(num_copies):
       moved = transform(jax.random.fold_in(batch_key, c), images)
-      for k, v in feature_fn(moved).items():
+      feats, logits = _split(feature_fn, with_logits, moved)
+      for k, v in feats.items():
         out[k].append(score_batch(stats[k], clean[k], _flat(v)))
-    return {k: jnp.stack(v, axis=1) for k, v in out.items()}
+      if with_logits:
+        sums.append(metrics_fn(logits, labels))
+    return {k: jnp.stack(v, axis=1) for k, v in out.items()}, sums
 
-  pieces = []
-  for i, images in enumerate(batches()):
-    pieces.append(jax.device_get(
-        batch_scores(stats, images, jax.random.fold_in(key, i))))
-  return {k: np.concatenate([p[k] for p in pieces]) for k in order}
+  pieces, moved_sums = [], [None] * num_copies
+  for i, batch in enumerate(batches()):
+    images, labels = batch if with_logits else (batch, None)
+    scores, sums = jax.device_get(
+        batch_scores(stats, images, jax.random.fold_in(key, i), labels))
+    pieces.append(scores)
+    for c, m in enumerate(sums):
+      moved_sums[c] = _add(moved_sums[c], {k: float(v) for k, v in m.items()})
+  scores = {k: np.concatenate([p[k] for p in pieces]) for k in order}
+  if not with_logits:
+    return scores
+  return scores, {"clean": clean_sums, "transformed": moved_sums}

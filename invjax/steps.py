@@ -216,34 +216,36 @@ def eval_logits(state: TrainState, images: jax.Array, mutable=False):
                         images, train=False, mutable=mutable)
 
 
-def make_eval_step(top5: bool, ranges: augment.AugmentRanges | None = None) -> Callable:
-  """(state, images uint8, labels, mask[, key]) -> sums of correct predictions and loss.
+def make_eval_step(top5: bool) -> Callable:
+  """(state, images uint8, labels, mask) -> sums of correct predictions and loss."""
 
-  With `ranges`, the step takes a key and scores the images after a scoring
-  transformation (Eq. 2's: the halved ranges at their extremes), one per image: the
-  accuracy of the model on transformed test images.
-  """
-
-  def eval_step(state, images, labels, mask, key=None):
-    x = to_float(images)
-    if ranges is not None:
-      x = augment.augment(key, x, ranges, scoring=True)
-    logits = eval_logits(state, x)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    out = {"count": jnp.sum(mask),
-           "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
-           "cross_entropy": jnp.sum(ce * mask)}
-    if top5:
-      out["correct5"] = jnp.sum(_in_top5(logits, labels) * mask)
-    return out
+  def eval_step(state, images, labels, mask):
+    return classification_sums(eval_logits(state, to_float(images)), labels, top5, mask)
 
   return eval_step
 
 
+def classification_sums(logits, labels, top5: bool, mask=None) -> dict[str, jax.Array]:
+  """Sums over a batch: "count", "correct", "cross_entropy" (and "correct5")."""
+  mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  out = {"count": jnp.sum(mask),
+         "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+         "cross_entropy": jnp.sum(ce * mask)}
+  if top5:
+    out["correct5"] = jnp.sum(_in_top5(logits, labels) * mask)
+  return out
+
+
 def features(state: TrainState, images: jax.Array) -> dict[str, jax.Array]:
   """{"pixels": images, **sown layers} of float images, eval mode, in depth order."""
-  _, updates = eval_logits(state, images, mutable=["intermediates"])
-  return {"pixels": images, **models.sown(updates["intermediates"])}
+  return features_and_logits(state, images)[0]
+
+
+def features_and_logits(state: TrainState, images: jax.Array):
+  """(features as `features` gives them, logits) from one eval-mode forward pass."""
+  logits, updates = eval_logits(state, images, mutable=["intermediates"])
+  return {"pixels": images, **models.sown(updates["intermediates"])}, logits
 
 
 def make_probe_step(cfg: StepConfig, probe_copies: int) -> Callable:

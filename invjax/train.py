@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import signal
 import time
@@ -194,12 +193,8 @@ def save_config(config, workdir: str) -> None:
 # Evaluation ------------------------------------------------------------------------
 
 def evaluate(eval_step, state, images: np.ndarray, labels: np.ndarray,
-             batch_size: int, placement: Placement, key=None) -> dict[str, float]:
-  """Test-set accuracy (top-1, and top-5 if the step computes it) and loss.
-
-  With `key`, the step is one that transforms the images (`make_eval_step(top5,
-  ranges)`), and batch i gets `fold_in(key, i)`.
-  """
+             batch_size: int, placement: Placement) -> dict[str, float]:
+  """Test-set accuracy (top-1, and top-5 if the step computes it) and loss."""
   n_dev = jax.device_count()
   batch_size = max(n_dev, batch_size - batch_size % n_dev)
   totals: dict[str, float] = {}
@@ -211,10 +206,7 @@ def evaluate(eval_step, state, images: np.ndarray, labels: np.ndarray,
       x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
       y = np.concatenate([y, np.zeros(pad, y.dtype)])
       mask = np.concatenate([mask, np.zeros(pad, np.float32)])
-    args = (state, placement.shard(x), placement.shard(y), placement.shard(mask))
-    if key is not None:
-      args += (jax.random.fold_in(key, start // batch_size),)
-    out = eval_step(*args)
+    out = eval_step(state, placement.shard(x), placement.shard(y), placement.shard(mask))
     for k, v in jax.device_get(out).items():
       totals[k] = totals.get(k, 0.0) + float(v)
   count = totals.pop("count")

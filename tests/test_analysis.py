@@ -94,6 +94,39 @@ def test_streaming_equals_direct_and_keeps_layer_order():
       np.testing.assert_allclose(scores[:, c], direct, rtol=1e-4, atol=1e-5)
 
 
+def test_metrics_come_from_the_scored_forward_passes():
+  """With metrics_fn, the clean and per-copy sums equal those of the clean images and
+  of the very transformed copies scored, and the scores are unchanged."""
+  rng = np.random.default_rng(5)
+  images = jnp.asarray(rng.uniform(size=(14, 4, 4, 3)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 3, 14), jnp.int32)
+  w = jnp.asarray(rng.normal(size=(48, 3)), jnp.float32)
+  logits_of = lambda x: x.reshape(len(x), -1) @ w
+  feats_of = lambda x: {"pixels": x, "logit_layer": logits_of(x)}
+  transform = lambda key, x: x + 0.3 * jax.random.normal(key, x.shape)
+  metrics_fn = lambda lg, y: {"correct": jnp.sum(jnp.argmax(lg, -1) == y),
+                              "count": jnp.float32(len(y))}
+  key = jax.random.key(11)
+  splits = [(images[:8], labels[:8]), (images[8:], labels[8:])]
+  plain = analysis.score_dataset(feats_of, lambda: [x for x, _ in splits], key, 3,
+                                 transform)
+  scores, sums = analysis.score_dataset(lambda x: (feats_of(x), logits_of(x)),
+                                        lambda: splits, key, 3, transform,
+                                        metrics_fn=metrics_fn)
+  for name in plain:
+    np.testing.assert_array_equal(scores[name], plain[name])
+  correct = lambda x: int(jnp.sum(jnp.argmax(logits_of(x), -1) == labels))
+  assert sums["clean"] == {"correct": correct(images), "count": 14.0}
+  assert len(sums["transformed"]) == 3
+  for c, got in enumerate(sums["transformed"]):
+    moved = jnp.concatenate([
+        transform(jax.random.fold_in(jax.random.fold_in(key, i), c), x)
+        for i, (x, _) in enumerate(splits)])
+    assert got == {"correct": correct(moved), "count": 14.0}
+  assert len({s["correct"] for s in sums["transformed"]} | {sums["clean"]["correct"]}
+             ) > 1  # the transformations changed some predictions
+
+
 def test_preprocess_runs_on_device_before_features_and_transform():
   """uint8 batches with preprocess = to_float score as the float batches do."""
   rng = np.random.default_rng(4)

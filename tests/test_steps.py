@@ -4,7 +4,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -199,28 +198,6 @@ def test_eval_step_masks_padding():
   rank = np.sum(logits > logits[np.arange(6), labels][:, None], axis=1)
   assert float(out["count"]) == 4 and float(out["correct"]) == correct
   assert float(out["correct5"]) == np.sum((rank < 5)[:4])
-
-
-def test_transformed_eval_scores_the_scoring_transformation_of_each_image():
-  _, cfg, state, _ = _setup(copies=1, alpha=0.0, classes=12)
-  images, labels = _seeds(6, classes=12)
-  mask = jnp.ones(6, jnp.float32)
-  key = jax.random.key(3)
-  out = jax.jit(steps.make_eval_step(True, cfg.ranges))(state, images, labels, mask, key)
-  moved = augment.augment(key, steps.to_float(images), cfg.ranges, scoring=True)
-  logits = np.asarray(steps.eval_logits(state, moved))
-  assert float(out["correct"]) == np.sum(np.argmax(logits, -1) == np.asarray(labels))
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  np.testing.assert_allclose(float(out["cross_entropy"]), float(jnp.sum(ce)), rtol=1e-5)
-  clean = jax.jit(steps.make_eval_step(True))(state, images, labels, mask)
-  assert float(out["cross_entropy"]) != float(clean["cross_entropy"])  # it did move
-  # with every range zero, the transformation is the identity: the clean figures
-  none = augment.AugmentRanges.from_config(ml_collections.ConfigDict(
-      {k: 0.0 for k in ("flip", "translate", "scale", "rotation", "shear", "contrast",
-                        "brightness")}))
-  same = jax.jit(steps.make_eval_step(True, none))(state, images, labels, mask, key)
-  for k in clean:
-    np.testing.assert_allclose(float(same[k]), float(clean[k]), rtol=1e-5)
 
 
 def test_top5_with_fewer_than_five_classes_counts_every_label():

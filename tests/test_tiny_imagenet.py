@@ -1,7 +1,6 @@
 """Tests for invjax/datasets/tiny_imagenet.py on a small zip of the official layout."""
 
 import io
-import os
 import zipfile
 
 import ml_collections
@@ -125,7 +124,7 @@ def test_without_the_zip_or_a_network_the_error_says_where_to_put_it(
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=str(manual), try_download_gcs=False))
   message = str(e.value)
-  assert f"Put tiny-imagenet-200.zip" in message
+  assert "Put tiny-imagenet-200.zip" in message
   assert str(manual) in message and "--config.manual_dir" in message
   assert "Could not resolve host" in message
 

@@ -1,0 +1,406 @@
+"""Speed of the invariance loss, the augmentation and the analysis, side by side.
+
+  python experiments/benchmark.py                       # every architecture
+  python experiments/benchmark.py --models=allcnn --size=paper --precision=bfloat16
+
+For each architecture, at its paper batch size and M (configs/<model>.py), in one
+process and on the same synthetic data resident on the device, this times the real
+training program (`train.TrainPrograms`: seeds gathered on device, augmented, forward,
+backward, update), in these variants:
+
+  baseline          M = 1, alpha = 0: B distinct images per step
+  same batch        M copies of B / M seeds, alpha = 0, L_inv not computed
+  invariance <m>    M copies, alpha = 0.1, L_inv by method <m> (pairwise, moments)
+  ... 1 step/dispatch   the default invariance step, synchronised after every step
+
+and the augmentation alone (B images from B / M seeds) and the analysis (test images
+scored per second: clean pass, 5 transformed copies, every layer; `analysis.score_dataset`).
+
+Each training variant runs --steps_per_dispatch steps per dispatched program; its step
+time is the median over --repeats programs (after warm-up, the device synchronised after
+each) divided by the steps per program. Reported per variant: step time, images per
+second, the ratio to the same-batch and to the baseline step, XLA's FLOPs per step (its
+cost analysis of the compiled program), achieved TFLOP/s and their fraction of the
+device's matmul peak (measured here with a large matrix product in the compute dtype,
+or --peak_tflops), XLA's memory plan of the program (arguments + temporaries), the
+device's peak memory where it reports one, and compile time. Writes a Markdown table and
+JSON (--out, default experiments/results/benchmark.{md,json}).
+
+--size=small (the default on CPU) shrinks the models so that a CPU finishes in minutes:
+the ratios are what it measures there; absolute speed is for the accelerator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from invjax import analysis  # pylint: disable=g-import-not-at-top
+from invjax import augment  # pylint: disable=g-import-not-at-top
+from invjax import config_lib  # pylint: disable=g-import-not-at-top
+from invjax import input_pipeline  # pylint: disable=g-import-not-at-top
+from invjax import steps as steps_lib  # pylint: disable=g-import-not-at-top
+from invjax import train  # pylint: disable=g-import-not-at-top
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["allcnn", "wrn", "densenet"],
+                  "Architectures: config files configs/<name>.py.")
+flags.DEFINE_enum("size", None, ["paper", "small"],
+                  "paper: the models as published; small: shrunk for a CPU. Default: "
+                  "small on CPU, paper elsewhere.")
+flags.DEFINE_list("precision", None, "float32 and/or bfloat16 (config.half_precision). "
+                  "Default: float32 on CPU, bfloat16 elsewhere.")
+flags.DEFINE_integer("steps_per_dispatch", None, "Steps per timed program. Default: 2 "
+                     "on CPU, 10 elsewhere.")
+flags.DEFINE_integer("repeats", None, "Timed programs per variant (after 2 warm-up). "
+                     "Default: 5 on CPU, 20 elsewhere.")
+flags.DEFINE_integer("train_images", None, "Synthetic training set resident on the "
+                     "device. Default: 2,000 on CPU, 50,000 (CIFAR-10's) elsewhere.")
+flags.DEFINE_integer("analysis_images", None, "Test images scored. Default: 256 on "
+                     "CPU, 10,000 (CIFAR-10's) elsewhere.")
+flags.DEFINE_float("peak_tflops", None, "The device's peak TFLOP/s for the fraction "
+                   "column. Default: measured with a large matrix product.")
+flags.DEFINE_string("out", os.path.join(ROOT, "experiments", "results", "benchmark"),
+                    "Output path without extension: writes OUT.md and OUT.json.")
+
+# What --size=small changes, per model (the paper's batch size and M are kept).
+SMALL = {
+    "allcnn": {"model.width": 0.25},
+    "wrn": {"model.depth": 10, "model.widen": 2},
+    "densenet": {"model.depth": 40},
+}
+METHODS = ("pairwise", "moments")
+
+
+def _on_cpu() -> bool:
+  return jax.default_backend() == "cpu"
+
+
+def _default(value, cpu, accelerator):
+  return value if value is not None else (cpu if _on_cpu() else accelerator)
+
+
+def load_config(model: str, size: str, precision: str):
+  path = os.path.join(ROOT, "configs", f"{model}.py")
+  spec = importlib.util.spec_from_file_location(f"bench_config_{model}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("invariance")
+  overrides = SMALL.get(model, {}) if size == "small" else {}
+  with c.unlocked():
+    for field, value in overrides.items():
+      node = c
+      *parents, leaf = field.split(".")
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+    c.half_precision = precision == "bfloat16"
+  return c, overrides
+
+
+def synthetic_data(config, n_train: int, n_test: int) -> input_pipeline.Dataset:
+  rng = np.random.default_rng(0)
+  shape = tuple(config.image_shape)
+  classes = config.num_classes
+  return input_pipeline.Dataset(
+      "synthetic", rng.integers(0, 256, (n_train, *shape), dtype=np.uint8),
+      rng.integers(0, classes, n_train).astype(np.int32),
+      rng.integers(0, 256, (n_test, *shape), dtype=np.uint8),
+      rng.integers(0, classes, n_test).astype(np.int32), num_classes=classes)
+
+
+def _sync(tree):
+  jax.block_until_ready(tree)
+
+
+def measure_peak_tflops(dtype) -> float:
+  """TFLOP/s of a large square matrix product in `dtype`: the device's usable peak."""
+  n = 1024 if _on_cpu() else 8192
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  f = jax.jit(lambda a, b: a @ b)
+  _sync(f(a, b))
+  times = []
+  for _ in range(5 if _on_cpu() else 20):
+    t = time.perf_counter()
+    _sync(f(a, b))
+    times.append(time.perf_counter() - t)
+  return 2 * n ** 3 / float(np.median(times)) / 1e12
+
+
+def _cost_flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", float("nan")))
+
+
+def _plan_bytes(compiled) -> float:
+  """XLA's memory plan of a program: arguments + outputs not aliased + temporaries."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return float("nan")
+  return float(m.argument_size_in_bytes + m.output_size_in_bytes
+               - m.alias_size_in_bytes + m.temp_size_in_bytes)
+
+
+def _device_peak_bytes() -> float:
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return float(stats.get("peak_bytes_in_use", float("nan")))
+
+
+def time_training(config, data, step_overrides: dict, steps_per_dispatch: int,
+                  repeats: int) -> dict:
+  """One training variant: compile, warm up, time; the program's costs."""
+  with config.unlocked():
+    config.steps_per_dispatch = steps_per_dispatch
+  run = train.build(config, data)
+  run.step_config = dataclasses.replace(run.step_config, **step_overrides)
+  placement = train.Placement.create()
+  state = train.initial_state(run, placement)
+  programs = train.TrainPrograms(run, placement, state)
+  # XLA's cost analysis counts a loop body once, whatever its trip count: take the
+  # FLOPs of the 1-step program.
+  one_step = programs.compiled[1]
+  step = 0
+  for _ in range(2):  # warm-up
+    state, metrics = programs(state, step, steps_per_dispatch)
+    step += steps_per_dispatch
+  _sync((state, metrics))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    state, metrics = programs(state, step, steps_per_dispatch)
+    _sync((state, metrics))
+    times.append(time.perf_counter() - t)
+    step += steps_per_dispatch
+  seconds = float(np.median(times)) / steps_per_dispatch
+  return {"step_ms": seconds * 1e3,
+          "images_per_s": config.batch_size / seconds,
+          "flops_per_step": _cost_flops(one_step),
+          "memory_plan_bytes": _plan_bytes(programs.compiled[steps_per_dispatch]),
+          "compile_s": programs.compile_seconds[steps_per_dispatch],
+          "steps_timed": repeats * steps_per_dispatch,
+          "loss_finite": bool(np.all(np.isfinite(np.asarray(metrics["loss"]))))}
+
+
+def time_augmentation(config, data, repeats: int) -> dict:
+  """The augmentation alone: B augmented float images from B / M uint8 seeds."""
+  k = config.batch_size // config.copies
+  ranges = augment.AugmentRanges.from_config(config.augment)
+  placement = train.Placement.create()
+  seeds = placement.shard(data.x_train[:k])
+  labels = placement.shard(data.y_train[:k])
+
+  @jax.jit
+  def aug(key, seeds, labels):
+    x, _, _ = steps_lib.expand_seeds(seeds, labels, config.copies)
+    return augment.augment(key, steps_lib.to_float(x), ranges)
+
+  t = time.perf_counter()
+  compiled = aug.lower(jax.random.key(0), seeds, labels).compile()
+  compile_s = time.perf_counter() - t
+  _sync(compiled(jax.random.key(0), seeds, labels))
+  times = []
+  for i in range(repeats * 5):
+    t = time.perf_counter()
+    _sync(compiled(jax.random.key(i), seeds, labels))
+    times.append(time.perf_counter() - t)
+  seconds = float(np.median(times))
+  return {"step_ms": seconds * 1e3, "images_per_s": config.batch_size / seconds,
+          "flops_per_step": _cost_flops(compiled),
+          "memory_plan_bytes": _plan_bytes(compiled), "compile_s": compile_s}
+
+
+def time_analysis(config, data) -> dict:
+  """Invariance scores of every layer for the test images, 5 copies each."""
+  run = train.build(config, data)
+  placement = train.Placement.create()
+  state = train.initial_state(run, placement)
+  ranges = augment.AugmentRanges.from_config(config.augment)
+  ac = config.analysis
+  batch = min(ac.batch_size, len(data.x_test))
+  batch -= batch % jax.device_count()
+
+  def batches():
+    for start in range(0, len(data.x_test) - batch + 1, batch):
+      yield placement.shard(data.x_test[start:start + batch])
+
+  def score():
+    return analysis.score_dataset(
+        lambda x: steps_lib.features(state, x), batches, jax.random.key(0),
+        ac.num_transforms, lambda key, x: augment.augment(key, x, ranges, scoring=True),
+        preprocess=steps_lib.to_float)
+
+  t = time.perf_counter()
+  score()  # compiles
+  first = time.perf_counter() - t
+  t = time.perf_counter()
+  scores = score()
+  seconds = time.perf_counter() - t
+  n = len(next(iter(scores.values())))
+  return {"images": n, "seconds": seconds, "images_per_s": n / seconds,
+          "layers": len(scores), "copies": ac.num_transforms,
+          "first_call_s": first}
+
+
+def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: int,
+                    n_train: int, n_test: int) -> dict:
+  config, overrides = load_config(model, size, precision)
+  data = synthetic_data(config, n_train, n_test)
+  m = config.copies
+  variants = {
+      "baseline": ({"copies": 1, "alpha": 0.0}, {}),
+      "same batch": ({"alpha": 0.0}, {"measure_inv": False}),
+  }
+  for method in METHODS:
+    variants[f"invariance {method}"] = ({"loss_method": method}, {})
+  default_method = config_lib.base_config().loss_method
+  rows = {}
+  for name, (fields, step_overrides) in variants.items():
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+      for k, v in fields.items():
+        c[k] = v
+    print(f"  {model} {precision}: {name} ...", flush=True)
+    rows[name] = time_training(c, data, step_overrides, spd, repeats)
+    rows[name]["copies"], rows[name]["alpha"] = c.copies, c.alpha
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    c.loss_method = default_method
+  print(f"  {model} {precision}: 1 step per dispatch ...", flush=True)
+  rows[f"invariance {default_method}, 1 step/dispatch"] = time_training(
+      c, data, {}, 1, repeats * spd)
+  print(f"  {model} {precision}: augmentation, analysis ...", flush=True)
+  aug = time_augmentation(config, data, repeats)
+  scores = time_analysis(config, data)
+  base, same = rows["baseline"]["step_ms"], rows["same batch"]["step_ms"]
+  for r in rows.values():
+    r["vs_same_batch"] = r["step_ms"] / same
+    r["vs_baseline"] = r["step_ms"] / base
+  aug["vs_same_batch"] = aug["step_ms"] / same
+  return {"model": model, "precision": precision, "size": size,
+          "overrides": overrides, "batch_size": config.batch_size, "copies": m,
+          "paper_epochs": config.num_epochs, "train_rows": rows, "augmentation": aug,
+          "analysis": scores, "default_method": default_method}
+
+
+def hardware() -> dict:
+  dev = jax.devices()[0]
+  return {"device": dev.device_kind, "platform": dev.platform,
+          "devices": jax.device_count(), "cpu_count": os.cpu_count(),
+          "machine": platform.machine(), "python": platform.python_version(),
+          "jax": jax.__version__}
+
+
+def format_markdown(result: dict) -> str:
+  hw = result["hardware"]
+  lines = [
+      "# invjax benchmark", "",
+      f"Command: `{result['command']}`  ",
+      f"Date: {result['date']}  ",
+      f"Hardware: {hw['device']} x{hw['devices']} ({hw['platform']}), "
+      f"{hw['cpu_count']} CPU cores, {hw['machine']}; JAX {hw['jax']}, "
+      f"Python {hw['python']}  ",
+      f"Steps per timed program: {result['steps_per_dispatch']}; median of "
+      f"{result['repeats']} programs after 2 warm-up, synchronised after each. "
+      f"Synthetic training set of {result['train_images']:,} images resident on the "
+      "device; the step gathers, augments, runs forward and backward and updates.  ",
+  ]
+  for precision, peak in result["peak_tflops"].items():
+    lines.append(f"Device peak ({precision} matmul, {result['peak_source']}): "
+                 f"{peak:.2f} TFLOP/s  ")
+  for r in result["models"]:
+    size = (" (size small: " + ", ".join(f"{k}={v}" for k, v in r["overrides"].items())
+            + ")") if r["overrides"] else ""
+    peak = result["peak_tflops"][r["precision"]]
+    lines += ["", f"## {r['model']}, {r['precision']}{size}: batch {r['batch_size']}, "
+              f"M = {r['copies']}", "",
+              "| step | ms | images/s | / same batch | / baseline | GFLOP/step (XLA) "
+              "| TFLOP/s | of peak | memory plan (MB) | compile (s) |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, row in r["train_rows"].items():
+      tflops = row["flops_per_step"] / (row["step_ms"] / 1e3) / 1e12
+      lines.append(
+          f"| {name} | {row['step_ms']:.2f} | {row['images_per_s']:,.0f} | "
+          f"{row['vs_same_batch']:.3f} | {row['vs_baseline']:.3f} | "
+          f"{row['flops_per_step'] / 1e9:,.1f} | {tflops:.3f} | {tflops / peak:.1%} | "
+          f"{row['memory_plan_bytes'] / 2**20:,.0f} | {row['compile_s']:.1f} |")
+    a = r["augmentation"]
+    lines.append(f"| augmentation alone | {a['step_ms']:.2f} | {a['images_per_s']:,.0f}"
+                 f" | {a['vs_same_batch']:.3f} | | {a['flops_per_step'] / 1e9:,.2f} | | "
+                 f"| {a['memory_plan_bytes'] / 2**20:,.0f} | {a['compile_s']:.1f} |")
+    s = r["analysis"]
+    steps = 50_000 // r["batch_size"] * r["paper_epochs"]
+    inv = r["train_rows"][f"invariance {r['default_method']}"]
+    lines += ["", f"Analysis: {s['images']:,} test images x {s['copies']} transformed "
+              f"copies, {s['layers']} layers (pixels included) scored in "
+              f"{s['seconds']:.2f} s: {s['images_per_s']:,.0f} images/s "
+              f"(first call, compiling: {s['first_call_s']:.1f} s).  ",
+              f"Projected paper run ({r['paper_epochs']:g} epochs of 50,000 CIFAR-10 "
+              f"images, {steps:,.0f} steps) at the invariance {r['default_method']} step: "
+              f"{steps * inv['step_ms'] / 6e4:,.1f} min of training steps."]
+  if result.get("device_peak_bytes") == result.get("device_peak_bytes"):  # not NaN
+    lines += ["", f"Device peak memory in use over the whole run: "
+              f"{result['device_peak_bytes'] / 2**30:.2f} GiB."]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  del argv
+  size = _default(FLAGS.size, "small", "paper")
+  precisions = _default(FLAGS.precision, ["float32"], ["bfloat16"])
+  spd = _default(FLAGS.steps_per_dispatch, 2, 10)
+  repeats = _default(FLAGS.repeats, 5, 20)
+  n_train = _default(FLAGS.train_images, 2_000, 50_000)
+  n_test = _default(FLAGS.analysis_images, 256, 10_000)
+  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+  for p in precisions:
+    if p not in dtypes:
+      raise app.UsageError(f"--precision={p}: valid values are {sorted(dtypes)}.")
+  unknown = [m for m in FLAGS.models
+             if not os.path.exists(os.path.join(ROOT, "configs", f"{m}.py"))]
+  if unknown:
+    raise app.UsageError(f"--models: no configs/<name>.py for {unknown}.")
+  if FLAGS.peak_tflops:
+    peaks, source = {p: FLAGS.peak_tflops for p in precisions}, "given"
+  else:
+    peaks = {p: measure_peak_tflops(dtypes[p]) for p in precisions}
+    source = "measured here"
+  print(f"{hardware()['device']} x{jax.device_count()}: peak " + ", ".join(
+      f"{p} {v:.2f} TFLOP/s" for p, v in peaks.items()), flush=True)
+  models = []
+  for precision in precisions:
+    for model in FLAGS.models:
+      models.append(benchmark_model(model, size, precision, spd, repeats, n_train,
+                                    n_test))
+  result = {"command": " ".join(["python", "experiments/benchmark.py", *sys.argv[1:]]),
+            "date": datetime.date.today().isoformat(), "hardware": hardware(),
+            "steps_per_dispatch": spd, "repeats": repeats, "train_images": n_train,
+            "peak_tflops": peaks, "peak_source": source, "models": models,
+            "device_peak_bytes": _device_peak_bytes()}
+  text = format_markdown(result)
+  print(text)
+  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+  with open(FLAGS.out + ".md", "w") as f:
+    f.write(text)
+  with open(FLAGS.out + ".json", "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"wrote {FLAGS.out}.md and {FLAGS.out}.json")
+
+
+if __name__ == "__main__":
+  app.run(main)
