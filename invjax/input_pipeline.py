@@ -2,7 +2,8 @@
 
 Three sources, chosen by `config.dataset`:
   - "digits": scikit-learn's 1,797 handwritten digits (shipped with scikit-learn, no
-    download), upsampled from 8x8 to 32x32x3, with a fixed stratified train/test split.
+    download), upsampled from 8x8 to 32x32x3 (or to the size `config.image_shape`
+    declares, e.g. 16x16x3), with a fixed stratified train/test split.
   - a path ending in ".npz" with x_train, y_train, x_test, y_test (uint8 images
     [N, H, W, C] or [N, H, W]; integer labels), e.g. a decoded copy of CIFAR-10.
   - any other name: a tensorflow-datasets data set with "image" and "label" features,
@@ -57,7 +58,8 @@ def load(config) -> Dataset:
   """Loads the data set named by `config.dataset` (see the module docstring)."""
   name = config.dataset
   if name == "digits":
-    ds = load_digits()
+    shape = tuple(config.get("image_shape") or ())
+    ds = load_digits(shape[0] if shape else 32)
   elif name.endswith(".npz"):
     ds = load_npz(name)
   else:
@@ -86,11 +88,12 @@ def _to_rgb32(images8: np.ndarray, size: int = 32) -> np.ndarray:
   return np.repeat(out[..., None], 3, axis=-1)
 
 
-def load_digits() -> Dataset:
+def load_digits(size: int = 32) -> Dataset:
+  """The digits upsampled to size x size x 3 (8x8 originally)."""
   from sklearn import datasets as skdatasets  # pylint: disable=g-import-not-at-top
   from sklearn import model_selection  # pylint: disable=g-import-not-at-top
   digits = skdatasets.load_digits()
-  x = _to_rgb32(digits.images)
+  x = _to_rgb32(digits.images, size)
   y = digits.target.astype(np.int32)
   x_train, x_test, y_train, y_test = model_selection.train_test_split(
       x, y, test_size=DIGITS_TEST_FRACTION, random_state=DIGITS_SPLIT_SEED, stratify=y)

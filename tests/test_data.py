@@ -6,6 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from invjax import config_lib
 from invjax import input_pipeline as ip
 
 
@@ -51,6 +52,28 @@ def test_digits_deterministic(digits):
   again = ip.load_digits()
   for k in ("x_train", "y_train", "x_test", "y_test"):
     np.testing.assert_array_equal(getattr(digits, k), getattr(again, k), err_msg=k)
+
+
+def test_digits_at_the_declared_size_are_2x_bilinear(sk_digits_split):
+  """image_shape=(16, 16, 3) gives 16x16 digits: each 8x8 pixel v[j] becomes the pair
+  0.25 v[j-1] + 0.75 v[j], 0.75 v[j] + 0.25 v[j+1] (edges replicated), per axis."""
+  config = config_lib.base_config()
+  config.dataset, config.image_shape = "digits", (16, 16, 3)
+  small = ip.load(config)
+  assert small.x_train.shape == (1347, 16, 16, 3) and small.x_test.shape == (450, 16, 16, 3)
+  d, i_train, _ = sk_digits_split
+
+  def up(v, axis):
+    v = np.moveaxis(v, axis, -1)
+    p = np.concatenate([v[..., :1], v, v[..., -1:]], axis=-1)
+    even = 0.25 * p[..., :-2] + 0.75 * p[..., 1:-1]
+    odd = 0.75 * p[..., 1:-1] + 0.25 * p[..., 2:]
+    out = np.stack([even, odd], axis=-1).reshape(*v.shape[:-1], 2 * v.shape[-1])
+    return np.moveaxis(out, -1, axis)
+
+  expected = up(up(d.images[i_train].astype(np.float64), 1), 2) / 16.0 * 255.0
+  np.testing.assert_allclose(small.x_train[..., 0], np.round(expected), atol=1)
+  np.testing.assert_array_equal(small.y_train, d.target[i_train])
 
 
 def _filter_121(v):

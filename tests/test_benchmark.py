@@ -1,0 +1,43 @@
+"""experiments/benchmark.py measures the real training program (smoke test, tiny model).
+
+Timings are printed by the benchmark, never asserted here; this checks that what it
+reports is computed from the programs it claims to time.
+"""
+
+import jax
+import numpy as np
+
+from experiments import benchmark
+from tests import helpers
+
+
+def test_benchmark_rows_come_from_the_compiled_programs():
+  config = helpers.tiny_config("unused", num_epochs=1.0, lr_boundaries=())
+  config.image_shape, config.num_classes = (16, 16, 3), 4
+  data = benchmark.synthetic_data(config, n_train=64, n_test=20)
+  row = benchmark.time_training(config.copy_and_resolve_references(), data,
+                                {"measure_inv": False}, steps_per_dispatch=2,
+                                repeats=2)
+  assert row["steps_timed"] == 4 and row["loss_finite"]
+  assert row["step_ms"] > 0 and row["compile_s"] > 0
+  assert row["images_per_s"] == 16 / (row["step_ms"] / 1e3)
+  assert row["flops_per_step"] > 0 and row["memory_plan_bytes"] > 0
+  aug = benchmark.time_augmentation(config, data, repeats=1)
+  assert aug["step_ms"] > 0 and aug["flops_per_step"] > 0
+  scores = benchmark.time_analysis(config, data)
+  # 20 images in batches of 16 (analysis.batch_size): one whole batch scored
+  assert scores["images"] == 16 and scores["layers"] == len(helpers.TINY_SOWN) + 1
+  assert scores["copies"] == 2 and scores["images_per_s"] > 0
+  text = benchmark.format_markdown({
+      "command": "c", "date": "d", "hardware": benchmark.hardware(),
+      "steps_per_dispatch": 2, "repeats": 2, "train_images": 64,
+      "peak_tflops": {"float32": 1.0}, "peak_source": "given",
+      "device_peak_bytes": float("nan"),
+      "models": [{"model": "tiny", "precision": "float32", "size": "paper",
+                  "overrides": {}, "batch_size": 16, "copies": 4, "paper_epochs": 1,
+                  "default_method": "moments",
+                  "train_rows": {"invariance moments": dict(row, vs_same_batch=1.0,
+                                                            vs_baseline=1.0)},
+                  "augmentation": dict(aug, vs_same_batch=0.1), "analysis": scores}]})
+  assert "| invariance moments |" in text and jax.devices()[0].device_kind in text
+  assert np.isfinite(row["flops_per_step"])
