@@ -66,8 +66,8 @@ flags.DEFINE_list("precision", None, "float32 and/or bfloat16 (config.half_preci
                   "Default: float32 on CPU, bfloat16 elsewhere.")
 flags.DEFINE_integer("steps_per_dispatch", None, "Steps per timed program. Default: 1 "
                      "on CPU (dispatch costs nothing next to a CPU step), 10 elsewhere.")
-flags.DEFINE_integer("repeats", None, "Timed programs per variant (after 2 warm-up). "
-                     "Default: 5 on CPU, 20 elsewhere.")
+flags.DEFINE_integer("repeats", None, "Timed programs per variant (after 2 warm-up), "
+                     "the variants in turn. Default: 7 on CPU, 30 elsewhere.")
 flags.DEFINE_integer("train_images", None, "Synthetic training set resident on the "
                      "device. Default: 2,000 on CPU, 50,000 (CIFAR-10's) elsewhere.")
 flags.DEFINE_integer("analysis_images", None, "Test images scored. Default: 256 on "
@@ -162,39 +162,51 @@ def _device_peak_bytes() -> float:
   return float(stats.get("peak_bytes_in_use", float("nan")))
 
 
-def time_training(config, data, step_overrides: dict, steps_per_dispatch: int,
-                  repeats: int) -> dict:
-  """One training variant: compile, warm up, time; the program's costs."""
-  with config.unlocked():
-    config.steps_per_dispatch = steps_per_dispatch
-  run = train.build(config, data)
-  run.step_config = dataclasses.replace(run.step_config, **step_overrides)
-  placement = train.Placement.create()
-  state = train.initial_state(run, placement)
-  programs = train.TrainPrograms(run, placement, state)
-  # XLA's cost analysis counts a loop body once, whatever its trip count: take the
-  # FLOPs of the 1-step program.
-  one_step = programs.compiled[1]
-  step = 0
-  for _ in range(2):  # warm-up
-    state, metrics = programs(state, step, steps_per_dispatch)
-    step += steps_per_dispatch
-  _sync((state, metrics))
-  times = []
-  for _ in range(repeats):
+class TrainingVariant:
+  """One training variant, compiled and warmed up, timed a program at a time."""
+
+  def __init__(self, config, data, step_overrides: dict, steps_per_dispatch: int):
+    with config.unlocked():
+      config.steps_per_dispatch = steps_per_dispatch
+    self.config, self.spd = config, steps_per_dispatch
+    run = train.build(config, data)
+    run.step_config = dataclasses.replace(run.step_config, **step_overrides)
+    placement = train.Placement.create()
+    self.state = train.initial_state(run, placement)
+    self.programs = train.TrainPrograms(run, placement, self.state)
+    self.step, self.times, self.metrics = 0, [], None
+    for _ in range(2):  # warm-up
+      self.run_once()
+    self.times = []
+
+  def run_once(self) -> None:
     t = time.perf_counter()
-    state, metrics = programs(state, step, steps_per_dispatch)
-    _sync((state, metrics))
-    times.append(time.perf_counter() - t)
-    step += steps_per_dispatch
-  seconds = float(np.median(times)) / steps_per_dispatch
-  return {"step_ms": seconds * 1e3,
-          "images_per_s": config.batch_size / seconds,
-          "flops_per_step": _cost_flops(one_step),
-          "memory_plan_bytes": _plan_bytes(programs.compiled[steps_per_dispatch]),
-          "compile_s": programs.compile_seconds[steps_per_dispatch],
-          "steps_timed": repeats * steps_per_dispatch,
-          "loss_finite": bool(np.all(np.isfinite(np.asarray(metrics["loss"]))))}
+    self.state, self.metrics = self.programs(self.state, self.step, self.spd)
+    _sync((self.state, self.metrics))
+    self.times.append(time.perf_counter() - t)
+    self.step += self.spd
+
+  def result(self) -> dict:
+    seconds = float(np.median(self.times)) / self.spd
+    compiled = self.programs.compiled
+    return {"step_ms": seconds * 1e3,
+            "images_per_s": self.config.batch_size / seconds,
+            # XLA's cost analysis counts a loop body once, whatever its trip count:
+            # take the FLOPs of the 1-step program.
+            "flops_per_step": _cost_flops(compiled[1]),
+            "memory_plan_bytes": _plan_bytes(compiled[self.spd]),
+            "compile_s": self.programs.compile_seconds[self.spd],
+            "steps_timed": len(self.times) * self.spd,
+            "loss_finite": bool(np.all(np.isfinite(np.asarray(self.metrics["loss"]))))}
+
+
+def time_training(variants: dict[str, TrainingVariant], repeats: int) -> dict:
+  """Times the variants side by side: round after round, one program of each in turn,
+  so that drift in the machine's speed touches them all alike."""
+  for _ in range(repeats):
+    for v in variants.values():
+      v.run_once()
+  return {name: v.result() for name, v in variants.items()}
 
 
 def time_augmentation(config, data, repeats: int) -> dict:
@@ -269,22 +281,28 @@ def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: in
   for method in METHODS:
     variants[f"invariance {method}"] = ({"loss_method": method}, {})
   default_method = config_lib.base_config().loss_method
-  rows = {}
+  prepared = {}
   for name, (fields, step_overrides) in variants.items():
     c = config.copy_and_resolve_references()
     with c.unlocked():
       for k, v in fields.items():
         c[k] = v
-    print(f"  {model} {precision}: {name} ...", flush=True)
-    rows[name] = time_training(c, data, step_overrides, spd, repeats)
-    rows[name]["copies"], rows[name]["alpha"] = c.copies, c.alpha
+    print(f"  {model} {precision}: compiling {name} ...", flush=True)
+    prepared[name] = TrainingVariant(c, data, step_overrides, spd)
+  print(f"  {model} {precision}: timing {len(prepared)} variants side by side ...",
+        flush=True)
+  rows = time_training(prepared, repeats)
+  for name, v in prepared.items():
+    rows[name]["copies"], rows[name]["alpha"] = v.config.copies, v.config.alpha
   if spd > 1:  # what several steps per dispatch buy
     c = config.copy_and_resolve_references()
     with c.unlocked():
       c.loss_method = default_method
     print(f"  {model} {precision}: 1 step per dispatch ...", flush=True)
+    one = {"1": TrainingVariant(c, data, {}, 1)}
     rows[f"invariance {default_method}, 1 step/dispatch"] = time_training(
-        c, data, {}, 1, repeats * spd)
+        one, repeats * spd)["1"]
+  del prepared
   print(f"  {model} {precision}: augmentation, analysis ...", flush=True)
   aug = time_augmentation(config, data, repeats)
   scores = time_analysis(config, data)
@@ -317,7 +335,8 @@ def format_markdown(result: dict) -> str:
       f"{hw['cpu_count']} CPU cores, {hw['machine']}; JAX {hw['jax']}, "
       f"Python {hw['python']}  ",
       f"Steps per timed program: {result['steps_per_dispatch']}; median of "
-      f"{result['repeats']} programs after 2 warm-up, synchronised after each. "
+      f"{result['repeats']} programs after 2 warm-up, synchronised after each, the "
+      "variants timed in turn (round after round). "
       f"Synthetic training set of {result['train_images']:,} images resident on the "
       "device; the step gathers, augments, runs forward and backward and updates.  ",
   ]
@@ -365,7 +384,7 @@ def main(argv):
   size = _default(FLAGS.size, "small", "paper")
   precisions = _default(FLAGS.precision, ["float32"], ["bfloat16"])
   spd = _default(FLAGS.steps_per_dispatch, 1, 10)
-  repeats = _default(FLAGS.repeats, 5, 20)
+  repeats = _default(FLAGS.repeats, 7, 30)
   n_train = _default(FLAGS.train_images, 2_000, 50_000)
   n_test = _default(FLAGS.analysis_images, 256, 10_000)
   dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -12,13 +12,14 @@ from tests import helpers
 
 
 def test_benchmark_rows_come_from_the_compiled_programs():
-  config = helpers.tiny_config("unused", num_epochs=1.0, lr_boundaries=())
+  config = helpers.tiny_config("unused", "batchaug", num_epochs=1.0, lr_boundaries=())
   config.image_shape, config.num_classes = (16, 16, 3), 4
   data = benchmark.synthetic_data(config, n_train=64, n_test=20)
-  row = benchmark.time_training(config.copy_and_resolve_references(), data,
-                                {"measure_inv": False}, steps_per_dispatch=2,
-                                repeats=2)
-  assert row["steps_timed"] == 4 and row["loss_finite"]
+  variant = benchmark.TrainingVariant(config.copy_and_resolve_references(), data,
+                                      {"measure_inv": False}, steps_per_dispatch=2)
+  assert not any(k.startswith("inv_loss") for k in variant.metrics)
+  row = benchmark.time_training({"same batch": variant}, repeats=2)["same batch"]
+  assert row["steps_timed"] == 4 and variant.step == 8 and row["loss_finite"]
   assert row["step_ms"] > 0 and row["compile_s"] > 0
   assert row["images_per_s"] == 16 / (row["step_ms"] / 1e3)
   assert row["flops_per_step"] > 0 and row["memory_plan_bytes"] > 0
