@@ -156,8 +156,14 @@ def _flat_config(d, prefix=""):
   return out
 
 
+# Fields that change how fast a run goes, not what it computes (tested): a run may be
+# resumed with other values, e.g. on another machine.
+PERFORMANCE_FIELDS = ("data_on_device", "steps_per_dispatch")
+
+
 def check_workdir_config(config, workdir: str, allow_change: bool = False) -> None:
-  """Refuses to resume a workdir that was started with a different configuration."""
+  """Refuses to resume a workdir that was started with a different configuration
+  (PERFORMANCE_FIELDS aside)."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     return
@@ -165,7 +171,7 @@ def check_workdir_config(config, workdir: str, allow_change: bool = False) -> No
     saved = _flat_config(json.load(f))
   given = _flat_config(json.loads(config.to_json_best_effort()))
   diff = {k: (saved.get(k), given.get(k)) for k in sorted(set(saved) | set(given))
-          if saved.get(k) != given.get(k)}
+          if saved.get(k) != given.get(k) and k not in PERFORMANCE_FIELDS}
   if diff and not allow_change:
     lines = "\n".join(f"  {k}: saved {a!r}, given {b!r}" for k, (a, b) in diff.items())
     raise ValueError(
