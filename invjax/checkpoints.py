@@ -42,6 +42,41 @@ class Checkpoints:
     logging.info("restoring checkpoint %d from %s", step, self.directory)
     return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
+  def restore_latest(self, target):
+    """(state, step) from the newest checkpoint that restores; (target, 0) if none.
+
+    A checkpoint that fails to restore (a truncated or unreadable file) while an older
+    one restores into the same target was damaged: it is moved aside to
+    `damaged-<step>` (kept, not deleted) with a warning, and training resumes from the
+    older one. If none restores, the newest one's error is raised: then the target
+    itself (the model, the config) does not fit.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    failed = []
+    for step in steps:
+      try:
+        state = self.restore(target, step)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("checkpoint %d in %s does not restore (%s: %s)", step,
+                        self.directory, type(e).__name__, str(e)[:300])
+        failed.append((step, e))
+        continue
+      for bad, _ in failed:
+        aside = os.path.join(self.directory, f"damaged-{bad}")
+        os.rename(os.path.join(self.directory, str(bad)), aside)
+        logging.warning("checkpoint %d is damaged: moved aside to %s; resuming from "
+                        "checkpoint %d instead", bad, aside, step)
+      if failed:
+        self.manager.reload()
+      return state, step
+    if failed:
+      raise failed[0][1]
+    return target, 0
+
   def close(self) -> None:
+    """Waits for saves in flight and closes; a second call does nothing."""
+    if getattr(self, "_closed", False):
+      return
+    self._closed = True
     self.manager.wait_until_finished()
     self.manager.close()

@@ -24,13 +24,29 @@ def _flat(features: jax.Array) -> jax.Array:
   return f - jnp.mean(f, axis=0, keepdims=True)
 
 
-def pairwise_distances(features: jax.Array) -> jax.Array:
-  """Eq. 1 for every pair: [B, B] mean squared differences, from matrix products."""
-  f = _flat(features)
+def _normalised(f: jax.Array) -> jax.Array:
+  """Centred flat features divided by their largest magnitude, held constant.
+
+  L_inv is a ratio of distances, unchanged by a positive scale of the activations, and
+  so is its gradient once the scale is held constant (stop_gradient): L(f / s) = L(f)
+  and d/df L(f / s) = L'(f). Without this, activations of order 1e-11 have squared
+  distances of order 1e-22 whose square, in the quotient rule, underflows float32 and
+  makes the gradient NaN (found by tests/test_properties.py); order 1e20 overflows.
+  """
+  scale = jax.lax.stop_gradient(jnp.max(jnp.abs(f)))
+  return f / jnp.where(scale > 0, scale, 1.0)
+
+
+def _distances(f: jax.Array) -> jax.Array:
   sq = jnp.sum(f * f, axis=1)
   gram = f @ f.T
   d = (sq[:, None] + sq[None, :] - 2.0 * gram) / f.shape[1]
   return jnp.maximum(d, 0.0)
+
+
+def pairwise_distances(features: jax.Array) -> jax.Array:
+  """Eq. 1 for every pair: [B, B] mean squared differences, from matrix products."""
+  return _distances(_flat(features))
 
 
 def _check_method(method: str) -> None:
@@ -50,7 +66,7 @@ def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
 
 
 def _loss_pairwise(features, seed_ids):
-  d = pairwise_distances(features)
+  d = _distances(_normalised(_flat(features)))
   b = d.shape[0]
   off_diag = ~jnp.eye(b, dtype=bool)
   same = (seed_ids[:, None] == seed_ids[None, :]) & off_diag
@@ -63,7 +79,7 @@ def _loss_moments(features, seed_ids):
   # For a set S of n vectors with mean mu, sum_{i, j in S} ||f_i - f_j||^2 equals
   # 2 n sum_{i in S} ||f_i - mu||^2; self-pairs add 0, so dividing by n (n - 1) pairs
   # gives the mean over i != j. O(B D), no B x B matrix.
-  f = _flat(features)  # already centred on the batch mean
+  f = _normalised(_flat(features))  # centred on the batch mean
   b, dim = f.shape
   _, group = jnp.unique(seed_ids, return_inverse=True, size=b)
   group = group.reshape(b)
@@ -116,12 +132,12 @@ def grouped_invariance_loss(features: jax.Array, copies: int,
   if copies < 2 or b % copies:
     raise ValueError(f"grouped_invariance_loss needs copies >= 2 dividing the batch "
                      f"({b}), got copies={copies}.")
-  f = _flat(features)  # centred on the batch mean
+  f = _normalised(_flat(features))  # centred on the batch mean
   k, dim = b // copies, f.shape[1]
   groups = f.reshape(k, copies, dim)
   pairs_within = k * copies * (copies - 1)
   if method == "pairwise":
-    d = pairwise_distances(features)
+    d = _distances(f)
     between = jnp.sum(d) / (b * (b - 1))  # the diagonal is 0
     sq = jnp.sum(groups * groups, axis=-1)  # [K, M]
     gram = jnp.einsum("kmd,knd->kmn", groups, groups)

@@ -72,7 +72,7 @@ class MetricsLog:
                                              scalars.items()))
 
   def close(self) -> None:
-    if self.enabled:
+    if self.enabled and not self._file.closed:
       if self.writer is not None:
         self.writer.flush()
         self.writer.close()

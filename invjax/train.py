@@ -349,8 +349,15 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
                        data: input_pipeline.Dataset | None = None) -> dict[str, Any]:
   """Trains the run of `config` in `workdir`, resuming from its latest checkpoint.
 
-  Returns the final test metrics (e.g. {"accuracy": ..., "step": ...}).
+  Returns the final test metrics (e.g. {"accuracy": ..., "step": ...}). A SIGTERM from
+  here on (while compiling too) saves a checkpoint after the step in progress and exits
+  with status 143; a rerun resumes.
   """
+  with _Preemption() as preempt:
+    return _train(config, workdir, allow_config_change, data, preempt)
+
+
+def _train(config, workdir, allow_config_change, data, preempt) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   if not os.access(workdir, os.W_OK):
     raise PermissionError(f"--workdir={workdir} cannot be written; choose another.")
@@ -369,9 +376,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
 
   state = initial_state(run, placement)
   ckpts = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
-  start = ckpts.latest_step() or 0
+  state, start = ckpts.restore_latest(state)
   if start:
-    state = ckpts.restore(state, start)
     logging.info("resumed from step %d", start)
   save_config(config, workdir)
   log = metrics_io.MetricsLog(workdir, resume_step=start,
@@ -399,6 +405,10 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
   log_every = config.log_every_steps
   spe = run.steps_per_epoch
   lrs = np.asarray(jax.device_get(jax.vmap(run.lr_fn)(jnp.arange(run.total_steps))))
+  state_finite = jax.jit(lambda st: jnp.all(jnp.stack([
+      jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((st.params, st.batch_stats,
+                                                         st.opt_state))
+      if jnp.issubdtype(x.dtype, jnp.floating)])))
 
   def log_probe(step):
     inv = jax.device_get(probe_step(state, probe_seeds, probe_key))
@@ -407,11 +417,11 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
 
   if start == 0:
     log_probe(0)  # Figure 5 starts at the initialisation
-  pending: list[tuple[int, dict]] = []
-  t_log, s_log = time.time(), start
-  test = {}
-  done = start
-  with _Preemption() as preempt:
+  try:
+    pending: list[tuple[int, dict]] = []
+    t_log, s_log = time.time(), start
+    test = {}
+    done = start
     while done < run.total_steps:
       next_stop = min(run.total_steps, _next_multiple(done, log_every),
                       _next_multiple(done, ckpt_every), _next_multiple(done, eval_every))
@@ -437,15 +447,19 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
         logging.info("step %d (epoch %.1f): test accuracy %.4f", done, done / spe,
                      test["accuracy"])
       if done % ckpt_every == 0 or last or preempt.requested:
+        if not bool(state_finite(state)):  # the loss was finite, the update was not
+          raise FloatingPointError(
+              f"the train state became non-finite at or before step {done} (the "
+              "losses were finite): not checkpointed; the last good checkpoint is "
+              "kept. Lower config.learning_rate.")
         ckpts.save(done, state, force=True)
       if preempt.requested and not last:
-        ckpts.close()
-        log.close()
         logging.warning("stopped at step %d after SIGTERM; rerun to resume", done)
         raise SystemExit(143)
-  if not test:  # resumed a finished run
-    test = evaluate(eval_step, state, data.x_test, data.y_test,
-                    config.eval_batch_size, placement)
-  ckpts.close()
-  log.close()
+    if not test:  # resumed a finished run
+      test = evaluate(eval_step, state, data.x_test, data.y_test,
+                      config.eval_batch_size, placement)
+  finally:  # also on an error or SIGTERM: saves in flight are finished, not lost
+    ckpts.close()
+    log.close()
   return {"step": run.total_steps, **test}

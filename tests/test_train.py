@@ -98,21 +98,35 @@ def test_analyze_scores_every_layer_in_depth_order(trained):
 
 
 def test_resume_after_kill_continues_from_the_last_checkpoint(npz, tmp_path):
-  """SIGKILL a real training process mid-run; rerunning it resumes, and ends with the
-  parameters of the same run left alone."""
+  """SIGTERM a real training process (a Cloud TPU preemption): it checkpoints the step
+  it is at and exits 143. Resume it, SIGKILL it mid-run; rerun it: it resumes from the
+  last checkpoint and ends with the parameters of the same run left alone."""
   args = [sys.executable, "-m", "invjax.main", f"--config=tests/tiny_config.py:{npz}",
           "--config.num_epochs=6", "--config.lr_boundaries=(4,)",
           "--config.eval_every_epochs=3", "--config.checkpoint_every_steps=4",
           "--config.log_every_steps=4"]
   killed, whole = str(tmp_path / "killed"), str(tmp_path / "whole")
   env = dict(os.environ, PYTHONUNBUFFERED="1")
+  # SIGTERM as soon as the run has started (its config is written before compiling).
+  proc = subprocess.Popen(args + [f"--workdir={killed}"], cwd=helpers.ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  while time.time() < deadline and not os.path.exists(
+      os.path.join(killed, "config.json")):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 143, err[-3000:]
+  stopped = int(err.split("stopped at step ")[1].split()[0])
+  ck = checkpoints.Checkpoints(killed)
+  assert ck.latest_step() == stopped >= 1  # nothing done was lost
+  ck.close()
   proc = subprocess.Popen(args + [f"--workdir={killed}"], cwd=helpers.ROOT, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 120
   ckpt_dir = os.path.join(killed, "checkpoints")
   while time.time() < deadline:
-    done = [d for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(
-        ckpt_dir) else []
+    done = [d for d in os.listdir(ckpt_dir) if d.isdigit() and int(d) > stopped]
     if done:
       break
     time.sleep(0.2)
@@ -124,7 +138,7 @@ def test_resume_after_kill_continues_from_the_last_checkpoint(npz, tmp_path):
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "resumed from step" in out.stderr
-  assert int(out.stderr.split("resumed from step")[1].split()[0]) >= 4
+  assert int(out.stderr.split("resumed from step")[1].split()[0]) > stopped
   train.train_and_evaluate(train.load_config(killed), whole)  # the same run, left alone
   states = []
   for wd in (killed, whole):
@@ -210,6 +224,54 @@ def test_nothing_compiles_inside_the_step_loop(npz, tmp_path, monkeypatch):
       f"{seen[48] - seen[after]} lowerings/compilations after step {after}")
 
 
+def test_non_finite_loss_stops_naming_step_and_term_and_keeps_the_good_checkpoints(
+    npz, tmp_path):
+  """A diverging run (lr 1e30) stops with an error naming the first non-finite step
+  and its terms; every checkpoint left is finite and before that step."""
+  config = helpers.tiny_config(npz, learning_rate=1e30, log_every_steps=1,
+                               checkpoint_every_steps=1, num_epochs=3.0,
+                               lr_boundaries=())
+  workdir = str(tmp_path / "run")
+  with pytest.raises(FloatingPointError) as e:
+    train.train_and_evaluate(config, workdir)
+  message = str(e.value)
+  bad_step = int(message.split("step ")[1].split(":")[0].split()[0])
+  assert "cross_entropy" in message or "inv_loss/" in message
+  assert "last good" in message
+  ck = checkpoints.Checkpoints(workdir)
+  saved = ck.manager.all_steps()
+  assert saved and max(saved) == bad_step - 1  # every good step before it was kept
+  target = train.initial_state(train.build(config), train.Placement.create())
+  for step in saved:
+    state = ck.restore(target, step)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
+  ck.close()
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(npz, trained,
+                                                                 tmp_path):
+  """Truncating the newest checkpoint's data: resume warns, sets it aside, continues
+  from the one before and ends with the uninterrupted run's parameters."""
+  _, whole, _ = trained  # 8 steps
+  damaged = str(tmp_path / "damaged")
+  train.train_and_evaluate(helpers.tiny_config(npz, checkpoint_every_steps=2), damaged)
+  data = [os.path.join(dirpath, f)
+          for dirpath, _, files in os.walk(os.path.join(damaged, "checkpoints", "8"))
+          for f in files if "ocdbt.process" in dirpath]
+  largest = max(data, key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.truncate(os.path.getsize(largest) // 2)
+  train.train_and_evaluate(helpers.tiny_config(npz, checkpoint_every_steps=2), damaged)
+  assert os.path.isdir(os.path.join(damaged, "checkpoints", "damaged-8"))
+  ck = checkpoints.Checkpoints(damaged)
+  assert ck.manager.all_steps() == [4, 6, 8]  # 8 trained again from 6
+  ck.close()
+  jax.tree.map(np.testing.assert_array_equal, _restored_params(damaged),
+               _restored_params(whole))
+  steps, _ = metrics_io.series(metrics_io.read(damaged), "train/loss")
+  assert len(steps) == len(set(steps)) and steps[-1] == 8
+
+
 def test_compare_variants_table_and_figures(npz, tmp_path):
   base = helpers.tiny_config(npz, num_epochs=1.0, lr_boundaries=())
   result = experiment.compare_variants(base, str(tmp_path), ["baseline", "invariance"])
@@ -284,12 +346,17 @@ BAD = [
     ({"num_epochs": 0.0}, "num_epochs=0.0"),
     ({"image_shape": (32, 32)}, r"config.image_shape=\(32, 32\) must be \(height, "),
     ({"num_classes": -1}, "config.num_classes=-1 must be > 0"),
+    ({"steps_per_dispatch": 0}, "config.steps_per_dispatch=0 must be >= 1"),
+    ({"batch_size": 24, "copies": 8, "_devices": 2},
+     "gives 3 seed images per batch, not a multiple of the 2 devices"),
 ]
 
 
 @pytest.mark.parametrize("overrides,message", BAD)
 def test_config_errors_name_field_and_fix(overrides, message):
   c = helpers.tiny_config("digits")
+  overrides = dict(overrides)
+  devices = overrides.pop("_devices", 1)
   with c.unlocked():
     for k, v in overrides.items():
       target = c
@@ -298,7 +365,7 @@ def test_config_errors_name_field_and_fix(overrides, message):
         target = target[p]
       target[last] = v
   with pytest.raises(ValueError, match=message):
-    config_lib.validate(c)
+    config_lib.validate(c, devices)
 
 
 def test_data_of_another_shape_or_class_count_is_refused_naming_both(npz):

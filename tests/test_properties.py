@@ -1,0 +1,142 @@
+"""Property-based tests (hypothesis) of the invariance loss and the invariance score over
+random shapes, batch layouts and values: zeros, constants, huge and tiny activations.
+
+Documented behaviour checked here (losses.py, analysis.py):
+  - L_inv and its gradient are finite, and L_inv >= 0, for activations of any
+    magnitude from 1e-12 to 1e12 (and zeros); L_inv is 0 when the
+    copies of every seed are identical or the whole batch is constant (dead layer), the
+    same by both methods and in both layouts, and unchanged by a shift or a positive
+    scale of the activations (within float32's normal range).
+  - The score is <= 1, 1 where an image's transformed activations equal its clean
+    ones, finite unless the clean set is constant and the transformed copy is not
+    (then -inf), and the same streamed over any batch split.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+from invjax import analysis
+from invjax import losses
+
+SETTINGS = settings(max_examples=25, deadline=None)
+
+# Jitted once per shape; the shapes come from small sets, so that examples share
+# compiled programs (op-by-op, every example would compile dozens of ops).
+grouped = jax.jit(losses.grouped_invariance_loss, static_argnums=(1, 2))
+seed_form = jax.jit(losses.invariance_loss, static_argnums=2)
+grouped_grad = jax.jit(jax.grad(losses.grouped_invariance_loss), static_argnums=(1, 2))
+scores_of = jax.jit(analysis.invariance_scores)
+
+
+@st.composite
+def grouped_batches(draw, max_abs=1e12):
+  """(features [K*M, D], K, M): seeds in consecutive groups; values of any scale."""
+  k = draw(st.sampled_from([2, 3]))
+  m = draw(st.sampled_from([2, 4]))
+  d = draw(st.sampled_from([1, 5]))
+  kind = draw(st.sampled_from(["normal", "zeros", "constant", "scaled", "copies"]))
+  rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+  if kind == "zeros":
+    f = np.zeros((k * m, d))
+  elif kind == "constant":
+    f = np.full((k * m, d), draw(st.floats(-max_abs, max_abs)))
+  elif kind == "copies":  # every copy of a seed identical
+    f = np.repeat(rng.normal(size=(k, d)), m, axis=0)
+  else:
+    f = rng.normal(size=(k * m, d))
+    if kind == "scaled":
+      f = f * 10.0 ** draw(st.integers(-12, 12))
+      f = np.clip(f, -max_abs, max_abs)
+  if draw(st.booleans()):
+    f = np.maximum(f, 0)  # post-ReLU: a large common part, many exact zeros
+  return jnp.asarray(f, jnp.float32), k, m, kind
+
+
+@SETTINGS
+@given(grouped_batches())
+def test_loss_is_finite_non_negative_and_zero_when_it_must_be(batch):
+  f, k, m, kind = batch
+  ids = jnp.repeat(jnp.arange(k), m)
+  values = {}
+  for method in losses.METHODS:
+    values[method] = float(grouped(f, m, method))
+    by_ids = float(seed_form(f, ids, method))
+    assert np.isfinite(values[method]) and values[method] >= 0.0
+    np.testing.assert_allclose(by_ids, values[method], rtol=2e-3, atol=1e-5)
+  np.testing.assert_allclose(values["moments"], values["pairwise"], rtol=2e-3,
+                             atol=1e-5)
+  if kind in ("zeros", "constant", "copies"):
+    assert values["moments"] == 0.0 and values["pairwise"] < 1e-5
+
+
+@SETTINGS
+@given(grouped_batches(max_abs=10.0), st.floats(-100.0, 100.0),
+       st.floats(1e-3, 1e3))
+def test_loss_ignores_shift_and_positive_scale(batch, shift, scale):
+  f, _, m, kind = batch
+  if kind == "scaled":  # values from 1e-12 to 1e12 times the scale: past float32
+    f = f / jnp.maximum(jnp.max(jnp.abs(f)), 1e-30)
+  base = float(grouped(f, m, "moments"))
+  moved = float(grouped(scale * f + shift, m, "moments"))
+  np.testing.assert_allclose(moved, base, rtol=1e-2, atol=1e-4)
+
+
+@SETTINGS
+@given(grouped_batches())
+def test_loss_gradient_is_finite(batch):
+  f, _, m, _ = batch
+  for method in losses.METHODS:
+    g = grouped_grad(f, m, method)
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
+@st.composite
+def score_inputs(draw):
+  n = draw(st.sampled_from([2, 7]))
+  d = draw(st.sampled_from([1, 4]))
+  kind = draw(st.sampled_from(["normal", "same", "constant_clean", "zeros", "huge"]))
+  rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+  clean = rng.normal(size=(n, d))
+  moved = clean + rng.normal(size=(n, d)) * draw(st.floats(0.0, 3.0))
+  if kind == "same":
+    moved = clean.copy()
+  elif kind == "constant_clean":
+    clean = np.ones((n, d))
+  elif kind == "zeros":
+    clean, moved = np.zeros((n, d)), np.zeros((n, d))
+  elif kind == "huge":
+    clean, moved = clean * 1e12, moved * 1e12
+  return jnp.asarray(clean, jnp.float32), jnp.asarray(moved, jnp.float32), kind
+
+
+@jax.jit
+def _streamed(first, rest, clean, moved):
+  stats = analysis.LayerStats.of(first).merge(analysis.LayerStats.of(rest))
+  return analysis.score_batch(stats, clean, moved)
+
+
+def streamed_scores(clean, moved, cut):
+  return _streamed(clean[:cut], clean[cut:], clean, moved)
+
+
+@SETTINGS
+@given(score_inputs(), st.data())
+def test_scores_are_bounded_defined_and_streamable(inputs, data):
+  clean, moved, kind = inputs
+  s = np.asarray(scores_of(clean, moved))
+  assert s.shape == (len(clean),) and not np.any(np.isnan(s)) and np.all(s <= 1.0)
+  same = np.all(np.asarray(clean) == np.asarray(moved), axis=1)
+  np.testing.assert_array_equal(s[same], 1.0)
+  if kind == "constant_clean":
+    assert np.all(np.isneginf(s[~same]))
+  else:
+    assert np.all(np.isfinite(s))
+  # Streaming: statistics merged over any split of the clean set give the same scores.
+  cut = data.draw(st.integers(1, len(clean) - 1))
+  streamed = np.asarray(streamed_scores(clean, moved, cut))
+  finite = np.isfinite(s)
+  np.testing.assert_allclose(streamed[finite], s[finite], rtol=1e-3, atol=1e-4)
+  np.testing.assert_array_equal(np.isneginf(streamed), np.isneginf(s))
