@@ -6,11 +6,13 @@ reports is computed from the programs it claims to time.
 
 import jax
 import numpy as np
+import pytest
 
 from experiments import benchmark
 from tests import helpers
 
 
+@pytest.mark.slow  # ~16 s of compiling; the benchmark is a script, not the library
 def test_benchmark_rows_come_from_the_compiled_programs():
   config = helpers.tiny_config("unused", "batchaug", num_epochs=1.0, lr_boundaries=())
   config.image_shape, config.num_classes = (16, 16, 3), 4

@@ -52,6 +52,7 @@ def test_paper_numbers_are_facts_md():
     assert os.path.exists(os.path.join(paper.ROOT, cell.config_file))
 
 
+@pytest.mark.slow  # ~45 s: three variants trained and analyzed in a subprocess, twice
 def test_reproduce_all_writes_results_and_reuses_runs(tmp_path):
   """The real command at toy size: three variants trained, analyzed and written up;
   a second call trains nothing."""

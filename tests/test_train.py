@@ -70,8 +70,7 @@ def test_rerun_of_finished_run_resumes_without_training(trained):
 def test_changed_config_is_refused_with_the_differing_field(trained):
   config, workdir, result = trained
   # Fields that change only the speed may change on resume.
-  faster = helpers.tiny_config(config.dataset, steps_per_dispatch=2,
-                               data_on_device=False)
+  faster = helpers.tiny_config(config.dataset, data_on_device=False)
   assert train.train_and_evaluate(faster, workdir)["accuracy"] == pytest.approx(
       result["accuracy"])
   other = helpers.tiny_config(config.dataset, alpha=0.2)
