@@ -153,10 +153,27 @@ def load_tfds(name: str, data_dir: str | None, manual_dir: str | None = None,
   own = name in invjax_datasets.BUILDERS
   if own:
     importlib.import_module(invjax_datasets.BUILDERS[name])  # registers the builder
+  if not own and name.split(":")[0] not in tfds.list_builders():
+    raise ValueError(
+        f"config.dataset={name!r} is not a known data set: use 'digits' (embedded), "
+        f"the path of an .npz (ending in .npz), one of invjax's own "
+        f"{sorted(invjax_datasets.BUILDERS)}, or a tensorflow-datasets name such as "
+        "'cifar10' (tfds.list_builders() lists them).")
   builder = tfds.builder(name, data_dir=data_dir)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=manual_dir,
-      try_download_gcs=not own))  # tfds's bucket has only its catalog's data sets
+  try:
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir,
+        try_download_gcs=not own))  # tfds's bucket has only its catalog's data sets
+  except Exception as e:  # pylint: disable=broad-except
+    if own:  # invjax's builders explain themselves (e.g. where the zip goes)
+      raise
+    raise RuntimeError(
+        f"config.dataset={name!r} is not prepared in {builder.data_dir} and could not "
+        f"be downloaded ({type(e).__name__}: {str(e)[:200]}). Either prepare it where "
+        "there is a network and point --config.data_dir at that directory, put the "
+        "archives tfds asks for in --config.manual_dir, or convert it to an .npz "
+        "(x_train, y_train, x_test, y_test) and pass its path as --config.dataset."
+        ) from e
   available = sorted(builder.info.splits)
   for split in ("train", test_split):
     if available and split not in available:

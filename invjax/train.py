@@ -358,7 +358,11 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
 
 
 def _train(config, workdir, allow_config_change, data, preempt) -> dict[str, Any]:
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise PermissionError(f"--workdir={workdir} cannot be created ({e.strerror}); "
+                          "choose another.") from e
   if not os.access(workdir, os.W_OK):
     raise PermissionError(f"--workdir={workdir} cannot be written; choose another.")
   run = build(config, data)

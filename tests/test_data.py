@@ -280,6 +280,32 @@ def test_load_tfds_cifar10_mocked(tmp_path):
   assert ds.num_classes == 10
 
 
+def test_unknown_dataset_name_lists_the_valid_sources():
+  pytest.importorskip("tensorflow")
+  pytest.importorskip("tensorflow_datasets")
+  with pytest.raises(ValueError, match=r"'cifar_ten' is not a known data set.*digits.*"
+                     r"\.npz.*tiny_imagenet.*cifar10"):
+    ip.load_tfds("cifar_ten", None)
+
+
+def test_unprepared_dataset_without_network_says_what_to_do(tmp_path, monkeypatch):
+  """A tfds set that is not prepared and cannot be downloaded (simulated: the network
+  call fails as it does here) gets instructions instead of tfds's traceback."""
+  pytest.importorskip("tensorflow")
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  def offline(self, *args, **kwargs):
+    raise ConnectionError("Failed to resolve 'www.cs.toronto.edu'")
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+  with pytest.raises(RuntimeError) as e:
+    ip.load_tfds("cifar10", str(tmp_path))
+  message = str(e.value)
+  assert "not prepared in" in message and str(tmp_path) in message
+  for fix in ("--config.data_dir", "--config.manual_dir", ".npz", "ConnectionError"):
+    assert fix in message
+
+
 # ---------------------------------------------------------------------------
 # SeedSchedule
 # ---------------------------------------------------------------------------

@@ -271,6 +271,18 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(npz, trained,
   assert len(steps) == len(set(steps)) and steps[-1] == 8
 
 
+def test_unusable_workdir_and_foreign_checkpoint_are_refused(npz, trained, tmp_path):
+  config, workdir, _ = trained
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  with pytest.raises(PermissionError, match=r"--workdir=.*a_file/run cannot be created"):
+    train.train_and_evaluate(config, str(blocker / "run"))
+  wider = helpers.tiny_config(npz, **{"model.layers": ((16, 3, 1, "SAME"),
+                                                       (8, 3, 2, "SAME"))})
+  with pytest.raises(ValueError, match="does not fit the model of this config"):
+    analyze.analyze(wider, workdir)
+
+
 def test_compare_variants_table_and_figures(npz, tmp_path):
   base = helpers.tiny_config(npz, num_epochs=1.0, lr_boundaries=())
   result = experiment.compare_variants(base, str(tmp_path), ["baseline", "invariance"])
