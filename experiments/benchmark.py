@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -54,6 +53,7 @@ from invjax import config_lib  # pylint: disable=g-import-not-at-top
 from invjax import input_pipeline  # pylint: disable=g-import-not-at-top
 from invjax import steps as steps_lib  # pylint: disable=g-import-not-at-top
 from invjax import train  # pylint: disable=g-import-not-at-top
+from experiments import paper  # pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
@@ -95,19 +95,12 @@ def _default(value, cpu, accelerator):
 
 
 def load_config(model: str, size: str, precision: str):
-  path = os.path.join(ROOT, "configs", f"{model}.py")
-  spec = importlib.util.spec_from_file_location(f"bench_config_{model}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("invariance")
+  c = paper.load_config_module(os.path.join("configs", f"{model}.py")).get_config(
+      "invariance")
   overrides = SMALL.get(model, {}) if size == "small" else {}
   with c.unlocked():
     for field, value in overrides.items():
-      node = c
-      *parents, leaf = field.split(".")
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
+      config_lib.set_field(c, field, value)
     c.half_precision = precision == "bfloat16"
   return c, overrides
 

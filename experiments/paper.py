@@ -130,17 +130,11 @@ def cell_config(cell: str, variant: str, scale: Scale):
   config = load_config_module(CELLS[cell].config_file).get_config(variant)
   with config.unlocked():
     for path, value in scale.overrides:
-      target = config
-      *parents, last = path.split(".")
-      for p in parents:
-        target = target[p]
+      target, last = config_lib.field_parent(config, path)
       if last not in target:
         raise ValueError(f"--set {path}=...: the config has no field {path!r}.")
-      try:
-        target[last] = value
-      except TypeError:  # another type on purpose, e.g. a list of layers for a name
-        del target[last]
-        target[last] = value
+      # another type on purpose, e.g. a list of layers for a layer-set name
+      config_lib.set_field(config, path, value, replace_type=True)
     if scale.epochs:
       config.lr_boundaries = config_lib.scaled_boundaries(config, scale.epochs)
       config.num_epochs = float(scale.epochs)

@@ -159,6 +159,33 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
 
 
+def field_parent(c: ml_collections.ConfigDict, path: str):
+  """(the ConfigDict holding the field at a dotted path like "model.width", its name)."""
+  *parents, leaf = path.split(".")
+  node = c
+  for p in parents:
+    node = node[p]
+  return node, leaf
+
+
+def set_field(c: ml_collections.ConfigDict, path: str, value,
+              replace_type: bool = False) -> None:
+  """Sets the field at a dotted path of an unlocked config.
+
+  ml_collections refuses a value of another type than the field's; with
+  `replace_type`, the field is replaced instead (e.g. a list of layers for a layer-set
+  name).
+  """
+  node, leaf = field_parent(c, path)
+  try:
+    node[leaf] = value
+  except TypeError:
+    if not replace_type:
+      raise
+    del node[leaf]
+    node[leaf] = value
+
+
 def scaled_boundaries(c: ml_collections.ConfigDict, num_epochs: float):
   """The schedule's boundaries moved to a run of `num_epochs`, same fractions."""
   return tuple(b * num_epochs / c.num_epochs for b in c.lr_boundaries)

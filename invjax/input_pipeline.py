@@ -225,10 +225,6 @@ class SeedSchedule:
     self._pair: tuple[int, jax.Array] | None = None
     self._host: tuple[int, np.ndarray] | None = None
 
-  def max_steps_per_window(self) -> int:
-    """The most steps one window is sure to cover, wherever it starts."""
-    return max(1, self.n // self.k)
-
   def window(self, step0: int, num_steps: int) -> tuple[int, jax.Array]:
     first = step0 * self.k // self.n
     last = ((step0 + num_steps) * self.k - 1) // self.n
@@ -239,10 +235,15 @@ class SeedSchedule:
       self._pair = (first, self._pair_fn(first))
     return self._pair
 
-  def indices(self, step: int) -> np.ndarray:
-    """int64 [K]: the training-set indices of step `step`'s seeds, on the host."""
-    first, perms = self.window(step, 1)
+  def host_indices(self, step0: int, num_steps: int) -> np.ndarray:
+    """int64 [S, K]: the training-set indices of the seeds of steps step0 .. step0 +
+    S - 1, on the host (the window's permutations fetched once per pass)."""
+    first, perms = self.window(step0, num_steps)
     if self._host is None or self._host[0] != first:
       self._host = (first, np.asarray(jax.device_get(perms)))
-    return steps_lib.seed_indices(self._host[1], first, step, 1, self.k)[0].astype(
-        np.int64)
+    return steps_lib.seed_indices(self._host[1], first, step0, num_steps,
+                                  self.k).astype(np.int64)
+
+  def indices(self, step: int) -> np.ndarray:
+    """int64 [K]: the training-set indices of step `step`'s seeds, on the host."""
+    return self.host_indices(step, 1)[0]

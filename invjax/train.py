@@ -295,11 +295,11 @@ class TrainPrograms:
       self.compile_seconds[size] = time.perf_counter() - t
 
   def _args(self, state, step0: int, size: int):
-    first, perms = self.schedule.window(step0, size)
     if self.on_device:
+      first, perms = self.schedule.window(step0, size)
       return (state, self.x_train, self.y_train, perms, np.int32(first),
               np.int32(step0), self.aug_key)
-    idx = np.stack([self.schedule.indices(s) for s in range(step0, step0 + size)])
+    idx = self.schedule.host_indices(step0, size)
     data = self.run.data
     shard = lambda a: jax.make_array_from_process_local_data(
         self.placement.stacked_batch, a)

@@ -51,11 +51,7 @@ def tiny_config(dataset, variant="invariance", **overrides):
   c.invariance_copies = 4
   config_lib.apply_variant(c, variant)
   for k, v in overrides.items():
-    target = c
-    *path, last = k.split(".")
-    for p in path:
-      target = target[p]
-    target[last] = v
+    config_lib.set_field(c, k, v)
   return c
 
 

@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings, strategies as st
-from hypothesis.extra import numpy as hnp
 
 from invjax import analysis
 from invjax import losses
