@@ -18,7 +18,7 @@ is constant over the clean set but not over a transformed copy scores -inf.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,10 +63,17 @@ class LayerStats(NamedTuple):
     return cls(jnp.zeros(()), jnp.zeros((dim,)), jnp.zeros(()))
 
   @classmethod
-  def of(cls, flat: jax.Array) -> "LayerStats":
-    mean = jnp.mean(flat, axis=0)
-    return cls(jnp.asarray(flat.shape[0], jnp.float32), mean,
-               jnp.sum((flat - mean) ** 2))
+  def of(cls, flat: jax.Array, valid: jax.Array | None = None) -> "LayerStats":
+    """Of the rows of `flat` [n, D]; with `valid` [n], of the rows where it is true
+    (the others are padding)."""
+    if valid is None:
+      mean = jnp.mean(flat, axis=0)
+      return cls(jnp.asarray(flat.shape[0], jnp.float32), mean,
+                 jnp.sum((flat - mean) ** 2))
+    w = valid.astype(jnp.float32)
+    count = jnp.sum(w)
+    mean = jnp.sum(w[:, None] * flat, axis=0) / jnp.maximum(count, 1.0)
+    return cls(count, mean, jnp.sum(w * jnp.sum((flat - mean) ** 2, axis=1)))
 
   def merge(self, other: "LayerStats") -> "LayerStats":
     """Chan et al.'s pairwise update: exact, and stable in float32."""
@@ -96,13 +103,47 @@ FeatureFn = Callable[[jax.Array], Mapping[str, jax.Array]]
 The layer "pixels" (the input itself) should come first."""
 
 
-MetricsFn = Callable[[jax.Array, jax.Array], Mapping[str, jax.Array]]
-"""Maps (logits [n, classes], labels [n]) to sums over the batch, e.g. {"correct": ...}."""
+MetricsFn = Callable[[jax.Array, jax.Array, jax.Array], Mapping[str, jax.Array]]
+"""Maps (logits [n, classes], labels [n], mask [n]: 1 for real images, 0 for padding)
+to sums over the batch's real images, e.g. {"correct": ...}."""
+
+
+class Batch(NamedTuple):
+  """A batch to score. Plain arrays (images) and (images, labels) tuples work too.
+
+  `valid` [n] marks real images (true) and padding (false), e.g. to round the last
+  batch up to one shape that splits over the devices: padding is scored but left out
+  of the statistics, the metrics and the returned scores.
+  """
+  images: Any
+  labels: Any = None
+  valid: Any = None
+
+
+def _as_batch(batch) -> Batch:
+  if isinstance(batch, Batch):
+    return batch
+  return Batch(*batch) if isinstance(batch, tuple) else Batch(batch)
+
+
+def _fetch(tree):
+  """Device values -> numpy in every process (gathered across processes where an
+  array is split over several hosts' devices)."""
+  if all(not isinstance(x, jax.Array) or x.is_fully_addressable
+         for x in jax.tree.leaves(tree)):
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def _split(feature_fn: FeatureFn, with_logits: bool, images):
   out = feature_fn(images)
   return out if with_logits else (out, None)
+
+
+def _mask(batch: Batch, images):
+  return (jnp.ones(images.shape[0], jnp.float32) if batch.valid is None
+          else batch.valid.astype(jnp.float32))
 
 
 def _add(total, part):
@@ -123,18 +164,19 @@ def accumulate_stats(feature_fn: FeatureFn, batches: Iterable,
   """
 
   @jax.jit
-  def batch_stats(images, labels=None):
-    feats, logits = _split(feature_fn, metrics_fn is not None, preprocess(images))
+  def batch_stats(batch: Batch):
+    feats, logits = _split(feature_fn, metrics_fn is not None, preprocess(batch.images))
     if order is not None and not order:
       order.extend(feats)
-    stats = {k: LayerStats.of(_flat(v)) for k, v in feats.items()}
-    return stats, (metrics_fn(logits, labels) if metrics_fn else None)
+    stats = {k: LayerStats.of(_flat(v), batch.valid) for k, v in feats.items()}
+    return stats, (metrics_fn(logits, batch.labels, _mask(batch, logits))
+                   if metrics_fn else None)
 
   merge = jax.jit(lambda a, b: jax.tree.map(
       lambda x, y: x.merge(y), a, b, is_leaf=lambda x: isinstance(x, LayerStats)))
   total, sums = None, []
   for batch in batches:
-    s, m = batch_stats(*batch) if metrics_fn else batch_stats(batch)
+    s, m = batch_stats(_as_batch(batch))
     total = s if total is None else merge(total, s)
     sums.append(m)
   if total is None:
@@ -142,7 +184,7 @@ def accumulate_stats(feature_fn: FeatureFn, batches: Iterable,
   if metrics_fn is None:
     return total
   clean = None
-  for m in jax.device_get(sums):
+  for m in _fetch(sums):
     clean = _add(clean, {k: float(v) for k, v in m.items()})
   return total, clean
 
@@ -157,15 +199,18 @@ def score_dataset(feature_fn: FeatureFn, batches: Callable[[], Iterable],
 
   Args:
     feature_fn: see FeatureFn.
-    batches: returns a fresh iterable of image batches (it is read twice), in a fixed
-      order; batch i gets transformation keys from fold_in(key, i).
+    batches: returns a fresh iterable of batches (it is read twice), in a fixed order;
+      batch i gets transformation keys from fold_in(key, i). A batch is an array of
+      images, an (images, labels) tuple or a `Batch` (with `valid` to mark padding).
+      Batches may be split over the devices of several processes: the scores come
+      back whole in every process.
     key: PRNG key of the transformations.
     num_copies: transformed copies per image (the paper uses 5).
     transform: (key, images) -> transformed images.
     preprocess: applied on device to each batch before anything else (e.g. uint8 ->
       float in [0, 1]); feature_fn and transform see its output.
     metrics_fn: optional classification metrics from the same forward passes. Then
-      `batches` yields (images, labels), feature_fn returns (features, logits), and
+      batches carry labels, feature_fn returns (features, logits), and
       the result is (scores, {"clean": sums, "transformed": [sums of copy c, ...]}):
       e.g. the accuracy on the clean images and on exactly the transformed copies that
       were scored, at no extra forward pass.
@@ -176,8 +221,8 @@ def score_dataset(feature_fn: FeatureFn, batches: Callable[[], Iterable],
   stats, clean_sums = stats if with_logits else (stats, None)
 
   @jax.jit
-  def batch_scores(stats, images, batch_key, labels=None):
-    images = preprocess(images)
+  def batch_scores(stats, batch: Batch, batch_key):
+    images = preprocess(batch.images)
     feats, _ = _split(feature_fn, with_logits, images)
     clean = {k: _flat(v) for k, v in feats.items()}
     out = {k: [] for k in clean}
@@ -188,15 +233,14 @@ def score_dataset(feature_fn: FeatureFn, batches: Callable[[], Iterable],
       for k, v in feats.items():
         out[k].append(score_batch(stats[k], clean[k], _flat(v)))
       if with_logits:
-        sums.append(metrics_fn(logits, labels))
-    return {k: jnp.stack(v, axis=1) for k, v in out.items()}, sums
+        sums.append(metrics_fn(logits, batch.labels, _mask(batch, logits)))
+    return {k: jnp.stack(v, axis=1) for k, v in out.items()}, sums, _mask(batch, images)
 
   pieces, moved_sums = [], [None] * num_copies
   for i, batch in enumerate(batches()):
-    images, labels = batch if with_logits else (batch, None)
-    scores, sums = jax.device_get(
-        batch_scores(stats, images, jax.random.fold_in(key, i), labels))
-    pieces.append(scores)
+    scores, sums, valid = _fetch(
+        batch_scores(stats, _as_batch(batch), jax.random.fold_in(key, i)))
+    pieces.append({k: v[valid > 0] for k, v in scores.items()})
     for c, m in enumerate(sums):
       moved_sums[c] = _add(moved_sums[c], {k: float(v) for k, v in m.items()})
   scores = {k: np.concatenate([p[k] for p in pieces]) for k in order}

@@ -21,6 +21,7 @@ import numpy as np
 from invjax import analysis
 from invjax import augment
 from invjax import checkpoints
+from invjax import distributed
 from invjax import steps as steps_lib
 from invjax import train
 
@@ -31,18 +32,23 @@ FIGURE_FILE = os.path.join("figures", "invariance_scores.png")
 
 def _batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
              placement: train.Placement):
-  """(uint8 images, labels) batches (made float on device), split over devices where
-  the size allows."""
+  """Batches of uint8 test images (made float on device) and labels, split over the
+  devices of every process. Each holds `batch_size` images rounded up to a multiple
+  of the device count; the last is padded to that size and its padding marked, so one
+  program scores them all and the scores do not depend on the number of devices
+  wherever `batch_size` is a multiple of it."""
   n_dev = jax.device_count()
-
-  def put(a):
-    return placement.shard(a) if len(a) % n_dev == 0 else jax.device_put(
-        a, placement.replicated)
+  size = -(-batch_size // n_dev) * n_dev
 
   def gen():
-    for start in range(0, len(images), batch_size):
-      end = start + batch_size
-      yield put(images[start:end]), put(labels[start:end])
+    for start in range(0, len(images), size):
+      x, y = images[start:start + size], labels[start:start + size]
+      valid = np.arange(size) < len(x)
+      pad = size - len(x)
+      if pad:
+        x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+        y = np.concatenate([y, np.zeros(pad, y.dtype)])
+      yield analysis.Batch(placement.shard(x), placement.shard(y), placement.shard(valid))
   return gen
 
 
@@ -93,8 +99,8 @@ def analyze(config, workdir: str, data=None) -> dict[str, Any]:
       feature_fn, _batches(run.data.x_test, run.data.y_test, ac.batch_size, placement),
       jax.random.key(ac.seed), ac.num_transforms, transform,
       preprocess=steps_lib.to_float,
-      metrics_fn=lambda logits, labels: steps_lib.classification_sums(
-          logits, labels, top5))
+      metrics_fn=lambda logits, labels, mask: steps_lib.classification_sums(
+          logits, labels, top5, mask))
   test = _rates(sums["clean"])
   passes = [_rates(s) for s in sums["transformed"]]
   robustness = {k: float(np.mean([p[k] for p in passes])) for k in passes[0]}
@@ -102,7 +108,7 @@ def analyze(config, workdir: str, data=None) -> dict[str, Any]:
   summary = {"step": int(step), "dataset": run.data.name, "model": config.model.name,
              "variant": config.variant, "copies": config.copies, "alpha": config.alpha,
              "test": test, "transformed_test": robustness, "layers": summarize(scores)}
-  if jax.process_index() == 0:
+  if distributed.is_primary():
     os.makedirs(os.path.join(workdir, "analysis"), exist_ok=True)
     np.savez_compressed(os.path.join(workdir, SCORES_FILE), **scores)
     with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
@@ -110,6 +116,7 @@ def analyze(config, workdir: str, data=None) -> dict[str, Any]:
     from invjax import report  # pylint: disable=g-import-not-at-top
     report.plot_scores({config.variant: scores}, os.path.join(workdir, FIGURE_FILE),
                        title=f"{config.model.name} on {run.data.name}, step {step}")
+  distributed.barrier("invjax: analysis written")  # others may read it next
   return summary
 
 

@@ -9,6 +9,8 @@ from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
+from invjax import distributed
+
 
 class _QuietOrbax(std_logging.Filter):
   """Orbax logs every save in a dozen INFO lines; keep its warnings and errors."""
@@ -21,7 +23,12 @@ logging.get_absl_handler().addFilter(_QuietOrbax())
 
 
 class Checkpoints:
-  """Saves and restores a TrainState; every process of a run calls every method."""
+  """Saves and restores a TrainState; every process of a run calls every method.
+
+  With several processes, Orbax writes each array's shards from the processes that
+  hold them into one checkpoint (the workdir must be a file system every host sees,
+  e.g. a GCS bucket or NFS), and restores them into the target's shardings.
+  """
 
   def __init__(self, workdir: str, max_to_keep: int = 3):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
@@ -63,10 +70,12 @@ class Checkpoints:
         continue
       for bad, _ in failed:
         aside = os.path.join(self.directory, f"damaged-{bad}")
-        os.rename(os.path.join(self.directory, str(bad)), aside)
+        if distributed.is_primary():  # one process moves it; the others wait
+          os.rename(os.path.join(self.directory, str(bad)), aside)
         logging.warning("checkpoint %d is damaged: moved aside to %s; resuming from "
                         "checkpoint %d instead", bad, aside, step)
       if failed:
+        distributed.barrier("invjax: damaged checkpoints moved aside")
         self.manager.reload()
       return state, step
     if failed:

@@ -12,6 +12,7 @@ from absl import logging
 from invjax import analyze as analyze_lib
 from invjax import checkpoints
 from invjax import config_lib
+from invjax import distributed
 from invjax import report
 from invjax import train
 
@@ -59,6 +60,9 @@ def compare_variants(base_config, workdir: str, variants, data=None) -> dict:
     logging.info("=== %s ===", variant)
     scores[variant], summaries[variant] = run_variant(
         config, os.path.join(workdir, variant), data)
+  table = report.median_table(summaries, variants)
+  if not distributed.is_primary():  # process 0 writes the comparison
+    return {"table": table, "figures": [], "summaries": summaries}
   name = f"{base_config.model.name} on {summaries[variants[0]]['dataset']}"
   figures = [
       report.plot_scores(scores, os.path.join(workdir, "invariance_scores.png"),
@@ -67,7 +71,6 @@ def compare_variants(base_config, workdir: str, variants, data=None) -> dict:
                                 os.path.join(workdir, "inv_loss_dynamics.png"),
                                 title=f"L_inv during training (probe batch), {name}"),
   ]
-  table = report.median_table(summaries, variants)
   with open(os.path.join(workdir, "summary.txt"), "w") as f:
     f.write(table + "\n")
   return {"table": table, "figures": figures, "summaries": summaries}

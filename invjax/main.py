@@ -2,7 +2,12 @@
 
   python -m invjax.main --config=configs/allcnn.py --workdir=DIR [--config.FIELD=VALUE]
   python -m invjax.main --config=configs/allcnn.py --workdir=DIR --mode=analyze
+  python -m invjax.main --config=configs/allcnn.py --workdir=DIR --mode=train_and_analyze
   python -m invjax.main --config=configs/allcnn.py --mode=describe
+
+The same command runs on every host of a multi-host run (a TPU pod slice: `gcloud
+compute tpus tpu-vm ssh ... --worker=all --command=...`); see `invjax.distributed` for
+--distributed, --coordinator_address, --num_processes and --process_id.
 """
 
 from absl import app
@@ -12,6 +17,7 @@ from ml_collections import config_flags
 
 from invjax import analyze as analyze_lib
 from invjax import describe as describe_lib
+from invjax import distributed
 from invjax import report
 from invjax import train
 
@@ -21,12 +27,19 @@ config_flags.DEFINE_config_file(
     "--mode=analyze it defaults to the config saved in the workdir.",
     lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory of the run: config, metrics, "
-                    "checkpoints, figures. Rerunning on it resumes.")
-flags.DEFINE_enum("mode", "train", ["train", "analyze", "describe"],
+                    "checkpoints, figures. Rerunning on it resumes. With several "
+                    "hosts, one directory all of them see (e.g. gs://... or NFS).")
+flags.DEFINE_enum("mode", "train", ["train", "analyze", "train_and_analyze", "describe"],
                   "train (default), analyze (invariance scores of the latest "
-                  "checkpoint) or describe (model summary, no training).")
+                  "checkpoint), train_and_analyze (both, one start-up) or describe "
+                  "(model summary, no training).")
 flags.DEFINE_bool("allow_config_change", False,
                   "Resume a workdir even though its saved config differs.")
+flags.DEFINE_bool("tensorboard", True,
+                  "Write TensorBoard summaries (clu). --notensorboard skips them and "
+                  "clu's import of TensorFlow (seconds of start-up); metrics.jsonl and "
+                  "the log still get every metric.")
+distributed.define_flags()
 
 
 def main(argv):
@@ -42,13 +55,20 @@ def main(argv):
     return
   if not FLAGS.workdir:
     raise app.UsageError(f"--workdir is required for --mode={FLAGS.mode}.")
-  if FLAGS.mode == "train":
-    result = train.train_and_evaluate(config, FLAGS.workdir, FLAGS.allow_config_change)
+  try:
+    distributed.initialize_from_flags()
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  if FLAGS.mode in ("train", "train_and_analyze"):
+    result = train.train_and_evaluate(config, FLAGS.workdir, FLAGS.allow_config_change,
+                                      tensorboard=FLAGS.tensorboard)
     logging.info("finished: %s", result)
-    print(f"test accuracy {result['accuracy']:.4f} after {result['step']} steps")
-  else:
+    if distributed.is_primary():
+      print(f"test accuracy {result['accuracy']:.4f} after {result['step']} steps")
+  if FLAGS.mode in ("analyze", "train_and_analyze"):
     summary = analyze_lib.analyze(config, FLAGS.workdir)
-    print(report.median_table({config.variant: summary}))
+    if distributed.is_primary():
+      print(report.median_table({config.variant: summary}))
 
 
 if __name__ == "__main__":

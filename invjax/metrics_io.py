@@ -40,7 +40,10 @@ def _plain(v: Any):
 class MetricsLog:
   """Writes scalars to log lines, TensorBoard and metrics.jsonl (process 0 only)."""
 
-  def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
+  def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True,
+               tensorboard: bool = True):
+    """`enabled=False` (processes other than 0) writes nothing; `tensorboard=False`
+    skips the summaries and clu's import of TensorFlow (seconds of start-up)."""
     self.enabled = enabled
     self.path = os.path.join(workdir, METRICS_FILE)
     if not enabled:
@@ -50,13 +53,14 @@ class MetricsLog:
     with open(self.path, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in kept)
     self._file = open(self.path, "a")
-    metric_writers, _ = _clu()
+    metric_writers, _ = _clu() if tensorboard else (None, None)
     if metric_writers is not None:
       self.writer = metric_writers.create_default_writer(
           os.path.join(workdir, "tensorboard"), asynchronous=False)
     else:
-      logging.warning("clu/TensorFlow not importable: no TensorBoard summaries; "
-                      "metrics go to %s and the log.", self.path)
+      if tensorboard:
+        logging.warning("clu/TensorFlow not importable: no TensorBoard summaries; "
+                        "metrics go to %s and the log.", self.path)
       self.writer = None
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -113,13 +117,16 @@ class Progress:
     self.num_steps = num_steps
     self.every_secs = every_secs
     self._clu = None
-    _, periodic_actions = _clu()
-    if periodic_actions is not None and writer.enabled and writer.writer is not None:
+    self.enabled = writer.enabled
+    if writer.enabled and writer.writer is not None:  # clu is imported already
+      _, periodic_actions = _clu()
       self._clu = periodic_actions.ReportProgress(
           num_train_steps=num_steps, writer=writer.writer, every_secs=every_secs)
     self._last = None
 
   def __call__(self, step: int) -> None:
+    if not self.enabled:  # not process 0
+      return
     now = time.time()
     if self._clu is not None:
       self._clu(step, now)

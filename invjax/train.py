@@ -21,6 +21,7 @@ import numpy as np
 from invjax import augment
 from invjax import checkpoints
 from invjax import config_lib
+from invjax import distributed
 from invjax import input_pipeline
 from invjax import metrics_io
 from invjax import models
@@ -33,8 +34,18 @@ CONFIG_FILE = "config.json"
 
 @dataclasses.dataclass
 class Placement:
-  """The data-parallel mesh: batches split over axis "data", the state replicated."""
+  """The data-parallel mesh over every device of every process: batches split over
+  axis "data", the state replicated.
+
+  Each process holds the same host data (the whole data set) but sends only its share
+  of a batch, the rows its own devices hold (`local_rows`), and the global array is
+  built from the processes' shares with `jax.make_array_from_process_local_data`. With
+  one process the share is the whole batch.
+  """
   mesh: jax.sharding.Mesh
+
+  def __post_init__(self):
+    self._rows: dict[int, np.ndarray] = {}
 
   @classmethod
   def create(cls) -> "Placement":
@@ -56,12 +67,34 @@ class Placement:
     return jax.sharding.NamedSharding(self.mesh,
                                       jax.sharding.PartitionSpec(None, "data"))
 
+  def local_rows(self, n: int) -> np.ndarray:
+    """The rows of a global batch of `n` that this process's devices hold, in the
+    order `make_array_from_process_local_data` expects (ascending; all of them with
+    one process)."""
+    if n not in self._rows:
+      if n % self.mesh.size:
+        raise ValueError(f"a batch of {n} does not split over {self.mesh.size} "
+                         "devices; pad it to a multiple.")
+      spans = sorted({(ix[0].start or 0, n if ix[0].stop is None else ix[0].stop)
+                      for ix in self.batch.addressable_devices_indices_map(
+                          (n,)).values()})
+      self._rows[n] = np.concatenate([np.arange(a, b) for a, b in spans])
+    return self._rows[n]
+
   def shard(self, x: np.ndarray) -> jax.Array:
-    """A host batch (this process's share) -> a global array split over devices."""
-    return jax.make_array_from_process_local_data(self.batch, x)
+    """A global host batch (the same in every process) -> a global array split over
+    the devices along axis 0; this process sends only its own rows."""
+    return jax.make_array_from_process_local_data(
+        self.batch, x[self.local_rows(len(x))], x.shape)
+
+  def shard_stacked(self, x: np.ndarray) -> jax.Array:
+    """The same for [S, K, ...] batches of several steps, split along K."""
+    return jax.make_array_from_process_local_data(
+        self.stacked_batch, x[:, self.local_rows(x.shape[1])], x.shape)
 
   def replicate(self, tree):
-    return jax.device_put(tree, self.replicated)
+    """Host values (or arrays fetched to the host) -> copies on every device."""
+    return jax.device_put(jax.device_get(tree), self.replicated)
 
 
 # Pieces of a run -------------------------------------------------------------------
@@ -191,7 +224,7 @@ def load_config(workdir: str):
 
 
 def save_config(config, workdir: str) -> None:
-  if jax.process_index() == 0:
+  if distributed.is_primary():
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
@@ -299,11 +332,13 @@ class TrainPrograms:
       first, perms = self.schedule.window(step0, size)
       return (state, self.x_train, self.y_train, perms, np.int32(first),
               np.int32(step0), self.aug_key)
+    # This process gathers only its own devices' seeds of each step.
     idx = self.schedule.host_indices(step0, size)
-    data = self.run.data
-    shard = lambda a: jax.make_array_from_process_local_data(
-        self.placement.stacked_batch, a)
-    return (state, shard(data.x_train[idx]), shard(data.y_train[idx]), np.int32(step0),
+    local = idx[:, self.placement.local_rows(self.k)]
+    data, shape = self.run.data, idx.shape
+    put = lambda a: jax.make_array_from_process_local_data(
+        self.placement.stacked_batch, a, (*shape, *a.shape[2:]))
+    return (state, put(data.x_train[local]), put(data.y_train[local]), np.int32(step0),
             self.aug_key)
 
   def chunk_size(self, done: int, next_stop: int) -> int:
@@ -346,7 +381,8 @@ class _Preemption:
 # The loop --------------------------------------------------------------------------
 
 def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
-                       data: input_pipeline.Dataset | None = None) -> dict[str, Any]:
+                       data: input_pipeline.Dataset | None = None,
+                       tensorboard: bool = True) -> dict[str, Any]:
   """Trains the run of `config` in `workdir`, resuming from its latest checkpoint.
 
   Returns the final test metrics (e.g. {"accuracy": ..., "step": ...}). A SIGTERM from
@@ -354,10 +390,15 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
   with status 143; a rerun resumes.
   """
   with _Preemption() as preempt:
-    return _train(config, workdir, allow_config_change, data, preempt)
+    return _train(config, workdir, allow_config_change, data, preempt, tensorboard)
 
 
-def _train(config, workdir, allow_config_change, data, preempt) -> dict[str, Any]:
+def _train(config, workdir, allow_config_change, data, preempt,
+           tensorboard) -> dict[str, Any]:
+  if "://" in workdir:
+    raise ValueError(
+        f"--workdir={workdir}: invjax writes its workdir through the file system; "
+        "mount the bucket (e.g. gcsfuse BUCKET /mnt/BUCKET) and give the mounted path.")
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
@@ -365,6 +406,7 @@ def _train(config, workdir, allow_config_change, data, preempt) -> dict[str, Any
                           "choose another.") from e
   if not os.access(workdir, os.W_OK):
     raise PermissionError(f"--workdir={workdir} cannot be written; choose another.")
+  distributed.check_shared_directory(workdir)
   run = build(config, data)
   check_workdir_config(config, workdir, allow_config_change)
   cfg = run.step_config
@@ -385,7 +427,8 @@ def _train(config, workdir, allow_config_change, data, preempt) -> dict[str, Any
     logging.info("resumed from step %d", start)
   save_config(config, workdir)
   log = metrics_io.MetricsLog(workdir, resume_step=start,
-                              enabled=jax.process_index() == 0)
+                              enabled=distributed.is_primary(),
+                              tensorboard=tensorboard)
   progress = metrics_io.Progress(run.total_steps, log)
 
   programs = TrainPrograms(run, placement, state)
@@ -394,15 +437,20 @@ def _train(config, workdir, allow_config_change, data, preempt) -> dict[str, Any
                if programs.steps_per_dispatch > 1 else "",
                sum(programs.compile_seconds.values()),
                "on the device" if programs.on_device else "read from the host")
-  eval_step = jax.jit(steps_lib.make_eval_step(cfg.top5))
-  probe_step = jax.jit(steps_lib.make_probe_step(cfg, config.probe_copies))
+  # Sums and scalars come back replicated: every process can read them.
+  eval_step = jax.jit(steps_lib.make_eval_step(cfg.top5),
+                      out_shardings=placement.replicated)
+  probe_step = jax.jit(steps_lib.make_probe_step(cfg, config.probe_copies),
+                       out_shardings=placement.replicated)
 
   probe_key = jax.random.fold_in(jax.random.key(config.seed), 2)
   probe_idx = np.random.default_rng([config.seed, 2]).choice(
       len(data.x_train), min(config.probe_seeds, len(data.x_train)), replace=False)
   probe_seeds = data.x_train[np.sort(probe_idx)]
-  probe_seeds = placement.shard(
-      probe_seeds[:len(probe_seeds) - len(probe_seeds) % jax.device_count()])
+  # Split over the devices where it divides, else on each: the same probe at any scale.
+  probe_seeds = (placement.shard(probe_seeds)
+                 if len(probe_seeds) % jax.device_count() == 0
+                 else placement.replicate(probe_seeds))
 
   ckpt_every = config.checkpoint_every_steps or run.steps_per_epoch
   eval_every = max(1, int(round(config.eval_every_epochs * run.steps_per_epoch)))
@@ -412,7 +460,7 @@ def _train(config, workdir, allow_config_change, data, preempt) -> dict[str, Any
   state_finite = jax.jit(lambda st: jnp.all(jnp.stack([
       jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((st.params, st.batch_stats,
                                                          st.opt_state))
-      if jnp.issubdtype(x.dtype, jnp.floating)])))
+      if jnp.issubdtype(x.dtype, jnp.floating)])), out_shardings=placement.replicated)
 
   def log_probe(step):
     inv = jax.device_get(probe_step(state, probe_seeds, probe_key))
@@ -435,7 +483,14 @@ def _train(config, workdir, allow_config_change, data, preempt) -> dict[str, Any
       done += size
       last = done == run.total_steps
       progress(done)
-      if done % log_every == 0 or last or preempt.requested or done % ckpt_every == 0:
+      stop = preempt.requested
+      if jax.process_count() > 1:
+        # Whether to stop must be agreed, since saving is collective: processes
+        # compare their SIGTERM flags at each log or checkpoint step (one tiny
+        # collective each), so a stop comes at the next such step.
+        stop = (done % log_every == 0 or last or done % ckpt_every == 0) and (
+            distributed.any_process(preempt.requested))
+      if done % log_every == 0 or last or stop or done % ckpt_every == 0:
         summary = _summarize(pending)
         pending = []
         now = time.time()
@@ -450,14 +505,14 @@ def _train(config, workdir, allow_config_change, data, preempt) -> dict[str, Any
         log.write(done, {f"test/{k}": v for k, v in test.items()} | {"epoch": done / spe})
         logging.info("step %d (epoch %.1f): test accuracy %.4f", done, done / spe,
                      test["accuracy"])
-      if done % ckpt_every == 0 or last or preempt.requested:
+      if done % ckpt_every == 0 or last or stop:
         if not bool(state_finite(state)):  # the loss was finite, the update was not
           raise FloatingPointError(
               f"the train state became non-finite at or before step {done} (the "
               "losses were finite): not checkpointed; the last good checkpoint is "
               "kept. Lower config.learning_rate.")
         ckpts.save(done, state, force=True)
-      if preempt.requested and not last:
+      if stop and not last:
         logging.warning("stopped at step %d after SIGTERM; rerun to resume", done)
         raise SystemExit(143)
     if not test:  # resumed a finished run

@@ -104,8 +104,8 @@ def test_metrics_come_from_the_scored_forward_passes():
   logits_of = lambda x: x.reshape(len(x), -1) @ w
   feats_of = lambda x: {"pixels": x, "logit_layer": logits_of(x)}
   transform = lambda key, x: x + 0.3 * jax.random.normal(key, x.shape)
-  metrics_fn = lambda lg, y: {"correct": jnp.sum(jnp.argmax(lg, -1) == y),
-                              "count": jnp.float32(len(y))}
+  metrics_fn = lambda lg, y, mask: {"correct": jnp.sum((jnp.argmax(lg, -1) == y) * mask),
+                                    "count": jnp.sum(mask)}
   key = jax.random.key(11)
   splits = [(images[:8], labels[:8]), (images[8:], labels[8:])]
   plain = analysis.score_dataset(feats_of, lambda: [x for x, _ in splits], key, 3,
