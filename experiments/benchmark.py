@@ -247,7 +247,7 @@ def time_analysis(config, data) -> dict:
   def score():
     return analysis.score_dataset(
         lambda x: steps_lib.features(state, x), batches, jax.random.key(0),
-        ac.num_transforms, lambda key, x: augment.augment(key, x, ranges, scoring=True),
+        ac.num_transforms, lambda key, x: augment.augment_each(key, x, ranges, scoring=True),
         preprocess=steps_lib.to_float)
 
   t = time.perf_counter()

@@ -29,6 +29,7 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import paper  # pylint: disable=g-import-not-at-top
+from invjax import distributed  # pylint: disable=g-import-not-at-top
 
 RESULTS = ("table1", "figure2", "figure3", "figure4", "figure5", "all")
 FLAGS = flags.FLAGS
@@ -46,6 +47,7 @@ flags.DEFINE_integer("train_examples", 0, "Use the first N training images (0: a
 flags.DEFINE_integer("test_examples", 0, "Use the first N test images (0: all).")
 flags.DEFINE_multi_string("set", [], "FIELD=VALUE config override for every run, e.g. "
                           "--set dataset=data/cifar10.npz --set model.width=0.25.")
+distributed.define_flags()  # the same command on every host: see invjax/distributed.py
 
 DEFAULT_CELLS = {
     "table1": ["allcnn_cifar10", "wrn_cifar10", "densenet_cifar10"],
@@ -78,7 +80,10 @@ def main(argv):
                      [shlex.quote(a) for a in sys.argv[1:]])
   out_dir = os.path.join(FLAGS.results_dir, scale.tag())
   t0 = time.time()
+  distributed.initialize_from_flags()
   results = {c: paper.run_cell(c, scale, FLAGS.workdir, FLAGS.variants) for c in cells}
+  if not distributed.is_primary():  # process 0 writes the results
+    return
   written = []
   if FLAGS.result in ("table1", "all"):
     written.append(paper.write_table1(results, scale, out_dir, command))

@@ -32,22 +32,21 @@ FIGURE_FILE = os.path.join("figures", "invariance_scores.png")
 
 def _batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
              placement: train.Placement):
-  """Batches of uint8 test images (made float on device) and labels, split over the
-  devices of every process. Each holds `batch_size` images rounded up to a multiple
-  of the device count; the last is padded to that size and its padding marked, so one
-  program scores them all and the scores do not depend on the number of devices
-  wherever `batch_size` is a multiple of it."""
+  """Batches of `batch_size` uint8 test images (made float on device) and labels,
+  split over the devices of every process. A batch that does not split evenly is
+  padded to the next multiple of the device count and its padding marked; with the
+  per-image transformations of `augment_each`, the scores do not depend on the number
+  of devices or processes."""
   n_dev = jax.device_count()
-  size = -(-batch_size // n_dev) * n_dev
 
   def gen():
-    for start in range(0, len(images), size):
-      x, y = images[start:start + size], labels[start:start + size]
+    for start in range(0, len(images), batch_size):
+      x, y = images[start:start + batch_size], labels[start:start + batch_size]
+      size = -(-len(x) // n_dev) * n_dev
       valid = np.arange(size) < len(x)
-      pad = size - len(x)
-      if pad:
-        x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-        y = np.concatenate([y, np.zeros(pad, y.dtype)])
+      if size > len(x):
+        x = np.concatenate([x, np.zeros((size - len(x), *x.shape[1:]), x.dtype)])
+        y = np.concatenate([y, np.zeros(size - len(y), y.dtype)])
       yield analysis.Batch(placement.shard(x), placement.shard(y), placement.shard(valid))
   return gen
 
@@ -89,7 +88,8 @@ def analyze(config, workdir: str, data=None) -> dict[str, Any]:
   ranges = augment.AugmentRanges.from_config(config.augment)
   ac = config.analysis
   feature_fn = lambda x: steps_lib.features_and_logits(state, x)
-  transform = lambda key, x: augment.augment(key, x, ranges, scoring=True)
+  # Image i of a batch gets split(batch key, n)[i]: the same with or without padding.
+  transform = lambda key, x: augment.augment_each(key, x, ranges, scoring=True)
   top5 = run.step_config.top5
   logging.info("scoring %d test images x %d transformations, %d layers",
                len(run.data.x_test), ac.num_transforms, len(run.layer_shapes) + 1)

@@ -166,3 +166,14 @@ def augment(key: jax.Array, images: jax.Array, ranges: AugmentRanges,
   """Draws per-image parameters and applies them."""
   sampler = sample_scoring_params if scoring else sample_params
   return apply(images, sampler(key, images.shape[0], ranges))
+
+
+def augment_each(key: jax.Array, images: jax.Array, ranges: AugmentRanges,
+                 scoring: bool = False) -> jax.Array:
+  """Like `augment`, but image i's parameters come from split(key, n)[i] alone, which
+  is the same for any n > i: padding a batch, or splitting it over another number of
+  devices, leaves the transformations of its images unchanged."""
+  sampler = sample_scoring_params if scoring else sample_params
+  keys = jax.random.split(key, images.shape[0])
+  params = jax.vmap(lambda k: sampler(k, 1, ranges))(keys)
+  return apply(images, jax.tree.map(lambda a: a[:, 0], params))

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from invjax import datasets as invjax_datasets
+from invjax import distributed
 from invjax import steps as steps_lib
 
 DIGITS_TEST_FRACTION = 0.25
@@ -161,9 +162,16 @@ def load_tfds(name: str, data_dir: str | None, manual_dir: str | None = None,
         "'cifar10' (tfds.list_builders() lists them).")
   builder = tfds.builder(name, data_dir=data_dir)
   try:
+    # With several processes, process 0 prepares first, so that processes sharing a
+    # data_dir do not write it at once; the others then find it prepared (or prepare
+    # their own copy where each host has its own data_dir).
+    if not distributed.is_primary():
+      distributed.barrier("invjax: tfds data prepared by process 0")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=manual_dir,
         try_download_gcs=not own))  # tfds's bucket has only its catalog's data sets
+    if distributed.is_primary():
+      distributed.barrier("invjax: tfds data prepared by process 0")
   except Exception as e:  # pylint: disable=broad-except
     if own:  # invjax's builders explain themselves (e.g. where the zip goes)
       raise

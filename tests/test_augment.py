@@ -374,3 +374,26 @@ def test_augment_gives_each_image_its_own_parameters():
                             ranges=augment.AugmentRanges()))
   for i in range(1, N):
     assert np.max(np.abs(out[i] - out[0])) > 0.05
+
+
+@pytest.mark.parametrize("scoring", [False, True])
+def test_augment_each_does_not_depend_on_the_batch_around_an_image(scoring):
+  """augment_each: image i's transformation is that of its own key, split(key, n)[i],
+  so padding the batch changes nothing (which augment's batched draws do)."""
+  images = jnp.asarray(_rand_images(15, (N, H, W, C)))
+  ranges = augment.AugmentRanges()
+  key = jax.random.PRNGKey(16)
+  each = jax.jit(augment.augment_each, static_argnames=("ranges", "scoring"))
+  whole = np.asarray(each(key, images, ranges, scoring=scoring))
+  part = np.asarray(each(key, images[:N - 2], ranges, scoring=scoring))
+  np.testing.assert_allclose(part, whole[:N - 2], rtol=0, atol=1e-6)
+  keys = jax.random.split(key, N)
+  for i in (0, N - 1):  # and it is apply() with the sampler's draw from keys[i]
+    sampler = augment.sample_scoring_params if scoring else augment.sample_params
+    p = sampler(keys[i], 1, ranges)
+    np.testing.assert_allclose(whole[i:i + 1], np.asarray(_apply(images[i:i + 1], p)),
+                               rtol=0, atol=1e-6)
+  batched = np.asarray(_augment(key, images[:N - 2], ranges=ranges, scoring=scoring))
+  moved = np.asarray(_augment(key, images, ranges=ranges, scoring=scoring))[:N - 2]
+  assert np.max(np.abs(batched - moved)) > 0.05  # the batched draws would differ
+  assert np.max(np.abs(whole - np.asarray(images))) > 0.05

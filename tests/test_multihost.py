@@ -49,10 +49,19 @@ def _main(npz, workdir, devices, *args, **env):
                           env=dict(os.environ, XLA_FLAGS=flags, **env))
 
 
-def _two_processes(npz, workdir, *args):
-  port = _free_port()
-  return [_main(npz, workdir, 4, f"--coordinator_address=localhost:{port}",
-                "--num_processes=2", f"--process_id={i}", *args) for i in range(2)]
+def _two_processes(npz, workdir, *args, env_for_second=False):
+  """Process 0 is told where and who it is by flags; process 1 by flags or, with
+  `env_for_second`, by JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID."""
+  address = f"localhost:{_free_port()}"
+  first = _main(npz, workdir, 4, f"--coordinator_address={address}",
+                "--num_processes=2", "--process_id=0", *args)
+  if env_for_second:
+    second = _main(npz, workdir, 4, *args, JAX_COORDINATOR_ADDRESS=address,
+                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="1")
+  else:
+    second = _main(npz, workdir, 4, f"--coordinator_address={address}",
+                   "--num_processes=2", "--process_id=1", *args)
+  return [first, second]
 
 
 def _finish(procs):
@@ -71,7 +80,7 @@ def runs(tmp_path_factory):
   eight = [_main(npz, wd["eight"], 8, "--mode=train", xla_flags=[
       f"--xla_dump_to={tmp / 'hlo'}", "--xla_dump_hlo_module_re=jit_chunk"])]
   first = _two_processes(npz, wd["two"], "--mode=train", "--config.num_epochs=1",
-                         "--config.data_on_device=False")
+                         "--config.data_on_device=False", env_for_second=True)
   # Meanwhile, the reference on this process's one device.
   config = helpers.tiny_config(npz)
   with config.unlocked():
@@ -254,3 +263,18 @@ def test_a_workdir_the_processes_do_not_share_is_refused(tmp_path):
   for p in procs:
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0 and "shared" in out, err[-2000:]
+
+
+def test_clusters_jax_can_read_are_recognised(monkeypatch):
+  for var in ("SLURM_NTASKS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE"):
+    monkeypatch.delenv(var, raising=False)
+  monkeypatch.setattr(distributed.glob, "glob", lambda pattern: [])  # no TPU chips
+  assert distributed._on_cluster() is None
+  monkeypatch.setenv("SLURM_JOB_ID", "7")
+  monkeypatch.setenv("SLURM_NTASKS", "1")
+  assert distributed._on_cluster() is None  # one task: one process, nothing to join
+  monkeypatch.setenv("SLURM_NTASKS", "4")
+  assert distributed._on_cluster() == "SLURM"
+  monkeypatch.delenv("SLURM_JOB_ID")
+  monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+  assert distributed._on_cluster() == "Open MPI"
