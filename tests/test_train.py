@@ -479,10 +479,14 @@ def test_paper_configs_have_the_papers_hyperparameters(config_file):
   assert c.test_split == ("validation" if tiny else "test")
 
 
-# The Tiny ImageNet forms (~10 s each) run with -m slow; their models' shapes and sizes
-# are checked in tests/test_models.py.
+# All-CNN and the quickstart run by default; WRN, DenseNet and the Tiny ImageNet forms
+# (10-17 s each, nearly all compilation) with -m slow. Their models' shapes, sizes and
+# costs are checked in tests/test_models.py, and the train step is the same for all.
+SLOW_CONFIGS = ("wrn", "densenet", "tinyimagenet")
+
+
 @pytest.mark.parametrize("config_file", [
-    pytest.param(f, marks=pytest.mark.slow) if "tinyimagenet" in f else f
+    pytest.param(f, marks=pytest.mark.slow) if any(s in f for s in SLOW_CONFIGS) else f
     for f in CONFIG_FILES])
 def test_every_config_runs_one_step(config_file, tmp_path):
   """Each config file, as written, but tiny: the real training code for one step, on
