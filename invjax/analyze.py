@@ -25,6 +25,10 @@ from invjax import distributed
 from invjax import steps as steps_lib
 from invjax import train
 
+# Changes when the same checkpoint would get other scores (e.g. other transformation
+# draws); summaries of another version are redone by experiment.run_variant.
+# 2: each image's scoring transformations from its own key (augment_each).
+SCORING_VERSION = 2
 SCORES_FILE = os.path.join("analysis", "scores.npz")
 SUMMARY_FILE = os.path.join("analysis", "summary.json")
 FIGURE_FILE = os.path.join("figures", "invariance_scores.png")
@@ -105,7 +109,8 @@ def analyze(config, workdir: str, data=None) -> dict[str, Any]:
   passes = [_rates(s) for s in sums["transformed"]]
   robustness = {k: float(np.mean([p[k] for p in passes])) for k in passes[0]}
   robustness["accuracy_per_pass"] = [p["accuracy"] for p in passes]
-  summary = {"step": int(step), "dataset": run.data.name, "model": config.model.name,
+  summary = {"step": int(step), "scoring_version": SCORING_VERSION,
+             "dataset": run.data.name, "model": config.model.name,
              "variant": config.variant, "copies": config.copies, "alpha": config.alpha,
              "test": test, "transformed_test": robustness, "layers": summarize(scores)}
   if distributed.is_primary():

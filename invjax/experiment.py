@@ -32,7 +32,9 @@ def _analysis_current(workdir: str, step: int) -> bool:
   if not os.path.exists(path):
     return False
   with open(path) as f:
-    return json.load(f).get("step") == step
+    summary = json.load(f)
+  return (summary.get("step") == step and
+          summary.get("scoring_version") == analyze_lib.SCORING_VERSION)
 
 
 def run_variant(config, workdir: str, data=None) -> dict:
