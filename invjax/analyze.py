@@ -46,21 +46,9 @@ def _batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
   def gen():
     for start in range(0, len(images), batch_size):
       x, y = images[start:start + batch_size], labels[start:start + batch_size]
-      size = -(-len(x) // n_dev) * n_dev
-      valid = np.arange(size) < len(x)
-      if size > len(x):
-        x = np.concatenate([x, np.zeros((size - len(x), *x.shape[1:]), x.dtype)])
-        y = np.concatenate([y, np.zeros(size - len(y), y.dtype)])
+      x, y, valid = train.pad_batch(x, y, -(-len(x) // n_dev) * n_dev)
       yield analysis.Batch(placement.shard(x), placement.shard(y), placement.shard(valid))
   return gen
-
-
-def _rates(sums: dict[str, float]) -> dict[str, float]:
-  out = {"accuracy": sums["correct"] / sums["count"],
-         "cross_entropy": sums["cross_entropy"] / sums["count"]}
-  if "correct5" in sums:
-    out["top5"] = sums["correct5"] / sums["count"]
-  return out
 
 
 def summarize(scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
@@ -105,8 +93,8 @@ def analyze(config, workdir: str, data=None) -> dict[str, Any]:
       preprocess=steps_lib.to_float,
       metrics_fn=lambda logits, labels, mask: steps_lib.classification_sums(
           logits, labels, top5, mask))
-  test = _rates(sums["clean"])
-  passes = [_rates(s) for s in sums["transformed"]]
+  test = train.rates(sums["clean"])
+  passes = [train.rates(s) for s in sums["transformed"]]
   robustness = {k: float(np.mean([p[k] for p in passes])) for k in passes[0]}
   robustness["accuracy_per_pass"] = [p["accuracy"] for p in passes]
   summary = {"step": int(step), "scoring_version": SCORING_VERSION,

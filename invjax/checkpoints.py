@@ -27,7 +27,8 @@ class Checkpoints:
 
   With several processes, Orbax writes each array's shards from the processes that
   hold them into one checkpoint (the workdir must be a file system every host sees,
-  e.g. a GCS bucket or NFS), and restores them into the target's shardings.
+  e.g. NFS or a gcsfuse-mounted bucket), and restores them into the target's
+  shardings.
   """
 
   def __init__(self, workdir: str, max_to_keep: int = 3):

@@ -161,17 +161,15 @@ def load_tfds(name: str, data_dir: str | None, manual_dir: str | None = None,
         f"{sorted(invjax_datasets.BUILDERS)}, or a tensorflow-datasets name such as "
         "'cifar10' (tfds.list_builders() lists them).")
   builder = tfds.builder(name, data_dir=data_dir)
+  # With several processes, process 0 prepares first, so that processes sharing a
+  # data_dir do not write it at once; the others then find it prepared (or prepare
+  # their own copy where each host has its own data_dir).
+  if not distributed.is_primary():
+    distributed.barrier("invjax: tfds data prepared by process 0")
   try:
-    # With several processes, process 0 prepares first, so that processes sharing a
-    # data_dir do not write it at once; the others then find it prepared (or prepare
-    # their own copy where each host has its own data_dir).
-    if not distributed.is_primary():
-      distributed.barrier("invjax: tfds data prepared by process 0")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=manual_dir,
         try_download_gcs=not own))  # tfds's bucket has only its catalog's data sets
-    if distributed.is_primary():
-      distributed.barrier("invjax: tfds data prepared by process 0")
   except Exception as e:  # pylint: disable=broad-except
     if own:  # invjax's builders explain themselves (e.g. where the zip goes)
       raise
@@ -182,6 +180,8 @@ def load_tfds(name: str, data_dir: str | None, manual_dir: str | None = None,
         "archives tfds asks for in --config.manual_dir, or convert it to an .npz "
         "(x_train, y_train, x_test, y_test) and pass its path as --config.dataset."
         ) from e
+  if distributed.is_primary():
+    distributed.barrier("invjax: tfds data prepared by process 0")
   available = sorted(builder.info.splits)
   for split in ("train", test_split):
     if available and split not in available:

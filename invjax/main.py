@@ -28,7 +28,8 @@ config_flags.DEFINE_config_file(
     lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory of the run: config, metrics, "
                     "checkpoints, figures. Rerunning on it resumes. With several "
-                    "hosts, one directory all of them see (e.g. gs://... or NFS).")
+                    "hosts, one directory all of them see (NFS, Filestore, or a bucket "
+                    "mounted with gcsfuse).")
 flags.DEFINE_enum("mode", "train", ["train", "analyze", "train_and_analyze", "describe"],
                   "train (default), analyze (invariance scores of the latest "
                   "checkpoint), train_and_analyze (both, one start-up) or describe "

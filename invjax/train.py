@@ -87,11 +87,6 @@ class Placement:
     return jax.make_array_from_process_local_data(
         self.batch, x[self.local_rows(len(x))], x.shape)
 
-  def shard_stacked(self, x: np.ndarray) -> jax.Array:
-    """The same for [S, K, ...] batches of several steps, split along K."""
-    return jax.make_array_from_process_local_data(
-        self.stacked_batch, x[:, self.local_rows(x.shape[1])], x.shape)
-
   def replicate(self, tree):
     """Host values (or arrays fetched to the host) -> copies on every device."""
     return jax.device_put(jax.device_get(tree), self.replicated)
@@ -231,6 +226,25 @@ def save_config(config, workdir: str) -> None:
 
 # Evaluation ------------------------------------------------------------------------
 
+def pad_batch(x: np.ndarray, y: np.ndarray, size: int):
+  """(x, y, mask) padded with zeros to `size` rows; mask is 1.0 for the real rows."""
+  pad = size - len(x)
+  mask = (np.arange(size) < len(x)).astype(np.float32)
+  if pad:
+    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+    y = np.concatenate([y, np.zeros(pad, y.dtype)])
+  return x, y, mask
+
+
+def rates(sums: dict[str, float]) -> dict[str, float]:
+  """Accuracy, cross-entropy (and top-5) from `steps.classification_sums` totals."""
+  out = {"accuracy": sums["correct"] / sums["count"],
+         "cross_entropy": sums["cross_entropy"] / sums["count"]}
+  if "correct5" in sums:
+    out["top5"] = sums["correct5"] / sums["count"]
+  return out
+
+
 def evaluate(eval_step, state, images: np.ndarray, labels: np.ndarray,
              batch_size: int, placement: Placement) -> dict[str, float]:
   """Test-set accuracy (top-1, and top-5 if the step computes it) and loss."""
@@ -238,22 +252,13 @@ def evaluate(eval_step, state, images: np.ndarray, labels: np.ndarray,
   batch_size = max(n_dev, batch_size - batch_size % n_dev)
   totals: dict[str, float] = {}
   for start in range(0, len(images), batch_size):
-    x, y = images[start:start + batch_size], labels[start:start + batch_size]
-    mask = np.ones(len(x), np.float32)
-    pad = batch_size - len(x)  # pad the last batch: one compiled shape
-    if pad:
-      x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-      y = np.concatenate([y, np.zeros(pad, y.dtype)])
-      mask = np.concatenate([mask, np.zeros(pad, np.float32)])
+    # The last batch is padded: one compiled shape.
+    x, y, mask = pad_batch(images[start:start + batch_size],
+                           labels[start:start + batch_size], batch_size)
     out = eval_step(state, placement.shard(x), placement.shard(y), placement.shard(mask))
     for k, v in jax.device_get(out).items():
       totals[k] = totals.get(k, 0.0) + float(v)
-  count = totals.pop("count")
-  result = {"accuracy": totals["correct"] / count,
-            "cross_entropy": totals["cross_entropy"] / count}
-  if "correct5" in totals:
-    result["top5"] = totals["correct5"] / count
-  return result
+  return rates(totals)
 
 
 def _summarize(pending: list[tuple[int, dict]]) -> dict[str, float]:
@@ -482,15 +487,16 @@ def _train(config, workdir, allow_config_change, data, preempt,
       pending.append((done, metrics))
       done += size
       last = done == run.total_steps
+      at_ckpt = done % ckpt_every == 0 or last
+      at_log = done % log_every == 0 or at_ckpt
       progress(done)
       stop = preempt.requested
       if jax.process_count() > 1:
         # Whether to stop must be agreed, since saving is collective: processes
         # compare their SIGTERM flags at each log or checkpoint step (one tiny
         # collective each), so a stop comes at the next such step.
-        stop = (done % log_every == 0 or last or done % ckpt_every == 0) and (
-            distributed.any_process(preempt.requested))
-      if done % log_every == 0 or last or stop or done % ckpt_every == 0:
+        stop = at_log and distributed.any_process(preempt.requested)
+      if at_log or stop:
         summary = _summarize(pending)
         pending = []
         now = time.time()
@@ -505,7 +511,7 @@ def _train(config, workdir, allow_config_change, data, preempt,
         log.write(done, {f"test/{k}": v for k, v in test.items()} | {"epoch": done / spe})
         logging.info("step %d (epoch %.1f): test accuracy %.4f", done, done / spe,
                      test["accuracy"])
-      if done % ckpt_every == 0 or last or stop:
+      if at_ckpt or stop:
         if not bool(state_finite(state)):  # the loss was finite, the update was not
           raise FloatingPointError(
               f"the train state became non-finite at or before step {done} (the "
