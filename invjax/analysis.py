@@ -126,7 +126,7 @@ def _as_batch(batch) -> Batch:
   return Batch(*batch) if isinstance(batch, tuple) else Batch(batch)
 
 
-def _fetch(tree):
+def fetch(tree):
   """Device values -> numpy in every process (gathered across processes where an
   array is split over several hosts' devices)."""
   if all(not isinstance(x, jax.Array) or x.is_fully_addressable
@@ -184,7 +184,7 @@ def accumulate_stats(feature_fn: FeatureFn, batches: Iterable,
   if metrics_fn is None:
     return total
   clean = None
-  for m in _fetch(sums):
+  for m in fetch(sums):
     clean = _add(clean, {k: float(v) for k, v in m.items()})
   return total, clean
 
@@ -238,7 +238,7 @@ def score_dataset(feature_fn: FeatureFn, batches: Callable[[], Iterable],
 
   pieces, moved_sums = [], [None] * num_copies
   for i, batch in enumerate(batches()):
-    scores, sums, valid = _fetch(
+    scores, sums, valid = fetch(
         batch_scores(stats, _as_batch(batch), jax.random.fold_in(key, i)))
     pieces.append({k: v[valid > 0] for k, v in scores.items()})
     for c, m in enumerate(sums):

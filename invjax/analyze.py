@@ -34,7 +34,7 @@ SUMMARY_FILE = os.path.join("analysis", "summary.json")
 FIGURE_FILE = os.path.join("figures", "invariance_scores.png")
 
 
-def _batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
+def batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
              placement: train.Placement):
   """Batches of `batch_size` uint8 test images (made float on device) and labels,
   split over the devices of every process. A batch that does not split evenly is
@@ -88,7 +88,7 @@ def analyze(config, workdir: str, data=None) -> dict[str, Any]:
   # One clean and num_transforms transformed forward passes per image give the scores
   # and the accuracy on the clean and on exactly the scored transformed images.
   scores, sums = analysis.score_dataset(
-      feature_fn, _batches(run.data.x_test, run.data.y_test, ac.batch_size, placement),
+      feature_fn, batches(run.data.x_test, run.data.y_test, ac.batch_size, placement),
       jax.random.key(ac.seed), ac.num_transforms, transform,
       preprocess=steps_lib.to_float,
       metrics_fn=lambda logits, labels, mask: steps_lib.classification_sums(

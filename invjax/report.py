@@ -115,3 +115,59 @@ def median_table(summaries: Mapping[str, dict], columns: Sequence[str] | None = 
     lines.append(row("  " + l, [f"{summaries[c]['layers'][l]['median']:.3f}"
                                 for c in columns]))
   return "\n".join(lines)
+
+
+def plot_similarity(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str],
+                    path: str, row_label: str = "", col_label: str = "",
+                    title: str = "", measure: str = "linear CKA") -> str:
+  """Heatmap of a [len(rows), len(cols)] layer-by-layer similarity matrix (e.g.
+  `api.compare`), values printed in the cells, first layers top left."""
+  m = np.asarray(matrix)
+  fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(cols), 0.8 + 0.5 * len(rows)))
+  im = ax.imshow(m, vmin=0.0, vmax=1.0, cmap="viridis")
+  for (i, j), v in np.ndenumerate(m):
+    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+            color="black" if v > 0.6 else "white")
+  ax.set_xticks(np.arange(len(cols)))
+  ax.set_xticklabels(cols, rotation=45, ha="right")
+  ax.set_yticks(np.arange(len(rows)))
+  ax.set_yticklabels(rows)
+  ax.set_xlabel(col_label)
+  ax.set_ylabel(row_label)
+  ax.set_title(title)
+  fig.colorbar(im, ax=ax, label=measure, fraction=0.046, pad=0.04)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def plot_copies(images: np.ndarray, copies: np.ndarray, path: str,
+                title: str = "") -> str:
+  """Each image (first column) and its transformed copies, one row per image.
+
+  Args:
+    images: [N, H, W, C], uint8 or float in [0, 1].
+    copies: [N, T, H, W, C] float in [0, 1] (e.g. `LoadedRun.transformed`).
+  """
+  images = np.asarray(images)
+  if images.dtype == np.uint8:
+    images = images / 255.0
+  n, t = copies.shape[:2]
+  fig, axes = plt.subplots(n, t + 1, figsize=(1.1 * (t + 1), 1.1 * n + 0.4),
+                           squeeze=False)
+  for i in range(n):
+    for j, img in enumerate([images[i], *copies[i]]):
+      ax = axes[i, j]
+      ax.imshow(np.clip(img, 0, 1).squeeze(), cmap="gray", vmin=0, vmax=1)
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if i == 0:
+        ax.set_title("image" if j == 0 else f"copy {j}", fontsize=8)
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
