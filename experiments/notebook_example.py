@@ -121,7 +121,8 @@ for measure, label in (("cka", "linear CKA"), ("rsa", "RSA")):
 
 # %%
 path = invariance.export_activations(os.path.join(out, "invariance_activations.npz"),
-                                     x, invariance.layers[-5::4])
+                                     x, [invariance.layers[len(invariance.layers) // 2],
+                                         invariance.layers[-1]])
 with np.load(path) as f:
   print(path, {k: f[k].shape for k in f.files if not k.startswith("_")})
 print(f"wall time {time.time() - t0:.0f} s")

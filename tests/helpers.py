@@ -1,6 +1,9 @@
 """Small data and tiny configs for the end-to-end tests."""
 
+import logging
 import os
+import re
+import warnings
 
 import numpy as np
 
@@ -58,3 +61,34 @@ def tiny_config(dataset, variant="invariance", **overrides):
 # Two hidden convolutions and the class layer: 3 sown layers, seconds to compile.
 TINY_LAYERS = ((8, 3, 1, "SAME"), (8, 3, 2, "SAME"))
 TINY_SOWN = ["conv1", "conv2", "conv3"]
+
+
+def readme_orbax_recipe(workdir: str) -> str:
+  """The README's plain Orbax recipe (the python block after `<!-- plain orbax -->`),
+  with its example workdir replaced by `workdir`."""
+  with open(os.path.join(ROOT, "README.md")) as f:
+    block = re.search(r"<!-- plain orbax -->\s*```python\n(.*?)```", f.read(), re.S)
+  assert block, "the README's plain Orbax recipe is missing"
+  example = '"/tmp/invjax_quickstart/invariance"'
+  assert block.group(1).count(example) == 1
+  return block.group(1).replace(example, repr(workdir))
+
+
+def run_orbax_recipe(workdir: str):
+  """Runs the README's plain Orbax recipe on `workdir`; asserts that it warned
+  nothing, from Python or from Orbax's logging; returns its `weights`."""
+  code = readme_orbax_recipe(workdir)
+  records = []
+  handler = logging.Handler(logging.WARNING)
+  handler.emit = records.append
+  logging.getLogger().addHandler(handler)
+  try:
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      scope = {}
+      exec(code, scope)  # pylint: disable=exec-used
+  finally:
+    logging.getLogger().removeHandler(handler)
+  assert not caught, [str(w.message) for w in caught]
+  assert not records, [r.getMessage() for r in records]
+  return scope["weights"]

@@ -297,3 +297,56 @@ def test_clusters_jax_can_read_are_recognised(monkeypatch):
   monkeypatch.delenv("SLURM_JOB_ID")
   monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
   assert distributed._on_cluster() == "Open MPI"
+
+
+def test_api_loads_runs_of_several_devices_on_one(runs):
+  """invjax.api, on this process's one device, loads the runs trained on 8 devices
+  and on 2 processes of 4: their activations match the one-device run's, and the
+  two-process run's test images score as its own 2-process analysis scored them.
+  The README's plain Orbax recipe restores the 8-device checkpoint without warnings."""
+  from invjax import api  # pylint: disable=g-import-not-at-top
+  assert jax.device_count() == 1
+  wd = runs["workdirs"]
+  one = api.load_run(wd["one"])
+  x = one.data.x_test  # 20 images: batches of 16, the last padded
+  ref = one.activations(x, batch_size=16)
+  for scale in ("eight", "two"):
+    run = api.load_run(wd[scale])
+    assert run.step == 4
+    got = run.activations(x, batch_size=16)
+    for k in one.layers:
+      np.testing.assert_allclose(got[k], ref[k], rtol=1e-3, atol=1e-4)
+  scores = run.invariance_scores(x)
+  saved, _ = analyze_lib.load(wd["two"])
+  assert list(scores) == list(saved)
+  for k in saved:
+    np.testing.assert_allclose(scores[k], saved[k], rtol=1e-5, atol=1e-5)
+  weights = helpers.run_orbax_recipe(wd["eight"])
+  jax.tree.map(np.testing.assert_array_equal, weights,
+               api.load_run(wd["eight"]).variables)
+
+
+@pytest.mark.slow
+def test_api_on_several_devices(runs, tmp_path):
+  """The one-device run loaded on 4 host devices (in a subprocess): the same
+  activations (batches of 6 split over 4 devices, padded) and scores."""
+  from invjax import api  # pylint: disable=g-import-not-at-top
+  one = api.load_run(runs["workdirs"]["one"])
+  x = one.data.x_test
+  out = tmp_path / "four.npz"
+  code = ("import sys, jax, numpy as np; sys.path.insert(0, '.');"
+          "from invjax import api; assert jax.device_count() == 4;"
+          f"r = api.load_run({runs['workdirs']['one']!r}); x = r.data.x_test;"
+          "a = r.activations(x, batch_size=6); s = r.invariance_scores(x);"
+          f"np.savez({str(out)!r}, **{{'a/' + k: v for k, v in a.items()}},"
+          " **{'s/' + k: v for k, v in s.items()})")
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+             + " --xla_force_host_platform_device_count=4")
+  done = subprocess.run([sys.executable, "-c", code], cwd=helpers.ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  acts, scores = one.activations(x), one.invariance_scores(x)
+  with np.load(out) as f:
+    for k in one.layers:
+      np.testing.assert_allclose(f[f"a/{k}"], acts[k], rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(f[f"s/{k}"], scores[k], rtol=1e-5, atol=1e-5)
