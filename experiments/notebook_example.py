@@ -29,6 +29,9 @@ parser.add_argument("--workdir", default="/tmp/invjax_quickstart",
                     help="The quickstart's workdir (with baseline/ and invariance/).")
 parser.add_argument("--out", default="",
                     help="Where the figures go (default: WORKDIR/notebook).")
+parser.add_argument("--export", default="",
+                    help="Where the activations go (.npz, or .h5 with h5py; default: "
+                    "WORKDIR/notebook/invariance_activations.npz).")
 parser.add_argument("--images", type=int, default=0,
                     help="Use the first N test images (0: all).")
 # parse_known_args: a notebook kernel passes arguments of its own.
@@ -120,9 +123,9 @@ for measure, label in (("cka", "linear CKA"), ("rsa", "RSA")):
 # One array per layer in an .npz (an .h5 name writes HDF5 where h5py is installed).
 
 # %%
-path = invariance.export_activations(os.path.join(out, "invariance_activations.npz"),
-                                     x, [invariance.layers[len(invariance.layers) // 2],
-                                         invariance.layers[-1]])
-with np.load(path) as f:
-  print(path, {k: f[k].shape for k in f.files if not k.startswith("_")})
+exported = [invariance.layers[len(invariance.layers) // 2], invariance.layers[-1]]
+path = invariance.export_activations(
+    args.export or os.path.join(args.workdir, "notebook", "invariance_activations.npz"),
+    x, exported)
+print("exported", exported, "of", len(x), "images to", path)
 print(f"wall time {time.time() - t0:.0f} s")

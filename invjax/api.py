@@ -290,6 +290,7 @@ class LoadedRun:
         raise ImportError(f"writing {path} needs h5py (pip install h5py); or export "
                           "to .npz.") from e
     acts = self.activations(images, layers, batch_size)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     meta = {"_workdir": os.path.abspath(self.workdir), "_step": self.step,
             "_layers": np.array(layers)}
     if ext == ".npz":

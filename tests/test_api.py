@@ -193,5 +193,6 @@ def test_example_runs_end_to_end(runs, capsys, monkeypatch):
     assert f"figure: {os.path.join(out, f'notebook_{name}.png')}" in printed
     assert os.path.getsize(os.path.join(out, f"notebook_{name}.png")) > 1000
   assert re.search(r"linear CKA, same layer: conv1 \d\.\d\d conv2", printed)
-  with np.load(os.path.join(out, "invariance_activations.npz")) as f:
+  with np.load(os.path.join(runs["workdir"], "notebook",
+                            "invariance_activations.npz")) as f:
     assert f["conv2"].shape == (24, 8, 8, 8) and f["conv3"].shape == (24, 8, 8, 4)

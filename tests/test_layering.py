@@ -13,7 +13,7 @@ SHELL_ONLY = ("tensorflow", "tensorflow_datasets", "clu", "orbax")
 
 def test_core_imports_no_shell_packages():
   code = ("import sys; import invjax.augment, invjax.losses, invjax.analysis, "
-          "invjax.models, invjax.steps; "
+          "invjax.models, invjax.steps, invjax.similarity; "
           f"print([m for m in {SHELL_ONLY!r} if m in sys.modules])")
   out = subprocess.run([sys.executable, "-c", code], cwd=helpers.ROOT,
                        capture_output=True, text=True, timeout=120)
@@ -30,11 +30,15 @@ def test_train_and_analyze_without_tensorflow(tmp_path):
       "from invjax import train, analyze; from tests import helpers;"
       f"c = helpers.tiny_config({npz!r}, num_epochs=1.0, lr_boundaries=());"
       f"train.train_and_evaluate(c, {workdir!r}); analyze.analyze(c, {workdir!r});"
+      # The analysis API too: load the run, probe a layer.
+      f"from invjax import api; r = api.load_run({workdir!r});"
+      "print('API', r.step, r.activations(r.data.x_test[:3], 'conv2')['conv2'].shape);"
       "print('TF', 'tensorflow' in sys.modules and sys.modules['tensorflow'] is not None)")
   out = subprocess.run([sys.executable, "-c", code], cwd=helpers.ROOT,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "TF False" in out.stdout
+  assert "API 4 (3, 8, 8, 8)" in out.stdout
   assert "no TensorBoard summaries" in out.stderr
   assert not os.path.exists(os.path.join(workdir, "tensorboard"))
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
