@@ -160,6 +160,8 @@ def test_any_scale_gives_the_same_run(runs, scale, request):
 
   if scale == "eight":
     return  # scored across devices and processes below; here trained only (time)
+  if scale == "two":
+    _api_loads_runs_of_several_devices_on_one(runs)
   s_ref, summary_ref = analyze_lib.load(wd["one"])
   s_got, summary_got = analyze_lib.load(wd[scale])
   assert list(s_got) == list(s_ref) == ["pixels", "conv1", "conv2", "conv3"]
@@ -299,11 +301,14 @@ def test_clusters_jax_can_read_are_recognised(monkeypatch):
   assert distributed._on_cluster() == "Open MPI"
 
 
-def test_api_loads_runs_of_several_devices_on_one(runs):
+def _api_loads_runs_of_several_devices_on_one(runs):
   """invjax.api, on this process's one device, loads the runs trained on 8 devices
   and on 2 processes of 4: their activations match the one-device run's, and the
   two-process run's test images score as its own 2-process analysis scored them.
-  The README's plain Orbax recipe restores the 8-device checkpoint without warnings."""
+  The README's plain Orbax recipe restores the 8-device checkpoint without warnings.
+
+  Called from test_any_scale_gives_the_same_run (not a test of its own: pytest-xdist
+  could run it in another worker, which would train the module's runs again)."""
   from invjax import api  # pylint: disable=g-import-not-at-top
   assert jax.device_count() == 1
   wd = runs["workdirs"]
