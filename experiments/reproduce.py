@@ -29,6 +29,7 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import paper  # pylint: disable=g-import-not-at-top
+from invjax import cli  # pylint: disable=g-import-not-at-top
 from invjax import distributed  # pylint: disable=g-import-not-at-top
 
 RESULTS = ("table1", "figure2", "figure3", "figure4", "figure5", "all")
@@ -101,4 +102,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)  # app.run, with refused input as a short message and exit status 2
