@@ -33,7 +33,7 @@ def main(argv):
   del argv
   t0 = time.time()
   distributed.initialize_from_flags()
-  result = experiment.compare_variants(FLAGS.config, FLAGS.workdir, FLAGS.variants)
+  result = experiment.compare_variants(cli.config_flag("config"), FLAGS.workdir, FLAGS.variants)
   if not distributed.is_primary():
     return
   print(result["table"])

@@ -50,6 +50,16 @@ def _unknown_override(argv, e: BaseException) -> str | None:
   return None
 
 
+def _without_traceback(text: str) -> str:
+  """A message that embeds a traceback (ml_collections does, for an error in a config
+  file's get_config) -> its text before the traceback and the exception's own line."""
+  head, sep, tail = text.partition("Traceback (most recent call last):")
+  if not sep:
+    return text
+  last = [l for l in tail.splitlines() if l.strip() and not l.startswith(" ")]
+  return " ".join(head.split()) + (" " + last[-1].strip() if last else "")
+
+
 def parse_flags(argv):
   """absl's flag parsing; a flag or override that does not parse exits with status 2."""
   try:
@@ -57,11 +67,36 @@ def parse_flags(argv):
   except Exception as e:  # pylint: disable=broad-except
     verbose = any(a in ("--verbose", "--verbose=true", "--verbose=True") for a in argv)
     message = _unknown_override(argv, e)
-    if message is None:
-      message = f"{e}" if isinstance(e, flags.Error) else f"{type(e).__name__}: {e}"
-      message += "\nSee --helpfull for the flags; a --config.FIELD=VALUE takes a value " \
-                 "of the field's type."
+    if message is None and isinstance(e, flags.Error):
+      message = (f"{_without_traceback(str(e))}\nSee --helpfull for the flags; a --config.FIELD=VALUE takes a "
+                 "value of the field's type.")
+    elif message is None:  # e.g. raised by the config file's get_config()
+      config = next((a for a in argv[1:] if a.startswith("--config=")), "")
+      message = (f"{type(e).__name__}: {' '.join(str(e).split())[:400]} (while reading "
+                 f"the command line{', loading ' + config if config else ''}). Fix the "
+                 "config file or the flag.")
     errors.report_and_exit(errors.UserError(message), verbose)
+
+
+def config_flag(name: str = "config"):
+  """The value of a config flag; ml_collections loads the file on first access, so a
+  file that is missing or fails to load is refused here as a ConfigError."""
+  try:
+    value = FLAGS[name].value
+    if value is not None:
+      value.keys()  # a file that failed to load raises here
+    return value
+  except Exception as e:  # pylint: disable=broad-except
+    root = e
+    while root.__cause__ is not None:
+      root = root.__cause__
+    given = next((a.split("=", 1)[1] for a in sys.argv[1:]
+                  if a.startswith(f"--{name}=")), "?")
+    detail = " ".join(str(root).split())[:400]
+    raise errors.ConfigError(
+        f"--{name}={given} cannot be loaded ({type(root).__name__}: {detail}). Give a "
+        f"config file that defines get_config(), e.g. --{name}=configs/allcnn.py "
+        "(or configs/allcnn.py:baseline).") from e
 
 
 def run(main) -> None:

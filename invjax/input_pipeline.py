@@ -175,6 +175,9 @@ def load_tfds(name: str, data_dir: str | None, manual_dir: str | None = None,
   Prepares it first if needed (downloading, or from `manual_dir` for data sets that
   need a manual download, e.g. "tiny_imagenet").
   """
+  # TensorFlow's C++ INFO and WARNING lines (oneDNN, GCS credentials) are not the
+  # user's concern here; TF_CPP_MIN_LOG_LEVEL set by the user wins.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   try:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top

@@ -51,7 +51,7 @@ distributed.define_flags()
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = FLAGS.config
+  config = cli.config_flag("config")
   if config is None and FLAGS.mode == "analyze" and FLAGS.workdir:
     config = train.load_config(FLAGS.workdir)  # the config the run was trained with
   if config is None:

@@ -357,7 +357,7 @@ def _summarize(pending: list[tuple[int, dict]], ce_limit: float = np.inf,
   cross-entropy exceeded `ce_limit` (`divergence_limit`).
   """
   fetched = jax.device_get(pending)
-  kept = ("the last good one is kept" if last_saved is None else
+  kept = ("there is none before it either" if last_saved is None else
           f"the last good one (step {last_saved}) is kept")
   for step0, metrics in fetched:
     bad = {k: np.flatnonzero(~np.isfinite(np.asarray(v))) for k, v in metrics.items()}
@@ -367,9 +367,10 @@ def _summarize(pending: list[tuple[int, dict]], ce_limit: float = np.inf,
     if len(over) and (first is None or over[0] < first):
       raise errors.DivergenceError(
           f"training diverged at step {step0 + int(over[0]) + 1}: cross_entropy "
-          f"{ce[over[0]]:.4g} > {ce_limit:.3g} = config.divergence_factor x "
-          f"ln(classes). No checkpoint was written after it; {kept}. Lower "
-          "config.learning_rate (or set config.divergence_factor=0 to go on).")
+          f"{ce[over[0]]:.4g} > {ce_limit:.3g} (config.divergence_factor x ln of the "
+          f"number of classes, the loss of a uniform guess). No checkpoint was written "
+          f"after it; {kept}. Lower config.learning_rate (or set "
+          "config.divergence_factor=0 to go on).")
     if first is not None:
       terms = [k for k, i in bad.items() if first in i]
       raise errors.DivergenceError(
@@ -606,8 +607,9 @@ def _train_locked(config, workdir, allow_config_change, data, preempt,
       return
     spread = float(jax.device_get(dead_check(state, probe_seeds)))
     if spread <= DEAD_SPREAD:
-      kept = ("no checkpoint was written of it" if last_saved is None else
-              f"the last good checkpoint (step {last_saved}) is kept")
+      kept = ("it was not checkpointed, nor was anything before it" if last_saved is None
+              else f"it was not checkpointed; the last good checkpoint (step "
+              f"{last_saved}) is kept")
       raise errors.DivergenceError(
           f"training diverged at step {step}: the network is dead, its class scores "
           f"are the same for every probe image (spread {spread:.2g}), so it gives one "
