@@ -99,8 +99,23 @@ def config_flag(name: str = "config"):
         "(or configs/allcnn.py:baseline).") from e
 
 
+def _quiet_unraisable(default):
+  """After a save that failed (e.g. a full disk), Orbax's event loop is closed while
+  tensorstore still calls back into it: a RuntimeError Python can only print, with no
+  bearing on the error invjax reports. Hidden unless --verbose."""
+
+  def hook(unraisable):
+    if (not FLAGS.verbose and isinstance(unraisable.exc_value, RuntimeError) and
+        "Event loop is closed" in str(unraisable.exc_value)):
+      return
+    default(unraisable)
+
+  return hook
+
+
 def run(main) -> None:
   """absl.app.run(main), with user errors as short messages and exit status 2."""
+  sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
 
   def guarded(argv):
     from invjax import checkpoints  # pylint: disable=g-import-not-at-top
