@@ -38,9 +38,9 @@ def npz(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def good_run(npz, tmp_path_factory):
-  """8 steps, a checkpoint every 2 (the last 3 kept: 4, 6, 8)."""
+  """8 steps, a checkpoint every 2, all kept (keep_checkpoints=0): 2, 4, 6, 8."""
   workdir = str(tmp_path_factory.mktemp("good"))
-  config = helpers.tiny_config(npz, checkpoint_every_steps=2)
+  config = helpers.tiny_config(npz, checkpoint_every_steps=2, keep_checkpoints=0)
   train.train_and_evaluate(config, workdir, tensorboard=False)
   return config, workdir
 
@@ -64,13 +64,11 @@ def _params(workdir, config, step):
 
 # 1. keep_checkpoints=0 ---------------------------------------------------------------
 
-def test_keep_checkpoints_zero_keeps_every_checkpoint(npz, tmp_path):
+def test_keep_checkpoints_zero_keeps_every_checkpoint(good_run):
   """0 means "all" here as elsewhere in the config (it used to keep none: the trained
   model was gone at exit 0)."""
-  config = helpers.tiny_config(npz, keep_checkpoints=0, checkpoint_every_steps=1,
-                               num_epochs=1.0, lr_boundaries=())
-  train.train_and_evaluate(config, str(tmp_path), tensorboard=False)
-  assert _steps(str(tmp_path)) == [1, 2, 3, 4]
+  _, workdir = good_run
+  assert _steps(workdir) == [2, 4, 6, 8]
 
 
 # 2. Divergence -----------------------------------------------------------------------
@@ -85,7 +83,8 @@ def test_finite_divergence_stops_and_never_evicts_the_good_checkpoints(npz, good
   shutil.copytree(good, workdir)
   before = _params(workdir, config, 8)
   diverging = helpers.tiny_config(npz, checkpoint_every_steps=2, learning_rate=1e6,
-                                  num_epochs=5.0, stop_dead_network=False)
+                                  num_epochs=5.0, stop_dead_network=False,
+                                  keep_checkpoints=3)
   with pytest.raises(errors.DivergenceError) as e:
     train.train_and_evaluate(diverging, workdir, allow_config_change=True,
                              tensorboard=False)
@@ -94,7 +93,7 @@ def test_finite_divergence_stops_and_never_evicts_the_good_checkpoints(npz, good
   assert "last good one (step 8) is kept" in message
   step = int(message.split("at step ")[1].split(":")[0])
   assert step > 8
-  assert _steps(workdir) == [4, 6, 8]
+  assert _steps(workdir) == [2, 4, 6, 8]  # with 3 kept, diverged saves would evict
   jax.tree.map(np.testing.assert_array_equal, _params(workdir, config, 8), before)
   records = metrics_io.read(workdir)
   ce = [r["train/cross_entropy"] for r in records if "train/cross_entropy" in r]
@@ -271,7 +270,7 @@ def test_analyze_falls_back_from_a_damaged_checkpoint_and_closes_orbax(
   assert len(shown) == 1 and "damaged-8" in shown[0].getMessage(), shown
   assert "\n" not in shown[0].getMessage() and not shown[0].exc_info
   # Every checkpoint damaged: the checkpoints are blamed, not the config.
-  for step in (4, 6):
+  for step in (2, 4, 6):
     _truncate_checkpoint(workdir, step)
   with pytest.raises(errors.CheckpointError, match="none of the checkpoints.*damaged"):
     analyze.analyze(config, workdir)
@@ -327,7 +326,7 @@ def test_disk_full_during_a_save_removes_the_temporary_and_a_rerun_resumes(
 
   monkeypatch.setattr(train, "restore_latest", restore)
   train.train_and_evaluate(config, workdir, tensorboard=False)
-  assert resumed[0] == 4 and _steps(workdir) == [4, 6, 8]
+  assert resumed[0] == 4 and _steps(workdir) == [2, 4, 6, 8]
   jax.tree.map(np.testing.assert_array_equal, _params(workdir, config, 8),
                _params(good, config, 8))
 
@@ -353,9 +352,10 @@ def _short_error(out, *expected):
 
 
 def test_cli_user_errors_exit_2_with_a_short_message(npz, good_run, tmp_path):
-  """One of each kind: config (an unknown field; types and domains are refused the
-  same way, tests/test_config_fields.py), data (an empty .npz), workdir (in use),
-  checkpoint (another model's). Each before anything compiles."""
+  """Through both paths of invjax.cli: a flag that does not parse (an unknown field),
+  and a UserError raised in main (a bad .npz: data; a workdir in use: workdir). Each
+  before anything compiles. Config, checkpoint and divergence faults are UserErrors too
+  (test_user_errors_of_every_kind_are_user_errors) and take the second path."""
   config = f"--config=tests/tiny_config.py:{npz}"
   work = f"--workdir={tmp_path / 'w'}"
   _short_error(_cli(config, work, "--config.no_such_field=1"),
@@ -373,7 +373,22 @@ def test_cli_user_errors_exit_2_with_a_short_message(npz, good_run, tmp_path):
   finally:
     holder.kill()
     holder.wait()
-  _short_error(_cli(config, f"--workdir={good}", "--mode=analyze",
-                    "--config.model.layers=((16, 3, 1, 'SAME'),)"),
-               "do not fit the model of this config", "model.layers")
   assert not os.path.exists(tmp_path / "w" / "config.json")
+
+
+def test_user_errors_of_every_kind_are_user_errors(npz, good_run):
+  """What the command line turns into exit status 2: config, data, workdir, checkpoint
+  and divergence faults all raise a UserError."""
+  config, good = good_run
+  kinds = [errors.ConfigError, errors.DataError, errors.DataFileError,
+           errors.DataUnavailable, errors.WorkdirError, errors.RunNotFound,
+           errors.CheckpointError, errors.DivergenceError, errors.DiskFullError]
+  assert all(issubclass(k, errors.UserError) for k in kinds)
+  other = helpers.tiny_config(npz, checkpoint_every_steps=2, keep_checkpoints=0,
+                              **{"model.layers": ((16, 3, 1, "SAME"), (8, 3, 2, "SAME"))})
+  with pytest.raises(errors.CheckpointError, match=r"do not fit the model of this "
+                     r"config, which differs from the run's .*config.json in: "
+                     r"model.layers"):
+    analyze.analyze(other, good)
+  with pytest.raises(errors.RunNotFound):
+    train.load_config(os.path.join(good, "nothing"))
