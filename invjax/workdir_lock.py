@@ -106,8 +106,8 @@ class WorkdirLock:
     workdir = os.path.dirname(self.path)
     return (f"--workdir={workdir} is in use by {_describe(holder)}: one run writes a "
             f"workdir at a time. Wait for it to finish (or stop it), or choose another "
-            f"--workdir. (Its lock is {self.path}; a lock left by a killed run is "
-            "taken over by itself.)")
+            f"--workdir. (Its lock is {self.path}; a run that was killed holds no "
+            "lock, so this one is alive.)")
 
   def release(self) -> None:
     held = self._held.get(self.path)
