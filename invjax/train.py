@@ -517,13 +517,17 @@ def prepare_workdir(workdir: str) -> None:
 def lock_workdir(workdir: str, what: str) -> workdir_lock.WorkdirLock | None:
   """The workdir's lock, held by process 0 (None in the others); refuses a workdir
   that another run is writing (`workdir_lock`)."""
-  if not distributed.is_primary():
-    return None
-  lock = workdir_lock.WorkdirLock(workdir, what)
-  try:
-    lock.acquire()
-  except workdir_lock.WorkdirBusy as e:
-    raise errors.WorkdirError(str(e)) from None
+  lock, busy = None, None
+  if distributed.is_primary():
+    lock = workdir_lock.WorkdirLock(workdir, what)
+    try:
+      lock.acquire()
+    except workdir_lock.WorkdirBusy as e:
+      lock, busy = None, str(e)
+  # Every process stops together (the others would wait for process 0 at a collective).
+  if distributed.any_process(busy is not None):
+    raise errors.WorkdirError(busy or f"--workdir={workdir} is in use by another run "
+                              "(process 0 of this run found its lock held).")
   return lock
 
 
