@@ -1,7 +1,8 @@
 """The configuration every run starts from, its variants, and its checks.
 
 Config files in `configs/` call `base_config()` and override a few fields. Every field a
-run depends on is here, with its meaning.
+run depends on is here, with its meaning, and has a rule in `FIELDS` (its type and
+domain), which `validate` checks before anything is loaded or compiled.
 """
 
 from __future__ import annotations
@@ -106,8 +107,9 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str | None):
   if not variant:
     return c
   if variant not in VARIANTS:
-    raise errors_lib.ConfigError(f"config variant {variant!r} is unknown; valid variants are "
-                     f"{sorted(VARIANTS)} (e.g. --config=configs/allcnn.py:baseline).")
+    raise errors_lib.ConfigError(
+        f"config variant {variant!r} is unknown; valid variants are {sorted(VARIANTS)} "
+        "(e.g. --config=configs/allcnn.py:baseline).")
   copies, alpha = VARIANTS[variant](c)
   with c.unlocked():
     # Replace the fields rather than write through a reference an earlier variant set.
