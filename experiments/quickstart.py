@@ -12,11 +12,11 @@ import os
 import sys
 import time
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from invjax import cli  # pylint: disable=g-import-not-at-top
 from invjax import distributed  # pylint: disable=g-import-not-at-top
 from invjax import experiment  # pylint: disable=g-import-not-at-top
 
@@ -33,7 +33,7 @@ def main(argv):
   del argv
   t0 = time.time()
   distributed.initialize_from_flags()
-  result = experiment.compare_variants(FLAGS.config, FLAGS.workdir, FLAGS.variants)
+  result = experiment.compare_variants(cli.config_flag("config"), FLAGS.workdir, FLAGS.variants)
   if not distributed.is_primary():
     return
   print(result["table"])
@@ -43,4 +43,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)  # app.run, with refused input as a short message and exit status 2

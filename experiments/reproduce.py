@@ -29,6 +29,8 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import paper  # pylint: disable=g-import-not-at-top
+from invjax import cli  # pylint: disable=g-import-not-at-top
+from invjax import config_lib  # pylint: disable=g-import-not-at-top
 from invjax import distributed  # pylint: disable=g-import-not-at-top
 
 RESULTS = ("table1", "figure2", "figure3", "figure4", "figure5", "all")
@@ -73,9 +75,9 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   scale = paper.Scale(FLAGS.epochs, FLAGS.train_examples, FLAGS.test_examples, overrides)
-  for cell in cells:  # refuse bad overrides before training anything
+  for cell in cells:  # refuse bad overrides before loading or training anything
     for variant in FLAGS.variants:
-      paper.cell_config(cell, variant, scale)
+      config_lib.validate(paper.cell_config(cell, variant, scale))
   command = " ".join(["python experiments/reproduce.py"] +
                      [shlex.quote(a) for a in sys.argv[1:]])
   out_dir = os.path.join(FLAGS.results_dir, scale.tag())
@@ -101,4 +103,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)  # app.run, with refused input as a short message and exit status 2

@@ -22,6 +22,7 @@ from invjax import analysis
 from invjax import augment
 from invjax import checkpoints
 from invjax import distributed
+from invjax import errors
 from invjax import steps as steps_lib
 from invjax import train
 
@@ -61,22 +62,51 @@ def summarize(scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
   return out
 
 
+def check_outputs_writable(workdir: str) -> None:
+  """Refuses, before any scoring, a workdir where the outputs cannot be written."""
+  if not distributed.is_primary():
+    return
+  for sub in (os.path.dirname(SCORES_FILE), os.path.dirname(FIGURE_FILE)):
+    path = os.path.join(workdir, sub)
+    try:
+      os.makedirs(path, exist_ok=True)
+      probe = os.path.join(path, f".write-test-{os.getpid()}")
+      with open(probe, "w") as f:
+        f.write("invjax checks that it can write here\n")
+      os.remove(probe)
+    except OSError as e:
+      raise errors.WorkdirError(
+          f"{path} cannot be written ({e.strerror or e}): the analysis writes its scores "
+          f"and figure there. Make it writable (or copy the run to a --workdir that "
+          "is) and analyze again; nothing was scored.") from e
+
+
 def analyze(config, workdir: str, data=None) -> dict[str, Any]:
-  """Scores the latest checkpoint of the run in `workdir`; returns the summary."""
+  """Scores the newest checkpoint that restores of the run in `workdir` (setting
+  damaged ones aside, as training does); returns the summary."""
   run = train.build(config, data)
-  placement = train.Placement.create()
-  ckpts = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
-  step = ckpts.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {ckpts.directory}: train first "
-                            f"(python -m invjax.main --config=... --workdir={workdir}).")
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory) or not any(d.isdigit() for d in os.listdir(directory)):
+    raise errors.RunNotFound(
+        f"no checkpoint in {os.path.abspath(directory)}: train first "
+        f"(python -m invjax.main --config=... --workdir={workdir}).")
+  check_outputs_writable(workdir)
+  lock = train.lock_workdir(workdir, "analyze")
   try:
-    state = ckpts.restore(train.initial_state(run, placement), step)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"the checkpoint in {ckpts.directory} does not fit the model of "
-                     f"this config ({config.model}); analyze with the config that "
-                     f"trained it ({os.path.join(workdir, train.CONFIG_FILE)}).") from e
-  ckpts.close()
+    return _analyze(config, workdir, run)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _analyze(config, workdir: str, run) -> dict[str, Any]:
+  placement = train.Placement.create()
+  ckpts = checkpoints.Checkpoints(workdir, config.get("keep_checkpoints", 3))
+  try:
+    state, step = train.restore_latest(
+        ckpts, train.initial_state(run, placement), config, workdir)
+  finally:
+    ckpts.close()
   ranges = augment.AugmentRanges.from_config(config.augment)
   ac = config.analysis
   feature_fn = lambda x: steps_lib.features_and_logits(state, x)
@@ -117,7 +147,7 @@ def load(workdir: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """(per-image scores, summary) written by `analyze` in `workdir`."""
   path = os.path.join(workdir, SCORES_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: run --mode=analyze on "
+    raise errors.RunNotFound(f"{path} does not exist: run --mode=analyze on "
                             f"{workdir} first.")
   with np.load(path) as f:
     scores = {k: f[k] for k in f.files}

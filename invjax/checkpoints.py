@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import errno
+import glob
 import logging as std_logging
 import os
+import shutil
 
 from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
 from invjax import distributed
+from invjax import errors
+
+# Orbax's own log records (a dozen INFO lines per save; on a failed restore or save,
+# warnings and errors with tracebacks, of faults invjax handles and reports in one line
+# of its own, or raises). Shown with --verbose (the CLI sets this).
+SHOW_ORBAX_LOGS = False
 
 
 class _QuietOrbax(std_logging.Filter):
-  """Orbax logs every save in a dozen INFO lines; keep its warnings and errors."""
+  """Hides Orbax's log records unless SHOW_ORBAX_LOGS."""
 
   def filter(self, record):
-    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+    return SHOW_ORBAX_LOGS or "orbax" not in record.pathname
 
 
 logging.get_absl_handler().addFilter(_QuietOrbax())
@@ -32,16 +41,63 @@ class Checkpoints:
   """
 
   def __init__(self, workdir: str, max_to_keep: int = 3):
+    """Keeps the newest `max_to_keep` checkpoints; 0 (or None) keeps all."""
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep or None,
+                                             create=True))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state, force: bool = False) -> None:
-    self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    """Starts saving `step` (Orbax writes in the background; a write that failed
+    surfaces here at the next save or at `close`, as DiskFullError when the disk is
+    full, after the incomplete checkpoint's temporary directory is removed)."""
+    with self._write_errors(step):
+      self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+  def complete_steps(self) -> list[int]:
+    """The steps whose checkpoint was written whole (finalised by Orbax's rename)."""
+    if not os.path.isdir(self.directory):
+      return []
+    return sorted(int(d) for d in os.listdir(self.directory) if d.isdigit())
+
+  def _remove_incomplete(self) -> list[str]:
+    """Removes the temporary directories of saves that did not finish."""
+    if not distributed.is_primary():
+      return []
+    gone = []
+    for path in glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*")):
+      shutil.rmtree(path, ignore_errors=True)
+      gone.append(os.path.basename(path))
+    return gone
+
+  class _WriteErrors:
+    def __init__(self, ckpts, step):
+      self.ckpts, self.step = ckpts, step
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, kind, e, tb):
+      if e is None or not isinstance(e, Exception):
+        return False
+      if not _is_disk_full(e) or getattr(self.ckpts, "_disk_full", False):
+        return False
+      self.ckpts._disk_full = True  # pylint: disable=protected-access
+      gone = self.ckpts._remove_incomplete()  # pylint: disable=protected-access
+      done = self.ckpts.complete_steps()
+      raise errors.DiskFullError(
+          f"no space left on the device of {self.ckpts.directory} while saving a "
+          f"checkpoint (at or before step {self.step}): removed the incomplete "
+          f"{', '.join(gone) or 'checkpoint'}; the last complete checkpoint is "
+          f"{'step ' + str(done[-1]) if done else 'none'}. Free space (or lower "
+          "config.keep_checkpoints) and rerun to resume from it.") from e
+
+  def _write_errors(self, step: int):
+    return self._WriteErrors(self, step)
 
   def restore(self, target, step: int | None = None):
     """Restores into the shapes, dtypes and shardings of `target`."""
@@ -65,16 +121,14 @@ class Checkpoints:
       try:
         state = self.restore(target, step)
       except Exception as e:  # pylint: disable=broad-except
-        logging.warning("checkpoint %d in %s does not restore (%s: %s)", step,
-                        self.directory, type(e).__name__, str(e)[:300])
         failed.append((step, e))
         continue
-      for bad, _ in failed:
+      for bad, e in failed:  # one line each
         aside = os.path.join(self.directory, f"damaged-{bad}")
         if distributed.is_primary():  # one process moves it; the others wait
           os.rename(os.path.join(self.directory, str(bad)), aside)
-        logging.warning("checkpoint %d is damaged: moved aside to %s; resuming from "
-                        "checkpoint %d instead", bad, aside, step)
+        logging.warning("checkpoint %d does not restore (%s): moved aside to %s; "
+                        "using checkpoint %d instead", bad, short_reason(e), aside, step)
       if failed:
         distributed.barrier("invjax: damaged checkpoints moved aside")
         self.manager.reload()
@@ -88,5 +142,34 @@ class Checkpoints:
     if getattr(self, "_closed", False):
       return
     self._closed = True
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      with self._write_errors(self.manager.latest_step() or 0):
+        try:
+          self.manager.wait_until_finished()
+        except Exception as e:  # pylint: disable=broad-except
+          if not getattr(self, "_disk_full", False):
+            raise
+          logging.info("after the full disk: %s", short_reason(e))  # reported already
+    finally:
+      try:
+        self.manager.close()
+      except Exception:  # pylint: disable=broad-except
+        pass  # the wait's error (raised) says what went wrong
+
+
+def short_reason(e: BaseException, limit: int = 160) -> str:
+  """`Type: first line of the message`, cut to `limit` characters."""
+  text = (str(e).strip().splitlines() or [""])[0]
+  text = text if len(text) <= limit else text[:limit - 3] + "..."
+  return f"{type(e).__name__}: {text}"
+
+
+def _is_disk_full(e: BaseException) -> bool:
+  """Whether `e` (or an exception it came from) says the disk is full."""
+  seen = 0
+  while e is not None and seen < 10:
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+    seen += 1
+  return False

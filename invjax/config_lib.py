@@ -1,14 +1,20 @@
 """The configuration every run starts from, its variants, and its checks.
 
 Config files in `configs/` call `base_config()` and override a few fields. Every field a
-run depends on is here, with its meaning.
+run depends on is here, with its meaning, and has a rule in `FIELDS` (its type and
+domain), which `validate` checks before anything is loaded or compiled.
 """
 
 from __future__ import annotations
 
-import ml_collections
+import dataclasses
+import math
+from typing import Any, Callable
 
-from invjax import augment
+import ml_collections
+import numpy as np
+
+from invjax import errors as errors_lib
 from invjax import losses
 from invjax import models
 
@@ -77,10 +83,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.eval_every_epochs = 1.0
   c.checkpoint_every_steps = 0  # 0: once per epoch (and always at the end)
-  c.keep_checkpoints = 3
+  c.keep_checkpoints = 3  # the newest N checkpoints are kept (0: all of them)
   c.eval_batch_size = 500
   c.probe_seeds = 16  # L_inv probe: a fixed batch of seeds x probe_copies, eval mode
   c.probe_copies = 8
+  # Divergence stops the run, naming the step, before anything of it is checkpointed:
+  # a step's cross-entropy above divergence_factor x ln(num_classes) (the loss of a
+  # uniform guess; 0: never), or, with stop_dead_network, a network whose class scores
+  # are the same for every probe image (it has died: one answer whatever the input).
+  c.divergence_factor = 10.0
+  c.stop_dead_network = True
 
   c.analysis = ml_collections.ConfigDict({
       "num_transforms": 5,  # transformed copies per test image (Eq. 2)
@@ -95,8 +107,9 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str | None):
   if not variant:
     return c
   if variant not in VARIANTS:
-    raise ValueError(f"config variant {variant!r} is unknown; valid variants are "
-                     f"{sorted(VARIANTS)} (e.g. --config=configs/allcnn.py:baseline).")
+    raise errors_lib.ConfigError(
+        f"config variant {variant!r} is unknown; valid variants are {sorted(VARIANTS)} "
+        "(e.g. --config=configs/allcnn.py:baseline).")
   copies, alpha = VARIANTS[variant](c)
   with c.unlocked():
     # Replace the fields rather than write through a reference an earlier variant set.
@@ -108,12 +121,197 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str | None):
   return c
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-  """Raises ValueError naming the field, its value and the fix. Runs before compiling."""
+# Field rules -----------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """What a field's value must be: `check(value)` is True for the valid ones, and
+  `must` says what they are (for the message)."""
+  check: Callable[[Any], bool]
+  must: str
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_num(v) -> bool:
+  return (_is_int(v) or isinstance(v, (float, np.floating))) and math.isfinite(v)
+
+
+def _int(lo: int, hi: int | None = None, note: str = "") -> Rule:
+  ok = lambda v: _is_int(v) and v >= lo and (hi is None or v <= hi)
+  span = f">= {lo}" if hi is None else f"in {lo} .. {hi}"
+  return Rule(ok, f"an integer {span}{note}")
+
+
+def _num(lo: float, hi: float = math.inf, lo_open: bool = False,
+         hi_open: bool = False, note: str = "") -> Rule:
+  def ok(v):
+    return (_is_num(v) and (v > lo if lo_open else v >= lo) and
+            (v < hi if hi_open else v <= hi))
+  if hi == math.inf:
+    span = f"> {lo}" if lo_open else f">= {lo}"
+  else:
+    span = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+  return Rule(ok, f"a finite number {span}{note}")
+
+
+class _LazyText:
+  """Text made when it is shown (e.g. the registered model names)."""
+
+  def __init__(self, fn):
+    self.fn = fn
+
+  def __str__(self):
+    return self.fn()
+
+  def __format__(self, spec):
+    return format(str(self), spec)
+
+
+def _choice(options: Callable[[], Any]) -> Rule:
+  return Rule(lambda v: isinstance(v, str) and v in options(),
+              _LazyText(lambda: f"one of {sorted(options())}"))
+
+
+_BOOL = Rule(lambda v: isinstance(v, (bool, np.bool_)), "True or False")
+_STR = Rule(lambda v: isinstance(v, str), "a string")
+_NAME = Rule(lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string")
+
+
+def _seq(v) -> bool:
+  return isinstance(v, (tuple, list))
+
+
+def _image_shape(v) -> bool:
+  return _seq(v) and (len(v) == 0 or (len(v) == 3 and all(
+      _is_int(x) and x >= 1 for x in v)))
+
+
+def _boundaries(v) -> bool:
+  return (_seq(v) and all(_is_num(b) and b > 0 for b in v) and
+          all(a < b for a, b in zip(v, v[1:])))
+
+
+def _layers(v) -> bool:
+  if isinstance(v, str):
+    return v in models.allcnn.LAYER_SETS
+  return _seq(v) and len(v) > 0 and all(
+      _seq(s) and len(s) == 4 and all(_is_int(x) and x >= 1 for x in s[:3]) and
+      str(s[3]).upper() in ("SAME", "VALID") for s in v)
+
+
+# Every field a config may have: one row each (tests/test_config_fields.py fails for a
+# field of base_config() or of a model without a row). Cross-field checks are in
+# `validate` below.
+FIELDS: dict[str, Rule] = {
+    "model.name": _choice(models.names),
+    "model.width": _num(0, lo_open=True),
+    "model.layers": Rule(_layers, _LazyText(lambda: (
+        f"one of {sorted(models.allcnn.LAYER_SETS)} or a non-empty list of (features, "
+        "kernel, stride, 'SAME' or 'VALID') with positive integers"))),
+    "model.depth": _int(1, note=" (6n + 4 for wrn and densenet, e.g. 28 or 100)"),
+    "model.widen": _int(1),
+    "model.strides": Rule(lambda v: _seq(v) and len(v) == 3 and all(
+        _is_int(x) and x >= 1 for x in v), "3 positive integers"),
+    "model.growth": _int(1),
+    "model.compression": _num(0, 1, lo_open=True),
+    "model.num_blocks": _int(1),
+    "dataset": _NAME,
+    "data_dir": _STR,
+    "manual_dir": _STR,
+    "test_split": _NAME,
+    "image_shape": Rule(_image_shape, "(height, width, channels) of positive integers, "
+                        "or () to take the data's"),
+    "num_classes": Rule(lambda v: _is_int(v) and (v == 0 or v >= 2),
+                        "an integer >= 2, or 0 to take the data's"),
+    "train_examples": _int(0, note=" (0: all)"),
+    "test_examples": _int(0, note=" (0: all)"),
+    "variant": Rule(lambda v: isinstance(v, str) and (v in VARIANTS or v == ""),
+                    f"one of {sorted(VARIANTS)}"),
+    "batch_size": _int(1),
+    "copies": _int(1, note=" (1 is the baseline)"),
+    "alpha": _num(0, 1, hi_open=True),
+    "invariance_copies": _int(1),
+    "invariance_alpha": _num(0, 1, hi_open=True),
+    "alpha_ratio": _num(0, lo_open=True),
+    "loss_method": _choice(lambda: losses.METHODS),
+    "num_epochs": _num(0, lo_open=True),
+    "learning_rate": _num(0, lo_open=True),
+    "lr_boundaries": Rule(_boundaries, "increasing epochs > 0, e.g. (200, 250, 300), "
+                          "or () for a constant rate"),
+    "lr_decay": _num(0, 1, lo_open=True),
+    "momentum": _num(0, 1, hi_open=True),
+    "nesterov": _BOOL,
+    "augment.flip": _num(0, 1, note=" (a probability)"),
+    "augment.translate": _num(0, 1, note=" (a fraction of the image size)"),
+    "augment.scale": _num(0, 1, hi_open=True),
+    "augment.rotation": _num(0, 180, note=" (degrees)"),
+    "augment.shear": _num(0, 1.5, note=" (radians)"),
+    "augment.contrast": _num(0, 1),
+    "augment.brightness": _num(0, 1),
+    "half_precision": _BOOL,
+    "seed": _int(0),
+    "data_on_device": _BOOL,
+    "steps_per_dispatch": _int(1),
+    "log_every_steps": _int(1),
+    "eval_every_epochs": _num(0, lo_open=True),
+    "checkpoint_every_steps": _int(0, note=" (0: once per epoch)"),
+    "keep_checkpoints": _int(0, note=" (0: keep all)"),
+    "eval_batch_size": _int(1),
+    "probe_seeds": _int(2),
+    "probe_copies": _int(2),
+    "analysis.num_transforms": _int(1),
+    "analysis.batch_size": _int(1),
+    "analysis.seed": _int(0),
+    "divergence_factor": Rule(lambda v: _is_num(v) and (v == 0 or v >= 2),
+                              "a finite number >= 2, or 0 to never stop for it"),
+    "stop_dead_network": _BOOL,
+}
+
+
+def flat_fields(c, prefix: str = "") -> dict[str, Any]:
+  """{"a.b": value} of every leaf field of a config (or of nested dicts)."""
+  out = {}
+  for k in c.keys():
+    v = c[k]
+    if isinstance(v, (dict, ml_collections.ConfigDict)):
+      out.update(flat_fields(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _show(v) -> str:
+  return repr(tuple(v)) if isinstance(v, list) else repr(v)
+
+
+def check_fields(c) -> list[str]:
+  """One message per field whose value breaks its rule or that no rule knows."""
   errors = []
-  if c.copies < 1:
-    errors.append(f"config.copies={c.copies}: M must be >= 1 (1 is the baseline).")
-  elif c.batch_size % c.copies:
+  for path, value in flat_fields(c).items():
+    rule = FIELDS.get(path)
+    if rule is None:
+      group = path.rsplit(".", 1)[0] + "." if "." in path else ""
+      known = [f[len(group):] for f in FIELDS
+               if f.startswith(group) and "." not in f[len(group):]]
+      errors.append(f"config.{path} is not a field invjax knows; the fields"
+                    f"{' of config.' + group[:-1] if group else ''} are: "
+                    f"{', '.join(known)}.")
+    elif not rule.check(value):
+      errors.append(f"config.{path}={_show(value)} must be {rule.must}.")
+  return errors
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+  """Raises ConfigError naming each bad field, its value and the fix. Runs before
+  anything loads or compiles: every field by its rule in FIELDS, then the checks
+  between fields."""
+  errors = check_fields(c)
+  if errors:  # the checks below assume each field of the right type
+    raise errors_lib.ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+  if c.batch_size % c.copies:
     errors.append(f"config.batch_size={c.batch_size} is not a multiple of "
                   f"config.copies={c.copies}; choose a batch of K * M images.")
   elif (c.batch_size // c.copies) % num_devices:
@@ -121,42 +319,23 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
                   f"{c.batch_size // c.copies} seed images per batch, not a multiple of "
                   f"the {num_devices} devices; make batch_size / copies a multiple of "
                   f"{num_devices}.")
-  if not 0.0 <= c.alpha < 1.0:
-    errors.append(f"config.alpha={c.alpha} must be in [0, 1).")
   if c.alpha > 0 and c.copies < 2:
     errors.append(f"config.alpha={c.alpha} needs copies of each seed in the batch, "
                   f"but config.copies={c.copies}; set copies >= 2 or alpha=0.")
-  if c.loss_method not in losses.METHODS:
-    errors.append(f"config.loss_method={c.loss_method!r} is unknown; valid methods "
-                  f"are {list(losses.METHODS)}.")
-  if c.model.name not in models.names():
-    errors.append(f"config.model.name={c.model.name!r} is unknown; valid names are "
-                  f"{models.names()}.")
-  try:
-    augment.AugmentRanges.from_config(c.augment)
-  except ValueError as e:
-    errors.append(str(e))
-  shape = tuple(c.get("image_shape") or ())
-  if shape and (len(shape) != 3 or any(not isinstance(v, int) or v < 1 for v in shape)):
-    errors.append(f"config.image_shape={shape} must be (height, width, channels) of "
-                  "positive integers, or () to take the data's.")
-  if c.get("num_classes", 0) < 0:
-    errors.append(f"config.num_classes={c.num_classes} must be > 0, or 0 to take the "
-                  "data's.")
-  if c.get("steps_per_dispatch", 1) < 1:
-    errors.append(f"config.steps_per_dispatch={c.steps_per_dispatch} must be >= 1.")
-  if c.num_epochs <= 0:
-    errors.append(f"config.num_epochs={c.num_epochs} must be > 0.")
+  model_fields = {k for k in c.model.keys() if k != "name"}
+  cls = models._REGISTRY[c.model.name]  # pylint: disable=protected-access
+  valid = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "num_classes",
+                                                       "dtype"}
+  if model_fields - valid:
+    errors.append(f"config.model has field(s) {sorted(model_fields - valid)} that model "
+                  f"{c.model.name!r} does not take; its fields are {sorted(valid)}.")
   late = [b for b in c.lr_boundaries if b >= c.num_epochs]
   if late:
     errors.append(f"config.lr_boundaries={tuple(c.lr_boundaries)} has epoch(s) {late} "
                   f"at or past config.num_epochs={c.num_epochs}; scale them with the "
                   "schedule (e.g. the same fractions of num_epochs).")
-  if c.probe_copies < 2 or c.probe_seeds < 2:
-    errors.append("config.probe_seeds and config.probe_copies must be >= 2 to measure "
-                  f"L_inv, got {c.probe_seeds} and {c.probe_copies}.")
   if errors:
-    raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
+    raise errors_lib.ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
 
 
 def field_parent(c: ml_collections.ConfigDict, path: str):

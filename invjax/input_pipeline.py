@@ -28,6 +28,7 @@ import numpy as np
 
 from invjax import datasets as invjax_datasets
 from invjax import distributed
+from invjax import errors
 from invjax import steps as steps_lib
 
 DIGITS_TEST_FRACTION = 0.25
@@ -103,27 +104,42 @@ def load_digits(size: int = 32) -> Dataset:
 
 def load_npz(path: str) -> Dataset:
   if not os.path.exists(path):
-    raise FileNotFoundError(
+    raise errors.DataFileError(
         f"config.dataset={path!r}: no such file. Give the path of an .npz with "
         "x_train, y_train, x_test, y_test.")
-  with np.load(path, allow_pickle=False) as f:
-    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f]
-    if missing:
-      raise ValueError(f"config.dataset={path!r} lacks the key(s) {missing}; an .npz "
-                       "needs x_train, y_train, x_test, y_test.")
-    arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    names = f["label_names"] if "label_names" in f else None
+  try:
+    f = np.load(path, allow_pickle=False)
+    if not isinstance(f, np.lib.npyio.NpzFile):
+      raise ValueError("not an .npz")
+    with f:
+      missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f]
+      if missing:
+        raise errors.DataError(f"config.dataset={path!r} lacks the key(s) {missing}; an "
+                               ".npz needs x_train, y_train, x_test, y_test.")
+      arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+      names = f["label_names"] if "label_names" in f else None
+  except errors.DataError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    size = os.path.getsize(path) if os.path.isfile(path) else None
+    what = ("it is empty (0 bytes)" if size == 0 else
+            "it is a directory" if size is None else
+            _why_unreadable(path, e))
+    raise errors.DataError(
+        f"config.dataset={path!r} cannot be read: {what}. Give an .npz written by "
+        "numpy.savez with x_train, y_train, x_test, y_test (uint8 images, integer "
+        "labels).") from e
   for split in ("train", "test"):
     x = arrays[f"x_{split}"]
     if x.ndim == 3:
       x = x[..., None]
     if x.dtype != np.uint8 or x.ndim != 4:
-      raise ValueError(f"{path}: x_{split} must be uint8 images [N, H, W, C] (or "
+      raise errors.DataError(f"{path}: x_{split} must be uint8 images [N, H, W, C] (or "
                        f"[N, H, W]), got {x.dtype} {x.shape}.")
     arrays[f"x_{split}"] = x
     y = arrays[f"y_{split}"]
     if not np.issubdtype(y.dtype, np.integer) or y.shape != (x.shape[0],):
-      raise ValueError(f"{path}: y_{split} must be integer labels [{x.shape[0]}], got "
+      raise errors.DataError(f"{path}: y_{split} must be integer labels [{x.shape[0]}], got "
                        f"{y.dtype} {y.shape}.")
     arrays[f"y_{split}"] = y.astype(np.int32)
   num_classes = (len(names) if names is not None
@@ -131,8 +147,25 @@ def load_npz(path: str) -> Dataset:
   for split in ("train", "test"):
     y = arrays[f"y_{split}"]
     if y.min() < 0 or y.max() >= num_classes:
-      raise ValueError(f"{path}: y_{split} has labels outside [0, {num_classes}).")
+      raise errors.DataError(
+          f"{path}: y_{split} has labels outside [0, {num_classes})" +
+          (f" (the {num_classes} label_names)" if names is not None else "") +
+          "; labels must be 0 .. num_classes - 1.")
   return Dataset(os.path.basename(path), num_classes=num_classes, **arrays)
+
+
+def _why_unreadable(path: str, e: BaseException) -> str:
+  """What is wrong with a file np.load could not read as an .npz, from its first bytes."""
+  with open(path, "rb") as f:
+    head = f.read(6)
+  text = (str(e).splitlines() or [""])[0][:120]
+  if head.startswith(b"PK\x03\x04"):
+    if "allow_pickle" in text:
+      return "it holds object (pickled) arrays; save plain numeric arrays"
+    return f"it is truncated or damaged ({type(e).__name__}: {text})"
+  if head == b"\x93NUMPY":
+    return "it is a single .npy array, not an .npz archive of named arrays"
+  return f"it is not an .npz: it does not begin as a zip archive does (first bytes {head!r})"
 
 
 def load_tfds(name: str, data_dir: str | None, manual_dir: str | None = None,
@@ -142,11 +175,14 @@ def load_tfds(name: str, data_dir: str | None, manual_dir: str | None = None,
   Prepares it first if needed (downloading, or from `manual_dir` for data sets that
   need a manual download, e.g. "tiny_imagenet").
   """
+  # TensorFlow's C++ INFO and WARNING lines (oneDNN, GCS credentials) are not the
+  # user's concern here; TF_CPP_MIN_LOG_LEVEL set by the user wins.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   try:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError(
+    raise errors.DataUnavailable(
         f"config.dataset={name!r} is read with tensorflow-datasets, which needs "
         "TensorFlow (`pip install tensorflow-cpu tensorflow-datasets`). Without it, "
         "use config.dataset=digits or the path of an .npz copy.") from e
@@ -155,7 +191,7 @@ def load_tfds(name: str, data_dir: str | None, manual_dir: str | None = None,
   if own:
     importlib.import_module(invjax_datasets.BUILDERS[name])  # registers the builder
   if not own and name.split(":")[0] not in tfds.list_builders():
-    raise ValueError(
+    raise errors.DataError(
         f"config.dataset={name!r} is not a known data set: use 'digits' (embedded), "
         f"the path of an .npz (ending in .npz), one of invjax's own "
         f"{sorted(invjax_datasets.BUILDERS)}, or a tensorflow-datasets name such as "
@@ -173,7 +209,7 @@ def load_tfds(name: str, data_dir: str | None, manual_dir: str | None = None,
   except Exception as e:  # pylint: disable=broad-except
     if own:  # invjax's builders explain themselves (e.g. where the zip goes)
       raise
-    raise RuntimeError(
+    raise errors.DataUnavailable(
         f"config.dataset={name!r} is not prepared in {builder.data_dir} and could not "
         f"be downloaded ({type(e).__name__}: {str(e)[:200]}). Either prepare it where "
         "there is a network and point --config.data_dir at that directory, put the "
@@ -185,7 +221,7 @@ def load_tfds(name: str, data_dir: str | None, manual_dir: str | None = None,
   available = sorted(builder.info.splits)
   for split in ("train", test_split):
     if available and split not in available:
-      raise ValueError(f"config.dataset={name!r} has no split {split!r}; its splits are "
+      raise errors.DataError(f"config.dataset={name!r} has no split {split!r}; its splits are "
                        f"{available}. Set config.test_split to the held-out one.")
   splits = {}
   for split in ("train", test_split):

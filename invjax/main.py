@@ -8,6 +8,10 @@
 The same command runs on every host of a multi-host run (a TPU pod slice: `gcloud
 compute tpus tpu-vm ssh ... --worker=all --command=...`); see `invjax.distributed` for
 --distributed, --coordinator_address, --num_processes and --process_id.
+
+A refused input (config, data, workdir, checkpoint) prints `error: ...` naming the
+field or file, the value and the fix, and exits with status 2 (`--verbose` adds the
+traceback); see `invjax.cli`.
 """
 
 from absl import app
@@ -16,6 +20,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from invjax import analyze as analyze_lib
+from invjax import cli
 from invjax import describe as describe_lib
 from invjax import distributed
 from invjax import report
@@ -46,7 +51,7 @@ distributed.define_flags()
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = FLAGS.config
+  config = cli.config_flag("config")
   if config is None and FLAGS.mode == "analyze" and FLAGS.workdir:
     config = train.load_config(FLAGS.workdir)  # the config the run was trained with
   if config is None:
@@ -73,4 +78,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -22,10 +22,12 @@ from invjax import augment
 from invjax import checkpoints
 from invjax import config_lib
 from invjax import distributed
+from invjax import errors
 from invjax import input_pipeline
 from invjax import metrics_io
 from invjax import models
 from invjax import steps as steps_lib
+from invjax import workdir_lock
 
 CONFIG_FILE = "config.json"
 
@@ -118,30 +120,45 @@ def create_model(config, num_classes: int):
 
 def check_data(config, data: input_pipeline.Dataset) -> None:
   """The data against what the config says it must be (config.image_shape etc.)."""
-  errors = []
+  problems = []
   want = tuple(config.get("image_shape") or ())
   if want and tuple(data.image_shape) != want:
-    errors.append(f"config.image_shape={want} but {data.name} has images of shape "
+    problems.append(f"config.image_shape={want} but {data.name} has images of shape "
                   f"{tuple(data.image_shape)}; set --config.image_shape="
                   f"'{tuple(data.image_shape)}' (or '()' to accept any) if that data is "
                   "what you mean.")
+  if tuple(data.x_test.shape[1:]) != tuple(data.image_shape):
+    problems.append(f"{data.name}: the test images have shape {tuple(data.x_test.shape[1:])}"
+                  f" but the training images {tuple(data.image_shape)}; both splits "
+                  "must be images of one shape (resize or convert one of them).")
+  for split, y in (("training", data.y_train), ("test", data.y_test)):
+    if len(y) and (y.min() < 0 or y.max() >= data.num_classes):
+      problems.append(f"{data.name}: the {split} labels span {int(y.min())} .. "
+                    f"{int(y.max())}, outside the {data.num_classes} classes 0 .. "
+                    f"{data.num_classes - 1}.")
+  if len(data.x_test) == 0:
+    problems.append(f"{data.name} has no test images; the run needs some to evaluate.")
+  unseen = np.setdiff1d(data.y_test, data.y_train)
+  if len(unseen) and not problems:
+    logging.warning("%s: test class(es) %s never occur among the %d training images "
+                    "used", data.name, unseen.tolist()[:10], len(data.x_train))
   if config.get("num_classes") and data.num_classes != config.num_classes:
-    errors.append(f"config.num_classes={config.num_classes} but {data.name} has "
+    problems.append(f"config.num_classes={config.num_classes} but {data.name} has "
                   f"{data.num_classes} classes; set --config.num_classes="
                   f"{data.num_classes} (or 0 to accept any) if that data is what you mean.")
   if len(data.x_train) < config.batch_size:
-    errors.append(f"config.batch_size={config.batch_size} exceeds the "
+    problems.append(f"config.batch_size={config.batch_size} exceeds the "
                   f"{len(data.x_train)} training images of {data.name}.")
   seeds = config.batch_size // max(config.copies, 1)
   spd = config.get("steps_per_dispatch", 1)
   if spd * seeds > len(data.x_train):
-    errors.append(f"config.steps_per_dispatch={spd} steps of {seeds} seed images "
+    problems.append(f"config.steps_per_dispatch={spd} steps of {seeds} seed images "
                   f"read more than the {len(data.x_train)} training images of "
                   f"{data.name} (one pass); set it to at most "
                   f"{max(1, len(data.x_train) // seeds)}.")
-  if errors:
-    raise ValueError("the data do not match the configuration:\n  " +
-                     "\n  ".join(errors))
+  if problems:
+    raise errors.DataError("the data do not fit the configuration (or each other):\n  " +
+                     "\n  ".join(problems))
 
 
 def build(config, data: input_pipeline.Dataset | None = None) -> Run:
@@ -150,9 +167,12 @@ def build(config, data: input_pipeline.Dataset | None = None) -> Run:
   data = data if data is not None else input_pipeline.load(config)
   check_data(config, data)
   n = len(data.x_train)
-  model = create_model(config, data.num_classes)
-  layer_shapes = models.layer_shapes(model, data.image_shape)
-  param_count = models.param_count(model, data.image_shape)
+  try:
+    model = create_model(config, data.num_classes)
+    layer_shapes = models.layer_shapes(model, data.image_shape)
+    param_count = models.param_count(model, data.image_shape)
+  except ValueError as e:  # the models' own checks (e.g. depth 6n + 4)
+    raise errors.ConfigError(str(e)) from e
   steps_per_epoch = n // config.batch_size
   total_steps = max(1, int(round(config.num_epochs * steps_per_epoch)))
   lr_fn = steps_lib.create_learning_rate_fn(
@@ -187,22 +207,61 @@ def _flat_config(d, prefix=""):
 # Fields that change how fast a run goes, not what it computes (tested): a run may be
 # resumed with other values, e.g. on another machine.
 PERFORMANCE_FIELDS = ("data_on_device", "steps_per_dispatch")
+# Fields that say when to stop or what to keep, not what a step computes; a workdir
+# saved without them (an older run) resumes with their defaults.
+SAFETY_FIELDS = ("keep_checkpoints", "divergence_factor", "stop_dead_network")
+
+
+def config_diff(config, workdir: str) -> dict[str, tuple[Any, Any]]:
+  """{field: (saved, given)} where `config` differs from the workdir's config.json
+  (PERFORMANCE_FIELDS and SAFETY_FIELDS aside); {} where there is none."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return {}
+  try:
+    with open(path) as f:
+      saved = _flat_config(json.load(f))
+  except (OSError, ValueError) as e:
+    raise errors.WorkdirError(f"{path} cannot be read ({type(e).__name__}: {e}); move "
+                              "it away (or choose another --workdir).") from e
+  given = _flat_config(json.loads(config.to_json_best_effort()))
+  return {k: (saved.get(k), given.get(k)) for k in sorted(set(saved) | set(given))
+          if saved.get(k) != given.get(k) and k not in PERFORMANCE_FIELDS + SAFETY_FIELDS}
+
+
+def restore_latest(ckpts: checkpoints.Checkpoints, target, config, workdir: str):
+  """(state, step) from the newest checkpoint that restores (`Checkpoints.
+  restore_latest`); CheckpointError, saying whether the config or the checkpoints are
+  to blame, where none does."""
+  try:
+    return ckpts.restore_latest(target)
+  except Exception as e:  # pylint: disable=broad-except
+    steps = ckpts.manager.all_steps()
+    ckpts.close()
+    diff = {k: v for k, v in config_diff(config, workdir).items()
+            if not k.startswith("analysis.")}
+    reason = checkpoints.short_reason(e)
+    if diff:
+      fields = ", ".join(f"{k} (saved {a!r}, given {b!r})" for k, (a, b) in
+                         list(diff.items())[:5])
+      raise errors.CheckpointError(
+          f"the checkpoints in {ckpts.directory} (steps {list(steps)}) do not fit the "
+          f"model of this config, which differs from the run's "
+          f"{os.path.join(workdir, CONFIG_FILE)} in: {fields}. Use the config that "
+          f"trained it (--mode=analyze without --config does). [{reason}]") from e
+    raise errors.CheckpointError(
+        f"none of the checkpoints in {ckpts.directory} (steps {list(steps)}) restores "
+        f"into the model of the run's own config: they are damaged [{reason}]. Move "
+        "them away to train from the start (or put back a copy).") from e
 
 
 def check_workdir_config(config, workdir: str, allow_change: bool = False) -> None:
   """Refuses to resume a workdir that was started with a different configuration
   (PERFORMANCE_FIELDS aside)."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    saved = _flat_config(json.load(f))
-  given = _flat_config(json.loads(config.to_json_best_effort()))
-  diff = {k: (saved.get(k), given.get(k)) for k in sorted(set(saved) | set(given))
-          if saved.get(k) != given.get(k) and k not in PERFORMANCE_FIELDS}
+  diff = config_diff(config, workdir)
   if diff and not allow_change:
     lines = "\n".join(f"  {k}: saved {a!r}, given {b!r}" for k, (a, b) in diff.items())
-    raise ValueError(
+    raise errors.ConfigError(
         f"{workdir} holds a run with another configuration:\n{lines}\n"
         "Use a new --workdir (or delete this one) to start fresh, or pass "
         "--allow_config_change to resume with the new values.")
@@ -213,9 +272,14 @@ def load_config(workdir: str):
   import ml_collections  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: {workdir} holds no run.")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    raise errors.RunNotFound(f"{path} does not exist: {workdir} holds no run (train it "
+                             "first, or give the --workdir of a trained run).")
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise errors.RunNotFound(f"{path} cannot be read ({type(e).__name__}: {e}); give "
+                             "--config (the config file the run was trained with).") from e
 
 
 def save_config(config, workdir: str) -> None:
@@ -261,22 +325,58 @@ def evaluate(eval_step, state, images: np.ndarray, labels: np.ndarray,
   return rates(totals)
 
 
-def _summarize(pending: list[tuple[int, dict]]) -> dict[str, float]:
+# A network whose class scores differ by at most this much (relative to their size)
+# between the probe images gives one answer for every input: it has died.
+DEAD_SPREAD = 1e-6
+
+
+def _class_score_spread(state, images) -> jax.Array:
+  """How much the eval-mode class scores differ between `images` (uint8), relative to
+  their size: max |logits_i - logits_0| / (1 + max |logits|). 0 for a dead network; 1
+  (never dead) if the images themselves are all the same."""
+  logits = steps_lib.eval_logits(state, steps_lib.to_float(images)).astype(jnp.float32)
+  spread = jnp.max(jnp.abs(logits - logits[:1])) / (1.0 + jnp.max(jnp.abs(logits)))
+  same_images = jnp.all(images == images[:1])
+  return jnp.where(same_images, 1.0, spread)
+
+
+def divergence_limit(config, num_classes: int) -> float:
+  """The cross-entropy above which a step counts as diverged: config.divergence_factor
+  times ln(num_classes), the cross-entropy of a uniform guess (ln 2 at least); inf when
+  the factor is 0. A healthy run starts near ln(num_classes) and goes down."""
+  factor = config.get("divergence_factor", 10.0)
+  return factor * max(np.log(num_classes), np.log(2)) if factor else np.inf
+
+
+def _summarize(pending: list[tuple[int, dict]], ce_limit: float = np.inf,
+               last_saved: int | None = None) -> dict[str, float]:
   """Means of the metrics of the steps run since the last summary.
 
   `pending` holds (first step, {name: [S] values}) per program run. Raises
-  FloatingPointError naming the first step and the terms that were not finite.
+  DivergenceError naming the first step whose terms were not finite or whose
+  cross-entropy exceeded `ce_limit` (`divergence_limit`).
   """
   fetched = jax.device_get(pending)
+  kept = ("there is none before it either" if last_saved is None else
+          f"the last good one (step {last_saved}) is kept")
   for step0, metrics in fetched:
     bad = {k: np.flatnonzero(~np.isfinite(np.asarray(v))) for k, v in metrics.items()}
     first = min((int(i[0]) for i in bad.values() if len(i)), default=None)
+    ce = np.asarray(metrics["cross_entropy"]).reshape(-1)
+    over = np.flatnonzero(np.isfinite(ce) & (ce > ce_limit))
+    if len(over) and (first is None or over[0] < first):
+      raise errors.DivergenceError(
+          f"training diverged at step {step0 + int(over[0]) + 1}: cross_entropy "
+          f"{ce[over[0]]:.4g} > {ce_limit:.3g} (config.divergence_factor x ln of the "
+          f"number of classes, the loss of a uniform guess). No checkpoint was written "
+          f"after it; {kept}. Lower config.learning_rate (or set "
+          "config.divergence_factor=0 to go on).")
     if first is not None:
       terms = [k for k, i in bad.items() if first in i]
-      raise FloatingPointError(
+      raise errors.DivergenceError(
           f"non-finite training loss at step {step0 + first + 1}: {', '.join(terms)} "
-          "(terms: cross_entropy, inv_loss/<layer>). No checkpoint was written after "
-          "it; the last good one is kept. Lower config.learning_rate or check the data.")
+          f"(terms: cross_entropy, inv_loss/<layer>). No checkpoint was written after "
+          f"it; {kept}. Lower config.learning_rate or check the data.")
   names = fetched[0][1]
   return {k: float(np.mean(np.concatenate([np.atleast_1d(m[k]) for _, m in fetched])))
           for k in names}
@@ -398,20 +498,54 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
     return _train(config, workdir, allow_config_change, data, preempt, tensorboard)
 
 
-def _train(config, workdir, allow_config_change, data, preempt,
-           tensorboard) -> dict[str, Any]:
+def prepare_workdir(workdir: str) -> None:
+  """Creates the workdir if needed; refuses one that cannot be written."""
   if "://" in workdir:
-    raise ValueError(
+    raise errors.WorkdirError(
         f"--workdir={workdir}: invjax writes its workdir through the file system; "
         "mount the bucket (e.g. gcsfuse BUCKET /mnt/BUCKET) and give the mounted path.")
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
-    raise PermissionError(f"--workdir={workdir} cannot be created ({e.strerror}); "
-                          "choose another.") from e
+    raise errors.WorkdirError(f"--workdir={workdir} cannot be created ({e.strerror}); "
+                              "choose another.") from e
   if not os.access(workdir, os.W_OK):
-    raise PermissionError(f"--workdir={workdir} cannot be written; choose another.")
+    raise errors.WorkdirError(f"--workdir={workdir} cannot be written; choose another.")
   distributed.check_shared_directory(workdir)
+
+
+def lock_workdir(workdir: str, what: str) -> workdir_lock.WorkdirLock | None:
+  """The workdir's lock, held by process 0 (None in the others); refuses a workdir
+  that another run is writing (`workdir_lock`)."""
+  lock, busy = None, None
+  if distributed.is_primary():
+    lock = workdir_lock.WorkdirLock(workdir, what)
+    try:
+      lock.acquire()
+    except workdir_lock.WorkdirBusy as e:
+      lock, busy = None, str(e)
+  # Every process stops together (the others would wait for process 0 at a collective).
+  if distributed.any_process(busy is not None):
+    raise errors.WorkdirError(busy or f"--workdir={workdir} is in use by another run "
+                              "(process 0 of this run found its lock held).")
+  return lock
+
+
+def _train(config, workdir, allow_config_change, data, preempt,
+           tensorboard) -> dict[str, Any]:
+  config_lib.validate(config, jax.device_count())  # before the workdir is touched
+  prepare_workdir(workdir)
+  lock = lock_workdir(workdir, "train")
+  try:
+    return _train_locked(config, workdir, allow_config_change, data, preempt,
+                         tensorboard)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_locked(config, workdir, allow_config_change, data, preempt,
+                  tensorboard) -> dict[str, Any]:
   run = build(config, data)
   check_workdir_config(config, workdir, allow_config_change)
   cfg = run.step_config
@@ -427,7 +561,7 @@ def _train(config, workdir, allow_config_change, data, preempt,
 
   state = initial_state(run, placement)
   ckpts = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
-  state, start = ckpts.restore_latest(state)
+  state, start = restore_latest(ckpts, state, config, workdir)
   if start:
     logging.info("resumed from step %d", start)
   save_config(config, workdir)
@@ -466,6 +600,25 @@ def _train(config, workdir, allow_config_change, data, preempt,
       jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((st.params, st.batch_stats,
                                                          st.opt_state))
       if jnp.issubdtype(x.dtype, jnp.floating)])), out_shardings=placement.replicated)
+  ce_limit = divergence_limit(config, data.num_classes)
+  dead_check = (jax.jit(_class_score_spread, out_shardings=placement.replicated)
+                if config.get("stop_dead_network", True) else None)
+  last_saved = start or None
+
+  def check_alive(step):
+    """Stops a run whose network has died, before it is checkpointed."""
+    if dead_check is None:
+      return
+    spread = float(jax.device_get(dead_check(state, probe_seeds)))
+    if spread <= DEAD_SPREAD:
+      kept = ("it was not checkpointed, nor was anything before it" if last_saved is None
+              else f"it was not checkpointed; the last good checkpoint (step "
+              f"{last_saved}) is kept")
+      raise errors.DivergenceError(
+          f"training diverged at step {step}: the network is dead, its class scores "
+          f"are the same for every probe image (spread {spread:.2g}), so it gives one "
+          f"answer whatever the input; {kept}. Lower config.learning_rate (or set "
+          "config.stop_dead_network=False to go on).")
 
   def log_probe(step):
     inv = jax.device_get(probe_step(state, probe_seeds, probe_key))
@@ -497,7 +650,7 @@ def _train(config, workdir, allow_config_change, data, preempt,
         # collective each), so a stop comes at the next such step.
         stop = at_log and distributed.any_process(preempt.requested)
       if at_log or stop:
-        summary = _summarize(pending)
+        summary = _summarize(pending, ce_limit, last_saved)
         pending = []
         now = time.time()
         log.write(done, {f"train/{name}": v for name, v in summary.items()} | {
@@ -505,19 +658,22 @@ def _train(config, workdir, allow_config_change, data, preempt,
             "steps_per_sec": (done - s_log) / max(now - t_log, 1e-9)})
         t_log, s_log = now, done
         log_probe(done)
+        check_alive(done)
+      # The checkpoint comes before the evaluation: a failing evaluation loses nothing.
+      if at_ckpt or stop:
+        if not bool(state_finite(state)):  # the loss was finite, the update was not
+          raise errors.DivergenceError(
+              f"the train state became non-finite at or before step {done} (the "
+              "losses were finite): not checkpointed; the last good checkpoint is "
+              "kept. Lower config.learning_rate.")
+        ckpts.save(done, state, force=True)
+        last_saved = done
       if done % eval_every == 0 or last:
         test = evaluate(eval_step, state, data.x_test, data.y_test,
                         config.eval_batch_size, placement)
         log.write(done, {f"test/{k}": v for k, v in test.items()} | {"epoch": done / spe})
         logging.info("step %d (epoch %.1f): test accuracy %.4f", done, done / spe,
                      test["accuracy"])
-      if at_ckpt or stop:
-        if not bool(state_finite(state)):  # the loss was finite, the update was not
-          raise FloatingPointError(
-              f"the train state became non-finite at or before step {done} (the "
-              "losses were finite): not checkpointed; the last good checkpoint is "
-              "kept. Lower config.learning_rate.")
-        ckpts.save(done, state, force=True)
       if stop and not last:
         logging.warning("stopped at step %d after SIGTERM; rerun to resume", done)
         raise SystemExit(143)
@@ -525,6 +681,8 @@ def _train(config, workdir, allow_config_change, data, preempt,
       test = evaluate(eval_step, state, data.x_test, data.y_test,
                       config.eval_batch_size, placement)
   finally:  # also on an error or SIGTERM: saves in flight are finished, not lost
-    ckpts.close()
-    log.close()
+    try:
+      ckpts.close()
+    finally:
+      log.close()
   return {"step": run.total_steps, **test}
