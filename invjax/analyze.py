@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 from absl import logging
@@ -22,6 +23,7 @@ from invjax import analysis
 from invjax import augment
 from invjax import checkpoints
 from invjax import distributed
+from invjax import run_card
 from invjax import steps as steps_lib
 from invjax import train
 
@@ -61,22 +63,26 @@ def summarize(scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
   return out
 
 
-def analyze(config, workdir: str, data=None) -> dict[str, Any]:
-  """Scores the latest checkpoint of the run in `workdir`; returns the summary."""
-  run = train.build(config, data)
-  placement = train.Placement.create()
-  ckpts = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
-  step = ckpts.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {ckpts.directory}: train first "
-                            f"(python -m invjax.main --config=... --workdir={workdir}).")
-  try:
-    state = ckpts.restore(train.initial_state(run, placement), step)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"the checkpoint in {ckpts.directory} does not fit the model of "
-                     f"this config ({config.model}); analyze with the config that "
-                     f"trained it ({os.path.join(workdir, train.CONFIG_FILE)}).") from e
-  ckpts.close()
+def state_from_weights(run, placement, path: str):
+  """(a train state holding the weights of `path`, their step): the parameters and
+  batch-norm statistics that `checkpoints.save_weights` wrote (a run's weights.npz, or
+  a record's), in the model of `run`. No optimizer state: for analysis only."""
+  params, batch_stats, step = checkpoints.load_weights(path)
+  state = train.initial_state(run, placement)
+  want = jax.tree.map(lambda a: (a.shape, str(a.dtype)),
+                      (state.params, state.batch_stats))
+  got = jax.tree.map(lambda a: (a.shape, str(a.dtype)), (params, batch_stats))
+  if want != got:
+    raise ValueError(f"the weights in {path} do not fit the model of this config "
+                     f"({run.config.model}); use the config they were trained with.")
+  return state.replace(params=placement.replicate(params),
+                       batch_stats=placement.replicate(batch_stats)), step
+
+
+def score_state(config, run, state, step: int, placement):
+  """(per-image scores, summary) of the model in `state`: Eq. 2 for every sown layer
+  over the test set, and the accuracy on the clean and the scored transformed
+  images. Writes nothing."""
   ranges = augment.AugmentRanges.from_config(config.augment)
   ac = config.analysis
   feature_fn = lambda x: steps_lib.features_and_logits(state, x)
@@ -101,6 +107,34 @@ def analyze(config, workdir: str, data=None) -> dict[str, Any]:
              "dataset": run.data.name, "model": config.model.name,
              "variant": config.variant, "copies": config.copies, "alpha": config.alpha,
              "test": test, "transformed_test": robustness, "layers": summarize(scores)}
+  return scores, summary
+
+
+def analyze(config, workdir: str, data=None) -> dict[str, Any]:
+  """Scores the latest checkpoint of the run in `workdir` (or, where it holds no
+  checkpoint, its weights.npz: e.g. a run record); returns the summary. The seconds
+  it took go into the run card."""
+  t0 = time.perf_counter()
+  run = train.build(config, data)
+  placement = train.Placement.create()
+  ckpts = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
+  step = ckpts.latest_step()
+  weights = os.path.join(workdir, checkpoints.WEIGHTS_FILE)
+  if step is None and os.path.exists(weights):
+    ckpts.close()
+    state, step = state_from_weights(run, placement, weights)
+  elif step is None:
+    raise FileNotFoundError(f"no checkpoint in {ckpts.directory}: train first "
+                            f"(python -m invjax.main --config=... --workdir={workdir}).")
+  else:
+    try:
+      state = ckpts.restore(train.initial_state(run, placement), step)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"the checkpoint in {ckpts.directory} does not fit the model of "
+                       f"this config ({config.model}); analyze with the config that "
+                       f"trained it ({os.path.join(workdir, train.CONFIG_FILE)}).") from e
+    ckpts.close()
+  scores, summary = score_state(config, run, state, step, placement)
   if distributed.is_primary():
     os.makedirs(os.path.join(workdir, "analysis"), exist_ok=True)
     np.savez_compressed(os.path.join(workdir, SCORES_FILE), **scores)
@@ -109,6 +143,7 @@ def analyze(config, workdir: str, data=None) -> dict[str, Any]:
     from invjax import report  # pylint: disable=g-import-not-at-top
     report.plot_scores({config.variant: scores}, os.path.join(workdir, FIGURE_FILE),
                        title=f"{config.model.name} on {run.data.name}, step {step}")
+    run_card.add_analysis(workdir, step, time.perf_counter() - t0)
   distributed.barrier("invjax: analysis written")  # others may read it next
   return summary
 

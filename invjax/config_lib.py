@@ -6,6 +6,8 @@ run depends on is here, with its meaning.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from invjax import augment
@@ -78,6 +80,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_epochs = 1.0
   c.checkpoint_every_steps = 0  # 0: once per epoch (and always at the end)
   c.keep_checkpoints = 3
+  # Wall-clock limit of one start of the run, in minutes (0: none). Before each program
+  # the loop predicts, from the measured time per step, whether the next one and the
+  # checkpoint after it still fit; if not, it saves a checkpoint and stops cleanly,
+  # and the run card (run_card.json) says where. Rerunning resumes. For SLURM or
+  # preemptible queues and for short accelerator windows.
+  c.time_limit_minutes = 0.0
   c.eval_batch_size = 500
   c.probe_seeds = 16  # L_inv probe: a fixed batch of seeds x probe_copies, eval mode
   c.probe_copies = 8
@@ -152,6 +160,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     errors.append(f"config.lr_boundaries={tuple(c.lr_boundaries)} has epoch(s) {late} "
                   f"at or past config.num_epochs={c.num_epochs}; scale them with the "
                   "schedule (e.g. the same fractions of num_epochs).")
+  limit = c.get("time_limit_minutes", 0.0)
+  if (isinstance(limit, bool) or not isinstance(limit, (int, float))
+      or not math.isfinite(limit) or limit < 0):
+    errors.append(f"config.time_limit_minutes={limit!r} must be a number of minutes "
+                  ">= 0 (0: no limit), e.g. --config.time_limit_minutes=55.")
   if c.probe_copies < 2 or c.probe_seeds < 2:
     errors.append("config.probe_seeds and config.probe_copies must be >= 2 to measure "
                   f"L_inv, got {c.probe_seeds} and {c.probe_copies}.")
