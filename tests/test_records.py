@@ -112,6 +112,7 @@ def test_time_limit_stops_with_a_checkpoint_and_a_card_and_a_rerun_resumes(
     np.testing.assert_allclose(v1[keep], v2, rtol=1e-4)
 
 
+@pytest.mark.slow  # ~7 s: a subprocess start
 def test_cli_says_where_a_time_limited_run_stopped(npz, tmp_path):
   out = subprocess.run(
       [sys.executable, "-m", "invjax.main", f"--config=tests/tiny_config.py:{npz}",
