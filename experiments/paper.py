@@ -219,7 +219,7 @@ def record_runs(cell: str, records_root: str, variants: Sequence[str] = VARIANTS
       continue
     record, status, t = min(candidates, key=lambda c: _rank(c[0], c[1]))
     out[variant] = {"scores": record.scores, "summary": record.summary,
-                    "workdir": path if tag else record.path, "config": record.config,
+                    "workdir": record.path, "config": record.config,
                     "record": record, "status": status, "tag": t}
   return out
 

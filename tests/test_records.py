@@ -27,6 +27,15 @@ def npz(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def stopped_run(npz, tmp_path_factory):
+  """The tiny run with a 6 ms time limit: past at once, so it stops after its first
+  program (its programs are test_train.py's, from the compilation cache)."""
+  workdir = str(tmp_path_factory.mktemp("stopped"))
+  limited = helpers.tiny_config(npz, time_limit_minutes=1e-4)
+  return workdir, train.train_and_evaluate(limited, workdir, tensorboard=False)
+
+
+@pytest.fixture(scope="module")
 def full_run(npz, tmp_path_factory):
   """An uninterrupted tiny run (8 steps), analyzed."""
   workdir = str(tmp_path_factory.mktemp("full"))
@@ -68,12 +77,8 @@ def test_time_limit_is_validated(value):
     config_lib.validate(c)
 
 
-def test_time_limit_stops_with_a_checkpoint_and_a_card_and_a_rerun_resumes(
-    npz, full_run, tmp_path):
-  config, full_dir, _, _ = full_run
-  workdir = str(tmp_path / "run")
-  limited = helpers.tiny_config(npz, time_limit_minutes=1e-4)  # 6 ms: past at once
-  result = train.train_and_evaluate(limited, workdir, tensorboard=False)
+def test_time_limit_stops_with_a_checkpoint_weights_and_a_run_card(stopped_run):
+  workdir, result = stopped_run
   # The first program always runs; then the limit stops the run, with a checkpoint.
   assert result["step"] == 1 and not result["finished"]
   assert result["stopped"] == "time_limit"
@@ -83,10 +88,26 @@ def test_time_limit_stops_with_a_checkpoint_and_a_card_and_a_rerun_resumes(
   card = run_card.read(workdir)
   assert card["final_step"] == 1 and card["total_steps"] == 8
   assert not card["finished"] and card["stopped"] == "time_limit"
-  assert card["sessions"][0]["time_limit_minutes"] == 1e-4
+  (session,) = card["sessions"]
+  assert session["time_limit_minutes"] == 1e-4 and session["stopped"] == "time_limit"
+  assert session["hardware"]["platform"] == "cpu"
+  assert session["software"]["jax"] == jax.__version__
   assert set(card["seconds"]) == set(run_card.SECTIONS) | {"analysis"}
-  assert card["seconds"]["compile"] > 0
+  assert card["seconds"]["compile"] > 0 and card["seconds"]["startup"] > 0
+  parts = sum(session["seconds"].values())  # the sections do not overlap
+  assert 0 < parts <= session["wall_seconds"] * 1.01 + 0.01
   assert checkpoints.load_weights(os.path.join(workdir, "weights.npz"))[2] == 1
+  _, loss = metrics_io.series(metrics_io.read(workdir), "train/loss")
+  assert len(loss) == 1  # the stop's log point
+
+
+@pytest.mark.slow  # ~30 s: an uninterrupted run and its analysis, and a resume
+def test_a_rerun_after_a_time_limit_resumes_to_the_uninterrupted_run(
+    npz, full_run, tmp_path):
+  config, full_dir, _, _ = full_run
+  workdir = str(tmp_path / "run")
+  limited = helpers.tiny_config(npz, time_limit_minutes=1e-4)
+  assert train.train_and_evaluate(limited, workdir, tensorboard=False)["step"] == 1
   # A rerun without the limit (a performance field: allowed) resumes and finishes
   # with the uninterrupted run's weights.
   result = train.train_and_evaluate(config, workdir, tensorboard=False)
@@ -127,20 +148,19 @@ def test_cli_says_where_a_time_limited_run_stopped(npz, tmp_path):
 
 # Run cards and records -------------------------------------------------------------
 
-def test_run_card_splits_the_wall_time(full_run):
+@pytest.mark.slow  # uses full_run
+def test_run_card_adds_the_analysis(full_run):
   _, workdir, result, _ = full_run
   card = run_card.read(workdir)
   assert card["finished"] and card["final_step"] == result["step"] == 8
   (session,) = card["sessions"]
-  assert session["stopped"] == "finished" and session["hardware"]["platform"] == "cpu"
-  assert session["software"]["jax"] == jax.__version__
-  parts = sum(session["seconds"].values())
-  assert 0 < parts <= session["wall_seconds"] * 1.01 + 0.01
+  assert session["stopped"] == "finished"
   assert card["seconds"]["analysis"] > 0 and len(card["analyses"]) == 1
   assert card["wall_seconds"] == pytest.approx(
       session["wall_seconds"] + card["seconds"]["analysis"], abs=0.01)
 
 
+@pytest.mark.slow  # uses full_run; the window test checks records.score by default
 def test_record_weights_give_the_runs_analysis_without_a_checkpoint(full_run, tmp_path):
   config, workdir, _, summary = full_run
   record = str(tmp_path / "records" / "cell" / "tag" / "invariance")
@@ -160,35 +180,52 @@ def test_record_weights_give_the_runs_analysis_without_a_checkpoint(full_run, tm
   np.testing.assert_allclose(loaded.scores["conv3"], scores["conv3"], atol=1e-6)
 
 
-def test_pack_and_unpack_round_trip_and_refuse_other_archives(full_run, tmp_path):
-  _, workdir, _, _ = full_run
+def _fake_workdir(path):
+  """A workdir's record files, with made-up contents (no training)."""
+  for name in records.FILES:
+    os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
+    with open(os.path.join(path, name), "wb") as f:
+      f.write(name.encode() * 3)
+  return str(path)
+
+
+def test_pack_and_unpack_round_trip_and_refuse_other_archives(tmp_path):
+  workdir = _fake_workdir(tmp_path / "run")
   root = tmp_path / "staging"
   record = root / "allcnn_cifar10" / "paper" / "baseline"
+  assert set(records.write(workdir, str(record))) == set(records.FILES)
+  assert set(records.write(workdir, str(record), weights=False)) == (
+      set(records.FILES) - {"weights.npz"})
   records.write(workdir, str(record))
   packed = records.pack(str(record), str(root), str(tmp_path / "r.tar"))
   dest = tmp_path / "committed"
+  os.makedirs(dest / "allcnn_cifar10" / "paper" / "baseline" / "analysis")
+  (dest / "allcnn_cifar10" / "paper" / "baseline" / "stale.txt").write_text("old")
   out = records.unpack(packed, str(dest))
   assert out == str(dest / "allcnn_cifar10" / "paper" / "baseline")
   for name in records.FILES:
     assert (record / name).read_bytes() == (dest / out / name).read_bytes()
+  assert not os.path.exists(os.path.join(out, "stale.txt"))  # replaced, not merged
   bad = tmp_path / "bad.tar"
   with tarfile.open(bad, "w") as tar:
     tar.add(record / "config.json", arcname="../escape/config.json")
   with pytest.raises(ValueError, match="not a packed run record"):
     records.unpack(str(bad), str(dest))
+  with pytest.raises(FileNotFoundError, match="not a trained run"):
+    records.write(str(tmp_path / "staging"), str(tmp_path / "x"))
 
 
-def test_status_marks_shortened_and_unfinished_records(full_run, tmp_path):
-  _, workdir, _, _ = full_run
+def test_status_marks_shortened_and_unfinished_records():
   ref = paper.cell_config("allcnn_cifar10", "invariance", paper.Scale())
-  record = records.load(workdir)
-  record.config = paper.cell_config("allcnn_cifar10", "invariance", paper.Scale())
+  card = {"finished": True, "final_step": 136500, "total_steps": 136500}
+  record = records.Record("r", paper.cell_config("allcnn_cifar10", "invariance",
+                                                 paper.Scale()), card, None, None)
   assert records.status(record, ref) == "full"
   record.config = paper.cell_config("allcnn_cifar10", "invariance",
                                     paper.Scale(epochs=6))
   assert records.status(record, ref).startswith("shortened: num_epochs 6 (paper 350)")
-  record.card = dict(record.card, finished=False, final_step=3)
-  assert records.status(record, ref).startswith("unfinished: step 3 of 8; shortened")
+  record.card = dict(card, finished=False, final_step=3, total_steps=2340)
+  assert records.status(record, ref).startswith("unfinished: step 3 of 2340; shortened")
   with ref.unlocked():  # precision and data path are not departures
     ref.half_precision = True
     ref.dataset = "/tmp/cifar10.npz"
@@ -236,7 +273,16 @@ def test_window_baseline_record_to_table1_from_records(npz, tmp_path):
   report = json.loads((tmp_path / "out" / "window.json").read_text())
   assert report["runs"][0]["finished"] and report["runs"][0]["step"] == 8
   record = records.unpack(str(tmp_path / "out" / tar), str(tmp_path / "records"))
-  summary = json.loads(open(os.path.join(record, "analysis", "summary.json")).read())
+  loaded = records.load(record)
+  summary = loaded.summary
+  assert loaded.finished and loaded.has_weights and loaded.config.variant == "baseline"
+  assert loaded.card["sessions"][0]["time_limit_minutes"] > 0
+  assert not os.path.exists(os.path.join(record, "checkpoints"))
+  # The record's weights, scored here, give the analysis made on the "accelerator".
+  _, again = records.score(record, dataset=npz)
+  assert again["test"] == pytest.approx(summary["test"])
+  for layer, stats in summary["layers"].items():
+    assert again["layers"][layer]["median"] == pytest.approx(stats["median"], abs=1e-5)
   out = _reproduce(tmp_path, "table1")
   assert ("lacking records" in out.stdout and "allcnn_cifar10/batchaug" in out.stdout
           and "allcnn_cifar10/invariance" in out.stdout)
