@@ -160,8 +160,15 @@ def run_window(out: str, t0: float | None = None) -> dict:
           flush=True)
     if not result["finished"]:
       report["next"] = variant
+      rate = card.get("steps_per_second")
+      if rate:  # the steps left at the measured rate, +10 %, + a start and an analysis
+        steps_left = card["total_steps"] - card["final_step"]
+        report["next_minutes"] = round(
+            (1.1 * steps_left / rate + card["seconds"]["compile"] +
+             card["seconds"]["startup"]) / 60 + FLAGS.analysis_minutes, 1)
       print(f"{variant}: stopped at step {result['step']} by the budget; rerun this "
-            "command on this machine to resume it")
+            "command on this machine to resume it"
+            + (f" (about {report['next_minutes']} min more)" if rate else ""))
       break
   report["wall_seconds"] = round(time.time() - t0, 1)
   with open(os.path.join(out, "window.json"), "w") as f:
