@@ -31,9 +31,12 @@ from invjax import config_lib
 from invjax import experiment
 from invjax import input_pipeline
 from invjax import metrics_io
+from invjax import records as records_lib
 from invjax import report
+from invjax import run_card
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECORDS = os.path.join(ROOT, "experiments", "results", "records")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,20 +177,112 @@ def run_cell(cell: str, scale: Scale, workdir: str,
   return out
 
 
+# Results from records ----------------------------------------------------------------
+
+def record_dir(records_root: str, cell: str, tag: str, variant: str) -> str:
+  return os.path.join(records_root, cell, tag, variant)
+
+
+def _rank(record: records_lib.Record, status: str):
+  """Best first: a full finished run, then finished shortened ones, then unfinished;
+  among equals the latest."""
+  grade = 0 if status == "full" else 1 if record.finished else 2
+  return (grade, -_timestamp(record.card))
+
+
+def _timestamp(card) -> float:
+  started = card["sessions"][-1]["started"]
+  return datetime.datetime.fromisoformat(started).timestamp()
+
+
+def record_runs(cell: str, records_root: str, variants: Sequence[str] = VARIANTS,
+                tag: str | None = None) -> dict[str, dict]:
+  """{variant: run} from the records of a cell (RECORDS/<cell>/<tag>/<variant>): with
+  `tag`, that tag's; else, per variant, the best record (see `_rank`). A run is what
+  `run_cell` returns plus "record" and "status" ("full", or why the result is
+  provisional: "shortened: ...", "unfinished: ..."); its "summary" and "scores" are
+  None for a record without an analysis (an unfinished run). Variants without a
+  record are left out."""
+  out = {}
+  for variant in variants:
+    reference = cell_config(cell, variant, Scale())
+    candidates = []
+    cell_root = os.path.join(records_root, cell)
+    tags = [tag] if tag else (sorted(os.listdir(cell_root))
+                              if os.path.isdir(cell_root) else [])
+    for t in tags:
+      path = record_dir(records_root, cell, t, variant)
+      if os.path.exists(os.path.join(path, run_card.CARD_FILE)):
+        record = records_lib.load(path)
+        candidates.append((record, records_lib.status(record, reference), t))
+    if not candidates:
+      continue
+    record, status, t = min(candidates, key=lambda c: _rank(c[0], c[1]))
+    out[variant] = {"scores": record.scores, "summary": record.summary,
+                    "workdir": record.path, "config": record.config,
+                    "record": record, "status": status, "tag": t}
+  return out
+
+
+def lacking(cells: dict[str, dict], variants: Sequence[str], need_analysis: bool
+            ) -> list[str]:
+  """"<cell>/<variant>" of every run a result needs but has no usable record of."""
+  out = []
+  for cell, runs in cells.items():
+    for v in variants:
+      run = runs.get(v)
+      if run is None or (need_analysis and run["summary"] is None):
+        out.append(f"{cell}/{v}" + ("" if run is None else " (unfinished: no analysis)"))
+  return out
+
+
+def _mark(run) -> str:
+  """" [shortened]" / " [unfinished]" after a value made from such a record."""
+  status = run.get("status", "full")
+  if status == "full":
+    return ""
+  return " [" + ", ".join(p.split(":")[0] for p in status.split("; ")) + "]"
+
+
+def _record_lines(cells: dict[str, dict]) -> list[str]:
+  lines = []
+  for cell, runs in cells.items():
+    for v, run in runs.items():
+      if "record" not in run:
+        continue
+      card = run["record"].card
+      hw = card["sessions"][-1]["hardware"]
+      lines.append(f"- record {cell}/{run['tag']}/{v}: {run['status']}; "
+                   f"{run_card.describe(card)}; trained "
+                   f"{card['sessions'][0]['started'][:10]} on {hw['device_kind']}, "
+                   f"half precision {bool(run['config'].get('half_precision'))}")
+  return lines
+
+
 # Writing results ---------------------------------------------------------------------
 
-def _header(title: str, cells: dict[str, dict], scale: Scale, command: str) -> list[str]:
+def _header(title: str, cells: dict[str, dict], scale: Scale, command: str,
+            lacks: Sequence[str] = ()) -> list[str]:
+  from_records = any("record" in r for runs in cells.values() for r in runs.values())
   lines = [f"# {title}", "",
            f"- command: `{command}`",
-           f"- produced {datetime.date.today().isoformat()} on {hardware()}",
-           f"- scale: `{scale.tag()}`"]
+           f"- produced {datetime.date.today().isoformat()} on {hardware()}" +
+           (" from run records (the runs' own hardware below)" if from_records else ""),
+           f"- scale: `{scale.tag()}`" if not from_records else
+           "- scale: per record below ('full' = the paper's schedule, run to the end)"]
+  lines += _record_lines(cells)
+  if lacks:
+    lines.append(f"- lacks records of: {', '.join(lacks)}")
   for cell, runs in cells.items():
+    if not runs:
+      continue
     c = next(iter(runs.values()))["config"]
     paper = load_config_module(CELLS[cell].config_file).get_config("invariance")
     n_train = c.train_examples or "all"
     n_test = c.test_examples or "all"
+    summary = next(iter(runs.values()))["summary"] or {"dataset": c.dataset}
     lines.append(
-        f"- {CELLS[cell].label}: data `{next(iter(runs.values()))['summary']['dataset']}` "
+        f"- {CELLS[cell].label}: data `{summary['dataset']}` "
         f"({n_train} training, {n_test} test images), {c.num_epochs:g} epochs "
         f"(paper: {paper.num_epochs:g}), lr {c.learning_rate:g} x{c.lr_decay:g} at "
         f"epochs {tuple(round(b, 2) for b in c.lr_boundaries)}, batch {c.batch_size}, "
@@ -200,9 +295,10 @@ def _pct(x) -> str:
   return "-" if x is None else f"{100 * x:.2f}"
 
 
-def write_table1(cells: dict[str, dict], scale: Scale, out_dir: str, command: str) -> str:
+def write_table1(cells: dict[str, dict], scale: Scale, out_dir: str, command: str,
+                 lacks: Sequence[str] = ()) -> str:
   """Table 1: test accuracy of every variant of every cell, the paper's beside."""
-  lines = _header("Table 1: test accuracy (%)", cells, scale, command)
+  lines = _header("Table 1: test accuracy (%)", cells, scale, command, lacks)
   lines.append("Ours, with the paper's in brackets. Tiny ImageNet: top-1 / top-5. "
                "'transformed': accuracy on test images under the scoring "
                "transformations (mean of the passes), not in the paper.")
@@ -215,9 +311,11 @@ def write_table1(cells: dict[str, dict], scale: Scale, out_dir: str, command: st
     row, trow = [], []
     for cell in names:
       run = cells[cell].get(variant)
-      if run is None:
-        row.append("not run")
-        trow.append("not run")
+      if run is None or run["summary"] is None:
+        missing = ("no record" if run is None and lacks else "not run"
+                   if run is None else "unfinished, not analyzed")
+        row.append(missing)
+        trow.append(missing)
         continue
       test = run["summary"]["test"]
       ours = _pct(test["accuracy"]) + (f" / {_pct(test['top5'])}" if "top5" in test
@@ -225,19 +323,21 @@ def write_table1(cells: dict[str, dict], scale: Scale, out_dir: str, command: st
       paper = PAPER_ACCURACY[cell].get(variant)
       if paper:
         ours += f" ({paper[0]:.2f}" + (f" / {paper[1]:.2f}" if paper[1] else "") + ")"
-      row.append(ours)
+      row.append(ours + _mark(run))
       tt = run["summary"].get("transformed_test")
       trow.append(_pct(tt["accuracy"]) + (f" / {_pct(tt['top5'])}" if tt and "top5" in tt
                                           else "") if tt else "-")
       record.setdefault(cell, {})[variant] = {"test": test, "transformed_test": tt,
                                               "paper": paper}
+      if "status" in run:
+        record[cell][variant]["status"] = run["status"]
     lines.append(f"| {variant} | " + " | ".join(row) + " |")
     lines.append(f"| {variant}, transformed | " + " | ".join(trow) + " |")
   return _write(out_dir, "table1", lines, record)
 
 
 def write_scores_figure(cell: str, runs: dict[str, dict], scale: Scale, out_dir: str,
-                        command: str) -> str:
+                        command: str, lacks: Sequence[str] = ()) -> str:
   """Figures 2-4: per-layer box plots, pixels first, and the median table."""
   fig = CELLS[cell].figure
   name = f"figure{fig}_{cell}"
@@ -246,7 +346,7 @@ def write_scores_figure(cell: str, runs: dict[str, dict], scale: Scale, out_dir:
                            title=f"invariance scores, {CELLS[cell].label} ({scale.tag()})")
   summaries = {v: r["summary"] for v, r in runs.items()}
   lines = _header(f"Figure {fig}: invariance score per layer, {CELLS[cell].label}",
-                  {cell: runs}, scale, command)
+                  {cell: runs}, scale, command, lacks)
   lines += [f"![Figure {fig}]({os.path.basename(png)})", "",
             "Per-layer median score (Eq. 2, 5 transformations per test image), and "
             "test accuracy:", "", "```", report.median_table(summaries), "```", ""]
@@ -260,10 +360,11 @@ def write_scores_figure(cell: str, runs: dict[str, dict], scale: Scale, out_dir:
   lines.append(f"| pixels | {pixels:.3f} | {PAPER_PIXELS_MEDIAN:.2f} |")
   for v, s in summaries.items():
     paper = PAPER_DEEPEST_MEDIAN[cell].get(v)
-    lines.append(f"| {v} | {s['layers'][deepest]['median']:.3f} | "
+    lines.append(f"| {v}{_mark(runs[v])} | {s['layers'][deepest]['median']:.3f} | "
                  f"{'-' if paper is None else f'{paper:.2f}'} |")
   record = {v: {"layers": s["layers"], "test": s["test"],
-                "transformed_test": s.get("transformed_test")}
+                "transformed_test": s.get("transformed_test"),
+                **({"status": runs[v]["status"]} if "status" in runs[v] else {})}
             for v, s in summaries.items()}
   return _write(out_dir, name, lines, record)
 
@@ -289,7 +390,7 @@ def loss_dynamics_check(workdirs: dict[str, str]) -> dict[str, dict[str, dict]]:
 
 
 def write_figure5(cell: str, runs: dict[str, dict], scale: Scale, out_dir: str,
-                  command: str) -> str:
+                  command: str, lacks: Sequence[str] = ()) -> str:
   """Figure 5: per-layer L_inv of the probe batch over training, every variant."""
   name = f"figure5_{cell}"
   workdirs = {v: r["workdir"] for v, r in runs.items()}
@@ -298,13 +399,14 @@ def write_figure5(cell: str, runs: dict[str, dict], scale: Scale, out_dir: str,
       title=f"L_inv during training (probe batch), {CELLS[cell].label} ({scale.tag()})")
   check = loss_dynamics_check(workdirs)
   lines = _header(f"Figure 5: L_inv per layer during training, {CELLS[cell].label}",
-                  {cell: runs}, scale, command)
+                  {cell: runs}, scale, command, lacks)
   lines += [f"![Figure 5]({os.path.basename(png)})", "",
             "The paper: the baseline's L_inv keeps rising over training; with the loss "
             "it rises over the first epochs, then falls, in every layer but the last. "
             "Ours, per layer (probe batch: fixed seeds x copies, eval mode):", ""]
   variants = list(check)
-  lines.append("| layer | " + " | ".join(f"{v}: start, peak (epoch), end" for v in variants)
+  lines.append("| layer | " + " | ".join(f"{v}{_mark(runs[v])}: start, peak (epoch), end"
+                                         for v in variants)
                + " |")
   lines.append("| --- |" + " --- |" * len(variants))
   for layer in check[variants[0]]:

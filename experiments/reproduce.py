@@ -1,10 +1,21 @@
-"""One command per result of the paper: trains what it needs, analyzes, writes the result.
+"""One command per result of the paper: from the committed run records, or by training.
 
+  python experiments/reproduce.py --result=table1               # from the records
   python experiments/reproduce.py --result=figure2              # All-CNN, CIFAR-10
-  python experiments/reproduce.py --result=table1 --cells=allcnn_cifar10,wrn_cifar10
-  python experiments/reproduce.py --result=all --cells=allcnn_cifar10 \\
+  python experiments/reproduce.py --source=train --result=all --cells=allcnn_cifar10 \\
       --epochs=10 --train_examples=10000 --test_examples=2000 \\
       --set dataset=data/cifar10.npz --set model.width=0.25
+
+--source=records (the default) builds each result from the run records in --records
+(experiments/results/records/<cell>/<tag>/<variant>, see invjax/records.py): no
+training, no checkpoint, no accelerator, seconds. Per variant it takes the best record
+(a finished run of the paper's schedule, else a finished shortened run, else an
+unfinished one), marks values from shortened or unfinished runs as such, and says which
+records a result still lacks. --record_tag picks one tag's records instead. The result
+files go to RESULTS_DIR/<tag> (RESULTS_DIR/mixed where the records' tags differ).
+experiments/window.py makes the records on an accelerator.
+
+--source=train trains what the result needs:
 
 Results:  table1 (test accuracy of every cell), figure2 / figure3 / figure4 (invariance
 scores per layer of All-CNN / WRN / DenseNet), figure5 (L_inv during training), all.
@@ -36,6 +47,12 @@ from invjax import distributed  # pylint: disable=g-import-not-at-top
 RESULTS = ("table1", "figure2", "figure3", "figure4", "figure5", "all")
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("result", "all", RESULTS, "Which result to produce.")
+flags.DEFINE_enum("source", "records", ["records", "train"],
+                  "records: build the results from the run records in --records "
+                  "(no training); train: train (or reuse) the runs in --workdir.")
+flags.DEFINE_string("records", paper.RECORDS, "Root of the run records (--source=records).")
+flags.DEFINE_string("record_tag", None, "Use the records of this tag only (default: the "
+                    "best record of each variant).")
 flags.DEFINE_list("cells", None, f"Cells (model, data) to run, from {sorted(paper.CELLS)}. "
                   "Default: table1 and all: the three CIFAR-10 cells; figureN: the "
                   "CIFAR-10 cell of its architecture; figure5: allcnn_cifar10.")
@@ -80,26 +97,73 @@ def main(argv):
       config_lib.validate(paper.cell_config(cell, variant, scale))
   command = " ".join(["python experiments/reproduce.py"] +
                      [shlex.quote(a) for a in sys.argv[1:]])
+  if FLAGS.source == "records":
+    if FLAGS.epochs or FLAGS.train_examples or FLAGS.test_examples or FLAGS.set:
+      raise app.UsageError("--epochs, --train_examples, --test_examples and --set "
+                           "shape runs to train: use them with --source=train (records "
+                           "carry their own configuration).")
+    _from_records(cells, command)
+    return
   out_dir = os.path.join(FLAGS.results_dir, scale.tag())
   t0 = time.time()
   distributed.initialize_from_flags()
   results = {c: paper.run_cell(c, scale, FLAGS.workdir, FLAGS.variants) for c in cells}
   if not distributed.is_primary():  # process 0 writes the results
     return
+  _write(cells, results, scale, out_dir, command, {})
+  print(f"wall time {time.time() - t0:.0f} s")
+
+
+def _write(cells, results, scale, out_dir, command, lacks):
+  """Writes the results FLAGS.result asks for; `lacks` maps a result name to the
+  records it lacks (records source only)."""
   written = []
+  analyzed = {c: {v: r for v, r in runs.items() if r["summary"] is not None}
+              for c, runs in results.items()}
   if FLAGS.result in ("table1", "all"):
-    written.append(paper.write_table1(results, scale, out_dir, command))
+    written.append(paper.write_table1(results, scale, out_dir, command,
+                                      lacks.get("table1", ())))
   for cell in cells:
-    if FLAGS.result == "all" or FLAGS.result == f"figure{paper.CELLS[cell].figure}":
-      written.append(paper.write_scores_figure(cell, results[cell], scale, out_dir,
-                                               command))
+    fig = paper.CELLS[cell].figure
+    if FLAGS.result == "all" or FLAGS.result == f"figure{fig}":
+      if analyzed[cell]:
+        written.append(paper.write_scores_figure(cell, analyzed[cell], scale, out_dir,
+                                                 command, lacks.get(f"figure{fig}", ())))
+      else:
+        print(f"figure{fig} of {cell}: no analyzed record; nothing written")
     if FLAGS.result in ("figure5", "all"):
-      written.append(paper.write_figure5(cell, results[cell], scale, out_dir, command))
+      if results[cell]:
+        written.append(paper.write_figure5(cell, results[cell], scale, out_dir, command,
+                                           lacks.get("figure5", ())))
+      else:
+        print(f"figure5 of {cell}: no record; nothing written")
   for path in written:
     print(f"== {path}")
     with open(path) as f:
       print(f.read())
-  print(f"wall time {time.time() - t0:.0f} s")
+
+
+def _from_records(cells, command):
+  t0 = time.time()
+  results = {c: paper.record_runs(c, FLAGS.records, FLAGS.variants, FLAGS.record_tag)
+             for c in cells}
+  lacks = {}
+  for name in ("table1", "figure2", "figure3", "figure4", "figure5"):
+    need = {c: r for c, r in results.items()
+            if name in ("table1", "figure5") or name == f"figure{paper.CELLS[c].figure}"}
+    lacks[name] = paper.lacking(need, FLAGS.variants, need_analysis=name != "figure5")
+  tags = {r["tag"] for runs in results.values() for r in runs.values()}
+  out_dir = os.path.join(FLAGS.results_dir,
+                         tags.pop() if len(tags) == 1 else "mixed" if tags else "none")
+  asked = [n for n in lacks if FLAGS.result in (n, "all")]
+  missing = sorted({m for n in asked for m in lacks[n]})
+  if missing:
+    print(f"lacking records ({FLAGS.records}): {', '.join(missing)}")
+  if not any(results.values()):
+    print("no records: nothing to write. Make them with experiments/window.py.")
+    return
+  _write(cells, results, paper.Scale(), out_dir, command, lacks)
+  print(f"built from records in {time.time() - t0:.1f} s")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 from absl import logging
@@ -23,6 +24,7 @@ from invjax import augment
 from invjax import checkpoints
 from invjax import distributed
 from invjax import errors
+from invjax import run_card
 from invjax import steps as steps_lib
 from invjax import train
 
@@ -81,32 +83,26 @@ def check_outputs_writable(workdir: str) -> None:
           "is) and analyze again; nothing was scored.") from e
 
 
-def analyze(config, workdir: str, data=None) -> dict[str, Any]:
-  """Scores the newest checkpoint that restores of the run in `workdir` (setting
-  damaged ones aside, as training does); returns the summary."""
-  run = train.build(config, data)
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory) or not any(d.isdigit() for d in os.listdir(directory)):
-    raise errors.RunNotFound(
-        f"no checkpoint in {os.path.abspath(directory)}: train first "
-        f"(python -m invjax.main --config=... --workdir={workdir}).")
-  check_outputs_writable(workdir)
-  lock = train.lock_workdir(workdir, "analyze")
-  try:
-    return _analyze(config, workdir, run)
-  finally:
-    if lock is not None:
-      lock.release()
+def state_from_weights(run, placement, path: str):
+  """(a train state holding the weights of `path`, their step): the parameters and
+  batch-norm statistics that `checkpoints.save_weights` wrote (a run's weights.npz, or
+  a record's), in the model of `run`. No optimizer state: for analysis only."""
+  params, batch_stats, step = checkpoints.load_weights(path)
+  state = train.initial_state(run, placement)
+  want = jax.tree.map(lambda a: (a.shape, str(a.dtype)),
+                      (state.params, state.batch_stats))
+  got = jax.tree.map(lambda a: (a.shape, str(a.dtype)), (params, batch_stats))
+  if want != got:
+    raise errors.CheckpointError(f"the weights in {path} do not fit the model of this config "
+                     f"({run.config.model}); use the config they were trained with.")
+  return state.replace(params=placement.replicate(params),
+                       batch_stats=placement.replicate(batch_stats)), step
 
 
-def _analyze(config, workdir: str, run) -> dict[str, Any]:
-  placement = train.Placement.create()
-  ckpts = checkpoints.Checkpoints(workdir, config.get("keep_checkpoints", 3))
-  try:
-    state, step = train.restore_latest(
-        ckpts, train.initial_state(run, placement), config, workdir)
-  finally:
-    ckpts.close()
+def score_state(config, run, state, step: int, placement):
+  """(per-image scores, summary) of the model in `state`: Eq. 2 for every sown layer
+  over the test set, and the accuracy on the clean and the scored transformed
+  images. Writes nothing."""
   ranges = augment.AugmentRanges.from_config(config.augment)
   ac = config.analysis
   feature_fn = lambda x: steps_lib.features_and_logits(state, x)
@@ -131,16 +127,52 @@ def _analyze(config, workdir: str, run) -> dict[str, Any]:
              "dataset": run.data.name, "model": config.model.name,
              "variant": config.variant, "copies": config.copies, "alpha": config.alpha,
              "test": test, "transformed_test": robustness, "layers": summarize(scores)}
-  if distributed.is_primary():
-    os.makedirs(os.path.join(workdir, "analysis"), exist_ok=True)
-    np.savez_compressed(os.path.join(workdir, SCORES_FILE), **scores)
-    with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
-      json.dump(summary, f, indent=2)
-    from invjax import report  # pylint: disable=g-import-not-at-top
-    report.plot_scores({config.variant: scores}, os.path.join(workdir, FIGURE_FILE),
-                       title=f"{config.model.name} on {run.data.name}, step {step}")
-  distributed.barrier("invjax: analysis written")  # others may read it next
-  return summary
+  return scores, summary
+
+
+def analyze(config, workdir: str, data=None) -> dict[str, Any]:
+  """Scores the newest checkpoint of the run in `workdir` that restores (setting
+  damaged ones aside, as training does), or, where it holds no checkpoint, its
+  weights.npz (e.g. a run record); returns the summary. The seconds it took go into
+  the run card."""
+  t0 = time.perf_counter()
+  run = train.build(config, data)
+  directory = os.path.join(workdir, "checkpoints")
+  has_checkpoint = (os.path.isdir(directory) and
+                    any(d.isdigit() for d in os.listdir(directory)))
+  weights = os.path.join(workdir, checkpoints.WEIGHTS_FILE)
+  if not has_checkpoint and not os.path.exists(weights):
+    raise errors.RunNotFound(
+        f"no checkpoint in {os.path.abspath(directory)}: train first "
+        f"(python -m invjax.main --config=... --workdir={workdir}).")
+  check_outputs_writable(workdir)
+  lock = train.lock_workdir(workdir, "analyze")
+  try:
+    placement = train.Placement.create()
+    if has_checkpoint:
+      ckpts = checkpoints.Checkpoints(workdir, config.get("keep_checkpoints", 3))
+      try:
+        state, step = train.restore_latest(
+            ckpts, train.initial_state(run, placement), config, workdir)
+      finally:
+        ckpts.close()
+    else:
+      state, step = state_from_weights(run, placement, weights)
+    scores, summary = score_state(config, run, state, step, placement)
+    if distributed.is_primary():
+      os.makedirs(os.path.join(workdir, "analysis"), exist_ok=True)
+      np.savez_compressed(os.path.join(workdir, SCORES_FILE), **scores)
+      with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
+        json.dump(summary, f, indent=2)
+      from invjax import report  # pylint: disable=g-import-not-at-top
+      report.plot_scores({config.variant: scores}, os.path.join(workdir, FIGURE_FILE),
+                         title=f"{config.model.name} on {run.data.name}, step {step}")
+      run_card.add_analysis(workdir, step, time.perf_counter() - t0)
+    distributed.barrier("invjax: analysis written")  # others may read it next
+    return summary
+  finally:
+    if lock is not None:
+      lock.release()
 
 
 def load(workdir: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -1,4 +1,6 @@
-"""Orbax checkpoints of the train state in WORKDIR/checkpoints."""
+"""Orbax checkpoints of the train state in WORKDIR/checkpoints, and the final weights
+(parameters and batch-norm statistics, no optimizer state) as a plain WORKDIR/weights.npz
+that needs neither Orbax nor the optimizer to load."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import shutil
 
 from absl import logging
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from invjax import distributed
@@ -173,3 +176,27 @@ def _is_disk_full(e: BaseException) -> bool:
     e = e.__cause__ or e.__context__
     seen += 1
   return False
+
+
+WEIGHTS_FILE = "weights.npz"
+
+
+def save_weights(path: str, state, step: int) -> None:
+  """Writes `state`'s parameters and batch-norm statistics (float32 as trained) and
+  the step to an .npz: keys "params/<module>/<name>", "batch_stats/...", "step"."""
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  tree = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+  flat = traverse_util.flatten_dict(tree, sep="/")
+  tmp = path + ".tmp.npz"
+  np.savez_compressed(tmp, step=np.int64(step), **{k: np.asarray(v) for k, v in flat.items()})
+  os.replace(tmp, path)
+
+
+def load_weights(path: str) -> tuple[dict, dict, int]:
+  """(params, batch_stats, step) written by `save_weights`, as nested dicts of arrays."""
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  with np.load(path) as f:
+    step = int(f["step"])
+    flat = {k: f[k] for k in f.files if k != "step"}
+  tree = traverse_util.unflatten_dict(flat, sep="/")
+  return tree.get("params", {}), tree.get("batch_stats", {}), step

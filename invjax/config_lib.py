@@ -84,6 +84,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_epochs = 1.0
   c.checkpoint_every_steps = 0  # 0: once per epoch (and always at the end)
   c.keep_checkpoints = 3  # the newest N checkpoints are kept (0: all of them)
+  # Wall-clock limit of one start of the run, in minutes (0: none). Before each program
+  # the loop predicts, from the measured time per step, whether the next one and the
+  # checkpoint after it still fit; if not, it saves a checkpoint and stops cleanly,
+  # and the run card (run_card.json) says where. Rerunning resumes. For SLURM or
+  # preemptible queues and for short accelerator windows.
+  c.time_limit_minutes = 0.0
   c.eval_batch_size = 500
   c.probe_seeds = 16  # L_inv probe: a fixed batch of seeds x probe_copies, eval mode
   c.probe_copies = 8
@@ -268,6 +274,7 @@ FIELDS: dict[str, Rule] = {
     "divergence_factor": Rule(lambda v: _is_num(v) and (v == 0 or v >= 2),
                               "a finite number >= 2, or 0 to never stop for it"),
     "stop_dead_network": _BOOL,
+    "time_limit_minutes": _num(0, note=" of minutes (0: no limit), e.g. 55"),
 }
 
 

@@ -46,7 +46,11 @@ def run_variant(config, workdir: str, data=None) -> dict:
   train.check_workdir_config(config, workdir)
   run = train.build(config, data)
   if not _finished(workdir, run.total_steps):
-    train.train_and_evaluate(config, workdir, data=run.data)
+    result = train.train_and_evaluate(config, workdir, data=run.data)
+    if not result["finished"]:  # config.time_limit_minutes
+      raise TimeoutError(f"{workdir}: stopped by the time limit at step "
+                         f"{result['step']} of {run.total_steps}, with a checkpoint; "
+                         "rerun to resume (it is not analyzed before it finishes).")
   if not _analysis_current(workdir, run.total_steps):
     analyze_lib.analyze(config, workdir, data=run.data)
   return analyze_lib.load(workdir)

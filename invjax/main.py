@@ -68,7 +68,13 @@ def main(argv):
   if FLAGS.mode in ("train", "train_and_analyze"):
     result = train.train_and_evaluate(config, FLAGS.workdir, FLAGS.allow_config_change,
                                       tensorboard=FLAGS.tensorboard)
-    logging.info("finished: %s", result)
+    logging.info("training returned: %s", result)
+    if not result["finished"]:
+      if distributed.is_primary():
+        print(f"stopped by the time limit (config.time_limit_minutes) at step "
+              f"{result['step']}, with a checkpoint: rerun the same command to resume"
+              + (" (and analyze)" if FLAGS.mode == "train_and_analyze" else ""))
+      return
     if distributed.is_primary():
       print(f"test accuracy {result['accuracy']:.4f} after {result['step']} steps")
   if FLAGS.mode in ("analyze", "train_and_analyze"):

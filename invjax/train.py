@@ -26,6 +26,7 @@ from invjax import errors
 from invjax import input_pipeline
 from invjax import metrics_io
 from invjax import models
+from invjax import run_card
 from invjax import steps as steps_lib
 from invjax import workdir_lock
 
@@ -206,7 +207,7 @@ def _flat_config(d, prefix=""):
 
 # Fields that change how fast a run goes, not what it computes (tested): a run may be
 # resumed with other values, e.g. on another machine.
-PERFORMANCE_FIELDS = ("data_on_device", "steps_per_dispatch")
+PERFORMANCE_FIELDS = ("data_on_device", "steps_per_dispatch", "time_limit_minutes")
 # Fields that say when to stop or what to keep, not what a step computes; a workdir
 # saved without them (an older run) resumes with their defaults.
 SAFETY_FIELDS = ("keep_checkpoints", "divergence_factor", "stop_dead_network")
@@ -309,20 +310,44 @@ def rates(sums: dict[str, float]) -> dict[str, float]:
   return out
 
 
+class TestBatches:
+  """The test images as padded batches of one shape (eval_batch_size rounded down to a
+  multiple of the device count), split over the devices. With `on_device`, they are
+  sent once and kept there: an evaluation then moves nothing but its sums."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int,
+               placement: Placement, on_device: bool = False):
+    n_dev = jax.device_count()
+    self.batch_size = max(n_dev, batch_size - batch_size % n_dev)
+    self.placement = placement
+    self.host = [pad_batch(images[start:start + self.batch_size],
+                           labels[start:start + self.batch_size], self.batch_size)
+                 for start in range(0, len(images), self.batch_size)]
+    self.device = ([self._put(b) for b in self.host] if on_device else None)
+
+  def _put(self, batch):
+    return tuple(self.placement.shard(a) for a in batch)
+
+  def __iter__(self):
+    return iter(self.device) if self.device is not None else map(self._put, self.host)
+
+
+def evaluate_batches(eval_step, state, batches: TestBatches) -> dict[str, float]:
+  """Accuracy (top-1, and top-5 if the step computes it) and loss over `batches`: every
+  batch is dispatched, then all sums are fetched at once (one wait for the device)."""
+  outs = jax.device_get([eval_step(state, x, y, mask) for x, y, mask in batches])
+  totals: dict[str, float] = {}
+  for out in outs:
+    for k, v in out.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  return rates(totals)
+
+
 def evaluate(eval_step, state, images: np.ndarray, labels: np.ndarray,
              batch_size: int, placement: Placement) -> dict[str, float]:
   """Test-set accuracy (top-1, and top-5 if the step computes it) and loss."""
-  n_dev = jax.device_count()
-  batch_size = max(n_dev, batch_size - batch_size % n_dev)
-  totals: dict[str, float] = {}
-  for start in range(0, len(images), batch_size):
-    # The last batch is padded: one compiled shape.
-    x, y, mask = pad_batch(images[start:start + batch_size],
-                           labels[start:start + batch_size], batch_size)
-    out = eval_step(state, placement.shard(x), placement.shard(y), placement.shard(mask))
-    for k, v in jax.device_get(out).items():
-      totals[k] = totals.get(k, 0.0) + float(v)
-  return rates(totals)
+  return evaluate_batches(eval_step, state,
+                          TestBatches(images, labels, batch_size, placement))
 
 
 # A network whose class scores differ by at most this much (relative to their size)
@@ -404,7 +429,9 @@ class TrainPrograms:
   host gathers each program's batches and sends them.
   """
 
-  def __init__(self, run: Run, placement: Placement, state):
+  def __init__(self, run: Run, placement: Placement, state, single: bool = True):
+    """`single=False` leaves out the 1-step program, for runs whose every stop (log,
+    evaluation, checkpoint, end, resume point) is a multiple of steps_per_dispatch."""
     config, data = run.config, run.data
     self.run, self.placement = run, placement
     self.k = config.batch_size // config.copies
@@ -422,15 +449,19 @@ class TrainPrograms:
       self.x_train = placement.replicate(data.x_train)
       self.y_train = placement.replicate(data.y_train)
     self.compiled, self.compile_seconds = {}, {}
-    for size in sorted({1, self.steps_per_dispatch}):
-      t = time.perf_counter()
-      fn = steps_lib.make_train_chunk(run.step_config, size, self.k, placement.batch,
-                                      data_on_device=self.on_device,
-                                      unroll=jax.default_backend() == "cpu")
-      jitted = jax.jit(fn, donate_argnums=0,
-                       out_shardings=(placement.replicated, placement.replicated))
-      self.compiled[size] = jitted.lower(*self._args(state, 0, size)).compile()
-      self.compile_seconds[size] = time.perf_counter() - t
+    for size in sorted({1 if single else self.steps_per_dispatch,
+                        self.steps_per_dispatch}):
+      self._compile(state, size)
+
+  def _compile(self, state, size: int) -> None:
+    t = time.perf_counter()
+    fn = steps_lib.make_train_chunk(self.run.step_config, size, self.k,
+                                    self.placement.batch, data_on_device=self.on_device,
+                                    unroll=jax.default_backend() == "cpu")
+    jitted = jax.jit(fn, donate_argnums=0,
+                     out_shardings=(self.placement.replicated, self.placement.replicated))
+    self.compiled[size] = jitted.lower(*self._args(state, 0, size)).compile()
+    self.compile_seconds[size] = time.perf_counter() - t
 
   def _args(self, state, step0: int, size: int):
     if self.on_device:
@@ -452,6 +483,9 @@ class TrainPrograms:
 
   def __call__(self, state, step0: int, size: int):
     """(state after steps step0 .. step0 + size - 1, their metrics [size])."""
+    if size not in self.compiled:  # a stop off the multiples (not expected)
+      logging.warning("compiling the %d-step program inside the loop", size)
+      self._compile(state, size)
     return self.compiled[size](*self._args(state, step0, size))
 
 
@@ -483,6 +517,67 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+class Deadline:
+  """`config.time_limit_minutes`: predicts, from the measured time per step, whether
+  the next program and a checkpoint after it still end within the limit.
+
+  The limit counts from the start of `train_and_evaluate` (data, compilation
+  included). Steps run asynchronously, so the time per step is measured only at points
+  where the device is known to have finished a step (`observe`: after a wait on its
+  results); the loop waits for one at least every `sync_every` seconds. The time per
+  step is averaged over the loop so far, evaluations, logs and checkpoints included.
+  The reserve for the final save is 1.5 x the longest save seen (before one is seen:
+  5 % of the limit, at most 10 s).
+  """
+
+  def __init__(self, limit_minutes: float, t0: float):
+    self.limit_s = 60.0 * float(limit_minutes or 0.0)
+    self.end = t0 + self.limit_s
+    self.sync_every = min(30.0, max(1.0, 0.02 * self.limit_s))
+    self.mark = None  # (step, time) at the start of the loop
+    self.last = None  # the latest (step, time) the device had finished
+    self.save_seconds = None
+
+  @property
+  def active(self) -> bool:
+    return self.limit_s > 0
+
+  def start(self, step: int, t: float) -> None:
+    self.mark = self.last = (step, t)
+
+  def observe(self, step: int, t: float) -> None:
+    self.last = (step, t)
+
+  def observe_save(self, seconds: float) -> None:
+    self.save_seconds = max(seconds, self.save_seconds or 0.0)
+
+  def needs_sync(self, t: float) -> bool:
+    return (self.active and self.last is not None and
+            (self.last[0] == self.mark[0] or t - self.last[1] >= self.sync_every))
+
+  def seconds_per_step(self) -> float | None:
+    if self.mark is None or self.last[0] <= self.mark[0]:
+      return None
+    return (self.last[1] - self.mark[1]) / (self.last[0] - self.mark[0])
+
+  def reserve(self) -> float:
+    if self.save_seconds is not None:
+      return 1.5 * self.save_seconds
+    return min(10.0, 0.05 * self.limit_s)
+
+  def should_stop(self, dispatched: int, next_steps: int, t: float) -> bool:
+    """Whether to stop after step `dispatched` (the last one handed to the device)
+    rather than run `next_steps` more: True if those would end past the limit, the
+    final save included."""
+    if not self.active:
+      return False
+    per_step = self.seconds_per_step()
+    if per_step is None:
+      return t + self.reserve() >= self.end
+    queue_done = max(t, self.last[1] + (dispatched - self.last[0]) * per_step)
+    return queue_done + next_steps * per_step + self.reserve() > self.end
+
+
 # The loop --------------------------------------------------------------------------
 
 def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
@@ -490,12 +585,19 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
                        tensorboard: bool = True) -> dict[str, Any]:
   """Trains the run of `config` in `workdir`, resuming from its latest checkpoint.
 
-  Returns the final test metrics (e.g. {"accuracy": ..., "step": ...}). A SIGTERM from
-  here on (while compiling too) saves a checkpoint after the step in progress and exits
-  with status 143; a rerun resumes.
+  Returns the final test metrics and where training stands: {"step", "finished",
+  "stopped", "accuracy", ...}. A SIGTERM from here on (while compiling too) saves a
+  checkpoint after the step in progress and exits with status 143; a rerun resumes.
+  With `config.time_limit_minutes`, a run that would pass the limit saves a checkpoint
+  and returns early with "finished": False, "stopped": "time_limit" (the test metrics
+  are then those of the last evaluation, if any). Every start adds a session to the
+  run card, WORKDIR/run_card.json (see `invjax.run_card`), and writes the weights it
+  ends with to WORKDIR/weights.npz.
   """
+  timer = run_card.Timer()
   with _Preemption() as preempt:
-    return _train(config, workdir, allow_config_change, data, preempt, tensorboard)
+    return _train(config, workdir, allow_config_change, data, preempt, tensorboard,
+                  timer)
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -531,69 +633,80 @@ def lock_workdir(workdir: str, what: str) -> workdir_lock.WorkdirLock | None:
   return lock
 
 
-def _train(config, workdir, allow_config_change, data, preempt,
-           tensorboard) -> dict[str, Any]:
+def _train(config, workdir, allow_config_change, data, preempt, tensorboard,
+           timer) -> dict[str, Any]:
   config_lib.validate(config, jax.device_count())  # before the workdir is touched
   prepare_workdir(workdir)
   lock = lock_workdir(workdir, "train")
   try:
     return _train_locked(config, workdir, allow_config_change, data, preempt,
-                         tensorboard)
+                         tensorboard, timer)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _train_locked(config, workdir, allow_config_change, data, preempt,
-                  tensorboard) -> dict[str, Any]:
-  run = build(config, data)
-  check_workdir_config(config, workdir, allow_config_change)
-  cfg = run.step_config
-  placement = Placement.create()
-  data = run.data
-  num_seeds = config.batch_size // config.copies
-  logging.info("%s on %s: %d train / %d test images, %d classes; %d seeds x %d copies "
-               "per batch of %d; %d steps (%d per epoch); %d devices",
-               config.model.name, data.name, len(data.x_train), len(data.x_test),
-               data.num_classes, num_seeds, config.copies, config.batch_size,
-               run.total_steps,
-               run.steps_per_epoch, jax.device_count())
+def _train_locked(config, workdir, allow_config_change, data, preempt, tensorboard,
+                  timer) -> dict[str, Any]:
+  started = run_card.now_iso()
+  with timer.section("startup"):
+    run = build(config, data)
+    check_workdir_config(config, workdir, allow_config_change)
+    cfg = run.step_config
+    placement = Placement.create()
+    data = run.data
+    num_seeds = config.batch_size // config.copies
+    logging.info("%s on %s: %d train / %d test images, %d classes; %d seeds x %d copies "
+                 "per batch of %d; %d steps (%d per epoch); %d devices",
+                 config.model.name, data.name, len(data.x_train), len(data.x_test),
+                 data.num_classes, num_seeds, config.copies, config.batch_size,
+                 run.total_steps,
+                 run.steps_per_epoch, jax.device_count())
 
-  state = initial_state(run, placement)
-  ckpts = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
-  state, start = restore_latest(ckpts, state, config, workdir)
-  if start:
-    logging.info("resumed from step %d", start)
-  save_config(config, workdir)
-  log = metrics_io.MetricsLog(workdir, resume_step=start,
-                              enabled=distributed.is_primary(),
-                              tensorboard=tensorboard)
-  progress = metrics_io.Progress(run.total_steps, log)
+    state = initial_state(run, placement)
+    ckpts = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
+    state, start = restore_latest(ckpts, state, config, workdir)
+    if start:
+      logging.info("resumed from step %d", start)
+    save_config(config, workdir)
+    log = metrics_io.MetricsLog(workdir, resume_step=start,
+                                enabled=distributed.is_primary(),
+                                tensorboard=tensorboard)
+    progress = metrics_io.Progress(run.total_steps, log)
 
-  programs = TrainPrograms(run, placement, state)
+  ckpt_every = config.checkpoint_every_steps or run.steps_per_epoch
+  eval_every = max(1, int(round(config.eval_every_epochs * run.steps_per_epoch)))
+  log_every = config.log_every_steps
+  spd = int(config.get("steps_per_dispatch", 1))
+  programs = TrainPrograms(run, placement, state, single=any(
+      n % spd for n in (start, run.total_steps, ckpt_every, eval_every, log_every)))
+  timer.add("compile", sum(programs.compile_seconds.values()))
+  with timer.section("startup"):
+    test_batches = TestBatches(data.x_test, data.y_test, config.eval_batch_size,
+                               placement, on_device=programs.on_device)
+    probe_key = jax.random.fold_in(jax.random.key(config.seed), 2)
+    probe_idx = np.random.default_rng([config.seed, 2]).choice(
+        len(data.x_train), min(config.probe_seeds, len(data.x_train)), replace=False)
+    probe_seeds = data.x_train[np.sort(probe_idx)]
+    # Split over the devices where it divides, else on each: the same probe at any
+    # scale.
+    probe_seeds = (placement.shard(probe_seeds)
+                   if len(probe_seeds) % jax.device_count() == 0
+                   else placement.replicate(probe_seeds))
+  with timer.section("compile"):
+    # Sums and scalars come back replicated: every process can read them.
+    eval_step = jax.jit(steps_lib.make_eval_step(cfg.top5),
+                        out_shardings=placement.replicated).lower(
+                            state, *next(iter(test_batches))).compile()
+    probe_step = jax.jit(steps_lib.make_probe_step(cfg, config.probe_copies),
+                         out_shardings=placement.replicated).lower(
+                             state, probe_seeds, probe_key).compile()
   logging.info("compiled the training program%s in %.1f s; training set %s",
                f" ({programs.steps_per_dispatch} steps per dispatch)"
                if programs.steps_per_dispatch > 1 else "",
                sum(programs.compile_seconds.values()),
                "on the device" if programs.on_device else "read from the host")
-  # Sums and scalars come back replicated: every process can read them.
-  eval_step = jax.jit(steps_lib.make_eval_step(cfg.top5),
-                      out_shardings=placement.replicated)
-  probe_step = jax.jit(steps_lib.make_probe_step(cfg, config.probe_copies),
-                       out_shardings=placement.replicated)
 
-  probe_key = jax.random.fold_in(jax.random.key(config.seed), 2)
-  probe_idx = np.random.default_rng([config.seed, 2]).choice(
-      len(data.x_train), min(config.probe_seeds, len(data.x_train)), replace=False)
-  probe_seeds = data.x_train[np.sort(probe_idx)]
-  # Split over the devices where it divides, else on each: the same probe at any scale.
-  probe_seeds = (placement.shard(probe_seeds)
-                 if len(probe_seeds) % jax.device_count() == 0
-                 else placement.replicate(probe_seeds))
-
-  ckpt_every = config.checkpoint_every_steps or run.steps_per_epoch
-  eval_every = max(1, int(round(config.eval_every_epochs * run.steps_per_epoch)))
-  log_every = config.log_every_steps
   spe = run.steps_per_epoch
   lrs = np.asarray(jax.device_get(jax.vmap(run.lr_fn)(jnp.arange(run.total_steps))))
   state_finite = jax.jit(lambda st: jnp.all(jnp.stack([
@@ -605,33 +718,77 @@ def _train_locked(config, workdir, allow_config_change, data, preempt,
                 if config.get("stop_dead_network", True) else None)
   last_saved = start or None
 
-  def check_alive(step):
-    """Stops a run whose network has died, before it is checkpointed."""
-    if dead_check is None:
+  def check_alive(step, spread):
+    """Stops a run whose network has died (`spread`, of `_class_score_spread`, at
+    most DEAD_SPREAD), before it is checkpointed."""
+    if spread > DEAD_SPREAD:
       return
-    spread = float(jax.device_get(dead_check(state, probe_seeds)))
-    if spread <= DEAD_SPREAD:
-      kept = ("it was not checkpointed, nor was anything before it" if last_saved is None
-              else f"it was not checkpointed; the last good checkpoint (step "
-              f"{last_saved}) is kept")
-      raise errors.DivergenceError(
-          f"training diverged at step {step}: the network is dead, its class scores "
-          f"are the same for every probe image (spread {spread:.2g}), so it gives one "
-          f"answer whatever the input; {kept}. Lower config.learning_rate (or set "
-          "config.stop_dead_network=False to go on).")
+    kept = ("it was not checkpointed, nor was anything before it" if last_saved is None
+            else f"it was not checkpointed; the last good checkpoint (step "
+            f"{last_saved}) is kept")
+    raise errors.DivergenceError(
+        f"training diverged at step {step}: the network is dead, its class scores "
+        f"are the same for every probe image (spread {spread:.2g}), so it gives one "
+        f"answer whatever the input; {kept}. Lower config.learning_rate (or set "
+        "config.stop_dead_network=False to go on).")
 
-  def log_probe(step):
-    inv = jax.device_get(probe_step(state, probe_seeds, probe_key))
-    log.write(step, {f"probe/inv_loss/{name}": v for name, v in inv.items()} |
-              {"epoch": step / spe})
+  deadline = Deadline(config.get("time_limit_minutes", 0.0), timer.t0)
 
-  if start == 0:
-    log_probe(0)  # Figure 5 starts at the initialisation
+  # Log points are written one behind: a log point's metrics and probe stay on the
+  # device until the next log point (or a checkpoint, evaluation or the end), so the
+  # host never waits for the device at a log point and the device never idles.
+  # (step, [(step0, metrics)], probe, the class-score spread of the dead-network check)
+  queued: list[tuple[int, list, Any, Any]] = []
+  written = {"step": start, "time": time.perf_counter()}
+
+  def write_queued(keep: int = 0):
+    """Writes all queued log points but the newest `keep`, waiting for their values."""
+    while len(queued) > keep:
+      step, chunks, probe, spread = queued.pop(0)
+      jax.block_until_ready((chunks, probe))  # the steps' time, not the log's
+      now = time.perf_counter()
+      deadline.observe(step, now)
+      with timer.section("log"):
+        if chunks:  # raises DivergenceError on a non-finite or diverged loss
+          summary = _summarize(chunks, ce_limit, last_saved)
+          log.write(step, {f"train/{name}": v for name, v in summary.items()} | {
+              "lr": float(lrs[step - 1]), "epoch": step / spe,
+              "steps_per_sec": (step - written["step"]) /
+                               max(now - written["time"], 1e-9)})
+        log.write(step, {f"probe/inv_loss/{name}": v
+                         for name, v in jax.device_get(probe).items()} |
+                  {"epoch": step / spe})
+      written.update(step=step, time=now)
+      if spread is not None:
+        check_alive(step, float(jax.device_get(spread)))
+
+  def save(step):
+    nonlocal last_saved
+    # Raises on a non-finite or diverged loss, or a dead network, before anything is
+    # saved (a checkpoint step is always a log point).
+    write_queued()
+    jax.block_until_ready(state)
+    deadline.observe(step, time.perf_counter())
+    with timer.section("checkpoint"):
+      t = time.perf_counter()
+      if not bool(state_finite(state)):  # the loss was finite, the update was not
+        raise errors.DivergenceError(
+            f"the train state became non-finite at or before step {step} (the "
+            "losses were finite): not checkpointed; the last good checkpoint is "
+            "kept. Lower config.learning_rate.")
+      ckpts.save(step, state, force=True)
+      last_saved = step
+      deadline.observe_save(time.perf_counter() - t)
+
+  done = start
+  stopped = "error"
+  test = {}
+  t_loop = time.perf_counter()
   try:
+    if start == 0:  # Figure 5 starts at the initialisation
+      queued.append((0, [], probe_step(state, probe_seeds, probe_key), None))
+    deadline.start(start, time.perf_counter())
     pending: list[tuple[int, dict]] = []
-    t_log, s_log = time.time(), start
-    test = {}
-    done = start
     while done < run.total_steps:
       next_stop = min(run.total_steps, _next_multiple(done, log_every),
                       _next_multiple(done, ckpt_every), _next_multiple(done, eval_every))
@@ -643,46 +800,94 @@ def _train_locked(config, workdir, allow_config_change, data, preempt,
       at_ckpt = done % ckpt_every == 0 or last
       at_log = done % log_every == 0 or at_ckpt
       progress(done)
-      stop = preempt.requested
+      time_up = False
+      if deadline.active and not last:
+        now = time.perf_counter()
+        if deadline.needs_sync(now):
+          jax.block_until_ready(metrics)
+          now = time.perf_counter()
+          deadline.observe(done, now)
+        time_up = deadline.should_stop(done, programs.steps_per_dispatch, now)
+      stop = preempt.requested or time_up
       if jax.process_count() > 1:
         # Whether to stop must be agreed, since saving is collective: processes
-        # compare their SIGTERM flags at each log or checkpoint step (one tiny
-        # collective each), so a stop comes at the next such step.
-        stop = at_log and distributed.any_process(preempt.requested)
+        # compare their SIGTERM and time-limit flags at each log or checkpoint step
+        # (one tiny collective each), so a stop comes at the next such step.
+        stop = at_log and distributed.any_process(stop)
+        time_up = stop and not preempt.requested
       if at_log or stop:
-        summary = _summarize(pending, ce_limit, last_saved)
+        queued.append((done, pending, probe_step(state, probe_seeds, probe_key),
+                       None if dead_check is None else dead_check(state, probe_seeds)))
         pending = []
-        now = time.time()
-        log.write(done, {f"train/{name}": v for name, v in summary.items()} | {
-            "lr": float(lrs[done - 1]), "epoch": done / spe,
-            "steps_per_sec": (done - s_log) / max(now - t_log, 1e-9)})
-        t_log, s_log = now, done
-        log_probe(done)
-        check_alive(done)
+        write_queued(keep=1)
       # The checkpoint comes before the evaluation: a failing evaluation loses nothing.
       if at_ckpt or stop:
-        if not bool(state_finite(state)):  # the loss was finite, the update was not
-          raise errors.DivergenceError(
-              f"the train state became non-finite at or before step {done} (the "
-              "losses were finite): not checkpointed; the last good checkpoint is "
-              "kept. Lower config.learning_rate.")
-        ckpts.save(done, state, force=True)
-        last_saved = done
+        save(done)
       if done % eval_every == 0 or last:
-        test = evaluate(eval_step, state, data.x_test, data.y_test,
-                        config.eval_batch_size, placement)
+        write_queued()
+        jax.block_until_ready(state)
+        with timer.section("evaluation"):
+          test = evaluate_batches(eval_step, state, test_batches)
+        deadline.observe(done, time.perf_counter())
         log.write(done, {f"test/{k}": v for k, v in test.items()} | {"epoch": done / spe})
         logging.info("step %d (epoch %.1f): test accuracy %.4f", done, done / spe,
                      test["accuracy"])
       if stop and not last:
-        logging.warning("stopped at step %d after SIGTERM; rerun to resume", done)
-        raise SystemExit(143)
-    if not test:  # resumed a finished run
-      test = evaluate(eval_step, state, data.x_test, data.y_test,
-                      config.eval_batch_size, placement)
+        if preempt.requested:
+          stopped = "sigterm"
+          logging.warning("stopped at step %d after SIGTERM; rerun to resume", done)
+          raise SystemExit(143)
+        stopped = "time_limit"
+        logging.warning(
+            "time limit: stopped at step %d of %d after %.1f of the %g minutes "
+            "allowed (config.time_limit_minutes), with a checkpoint; rerun the same "
+            "command to resume.", done, run.total_steps, timer.elapsed() / 60,
+            config.time_limit_minutes)
+        break
+    write_queued()
+    if done == run.total_steps:
+      stopped = "finished"
+      if not test:  # resumed a finished run
+        with timer.section("evaluation"):
+          test = evaluate_batches(eval_step, state, test_batches)
   finally:  # also on an error or SIGTERM: saves in flight are finished, not lost
+    close_error = None
     try:
-      ckpts.close()
+      with timer.section("checkpoint"):
+        ckpts.close()  # waits for saves in flight
+    except BaseException as e:  # pylint: disable=broad-except
+      close_error, stopped = e, "error"
     finally:
       log.close()
-  return {"step": run.total_steps, **test}
+    end = done if stopped != "error" else (last_saved or start)
+    loop = time.perf_counter() - t_loop
+    timer.add("train", max(0.0, loop - sum(timer.seconds[k] for k in
+                                           ("evaluation", "log", "checkpoint"))))
+    if distributed.is_primary():
+      _finish_session(workdir, run, config, state, timer, started, start, end,
+                      stopped)
+    if close_error is not None:
+      raise close_error
+  return {"step": done, "finished": done == run.total_steps, "stopped": stopped, **test}
+
+
+def _finish_session(workdir, run, config, state, timer, started, start, end,
+                    stopped) -> None:
+  """Writes the weights the session ends with (unless it failed) and its run card
+  entry. After an error, a failure here is logged, not raised over the error."""
+  try:
+    if stopped != "error":
+      checkpoints.save_weights(os.path.join(workdir, checkpoints.WEIGHTS_FILE),
+                               state, end)
+    card = run_card.read(workdir)
+    if end == start and card and card.get("finished"):
+      return  # a rerun of a finished run: nothing to add
+    card = run_card.add_session(
+        workdir, total_steps=run.total_steps, start_step=start, end_step=end,
+        stopped=stopped, timer=timer, started=started,
+        time_limit_minutes=float(config.get("time_limit_minutes", 0.0)))
+    logging.info("run card: %s", run_card.describe(card))
+  except Exception:  # pylint: disable=broad-except
+    if stopped != "error":
+      raise
+    logging.exception("could not write the run card of %s", workdir)

@@ -76,6 +76,7 @@ ROWS = {
     "analysis.seed": ([-1, 1.5], [0, 1]),
     "divergence_factor": ([-1.0, 1.0, NAN, INF], [0.0, 2.0, 10.0]),
     "stop_dead_network": ([1, "no"], [True, False]),
+    "time_limit_minutes": ([-1.0, NAN, INF, "10", True], [0.0, 0.5, 55]),
 }
 
 

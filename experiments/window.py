@@ -1,0 +1,209 @@
+"""One accelerator window, one command: train the next unfinished variants of a cell at
+full scale and hand each one back as a packed run record.
+
+  python experiments/window.py --data=/tmp/cifar10.npz --out=$OUT --budget_minutes=9.3
+
+For each variant of --variants in order (All-CNN-C: baseline, invariance, batchaug) that
+has no finished record in --records yet, it trains the paper's configuration of --cell
+in bfloat16 on the decoded CIFAR-10 .npz, in WORKDIR/<cell>/<tag>/<variant>, with a
+time limit (config.time_limit_minutes) set to what is left of --budget_minutes less
+--analysis_minutes. A run that finishes is analyzed; a run that would pass the budget
+saves a checkpoint and stops. Either way its record (invjax/records.py: config, metrics,
+run card, weights, and the analysis of a finished run) goes into --out as one
+`<cell>.<tag>.<variant>.tar` under 16 MiB, and the command stops at the first
+unfinished variant. `python -m invjax.records unpack OUT/*.tar` puts them into
+experiments/results/records.
+
+Rerun on the same machine (the workdir kept), it resumes the stopped run from its
+checkpoint. On a fresh machine, a run that no finished record covers starts again from
+step 0: checkpoints do not travel back.
+
+The cadence is set for a short step: metrics and the L_inv probe once per epoch, a
+test evaluation every --eval_every_epochs, a checkpoint every --checkpoint_every_epochs
+(and at a stop), and --steps_per_dispatch steps per dispatched program (0: the largest
+divisor of an epoch's steps up to 100 on an accelerator, 1 on a CPU). None of these
+change what is computed. --epochs, --train_examples, --test_examples and --set FIELD=VALUE
+shorten or change the runs as in reproduce.py (and name their records' tag); the
+tiny-scale test of this command uses them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import paper  # pylint: disable=g-import-not-at-top
+from invjax import analyze as analyze_lib  # pylint: disable=g-import-not-at-top
+from invjax import experiment  # pylint: disable=g-import-not-at-top
+from invjax import input_pipeline  # pylint: disable=g-import-not-at-top
+from invjax import records as records_lib  # pylint: disable=g-import-not-at-top
+from invjax import run_card  # pylint: disable=g-import-not-at-top
+from invjax import train  # pylint: disable=g-import-not-at-top
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data", None, "The decoded CIFAR-10 .npz (x_train, y_train, x_test, "
+                    "y_test), e.g. from data/decode.py.")
+flags.DEFINE_string("out", None, "Where the packed records go (the window's $OUT).")
+flags.DEFINE_float("budget_minutes", 9.3, "Wall time this command may take, from its "
+                   "start to its last record written.")
+flags.DEFINE_float("analysis_minutes", 0.6, "Kept back from each training's time limit "
+                   "for its analysis and record.")
+flags.DEFINE_float("min_minutes", 1.0, "Start (or resume) no variant with less left.")
+flags.DEFINE_string("cell", "allcnn_cifar10", f"One of {sorted(paper.CELLS)}.")
+flags.DEFINE_list("variants", ["baseline", "invariance", "batchaug"],
+                  "Variants in the order they are run.")
+flags.DEFINE_string("workdir", os.path.join(paper.ROOT, "workdirs", "window"),
+                    "Root of the training runs (kept between commands on one machine).")
+flags.DEFINE_string("records", paper.RECORDS, "Committed records: variants with a "
+                    "finished record here are skipped.")
+flags.DEFINE_bool("half_precision", True, "bfloat16 activations and matmuls.")
+flags.DEFINE_integer("steps_per_dispatch", 0, "0: the largest divisor of an epoch's steps "
+                     "up to 100 on an accelerator, 1 on a CPU.")
+flags.DEFINE_float("eval_every_epochs", 10.0, "Test evaluation every N epochs (and at "
+                   "the end).")
+flags.DEFINE_integer("checkpoint_every_epochs", 25, "Checkpoint every N epochs (and at "
+                     "a stop and the end).")
+flags.DEFINE_float("epochs", 0.0, "As in reproduce.py: 0 is the paper's schedule.")
+flags.DEFINE_integer("train_examples", 0, "Use the first N training images (0: all).")
+flags.DEFINE_integer("test_examples", 0, "Use the first N test images (0: all).")
+flags.DEFINE_multi_string("set", [], "FIELD=VALUE config override for every run.")
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+  return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+def variant_config(variant: str, scale: paper.Scale, data_path: str,
+                   steps_per_epoch: int):
+  """The cell's config for one variant at `scale`, on `data_path`, with the window's
+  cadence (which changes nothing that is computed)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  config = paper.cell_config(FLAGS.cell, variant, scale)
+  spd = FLAGS.steps_per_dispatch or (
+      1 if jax.default_backend() == "cpu" else _largest_divisor(steps_per_epoch, 100))
+  with config.unlocked():
+    config.dataset = data_path
+    config.half_precision = FLAGS.half_precision
+    config.steps_per_dispatch = spd
+    config.log_every_steps = steps_per_epoch
+    config.eval_every_epochs = FLAGS.eval_every_epochs
+    config.checkpoint_every_steps = FLAGS.checkpoint_every_epochs * steps_per_epoch
+  return config
+
+
+def run_window(out: str, t0: float | None = None) -> dict:
+  """Runs the window's variants (see the module docstring); returns what it did."""
+  t0 = time.time() if t0 is None else t0
+  budget = 60.0 * FLAGS.budget_minutes
+  left = lambda: budget - (time.time() - t0)
+  overrides = tuple(paper.parse_override(s) for s in FLAGS.set)
+  # The tag names the schedule and overrides, not the data path or the precision.
+  scale = paper.Scale(FLAGS.epochs, FLAGS.train_examples, FLAGS.test_examples, overrides)
+  tag = scale.tag()
+  os.makedirs(out, exist_ok=True)
+  staging = os.path.join(FLAGS.workdir, "records")
+  report = {"cell": FLAGS.cell, "tag": tag, "budget_minutes": FLAGS.budget_minutes,
+            "runs": []}
+  data = None
+  for variant in FLAGS.variants:
+    committed = paper.record_dir(FLAGS.records, FLAGS.cell, tag, variant)
+    card = run_card.read(committed)
+    if card and card.get("finished"):
+      print(f"{variant}: finished record in {committed}; skipped")
+      continue
+    if left() < 60.0 * (FLAGS.min_minutes + FLAGS.analysis_minutes):
+      print(f"{variant}: {left() / 60:.1f} min left, too little to start; next time")
+      report["next"] = variant
+      break
+    if data is None:
+      probe = paper.cell_config(FLAGS.cell, variant, scale)
+      with probe.unlocked():
+        probe.dataset = FLAGS.data
+      data = input_pipeline.load(probe)
+    steps_per_epoch = len(data.x_train) // paper.cell_config(
+        FLAGS.cell, variant, scale).batch_size
+    config = variant_config(variant, scale, FLAGS.data, steps_per_epoch)
+    limit = (left() - 60.0 * FLAGS.analysis_minutes) / 60.0
+    with config.unlocked():
+      config.time_limit_minutes = round(limit, 3)
+    workdir = os.path.join(FLAGS.workdir, FLAGS.cell, tag, variant)
+    print(f"{variant}: training in {workdir}, time limit {limit:.2f} min, "
+          f"{config.steps_per_dispatch} steps per dispatch", flush=True)
+    result = train.train_and_evaluate(config, workdir, data=data, tensorboard=False)
+    entry = {"variant": variant, "step": result["step"], "finished": result["finished"]}
+    if result["finished"]:
+      if not experiment._analysis_current(workdir, result["step"]):  # pylint: disable=protected-access
+        analyze_lib.analyze(config, workdir, data=data)
+    record = paper.record_dir(staging, FLAGS.cell, tag, variant)
+    records_lib.write(workdir, record)
+    name = f"{FLAGS.cell}.{tag}.{variant}.tar"
+    packed = records_lib.pack(record, staging, os.path.join(out, name))
+    if os.path.getsize(packed) > records_lib.MAX_PACK_BYTES:  # fall back to no weights
+      records_lib.write(workdir, record, weights=False)
+      records_lib.pack(record, staging, packed)
+      entry["weights"] = "left out: the pack would exceed 16 MiB"
+    card = run_card.read(workdir)
+    entry.update(file=name, bytes=os.path.getsize(packed),
+                 card=run_card.describe(card), seconds=card["seconds"],
+                 wall_seconds=card["wall_seconds"])
+    if result["finished"]:
+      entry["test_accuracy"] = result.get("accuracy")
+    report["runs"].append(entry)
+    print(f"{variant}: {entry['card']} -> {packed} ({entry['bytes'] / 2**20:.1f} MiB)",
+          flush=True)
+    if not result["finished"]:
+      report["next"] = variant
+      rate = card.get("steps_per_second")
+      if rate:  # the steps left at the measured rate, +10 %, + a start and an analysis
+        steps_left = card["total_steps"] - card["final_step"]
+        report["next_minutes"] = round(
+            (1.1 * steps_left / rate + card["seconds"]["compile"] +
+             card["seconds"]["startup"]) / 60 + FLAGS.analysis_minutes, 1)
+      print(f"{variant}: stopped at step {result['step']} by the budget; rerun this "
+            "command on this machine to resume it"
+            + (f" (about {report['next_minutes']} min more)" if rate else ""))
+      break
+  report["wall_seconds"] = round(time.time() - t0, 1)
+  with open(os.path.join(out, "window.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  return report
+
+
+def main(argv):
+  t0 = time.time()
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS.data or not FLAGS.out:
+    raise app.UsageError("--data and --out are required.")
+  if not os.path.exists(FLAGS.data):
+    raise app.UsageError(f"--data={FLAGS.data} does not exist (decode the pack first: "
+                         "python3 data/decode.py /tmp/cifar10.npz).")
+  if FLAGS.cell not in paper.CELLS:
+    raise app.UsageError(f"--cell={FLAGS.cell}: valid cells are {sorted(paper.CELLS)}")
+  bad = sorted(set(FLAGS.variants) - set(paper.VARIANTS))
+  if bad:
+    raise app.UsageError(f"--variants: unknown {bad}; valid: {list(paper.VARIANTS)}")
+  if FLAGS.budget_minutes <= FLAGS.min_minutes + FLAGS.analysis_minutes:
+    raise app.UsageError(f"--budget_minutes={FLAGS.budget_minutes} leaves no time to "
+                         f"train (min_minutes + analysis_minutes = "
+                         f"{FLAGS.min_minutes + FLAGS.analysis_minutes}).")
+  try:
+    for variant in FLAGS.variants:  # refuse bad overrides before anything runs
+      paper.cell_config(FLAGS.cell, variant, paper.Scale(
+          overrides=tuple(paper.parse_override(s) for s in FLAGS.set)))
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  logging.set_verbosity(logging.INFO)
+  report = run_window(FLAGS.out, t0)
+  print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,239 @@
+"""Run records: everything a paper result needs from one run, small enough to commit.
+
+A record is a directory, RECORDS/<cell>/<tag>/<variant>/, holding
+
+  config.json            the configuration the run was trained with
+  metrics.jsonl          every logged metric (training, probe L_inv, test accuracy)
+  run_card.json          command, dates, hardware, software, wall time per section,
+                         final step, finished or where it stopped (`invjax.run_card`)
+  analysis/summary.json  test accuracy, accuracy under the scoring transformations and
+  analysis/scores.npz    per-layer score statistics; the per-image scores
+                         (both absent in the record of an unfinished run)
+  weights.npz            the final parameters and batch-norm statistics (no optimizer
+                         state), for models whose weights take at most
+                         MAX_WEIGHTS_BYTES; `--mode=analyze --workdir=RECORD` or
+                         `score` scores them on any machine
+
+It holds no checkpoint, so it is a few MB (All-CNN-C: about 5 MB of weights). For
+transport (e.g. back from an accelerator that returns single files) a record packs into
+one uncompressed .tar of the same paths, `<cell>/<tag>/<variant>/...`, which `unpack`
+(or `tar -xf FILE -C RECORDS`) puts in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tarfile
+from typing import Any
+
+import numpy as np
+
+from invjax import checkpoints
+from invjax import metrics_io
+from invjax import run_card
+
+MAX_WEIGHTS_BYTES = 12 * 2**20
+MAX_PACK_BYTES = 16 * 2**20  # what one file back from an accelerator window may take
+FILES = ("config.json", metrics_io.METRICS_FILE, run_card.CARD_FILE,
+         "analysis/summary.json", "analysis/scores.npz", checkpoints.WEIGHTS_FILE)
+REQUIRED = ("config.json", metrics_io.METRICS_FILE, run_card.CARD_FILE)
+
+
+def write(workdir: str, record_dir: str, weights: bool = True) -> list[str]:
+  """Copies a run's record files from `workdir` into `record_dir` (replacing an older
+  record there); returns the files copied. The weights are left out if `weights` is
+  False or they exceed MAX_WEIGHTS_BYTES."""
+  missing = [f for f in REQUIRED if not os.path.exists(os.path.join(workdir, f))]
+  if missing:
+    raise FileNotFoundError(f"{workdir} lacks {missing}: not a trained run.")
+  if os.path.exists(record_dir):
+    shutil.rmtree(record_dir)
+  copied = []
+  for name in FILES:
+    src = os.path.join(workdir, name)
+    if not os.path.exists(src):
+      continue
+    if name == checkpoints.WEIGHTS_FILE and (
+        not weights or os.path.getsize(src) > MAX_WEIGHTS_BYTES):
+      continue
+    os.makedirs(os.path.dirname(os.path.join(record_dir, name)), exist_ok=True)
+    shutil.copyfile(src, os.path.join(record_dir, name))
+    copied.append(name)
+  return copied
+
+
+def pack(record_dir: str, records_root: str, out_file: str) -> str:
+  """Packs the record at `record_dir` (inside `records_root`) into one .tar whose
+  member paths are relative to `records_root`."""
+  rel = os.path.relpath(record_dir, records_root)
+  with tarfile.open(out_file, "w") as tar:
+    for name in FILES:
+      path = os.path.join(record_dir, name)
+      if os.path.exists(path):
+        tar.add(path, arcname=f"{rel}/{name}")
+  return out_file
+
+
+def unpack(tar_file: str, records_root: str) -> str:
+  """Puts a packed record into `records_root` (replacing the record at its path);
+  returns its directory."""
+  with tarfile.open(tar_file) as tar:
+    members = tar.getmembers()
+    dirs = {os.path.dirname(m.name).removesuffix("/analysis") for m in members}
+    if len(dirs) != 1 or any(m.name.startswith("/") or ".." in m.name.split("/")
+                             or not m.isfile() for m in members):
+      raise ValueError(f"{tar_file} is not a packed run record.")
+    record_dir = os.path.join(records_root, dirs.pop())
+    if os.path.exists(record_dir):
+      shutil.rmtree(record_dir)
+    for m in members:
+      dest = os.path.join(records_root, m.name)
+      os.makedirs(os.path.dirname(dest), exist_ok=True)
+      with tar.extractfile(m) as src, open(dest, "wb") as f:
+        shutil.copyfileobj(src, f)
+  return record_dir
+
+
+@dataclasses.dataclass
+class Record:
+  path: str
+  config: Any  # ml_collections.ConfigDict
+  card: dict[str, Any]
+  summary: dict[str, Any] | None
+  scores: dict[str, np.ndarray] | None
+
+  @property
+  def finished(self) -> bool:
+    return bool(self.card.get("finished"))
+
+  @property
+  def has_weights(self) -> bool:
+    return os.path.exists(os.path.join(self.path, checkpoints.WEIGHTS_FILE))
+
+
+def load(record_dir: str) -> Record:
+  """Reads a record (the analysis is None in the record of an unfinished run)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  missing = [f for f in REQUIRED if not os.path.exists(os.path.join(record_dir, f))]
+  if missing:
+    raise FileNotFoundError(f"{record_dir} lacks {missing}: not a run record.")
+  with open(os.path.join(record_dir, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  card = run_card.read(record_dir)
+  summary = scores = None
+  if os.path.exists(os.path.join(record_dir, "analysis", "summary.json")):
+    with open(os.path.join(record_dir, "analysis", "summary.json")) as f:
+      summary = json.load(f)
+    with np.load(os.path.join(record_dir, "analysis", "scores.npz")) as f:
+      scores = {k: f[k] for k in f.files}
+  return Record(record_dir, config, card, summary, scores)
+
+
+def find(records_root: str) -> list[str]:
+  """Every record directory under `records_root` (<cell>/<tag>/<variant>)."""
+  out = []
+  for dirpath, _, files in os.walk(records_root):
+    if run_card.CARD_FILE in files and "config.json" in files:
+      out.append(dirpath)
+  return sorted(out)
+
+
+SCHEDULE_FIELDS = ("num_epochs", "lr_boundaries", "lr_decay", "learning_rate",
+                   "batch_size", "copies", "alpha", "alpha_ratio", "train_examples",
+                   "test_examples", "model", "momentum", "nesterov", "augment")
+
+
+def departures(config, reference) -> dict[str, tuple[Any, Any]]:
+  """{field: (the record's value, the paper's)} of the fields that make a run shorter
+  or other than the paper's (schedule, data subset, model, loss weights)."""
+  def plain(v):
+    v = v.to_dict() if hasattr(v, "to_dict") else v
+    return json.loads(json.dumps(v))  # tuples and lists alike
+  out = {}
+  for k in SCHEDULE_FIELDS:
+    a, b = plain(config.get(k)), plain(reference.get(k))
+    if a != b:
+      out[k] = (a, b)
+  return out
+
+
+def _short(v):
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  if isinstance(v, list):
+    return "(" + ", ".join(str(_short(x)) for x in v) + ")"
+  return v
+
+
+def status(record: Record, reference) -> str:
+  """"full", or what makes the record's result provisional: "unfinished (step s of
+  n)" and/or "shortened (num_epochs 6 of 350, ...)"."""
+  parts = []
+  if not record.finished:
+    parts.append(f"unfinished: step {record.card['final_step']} of "
+                 f"{record.card['total_steps']}")
+  diff = departures(record.config, reference)
+  if diff:
+    shown = ", ".join(f"{k} {_short(a)} (paper {_short(b)})" for k, (a, b) in diff.items()
+                      if k not in ("model", "augment"))
+    if "model" in diff:
+      shown += (", " if shown else "") + f"model {diff['model'][0]}"
+    if "augment" in diff:
+      shown += (", " if shown else "") + "other augmentation"
+    parts.append(f"shortened: {shown}")
+  return "; ".join(parts) or "full"
+
+
+def score(record_dir: str, dataset: str | None = None, **overrides):
+  """(per-image scores, summary) of a record's weights, computed here (no checkpoint,
+  any device): the same scoring as `--mode=analyze`. `dataset` replaces the config's
+  data path (a record made on another machine names that machine's path)."""
+  from invjax import analyze  # pylint: disable=g-import-not-at-top
+  from invjax import config_lib  # pylint: disable=g-import-not-at-top
+  from invjax import train  # pylint: disable=g-import-not-at-top
+  record = load(record_dir)
+  if not record.has_weights:
+    raise FileNotFoundError(f"{record_dir} holds no weights.npz.")
+  config = record.config
+  with config.unlocked():
+    if dataset:
+      config.dataset = dataset
+    for k, v in overrides.items():
+      config_lib.set_field(config, k, v)
+  run = train.build(config)
+  placement = train.Placement.create()
+  state, step = analyze.state_from_weights(
+      run, placement, os.path.join(record_dir, checkpoints.WEIGHTS_FILE))
+  return analyze.score_state(config, run, state, step, placement)
+
+
+def size(path: str) -> int:
+  if os.path.isfile(path):
+    return os.path.getsize(path)
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path)
+             for f in fs)
+
+
+def _main(argv):
+  """python -m invjax.records unpack FILE.tar... [--into=experiments/results/records]"""
+  into = "experiments/results/records"
+  args = []
+  for a in argv[1:]:
+    if a.startswith("--into="):
+      into = a.split("=", 1)[1]
+    else:
+      args.append(a)
+  if not args or args[0] != "unpack" or len(args) < 2:
+    raise SystemExit(_main.__doc__)
+  for f in args[1:]:
+    d = unpack(f, into)
+    card = run_card.read(d)
+    print(f"{d}: {run_card.describe(card)}")
+
+
+if __name__ == "__main__":
+  import sys  # pylint: disable=g-import-not-at-top
+  _main(sys.argv)

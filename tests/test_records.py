@@ -1,0 +1,338 @@
+"""Run cards, the time limit, run records and the accelerator-window command."""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import jax
+import numpy as np
+import pytest
+
+from invjax import analyze
+from invjax import checkpoints
+from invjax import config_lib
+from invjax import metrics_io
+from invjax import records
+from invjax import run_card
+from invjax import train
+from experiments import paper
+from tests import helpers
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory):
+  return helpers.write_npz(tmp_path_factory.mktemp("data") / "toy.npz")
+
+
+@pytest.fixture(scope="module")
+def stopped_run(npz, tmp_path_factory):
+  """The tiny run with a 6 ms time limit: past at once, so it stops after its first
+  program (its programs are test_train.py's, from the compilation cache)."""
+  workdir = str(tmp_path_factory.mktemp("stopped"))
+  limited = helpers.tiny_config(npz, time_limit_minutes=1e-4)
+  return workdir, train.train_and_evaluate(limited, workdir, tensorboard=False)
+
+
+@pytest.fixture(scope="module")
+def full_run(npz, tmp_path_factory):
+  """An uninterrupted tiny run (8 steps), analyzed."""
+  workdir = str(tmp_path_factory.mktemp("full"))
+  config = helpers.tiny_config(npz)
+  result = train.train_and_evaluate(config, workdir, tensorboard=False)
+  summary = analyze.analyze(config, workdir)
+  return config, workdir, result, summary
+
+
+# The time limit -----------------------------------------------------------------------
+
+def test_deadline_predicts_the_end_from_the_measured_step_time():
+  d = train.Deadline(1.0, t0=0.0)  # 60 s from t = 0
+  assert d.active and d.reserve() == pytest.approx(3.0)  # 5 % of the limit, no save yet
+  d.start(0, 10.0)
+  assert d.needs_sync(10.0)  # nothing measured yet
+  assert not d.should_stop(5, 10, 10.0)  # no rate yet, far from the end
+  d.observe(100, 30.0)  # 0.2 s per step, the loop's overheads included
+  assert d.seconds_per_step() == pytest.approx(0.2)
+  assert not d.needs_sync(31.0) and d.needs_sync(31.3)  # every 1.2 s (2 %, >= 1 s)
+  # 100 steps more queued: done at 50 s; 10 more take 2 s, + 3 s reserve = 55 s < 60.
+  assert not d.should_stop(200, 10, 31.0)
+  # 30 more would end at 56 s, + 3 s = 59: still in; 40 more: 58 + 3 > 60.
+  assert not d.should_stop(200, 30, 31.0) and d.should_stop(200, 40, 31.0)
+  d.observe_save(4.0)  # a slow save widens the reserve to 6 s
+  assert d.should_stop(200, 30, 31.0)
+  # Running late: now (52 s) is past when the queue was predicted to end (50 s).
+  assert d.should_stop(200, 10, 52.5) and not d.should_stop(200, 1, 52.5)
+  assert not train.Deadline(0.0, 0.0).should_stop(10**9, 10**9, 10**9)  # no limit
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf"), "10", True])
+def test_time_limit_is_validated(value):
+  c = helpers.tiny_config("digits")
+  with c.unlocked():
+    del c["time_limit_minutes"]
+    c.time_limit_minutes = value
+  with pytest.raises(ValueError, match="config.time_limit_minutes=.*>= 0"):
+    config_lib.validate(c)
+
+
+def test_time_limit_stops_with_a_checkpoint_weights_and_a_run_card(stopped_run):
+  workdir, result = stopped_run
+  # The first program always runs; then the limit stops the run, with a checkpoint.
+  assert result["step"] == 1 and not result["finished"]
+  assert result["stopped"] == "time_limit"
+  ckpts = checkpoints.Checkpoints(workdir)
+  assert ckpts.latest_step() == 1
+  ckpts.close()
+  card = run_card.read(workdir)
+  assert card["final_step"] == 1 and card["total_steps"] == 8
+  assert not card["finished"] and card["stopped"] == "time_limit"
+  (session,) = card["sessions"]
+  assert session["time_limit_minutes"] == 1e-4 and session["stopped"] == "time_limit"
+  assert session["hardware"]["platform"] == "cpu"
+  assert session["software"]["jax"] == jax.__version__
+  assert set(card["seconds"]) == set(run_card.SECTIONS) | {"analysis"}
+  assert card["seconds"]["compile"] > 0 and card["seconds"]["startup"] > 0
+  parts = sum(session["seconds"].values())  # the sections do not overlap
+  assert 0 < parts <= session["wall_seconds"] * 1.01 + 0.01
+  assert checkpoints.load_weights(os.path.join(workdir, "weights.npz"))[2] == 1
+  _, loss = metrics_io.series(metrics_io.read(workdir), "train/loss")
+  assert len(loss) == 1  # the stop's log point
+
+
+@pytest.mark.slow  # ~30 s: an uninterrupted run and its analysis, and a resume
+def test_a_rerun_after_a_time_limit_resumes_to_the_uninterrupted_run(
+    npz, full_run, tmp_path):
+  config, full_dir, _, _ = full_run
+  workdir = str(tmp_path / "run")
+  limited = helpers.tiny_config(npz, time_limit_minutes=1e-4)
+  assert train.train_and_evaluate(limited, workdir, tensorboard=False)["step"] == 1
+  # A rerun without the limit (a performance field: allowed) resumes and finishes
+  # with the uninterrupted run's weights.
+  result = train.train_and_evaluate(config, workdir, tensorboard=False)
+  assert result["finished"] and result["step"] == 8
+  card = run_card.read(workdir)
+  assert card["finished"] and [s["start_step"] for s in card["sessions"]] == [0, 1]
+  assert card["sessions"][1]["stopped"] == "finished"
+  a = checkpoints.load_weights(os.path.join(workdir, "weights.npz"))
+  b = checkpoints.load_weights(os.path.join(full_dir, "weights.npz"))
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+               a[:2], b[:2])
+  # The logs of the interrupted run are those of the uninterrupted one, plus the
+  # stop's at step 1 (so its training means at step 2 cover step 2 alone).
+  for name in ("train/loss", "probe/inv_loss/conv3", "test/accuracy"):
+    s1, v1 = metrics_io.series(metrics_io.read(workdir), name)
+    s2, v2 = metrics_io.series(metrics_io.read(full_dir), name)
+    if name != "test/accuracy":
+      assert 1 in s1
+    if name == "train/loss":
+      v2, s2 = v2[s2 > 2], s2[s2 > 2]
+    keep = np.isin(s1, s2)
+    np.testing.assert_array_equal(s1[keep], s2)
+    np.testing.assert_allclose(v1[keep], v2, rtol=1e-4)
+
+
+@pytest.mark.slow  # ~7 s: a subprocess start
+def test_cli_says_where_a_time_limited_run_stopped(npz, tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "invjax.main", f"--config=tests/tiny_config.py:{npz}",
+       f"--workdir={tmp_path}", "--notensorboard", "--mode=train_and_analyze",
+       "--config.time_limit_minutes=0.0001"],
+      cwd=helpers.ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "stopped by the time limit" in out.stdout and "at step 1" in out.stdout
+  assert "time limit: stopped at step 1 of 8" in out.stderr
+  assert not os.path.exists(tmp_path / "analysis")  # an unfinished run is not analyzed
+
+
+# Run cards and records -------------------------------------------------------------
+
+@pytest.mark.slow  # uses full_run
+def test_run_card_adds_the_analysis(full_run):
+  _, workdir, result, _ = full_run
+  card = run_card.read(workdir)
+  assert card["finished"] and card["final_step"] == result["step"] == 8
+  (session,) = card["sessions"]
+  assert session["stopped"] == "finished"
+  assert card["seconds"]["analysis"] > 0 and len(card["analyses"]) == 1
+  assert card["wall_seconds"] == pytest.approx(
+      session["wall_seconds"] + card["seconds"]["analysis"], abs=0.01)
+
+
+@pytest.mark.slow  # uses full_run; the window test checks records.score by default
+def test_record_weights_give_the_runs_analysis_without_a_checkpoint(full_run, tmp_path):
+  config, workdir, _, summary = full_run
+  record = str(tmp_path / "records" / "cell" / "tag" / "invariance")
+  copied = records.write(workdir, record)
+  assert set(copied) == set(records.FILES)
+  assert not os.path.exists(os.path.join(record, "checkpoints"))
+  scores, again = records.score(record)
+  assert again["test"] == pytest.approx(summary["test"])
+  for layer, stats in summary["layers"].items():
+    assert again["layers"][layer]["median"] == pytest.approx(stats["median"], abs=1e-5)
+  # --mode=analyze on a record (no checkpoints) scores its weights.
+  os.remove(os.path.join(record, "analysis", "summary.json"))
+  assert analyze.analyze(config, record)["test"] == pytest.approx(summary["test"])
+  loaded = records.load(record)
+  assert loaded.finished and loaded.has_weights
+  assert set(loaded.scores) == {"pixels", *helpers.TINY_SOWN}
+  np.testing.assert_allclose(loaded.scores["conv3"], scores["conv3"], atol=1e-6)
+
+
+def _fake_workdir(path):
+  """A workdir's record files, with made-up contents (no training)."""
+  for name in records.FILES:
+    os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
+    with open(os.path.join(path, name), "wb") as f:
+      f.write(name.encode() * 3)
+  return str(path)
+
+
+def test_pack_and_unpack_round_trip_and_refuse_other_archives(tmp_path):
+  workdir = _fake_workdir(tmp_path / "run")
+  root = tmp_path / "staging"
+  record = root / "allcnn_cifar10" / "paper" / "baseline"
+  assert set(records.write(workdir, str(record))) == set(records.FILES)
+  assert set(records.write(workdir, str(record), weights=False)) == (
+      set(records.FILES) - {"weights.npz"})
+  records.write(workdir, str(record))
+  packed = records.pack(str(record), str(root), str(tmp_path / "r.tar"))
+  dest = tmp_path / "committed"
+  os.makedirs(dest / "allcnn_cifar10" / "paper" / "baseline" / "analysis")
+  (dest / "allcnn_cifar10" / "paper" / "baseline" / "stale.txt").write_text("old")
+  out = records.unpack(packed, str(dest))
+  assert out == str(dest / "allcnn_cifar10" / "paper" / "baseline")
+  for name in records.FILES:
+    assert (record / name).read_bytes() == (dest / out / name).read_bytes()
+  assert not os.path.exists(os.path.join(out, "stale.txt"))  # replaced, not merged
+  bad = tmp_path / "bad.tar"
+  with tarfile.open(bad, "w") as tar:
+    tar.add(record / "config.json", arcname="../escape/config.json")
+  with pytest.raises(ValueError, match="not a packed run record"):
+    records.unpack(str(bad), str(dest))
+  with pytest.raises(FileNotFoundError, match="not a trained run"):
+    records.write(str(tmp_path / "staging"), str(tmp_path / "x"))
+
+
+def test_status_marks_shortened_and_unfinished_records():
+  ref = paper.cell_config("allcnn_cifar10", "invariance", paper.Scale())
+  card = {"finished": True, "final_step": 136500, "total_steps": 136500}
+  record = records.Record("r", paper.cell_config("allcnn_cifar10", "invariance",
+                                                 paper.Scale()), card, None, None)
+  assert records.status(record, ref) == "full"
+  record.config = paper.cell_config("allcnn_cifar10", "invariance",
+                                    paper.Scale(epochs=6))
+  assert records.status(record, ref).startswith("shortened: num_epochs 6 (paper 350)")
+  record.card = dict(card, finished=False, final_step=3, total_steps=2340)
+  assert records.status(record, ref).startswith("unfinished: step 3 of 2340; shortened")
+  with ref.unlocked():  # precision and data path are not departures
+    ref.half_precision = True
+    ref.dataset = "/tmp/cifar10.npz"
+  assert records.departures(paper.cell_config("allcnn_cifar10", "invariance",
+                                              paper.Scale()), ref) == {}
+
+
+# The window command ------------------------------------------------------------------
+
+TINY_SET = ["--set", "image_shape=()", "--set", "num_classes=0",
+            "--set", f"model.layers={helpers.TINY_LAYERS}", "--set", "batch_size=16",
+            "--set", "eval_batch_size=24", "--set", "analysis.batch_size=24",
+            "--set", "analysis.num_transforms=2", "--set", "probe_seeds=2",
+            "--set", "probe_copies=2", "--epochs=2"]
+
+
+def _window(npz, tmp_path, *extra):
+  args = [sys.executable, "experiments/window.py", f"--data={npz}",
+          f"--out={tmp_path / 'out'}", f"--workdir={tmp_path / 'runs'}",
+          f"--records={tmp_path / 'records'}", "--half_precision=false",
+          "--eval_every_epochs=1", "--checkpoint_every_epochs=1", *TINY_SET, *extra]
+  out = subprocess.run(args, cwd=helpers.ROOT, capture_output=True, text=True,
+                       timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out
+
+
+def _reproduce(tmp_path, result):
+  out = subprocess.run(
+      [sys.executable, "experiments/reproduce.py", f"--result={result}",
+       "--cells=allcnn_cifar10", f"--records={tmp_path / 'records'}",
+       f"--results_dir={tmp_path / 'results'}"],
+      cwd=helpers.ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out
+
+
+def test_window_baseline_record_to_table1_from_records(npz, tmp_path):
+  """The window command end to end at toy scale, one variant: its packed record,
+  unpacked, makes Table 1 with no training, naming the records it lacks."""
+  _window(npz, tmp_path, "--variants=baseline")
+  (tar,) = [f for f in os.listdir(tmp_path / "out") if f.endswith(".tar")]
+  assert tar.startswith("allcnn_cifar10.e2_o") and tar.endswith(".baseline.tar")
+  assert os.path.getsize(tmp_path / "out" / tar) < records.MAX_PACK_BYTES
+  report = json.loads((tmp_path / "out" / "window.json").read_text())
+  assert report["runs"][0]["finished"] and report["runs"][0]["step"] == 8
+  record = records.unpack(str(tmp_path / "out" / tar), str(tmp_path / "records"))
+  loaded = records.load(record)
+  summary = loaded.summary
+  assert loaded.finished and loaded.has_weights and loaded.config.variant == "baseline"
+  assert loaded.card["sessions"][0]["time_limit_minutes"] > 0
+  assert not os.path.exists(os.path.join(record, "checkpoints"))
+  # The record's weights, scored here, give the analysis made on the "accelerator".
+  _, again = records.score(record, dataset=npz)
+  assert again["test"] == pytest.approx(summary["test"])
+  for layer, stats in summary["layers"].items():
+    assert again["layers"][layer]["median"] == pytest.approx(stats["median"], abs=1e-5)
+  out = _reproduce(tmp_path, "table1")
+  assert ("lacking records" in out.stdout and "allcnn_cifar10/batchaug" in out.stdout
+          and "allcnn_cifar10/invariance" in out.stdout)
+  (folder,) = os.listdir(tmp_path / "results")
+  assert folder == tar.split(".")[1]  # the records' tag
+  table = (tmp_path / "results" / folder / "table1.md").read_text()
+  acc = f"{100 * summary['test']['accuracy']:.2f}"
+  assert f"| baseline | {acc} (91.48) [shortened] |" in table
+  assert "| invariance | no record |" in table
+  assert "lacks records of: allcnn_cifar10/batchaug, allcnn_cifar10/invariance" in table
+  assert "shortened: num_epochs 2 (paper 350)" in table
+
+
+@pytest.mark.slow  # ~1-2 min: four toy trainings, two window commands, three results
+def test_window_runs_the_next_unfinished_variants_and_stops_in_its_budget(npz, tmp_path):
+  """Two variants in one command; then a budget too short to finish the third: it
+  stops with a checkpoint and a partial record, and a rerun resumes and finishes it.
+  Figures 2 and 5 come from the records alone."""
+  _window(npz, tmp_path, "--variants=baseline,invariance")
+  for tar in os.listdir(tmp_path / "out"):
+    if tar.endswith(".tar"):
+      records.unpack(str(tmp_path / "out" / tar), str(tmp_path / "records"))
+  # The next command skips the finished records and runs batchaug; its tiny budget
+  # (0.02 min of training) stops it after its first program.
+  _window(npz, tmp_path, "--budget_minutes=0.05", "--analysis_minutes=0.03",
+          "--min_minutes=0.001")
+  report = json.loads((tmp_path / "out" / "window.json").read_text())
+  (run,) = report["runs"]
+  assert run["variant"] == "batchaug" and not run["finished"] and run["step"] < 8
+  assert report["next"] == "batchaug" and report["next_minutes"] > 0
+  partial = records.unpack(str(tmp_path / "out" / run["file"]), str(tmp_path / "records"))
+  assert records.load(partial).summary is None
+  out = _reproduce(tmp_path, "all")
+  table = (tmp_path / "results" / os.listdir(tmp_path / "results")[0] / "table1.md")
+  assert "| batchaug | unfinished, not analyzed |" in table.read_text()
+  assert "unfinished: step" in table.read_text()
+  # Rerun on the same workdir: it resumes batchaug and finishes it.
+  _window(npz, tmp_path)
+  report = json.loads((tmp_path / "out" / "window.json").read_text())
+  (run,) = report["runs"]
+  assert run["variant"] == "batchaug" and run["finished"]
+  card = records.load(records.unpack(str(tmp_path / "out" / run["file"]),
+                                     str(tmp_path / "records"))).card
+  assert [s["stopped"] for s in card["sessions"]] == ["time_limit", "finished"]
+  out = _reproduce(tmp_path, "all")
+  assert "lacking records" not in out.stdout
+  folder = tmp_path / "results" / os.listdir(tmp_path / "results")[0]
+  assert sorted(os.listdir(folder)) == sorted(
+      [f"{n}.{e}" for n in ("table1", "figure2_allcnn_cifar10", "figure5_allcnn_cifar10")
+       for e in ("md", "json")] +
+      ["figure2_allcnn_cifar10.png", "figure5_allcnn_cifar10.png"])
+  fig5 = json.loads((folder / "figure5_allcnn_cifar10.json").read_text())
+  assert set(fig5) == set(paper.VARIANTS)
