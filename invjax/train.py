@@ -721,7 +721,7 @@ def _train_locked(config, workdir, allow_config_change, data, preempt, tensorboa
   def check_alive(step, spread):
     """Stops a run whose network has died (`spread`, of `_class_score_spread`, at
     most DEAD_SPREAD), before it is checkpointed."""
-    if spread > DEAD_SPREAD:
+    if not spread <= DEAD_SPREAD:  # NaN too: the non-finite checks name it
       return
     kept = ("it was not checkpointed, nor was anything before it" if last_saved is None
             else f"it was not checkpointed; the last good checkpoint (step "

@@ -171,14 +171,14 @@ def test_final_checkpoint_is_written_before_the_final_evaluation(npz, tmp_path,
                                                                 monkeypatch):
   """An evaluation that fails after the last step loses nothing: the checkpoint of
   that step is written first."""
-  real = train.evaluate
+  real = train.evaluate_batches
 
-  def failing(eval_step, state, images, *args):
+  def failing(eval_step, state, batches):
     if int(jax.device_get(state.step)) == 4:
       raise RuntimeError("evaluation failed")
-    return real(eval_step, state, images, *args)
+    return real(eval_step, state, batches)
 
-  monkeypatch.setattr(train, "evaluate", failing)
+  monkeypatch.setattr(train, "evaluate_batches", failing)
   config = helpers.tiny_config(npz, num_epochs=1.0, lr_boundaries=())
   with pytest.raises(RuntimeError, match="evaluation failed"):
     train.train_and_evaluate(config, str(tmp_path), tensorboard=False)
