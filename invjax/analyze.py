@@ -34,7 +34,7 @@ SUMMARY_FILE = os.path.join("analysis", "summary.json")
 FIGURE_FILE = os.path.join("figures", "invariance_scores.png")
 
 
-def _batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
+def test_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
              placement: train.Placement):
   """Batches of `batch_size` uint8 test images (made float on device) and labels,
   split over the devices of every process. A batch that does not split evenly is
@@ -61,8 +61,9 @@ def summarize(scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
   return out
 
 
-def analyze(config, workdir: str, data=None) -> dict[str, Any]:
-  """Scores the latest checkpoint of the run in `workdir`; returns the summary."""
+def restore(config, workdir: str, data=None):
+  """(run, placement, state, step) of the latest checkpoint of the run in `workdir`,
+  with the state replicated over every device."""
   run = train.build(config, data)
   placement = train.Placement.create()
   ckpts = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
@@ -77,6 +78,12 @@ def analyze(config, workdir: str, data=None) -> dict[str, Any]:
                      f"this config ({config.model}); analyze with the config that "
                      f"trained it ({os.path.join(workdir, train.CONFIG_FILE)}).") from e
   ckpts.close()
+  return run, placement, state, step
+
+
+def analyze(config, workdir: str, data=None) -> dict[str, Any]:
+  """Scores the latest checkpoint of the run in `workdir`; returns the summary."""
+  run, placement, state, step = restore(config, workdir, data)
   ranges = augment.AugmentRanges.from_config(config.augment)
   ac = config.analysis
   feature_fn = lambda x: steps_lib.features_and_logits(state, x)
@@ -88,7 +95,7 @@ def analyze(config, workdir: str, data=None) -> dict[str, Any]:
   # One clean and num_transforms transformed forward passes per image give the scores
   # and the accuracy on the clean and on exactly the scored transformed images.
   scores, sums = analysis.score_dataset(
-      feature_fn, _batches(run.data.x_test, run.data.y_test, ac.batch_size, placement),
+      feature_fn, test_batches(run.data.x_test, run.data.y_test, ac.batch_size, placement),
       jax.random.key(ac.seed), ac.num_transforms, transform,
       preprocess=steps_lib.to_float,
       metrics_fn=lambda logits, labels, mask: steps_lib.classification_sums(
