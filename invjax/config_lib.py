@@ -47,6 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.invariance_copies = 8  # M of the "invariance" and "batchaug" variants
   c.invariance_alpha = 0.1  # alpha of the "invariance" variant
   c.alpha_ratio = 10.0  # alpha of the deepest layer / alpha of the first
+  # How alpha is shared over the layers (losses.WEIGHT_LAWS): "exponential" (Eq. 4,
+  # the paper's), "linear" (both grow with depth, the deepest alpha_ratio x the first),
+  # "uniform" (alpha / L each) or "decay" (the first alpha_ratio x the deepest).
+  c.layer_weight_law = "exponential"
   # "moments" (O(B D): per-seed and batch means) or "pairwise" (the |B| x |B| distance
   # matrices of Eq. 3 as written). Equal values and gradients (tests/test_losses.py,
   # tests/test_steps.py); moments costs about 1.5 % of the FLOPs of an All-CNN-C step,
@@ -129,6 +133,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if c.loss_method not in losses.METHODS:
     errors.append(f"config.loss_method={c.loss_method!r} is unknown; valid methods "
                   f"are {list(losses.METHODS)}.")
+  if c.layer_weight_law not in losses.WEIGHT_LAWS:
+    errors.append(f"config.layer_weight_law={c.layer_weight_law!r} is unknown; valid "
+                  f"laws are {list(losses.WEIGHT_LAWS)}.")
+  if not c.alpha_ratio > 0:
+    errors.append(f"config.alpha_ratio={c.alpha_ratio} must be > 0.")
   if c.model.name not in models.names():
     errors.append(f"config.model.name={c.model.name!r} is unknown; valid names are "
                   f"{models.names()}.")

@@ -43,6 +43,7 @@ class StepConfig:
   # With alpha = 0 and copies > 1, still compute L_inv per layer for the metrics
   # (outside the gradient). The benchmark turns it off to time the bare same-batch step.
   measure_inv: bool = True
+  weight_law: str = "exponential"  # losses.WEIGHT_LAWS
 
 
 def create_learning_rate_fn(base: float, boundaries_epochs, decay: float,
@@ -94,7 +95,8 @@ def _in_top5(logits, labels):
 
 def make_train_step(cfg: StepConfig) -> Callable:
   """(state, seed_images uint8 [K,H,W,C], labels [K], key) -> (state, metrics)."""
-  weights = losses.layer_weights(cfg.num_layers, cfg.alpha, cfg.alpha_ratio)
+  weights = losses.layer_weights(cfg.num_layers, cfg.alpha, cfg.alpha_ratio,
+                                  cfg.weight_law)
   # L_inv needs copies in the batch; at alpha = 0 it is measured only if asked.
   measure_inv = cfg.copies > 1 and (cfg.alpha > 0 or cfg.measure_inv)
 

@@ -161,7 +161,8 @@ def build(config, data: input_pipeline.Dataset | None = None) -> Run:
       copies=config.copies, alpha=config.alpha, alpha_ratio=config.alpha_ratio,
       loss_method=config.loss_method,
       ranges=augment.AugmentRanges.from_config(config.augment),
-      num_layers=len(layer_shapes), top5=data.num_classes > 10)
+      num_layers=len(layer_shapes), top5=data.num_classes > 10,
+      weight_law=config.layer_weight_law)
   return Run(config, data, model, step_config, steps_per_epoch, total_steps, lr_fn,
              layer_shapes, param_count)
 
@@ -184,6 +185,11 @@ def _flat_config(d, prefix=""):
   return out
 
 
+def _default_fields():
+  """{"a.b": default} of every field of config_lib.base_config()."""
+  return _flat_config(json.loads(config_lib.base_config().to_json_best_effort()))
+
+
 # Fields that change how fast a run goes, not what it computes (tested): a run may be
 # resumed with other values, e.g. on another machine.
 PERFORMANCE_FIELDS = ("data_on_device", "steps_per_dispatch")
@@ -198,8 +204,13 @@ def check_workdir_config(config, workdir: str, allow_change: bool = False) -> No
   with open(path) as f:
     saved = _flat_config(json.load(f))
   given = _flat_config(json.loads(config.to_json_best_effort()))
+  # A field added to invjax after the run was started, at its default, is no change.
+  defaults = _default_fields()
+  new_at_default = {k for k in given if k not in saved and k in defaults and
+                    given[k] == defaults[k]}
   diff = {k: (saved.get(k), given.get(k)) for k in sorted(set(saved) | set(given))
-          if saved.get(k) != given.get(k) and k not in PERFORMANCE_FIELDS}
+          if saved.get(k) != given.get(k) and k not in PERFORMANCE_FIELDS and
+          k not in new_at_default}
   if diff and not allow_change:
     lines = "\n".join(f"  {k}: saved {a!r}, given {b!r}" for k, (a, b) in diff.items())
     raise ValueError(
@@ -215,7 +226,18 @@ def load_config(workdir: str):
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist: {workdir} holds no run.")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(json.load(f))
+  # Fields added to invjax after the run was started take their defaults.
+  for field, value in _default_fields().items():
+    *parents, leaf = field.split(".")
+    node = config
+    for p in parents:
+      if p not in node:
+        node[p] = ml_collections.ConfigDict()
+      node = node[p]
+    if leaf not in node:
+      node[leaf] = tuple(value) if isinstance(value, list) else value
+  return config
 
 
 def save_config(config, workdir: str) -> None:

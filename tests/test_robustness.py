@@ -66,3 +66,23 @@ def test_cli_robustness_mode(trained, tmp_path):
        "--robustness_eps=-1"], capture_output=True, text=True, cwd=helpers.ROOT,
       timeout=300)
   assert bad.returncode != 0 and "eps [-1.0] must be in [0, 255]" in bad.stderr
+
+
+def test_layer_weight_law_reaches_the_step_and_old_workdirs_still_resume(trained):
+  config, workdir = trained
+  uniform = helpers.tiny_config(config.dataset, "baseline", num_epochs=8.0,
+                                layer_weight_law="uniform")
+  assert train.build(uniform).step_config.weight_law == "uniform"
+  with pytest.raises(ValueError, match="layer_weight_law='cubic' is unknown"):
+    train.build(helpers.tiny_config(config.dataset, layer_weight_law="cubic"))
+  # A run saved before the field existed: the default is no change, another value is.
+  path = os.path.join(workdir, train.CONFIG_FILE)
+  with open(path) as f:
+    saved = json.load(f)
+  del saved["layer_weight_law"]
+  with open(path, "w") as f:
+    json.dump(saved, f)
+  train.check_workdir_config(config, workdir)
+  assert train.load_config(workdir).layer_weight_law == "exponential"
+  with pytest.raises(ValueError, match="layer_weight_law: saved None, given 'uniform'"):
+    train.check_workdir_config(uniform, workdir)
