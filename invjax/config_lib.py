@@ -6,6 +6,8 @@ run depends on is here, with its meaning.
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from invjax import augment
@@ -64,9 +66,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.momentum = 0.9
   c.nesterov = True
 
+  # The ranges of the augmentation (invjax/augment.py: AugmentRanges); the paper's by
+  # default. A preset (augment.PRESETS: "heavier" = the paper's, "light", "cutout")
+  # sets them all: --config=configs/allcnn.py:invariance,light.
+  c.augment_preset = "heavier"  # informative: the preset that set c.augment
   c.augment = ml_collections.ConfigDict({
       "flip": 0.5, "translate": 0.1, "scale": 0.15, "rotation": 22.5,
-      "shear": 0.15, "contrast": 0.5, "brightness": 0.25})
+      "shear": 0.15, "contrast": 0.5, "brightness": 0.25, "cutout": 0.0})
 
   # bfloat16 activations and matmuls (TPU, recent GPUs); parameters, batch-norm
   # statistics, the cross-entropy and the invariance loss stay float32.
@@ -95,7 +101,22 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def apply_variant(c: ml_collections.ConfigDict, variant: str | None):
-  """Sets copies and alpha for one of VARIANTS ("" or None keeps the config's)."""
+  """Sets copies and alpha for one of VARIANTS ("" or None keeps the config's).
+
+  "VARIANT,PRESET" also sets every augmentation range to those of augment.PRESETS[PRESET]
+  (e.g. "baseline,light"; ",cutout" keeps the variant).
+  """
+  if not variant:
+    return c
+  variant, _, preset = variant.partition(",")
+  if preset:
+    if preset not in augment.PRESETS:
+      raise ValueError(f"augmentation preset {preset!r} is unknown; valid presets are "
+                       f"{sorted(augment.PRESETS)} (e.g. "
+                       "--config=configs/allcnn.py:invariance,light).")
+    for field, value in dataclasses.asdict(augment.PRESETS[preset]).items():
+      c.augment[field] = value
+    c.augment_preset = preset
   if not variant:
     return c
   if variant not in VARIANTS:
@@ -142,9 +163,15 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     errors.append(f"config.model.name={c.model.name!r} is unknown; valid names are "
                   f"{models.names()}.")
   try:
-    augment.AugmentRanges.from_config(c.augment)
+    ranges = augment.AugmentRanges.from_config(c.augment)
+    if not 0.0 <= ranges.cutout <= 1.0:
+      errors.append(f"config.augment.cutout={ranges.cutout} must be in [0, 1] (the "
+                    "side of the cut-out square over the shorter image side).")
   except ValueError as e:
     errors.append(str(e))
+  if c.augment_preset not in augment.PRESETS:
+    errors.append(f"config.augment_preset={c.augment_preset!r} is unknown; valid "
+                  f"presets are {sorted(augment.PRESETS)}.")
   shape = tuple(c.get("image_shape") or ())
   if shape and (len(shape) != 3 or any(not isinstance(v, int) or v < 1 for v in shape)):
     errors.append(f"config.image_shape={shape} must be (height, width, channels) of "
