@@ -17,13 +17,12 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import compare  # pylint: disable=g-import-not-at-top
+from experiments import common  # pylint: disable=g-import-not-at-top
 from invjax import checkpoints  # pylint: disable=g-import-not-at-top
 from invjax import robustness  # pylint: disable=g-import-not-at-top
 from invjax import train  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("run", None, "LABEL=WORKDIR, once per run (column order).")
 flags.DEFINE_list("eps", ["2", "8"], "L-inf radii of the attacks, in units of 1/255.")
 flags.DEFINE_integer("examples", 0, "Attack only the first N test images (0 = all).")
 flags.DEFINE_string("out", "", "Markdown file for the table (optional).")
@@ -56,7 +55,7 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   reports = {}
-  for label, workdir in compare.parse_runs(FLAGS.run).items():
+  for label, workdir in common.parse_runs(FLAGS.run).items():
     if not _current(workdir, settings):
       robustness.robustness(train.load_config(workdir), workdir, settings)
     reports[label] = robustness.load(workdir)
