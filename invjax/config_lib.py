@@ -53,6 +53,11 @@ def base_config() -> ml_collections.ConfigDict:
   # the paper's), "linear" (both grow with depth, the deepest alpha_ratio x the first),
   # "uniform" (alpha / L each) or "decay" (the first alpha_ratio x the deepest).
   c.layer_weight_law = "exponential"
+  # Weight of a class-invariance term (not in the paper; the authors' code has it): Eq.
+  # 3 with the examples' classes in place of their seeds, pulling together examples of
+  # the same class, shared over the layers like alpha; CE then weighs
+  # 1 - alpha - class_alpha. 0 = off.
+  c.class_alpha = 0.0
   # "moments" (O(B D): per-seed and batch means) or "pairwise" (the |B| x |B| distance
   # matrices of Eq. 3 as written). Equal values and gradients (tests/test_losses.py,
   # tests/test_steps.py); moments costs about 1.5 % of the FLOPs of an All-CNN-C step,
@@ -154,6 +159,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if c.loss_method not in losses.METHODS:
     errors.append(f"config.loss_method={c.loss_method!r} is unknown; valid methods "
                   f"are {list(losses.METHODS)}.")
+  if not 0.0 <= c.class_alpha < 1.0 or not c.alpha + c.class_alpha < 1.0:
+    errors.append(f"config.class_alpha={c.class_alpha} must be >= 0 with alpha + "
+                  f"class_alpha < 1 (alpha={c.alpha}): the cross-entropy weighs "
+                  "1 - alpha - class_alpha.")
   if c.layer_weight_law not in losses.WEIGHT_LAWS:
     errors.append(f"config.layer_weight_law={c.layer_weight_law!r} is unknown; valid "
                   f"laws are {list(losses.WEIGHT_LAWS)}.")

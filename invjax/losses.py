@@ -186,7 +186,19 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def total_loss(ce: jax.Array, inv_losses: Mapping[str, jax.Array],
-               weights: jax.Array, alpha: float) -> jax.Array:
-  """Eq. 4: (1 - alpha) * L_obj + sum_l alpha_l * L_inv_l (layers in depth order)."""
-  inv = jnp.stack(list(inv_losses.values())) if inv_losses else jnp.zeros((0,))
-  return (1.0 - alpha) * ce + jnp.sum(weights * inv)
+               weights: jax.Array, alpha: float,
+               class_losses: Mapping[str, jax.Array] | None = None,
+               class_weights: jax.Array | None = None,
+               class_alpha: float = 0.0) -> jax.Array:
+  """Eq. 4: (1 - alpha) * L_obj + sum_l alpha_l * L_inv_l (layers in depth order).
+
+  With a class-invariance term (not in the paper; the authors' code has it): L_cls_l is
+  Eq. 3 with the examples' classes in place of their seeds, weighted by class_weights
+  (summing to class_alpha), and the cross-entropy weighs 1 - alpha - class_alpha.
+  """
+  loss = (1.0 - alpha - class_alpha) * ce
+  if inv_losses:
+    loss = loss + jnp.sum(weights * jnp.stack(list(inv_losses.values())))
+  if class_losses:
+    loss = loss + jnp.sum(class_weights * jnp.stack(list(class_losses.values())))
+  return loss

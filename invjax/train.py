@@ -162,7 +162,7 @@ def build(config, data: input_pipeline.Dataset | None = None) -> Run:
       loss_method=config.loss_method,
       ranges=augment.AugmentRanges.from_config(config.augment),
       num_layers=len(layer_shapes), top5=data.num_classes > 10,
-      weight_law=config.layer_weight_law)
+      weight_law=config.layer_weight_law, class_alpha=config.class_alpha)
   return Run(config, data, model, step_config, steps_per_epoch, total_steps, lr_fn,
              layer_shapes, param_count)
 
