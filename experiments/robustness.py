@@ -24,12 +24,18 @@ from invjax import train  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("eps", ["2", "8"], "L-inf radii of the attacks, in units of 1/255.")
-flags.DEFINE_integer("examples", 0, "Attack only the first N test images (0 = all).")
+flags.DEFINE_integer("examples", 0, "Attack and corrupt only the first N test images "
+                     "(0 = all).")
+flags.DEFINE_list("corruptions", ["none"], "Common corruptions: 'all', 'none' or names.")
+flags.DEFINE_list("severities", ["1", "2", "3", "4", "5"], "Corruption severities, 1-5.")
+flags.DEFINE_enum("corruption_source", "auto", ["auto", "official", "generated"],
+                  "CIFAR-10-C from tfds, made by corrupt-tta, or auto (see "
+                  "invjax/corruptions.py).")
 flags.DEFINE_string("out", "", "Markdown file for the table (optional).")
 flags.mark_flag_as_required("run")
 
 
-def _current(workdir: str, settings: robustness.AttackSettings) -> bool:
+def _current(workdir: str, settings: robustness.Settings) -> bool:
   try:
     report = robustness.load(workdir)
   except FileNotFoundError:
@@ -39,18 +45,16 @@ def _current(workdir: str, settings: robustness.AttackSettings) -> bool:
     step = ckpts.latest_step()
   finally:
     ckpts.close()
-  return (report["step"] == step and
-          report["settings"]["eps"] == list(settings.eps) and
-          report["settings"]["test_examples"] == settings.test_examples and
-          report["settings"]["pgd_steps"] == settings.pgd_steps and
-          report["settings"]["pgd_step_size"] == settings.pgd_step_size)
+  return report["step"] == step and report["settings"] == robustness.settings_dict(
+      settings)
 
 
 def main(argv):
   del argv
-  settings = robustness.AttackSettings(eps=tuple(float(e) for e in FLAGS.eps),
-                                       test_examples=FLAGS.examples)
   try:
+    settings = robustness.Settings(
+        eps=FLAGS.eps, test_examples=FLAGS.examples, corruptions=FLAGS.corruptions,
+        severities=FLAGS.severities, corruption_source=FLAGS.corruption_source)
     settings.check()
   except ValueError as e:
     raise app.UsageError(str(e)) from e
@@ -61,6 +65,7 @@ def main(argv):
     reports[label] = robustness.load(workdir)
   table = robustness.table(reports)
   print(table)
+  print(robustness.score_table(reports))
   if FLAGS.out:
     first = next(iter(reports.values()))
     with open(FLAGS.out, "w") as f:
@@ -69,6 +74,7 @@ def main(argv):
               f"attacked; PGD: {settings.pgd_steps} steps of "
               f"{settings.pgd_step_size:g}/255, random start)\n\n")
       f.write(robustness.markdown(reports) + "\n")
+      f.write("\n```\n" + robustness.score_table(reports) + "\n```\n")
     print("table:", FLAGS.out)
 
 

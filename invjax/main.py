@@ -42,8 +42,18 @@ flags.DEFINE_list("robustness_eps", ["2", "8"],
                   "With --mode=robustness: the L-inf radii of the FGSM and PGD attacks, "
                   "in units of 1/255 of the pixel range.")
 flags.DEFINE_integer("robustness_examples", 0,
-                     "With --mode=robustness: attack only the first N test images "
-                     "(0 = all).")
+                     "With --mode=robustness: attack and corrupt only the first N test "
+                     "images (0 = all).")
+flags.DEFINE_list("robustness_corruptions", ["none"],
+                  "With --mode=robustness: common corruptions to test, 'all' (CIFAR-10-C's "
+                  "15), 'none', or names (gaussian_noise,fog,...); see "
+                  "invjax/corruptions.py.")
+flags.DEFINE_list("robustness_severities", ["1", "2", "3", "4", "5"],
+                  "With --mode=robustness: corruption severities, 1-5.")
+flags.DEFINE_enum("robustness_corruption_source", "auto", ["auto", "official", "generated"],
+                  "With --mode=robustness: CIFAR-10-C from tfds ('official'), made from "
+                  "the run's test set by corrupt-tta ('generated'), or 'auto': official "
+                  "for tfds's cifar10, generated otherwise.")
 flags.DEFINE_bool("allow_config_change", False,
                   "Resume a workdir even though its saved config differs.")
 flags.DEFINE_bool("tensorboard", True,
@@ -82,15 +92,18 @@ def main(argv):
       print(report.median_table({config.variant: summary}))
   if FLAGS.mode == "robustness":
     try:
-      settings = robustness_lib.AttackSettings(
-          eps=tuple(float(e) for e in FLAGS.robustness_eps),
-          test_examples=FLAGS.robustness_examples)
+      settings = robustness_lib.Settings(
+          eps=FLAGS.robustness_eps, test_examples=FLAGS.robustness_examples,
+          corruptions=FLAGS.robustness_corruptions,
+          severities=FLAGS.robustness_severities,
+          corruption_source=FLAGS.robustness_corruption_source)
       settings.check()
     except ValueError as e:
-      raise app.UsageError(f"--robustness_eps / --robustness_examples: {e}") from e
+      raise app.UsageError(f"--robustness_*: {e}") from e
     result = robustness_lib.robustness(config, FLAGS.workdir, settings)
     if distributed.is_primary():
       print(robustness_lib.table({config.variant: result}))
+      print(robustness_lib.score_table({config.variant: result}))
 
 
 if __name__ == "__main__":

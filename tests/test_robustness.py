@@ -28,7 +28,7 @@ def test_report_of_a_trained_run(trained, monkeypatch):
   make = robustness.make_attack_program
   monkeypatch.setattr(robustness, "make_attack_program",
                       lambda *a: programs.append(make(*a)) or programs[-1])
-  settings = robustness.AttackSettings(eps=(0.0, 8.0, 64.0), pgd_steps=3,
+  settings = robustness.Settings(eps=(0.0, 8.0, 64.0), pgd_steps=3,
                                        pgd_step_size=16.0)
   report = robustness.robustness(config, workdir, settings)
   with open(os.path.join(workdir, robustness.REPORT_FILE)) as f:
@@ -49,6 +49,7 @@ def test_report_of_a_trained_run(trained, monkeypatch):
   assert "pgd 64/255" in table and f"{pgd['64/255']:.4f}" in table
 
 
+@pytest.mark.slow  # a process start and two attack compiles; the API is tested above
 def test_cli_robustness_mode(trained, tmp_path):
   _, workdir = trained
   out = subprocess.run(
@@ -86,3 +87,104 @@ def test_layer_weight_law_reaches_the_step_and_old_workdirs_still_resume(trained
   assert train.load_config(workdir).layer_weight_law == "exponential"
   with pytest.raises(ValueError, match="layer_weight_law: saved None, given 'uniform'"):
     train.check_workdir_config(uniform, workdir)
+
+
+def test_score_pairs_is_eq2_against_the_given_images():
+  from invjax import analysis  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  clean = rng.uniform(size=(10, 4, 4, 3)).astype(np.float32)
+  moved = np.clip(clean + rng.normal(0, 0.1, clean.shape), 0, 1).astype(np.float32)
+  w = jnp.asarray(rng.normal(size=(48, 5)), jnp.float32)
+  feature_fn = lambda x: {"pixels": x, "relu": jax.nn.relu(x.reshape(len(x), -1) @ w)}
+  order = []
+  stats = analysis.accumulate_stats(feature_fn, [clean[:6], clean[6:]], order)
+  stats = {k: stats[k] for k in order}
+  scores = analysis.score_pairs(feature_fn, stats,
+                                [(clean[:6], moved[:6]), (clean[6:], moved[6:])])
+  assert list(scores) == ["pixels", "relu"]
+  full_clean, full_moved = feature_fn(clean), feature_fn(moved)
+  for k in scores:
+    np.testing.assert_allclose(
+        scores[k], analysis.invariance_scores(full_clean[k], full_moved[k]),
+        rtol=1e-5, atol=1e-6)
+
+
+def test_generated_corruptions_are_seeded_uint8_and_leave_numpy_alone():
+  pytest.importorskip("corrupt_tta")
+  from invjax import corruptions  # pylint: disable=g-import-not-at-top
+  x, _ = helpers.toy_images(4, size=16)
+  np.random.seed(7)
+  before = np.random.get_state()[1].copy()
+  a = corruptions.generated(x, "gaussian_noise", 3, seed=1)
+  np.testing.assert_array_equal(np.random.get_state()[1], before)
+  np.testing.assert_array_equal(a, corruptions.generated(x, "gaussian_noise", 3, seed=1))
+  assert a.dtype == np.uint8 and a.shape == x.shape and np.mean(a != x) > 0.5
+  assert not np.array_equal(a, corruptions.generated(x, "gaussian_noise", 3, seed=2))
+  assert np.mean(np.abs(corruptions.generated(x, "gaussian_noise", 5).astype(float) - x)) > \
+      np.mean(np.abs(corruptions.generated(x, "gaussian_noise", 1).astype(float) - x))
+  gray = corruptions.generated(x[..., :1], "brightness", 2)
+  assert gray.shape == (4, 16, 16, 1)
+  with pytest.raises(ValueError, match="unknown; valid are 'all'"):
+    corruptions.parse("fogg", [1])
+  with pytest.raises(ValueError, match="severities"):
+    corruptions.parse("all", [0])
+  assert corruptions.parse("all", ["3"]) == (corruptions.NAMES, (3,))
+
+
+def test_official_cifar10c_is_read_through_tfds(monkeypatch):
+  pytest.importorskip("tensorflow")
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from invjax import corruptions  # pylint: disable=g-import-not-at-top
+  with tfds.testing.mock_data(num_examples=6):
+    x, y = corruptions.official("fog", 3, count=6)
+    assert x.shape == (6, 32, 32, 3) and x.dtype == np.uint8 and y.shape == (6,)
+    # The pairing is checked: a test set with other labels is refused.
+    with pytest.raises(ValueError, match="does not pair with this test set"):
+      corruptions.corrupted_test_set("official", "fog", 3, x, (y + 1) % 10)
+    np.testing.assert_array_equal(
+        corruptions.corrupted_test_set("official", "fog", 3, x, y), x)
+  assert corruptions.resolve_source("auto", "cifar10") == "official"
+  assert corruptions.resolve_source("auto", "toy.npz") == "generated"
+
+
+def test_report_under_corruptions_uses_the_images_as_read(trained, monkeypatch):
+  """Accuracy and scores under a corruption are those of the corrupted uint8 images
+  themselves (/255, nothing else), compared here with a direct computation."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from invjax import analyze  # pylint: disable=g-import-not-at-top
+  from invjax import analysis  # pylint: disable=g-import-not-at-top
+  from invjax import corruptions  # pylint: disable=g-import-not-at-top
+  from invjax import steps  # pylint: disable=g-import-not-at-top
+  config, workdir = trained
+  made = {}
+
+  def fake(images, name, severity, seed=0):
+    rng = np.random.default_rng(severity)
+    out = np.clip(images.astype(int) + rng.integers(-60, 60, images.shape), 0, 255)
+    made[(name, severity)] = out.astype(np.uint8)
+    return made[(name, severity)]
+
+  monkeypatch.setattr(corruptions, "generated", fake)
+  settings = robustness.Settings(eps=(0.0,), pgd_steps=1, corruptions=("fog", "snow"),
+                                 severities=(1, 4), corruption_source="generated")
+  report = robustness.robustness(config, workdir, settings)
+  c = report["corruptions"]
+  assert list(c["accuracy"]) == ["fog", "snow"] and list(c["accuracy"]["fog"]) == ["1", "4"]
+  run, _, state, _ = analyze.restore(config, workdir)
+  moved = made[("snow", 4)]
+  logits = steps.eval_logits(state, steps.to_float(moved))
+  direct = float(np.mean(np.argmax(logits, -1) == run.data.y_test))
+  assert c["accuracy"]["snow"]["4"] == pytest.approx(direct)
+  clean_f = steps.features(state, steps.to_float(run.data.x_test))
+  moved_f = steps.features(state, steps.to_float(moved))
+  for layer, median in c["median_scores"]["snow"]["4"].items():
+    s = np.asarray(analysis.invariance_scores(clean_f[layer], moved_f[layer]))
+    assert median == pytest.approx(float(np.median(s[np.isfinite(s)])), abs=1e-5)
+  assert list(c["mean"]["median_scores"]) == ["pixels"] + helpers.TINY_SOWN
+  assert c["mean"]["accuracy"] == pytest.approx(
+      np.mean([a for by in c["accuracy"].values() for a in by.values()]))
+  table = robustness.score_table({"base": report})
+  assert "pixels" in table and "base C" in table
+  del jax
