@@ -19,6 +19,7 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import common  # pylint: disable=g-import-not-at-top
 from invjax import checkpoints  # pylint: disable=g-import-not-at-top
+from invjax import report  # pylint: disable=g-import-not-at-top
 from invjax import robustness  # pylint: disable=g-import-not-at-top
 from invjax import train  # pylint: disable=g-import-not-at-top
 
@@ -32,6 +33,7 @@ flags.DEFINE_enum("corruption_source", "auto", ["auto", "official", "generated"]
                   "CIFAR-10-C from tfds, made by corrupt-tta, or auto (see "
                   "invjax/corruptions.py).")
 flags.DEFINE_string("out", "", "Markdown file for the table (optional).")
+flags.DEFINE_string("figure", "", "PNG of the accuracies and per-layer scores (optional).")
 flags.mark_flag_as_required("run")
 
 
@@ -76,6 +78,10 @@ def main(argv):
       f.write(robustness.markdown(reports) + "\n")
       f.write("\n```\n" + robustness.score_table(reports) + "\n```\n")
     print("table:", FLAGS.out)
+  if FLAGS.figure:
+    first = next(iter(reports.values()))
+    print("figure:", report.plot_robustness(
+        reports, FLAGS.figure, f"robustness, {first['model']} on {first['dataset']}"))
 
 
 if __name__ == "__main__":

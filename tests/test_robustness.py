@@ -187,4 +187,8 @@ def test_report_under_corruptions_uses_the_images_as_read(trained, monkeypatch):
       np.mean([a for by in c["accuracy"].values() for a in by.values()]))
   table = robustness.score_table({"base": report})
   assert "pixels" in table and "base C" in table
+  from invjax import report as report_lib  # pylint: disable=g-import-not-at-top
+  figure = report_lib.plot_robustness({"base": report, "again": report},
+                                      os.path.join(workdir, "robustness.png"))
+  assert os.path.getsize(figure) > 10_000
   del jax
