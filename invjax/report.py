@@ -140,10 +140,12 @@ def plot_robustness(reports: Mapping[str, dict], path: str, title: str = "") -> 
   fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(13, 4.2),
                                  gridspec_kw={"width_ratios": [1.1, 1]})
   width = 0.8 / len(labels)
+  lowest = 1.0
   for i, label in enumerate(labels):
     pos = np.arange(len(conditions)) + (i - (len(labels) - 1) / 2) * width
-    ax0.bar(pos, [accuracy(reports[label], c) for c in conditions], width * 0.95,
-            color=_colour(label, i), label=label)
+    values = [accuracy(reports[label], c) for c in conditions]
+    lowest = min(lowest, np.nanmin(values))
+    ax0.bar(pos, values, width * 0.95, color=_colour(label, i), label=label)
     layers = list(reports[label]["transformed_median_scores"])
     ax1.plot(layers, [reports[label]["transformed_median_scores"][l] for l in layers],
              ls="--", color=_colour(label, i), alpha=0.8)
@@ -154,7 +156,7 @@ def plot_robustness(reports: Mapping[str, dict], path: str, title: str = "") -> 
   ax0.set_xticks(np.arange(len(conditions)))
   ax0.set_xticklabels(conditions, rotation=30, ha="right")
   ax0.set_ylabel("test accuracy")
-  ax0.set_ylim(0, 1)
+  ax0.set_ylim(max(0.0, np.floor(lowest * 10) / 10 - 0.1), 1.0)
   ax0.legend(loc="lower left", fontsize=8)
   ax1.set_ylabel("median invariance score")
   ax1.set_title("solid: under corruptions; dashed: scoring transformations",
