@@ -15,31 +15,20 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import common  # pylint: disable=g-import-not-at-top
 from invjax import analyze  # pylint: disable=g-import-not-at-top
 from invjax import report  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("run", None, "LABEL=WORKDIR, once per run (in plot order).")
 flags.DEFINE_string("out", "invariance_scores.png", "Figure path.")
 flags.DEFINE_string("title", "", "Figure title.")
 flags.mark_flag_as_required("run")
 
 
-def parse_runs(specs):
-  runs = {}
-  for spec in specs:
-    label, sep, workdir = spec.partition("=")
-    if not sep or not label or not workdir:
-      raise app.UsageError(f"--run={spec!r}: expected LABEL=WORKDIR, e.g. "
-                           "--run baseline=/tmp/allcnn_baseline")
-    runs[label] = workdir
-  return runs
-
-
 def main(argv):
   del argv
   scores, summaries = {}, {}
-  for label, workdir in parse_runs(FLAGS.run).items():
+  for label, workdir in common.parse_runs(FLAGS.run).items():
     scores[label], summaries[label] = analyze.load(workdir)
   print(report.median_table(summaries))
   print("figure:", report.plot_scores(scores, FLAGS.out, FLAGS.title))

@@ -16,7 +16,8 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import compare  # pylint: disable=g-import-not-at-top
+from experiments import common  # pylint: disable=g-import-not-at-top
+from experiments import compare  # pylint: disable=g-import-not-at-top,unused-import (--out, --title)
 from invjax import report  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
@@ -25,7 +26,7 @@ flags.DEFINE_string("metric", "probe/inv_loss/", "Metric prefix to plot per laye
 
 def main(argv):
   del argv
-  runs = compare.parse_runs(FLAGS.run)
+  runs = common.parse_runs(FLAGS.run)
   print("figure:", report.plot_loss_dynamics(runs, FLAGS.out, prefix=FLAGS.metric,
                                              title=FLAGS.title))
 

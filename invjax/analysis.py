@@ -247,3 +247,42 @@ def score_dataset(feature_fn: FeatureFn, batches: Callable[[], Iterable],
   if not with_logits:
     return scores
   return scores, {"clean": clean_sums, "transformed": moved_sums}
+
+
+def score_pairs(feature_fn: FeatureFn, stats: Mapping[str, LayerStats],
+                batches: Iterable, preprocess: Callable[[jax.Array], jax.Array] = lambda x: x,
+                metrics_fn: MetricsFn | None = None):
+  """Per-image scores (Eq. 2) against a given transformed version of each image, e.g. a
+  corruption read from disk, [N] per layer.
+
+  Args:
+    feature_fn, preprocess, metrics_fn: as for `score_dataset`.
+    stats: the clean set's statistics per layer (`accumulate_stats`); the scores come
+      back in its order.
+    batches: (clean, moved) pairs of `Batch`es (or arrays) of the same images, the
+      clean batch carrying the labels and padding mask.
+  Returns:
+    scores, or (scores, metric sums of the moved images) with `metrics_fn`.
+  """
+  with_logits = metrics_fn is not None
+
+  @jax.jit
+  def batch_scores(stats, batch: Batch, moved):
+    feats, _ = _split(feature_fn, with_logits, preprocess(batch.images))
+    moved_feats, logits = _split(feature_fn, with_logits, preprocess(moved))
+    mask = _mask(batch, logits if with_logits else moved)
+    scores = {k: score_batch(stats[k], _flat(v), _flat(moved_feats[k]))
+              for k, v in feats.items()}
+    return scores, (metrics_fn(logits, batch.labels, mask) if with_logits else None), mask
+
+  pieces, sums = [], None
+  for clean, moved in batches:
+    clean = _as_batch(clean)
+    scores, m, valid = _fetch(batch_scores(stats, clean, _as_batch(moved).images))
+    pieces.append({k: v[valid > 0] for k, v in scores.items()})
+    if with_logits:
+      sums = _add(sums, {k: float(v) for k, v in m.items()})
+  if not pieces:
+    raise ValueError("no images to score")
+  scores = {k: np.concatenate([p[k] for p in pieces]) for k in stats}  # stats' order
+  return (scores, sums) if with_logits else scores

@@ -93,8 +93,9 @@ def state_from_weights(run, placement, path: str):
                       (state.params, state.batch_stats))
   got = jax.tree.map(lambda a: (a.shape, str(a.dtype)), (params, batch_stats))
   if want != got:
-    raise errors.CheckpointError(f"the weights in {path} do not fit the model of this config "
-                     f"({run.config.model}); use the config they were trained with.")
+    raise errors.CheckpointError(
+        f"the weights in {path} do not fit the model of this config "
+        f"({run.config.model}); use the config they were trained with.")
   return state.replace(params=placement.replicate(params),
                        batch_stats=placement.replicate(batch_stats)), step
 
@@ -130,34 +131,50 @@ def score_state(config, run, state, step: int, placement):
   return scores, summary
 
 
+def _weights_if_no_checkpoint(workdir: str) -> str | None:
+  """None where the workdir holds a checkpoint; else the path of its weights.npz (a run
+  record's); RunNotFound where it holds neither."""
+  directory = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory)):
+    return None
+  weights = os.path.join(workdir, checkpoints.WEIGHTS_FILE)
+  if os.path.exists(weights):
+    return weights
+  raise errors.RunNotFound(
+      f"no checkpoint in {os.path.abspath(directory)}: train first "
+      f"(python -m invjax.main --config=... --workdir={workdir}).")
+
+
+def restore(config, workdir: str, data=None, run=None):
+  """(run, placement, state, step): the newest checkpoint of the run in `workdir` that
+  restores (setting damaged ones aside, as training does), or, where it holds no
+  checkpoint, its weights.npz (e.g. a run record); the state replicated over every
+  device."""
+  run = run if run is not None else train.build(config, data)
+  weights = _weights_if_no_checkpoint(workdir)
+  placement = train.Placement.create()
+  if weights is not None:
+    state, step = state_from_weights(run, placement, weights)
+    return run, placement, state, step
+  ckpts = checkpoints.Checkpoints(workdir, config.get("keep_checkpoints", 3))
+  try:
+    state, step = train.restore_latest(
+        ckpts, train.initial_state(run, placement), config, workdir)
+  finally:
+    ckpts.close()
+  return run, placement, state, step
+
+
 def analyze(config, workdir: str, data=None) -> dict[str, Any]:
-  """Scores the newest checkpoint of the run in `workdir` that restores (setting
-  damaged ones aside, as training does), or, where it holds no checkpoint, its
-  weights.npz (e.g. a run record); returns the summary. The seconds it took go into
-  the run card."""
+  """Scores the run in `workdir` (see `restore`: its newest good checkpoint, or its
+  weights); returns the summary. The seconds it took go into the run card."""
   t0 = time.perf_counter()
   run = train.build(config, data)
-  directory = os.path.join(workdir, "checkpoints")
-  has_checkpoint = (os.path.isdir(directory) and
-                    any(d.isdigit() for d in os.listdir(directory)))
-  weights = os.path.join(workdir, checkpoints.WEIGHTS_FILE)
-  if not has_checkpoint and not os.path.exists(weights):
-    raise errors.RunNotFound(
-        f"no checkpoint in {os.path.abspath(directory)}: train first "
-        f"(python -m invjax.main --config=... --workdir={workdir}).")
+  _weights_if_no_checkpoint(workdir)  # nothing to score: say so first
   check_outputs_writable(workdir)
   lock = train.lock_workdir(workdir, "analyze")
   try:
-    placement = train.Placement.create()
-    if has_checkpoint:
-      ckpts = checkpoints.Checkpoints(workdir, config.get("keep_checkpoints", 3))
-      try:
-        state, step = train.restore_latest(
-            ckpts, train.initial_state(run, placement), config, workdir)
-      finally:
-        ckpts.close()
-    else:
-      state, step = state_from_weights(run, placement, weights)
+    _, placement, state, step = restore(config, workdir, run=run)
     scores, summary = score_state(config, run, state, step, placement)
     if distributed.is_primary():
       os.makedirs(os.path.join(workdir, "analysis"), exist_ok=True)

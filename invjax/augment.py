@@ -16,7 +16,9 @@ and indexes its matrix over (h, w, c), so the warp given to it is the inverse of
 rows and columns put in (y, x) order and the channel axis left alone.
 
 Then contrast `gamma * (x - mean) + mean` (mean per image and channel), brightness
-`x + delta`, and clipping to [0, 1].
+`x + delta`, and clipping to [0, 1]. Training may also cut out a square (`cutout`, off in
+the paper's scheme): a side of `cutout` x the shorter image side, centred anywhere in the
+image (so it may be cut off by the border), filled with the image's mean colour.
 
 Training draws each parameter from a normal centred on its range with standard deviation
 (max - min) / 4, truncated to the range; the scoring transformations (Eq. 2) take, for each
@@ -48,6 +50,7 @@ class AugmentRanges:
   shear: float = 0.15  # radians
   contrast: float = 0.5  # gamma in [1 - contrast, 1 + contrast]
   brightness: float = 0.25  # delta in [-brightness, brightness]
+  cutout: float = 0.0  # side of the cut-out square / the shorter side (training only)
 
   @classmethod
   def from_config(cls, cfg) -> "AugmentRanges":
@@ -61,11 +64,26 @@ class AugmentRanges:
     return cls(**{k: float(cfg[k]) for k in cfg.keys()})
 
   def halved(self) -> "AugmentRanges":
-    """The scoring ranges: every half-width halved (the flip probability is kept)."""
+    """The scoring ranges: every half-width halved (the flip probability is kept; no
+    cutout: the scoring transformations are the paper's)."""
     return dataclasses.replace(
         self, translate=self.translate / 2, scale=self.scale / 2,
         rotation=self.rotation / 2, shear=self.shear / 2,
-        contrast=self.contrast / 2, brightness=self.brightness / 2)
+        contrast=self.contrast / 2, brightness=self.brightness / 2, cutout=0.0)
+
+
+# Named augmentation schemes (the authors' code has these three), chosen with
+# config_lib.apply_variant, e.g. --config=configs/allcnn.py:invariance,light.
+PRESETS = {
+    # The paper's scheme (Table 2, Appendix A): affine, contrast and brightness.
+    "heavier": AugmentRanges(),
+    # Horizontal flips and translations of up to 10 % of the image size only.
+    "light": AugmentRanges(flip=0.5, translate=0.1, scale=0.0, rotation=0.0, shear=0.0,
+                           contrast=0.0, brightness=0.0),
+    # "light" plus a square of half the image side cut out of every training image.
+    "cutout": AugmentRanges(flip=0.5, translate=0.1, scale=0.0, rotation=0.0, shear=0.0,
+                            contrast=0.0, brightness=0.0, cutout=0.5),
+}
 
 
 class AugmentParams(NamedTuple):
@@ -79,12 +97,15 @@ class AugmentParams(NamedTuple):
   phi: jax.Array  # shear, radians
   gamma: jax.Array  # contrast factor
   delta: jax.Array  # brightness offset
+  cut: jax.Array  # side of the cut-out square / the shorter side (0: none)
+  cy: jax.Array  # its centre, fraction of the height
+  cx: jax.Array  # its centre, fraction of the width
 
   @classmethod
   def identity(cls, n: int) -> "AugmentParams":
     zeros, ones = jnp.zeros((n,)), jnp.ones((n,))
     return cls(flip=ones, tx=zeros, ty=zeros, zx=ones, zy=ones, theta=zeros,
-               phi=zeros, gamma=ones, delta=zeros)
+               phi=zeros, gamma=ones, delta=zeros, cut=zeros, cy=ones / 2, cx=ones / 2)
 
 
 def _centres_and_half_widths(r: AugmentRanges):
@@ -103,7 +124,9 @@ def sample_params(key: jax.Array, n: int, ranges: AugmentRanges) -> AugmentParam
   # std = (max - min) / 4 = half / 2, truncated at +-2 std = the range.
   z = jax.random.truncated_normal(key, -2.0, 2.0, (len(centres), n), jnp.float32)
   values = [c + (h / 2.0) * z[i] for i, (c, h) in enumerate(zip(centres, halves))]
-  return AugmentParams(flip, *values)
+  # From a key of its own, so that the other parameters' draws do not depend on it.
+  cy, cx = jax.random.uniform(jax.random.fold_in(flip_key, 1), (2, n))
+  return AugmentParams(flip, *values, jnp.full((n,), ranges.cutout, jnp.float32), cy, cx)
 
 
 def sample_scoring_params(key: jax.Array, n: int,
@@ -115,7 +138,8 @@ def sample_scoring_params(key: jax.Array, n: int,
   centres, halves = _centres_and_half_widths(r)
   signs = jnp.where(jax.random.bernoulli(key, 0.5, (len(centres), n)), 1.0, -1.0)
   values = [c + h * signs[i] for i, (c, h) in enumerate(zip(centres, halves))]
-  return AugmentParams(flip, *values)
+  none = AugmentParams.identity(n)
+  return AugmentParams(flip, *values, none.cut, none.cy, none.cx)
 
 
 def forward_matrix(p: AugmentParams, height: int, width: int) -> jax.Array:
@@ -150,15 +174,24 @@ def apply(images: jax.Array, params: AugmentParams) -> jax.Array:
   n, h, w, _ = images.shape
   forward = forward_matrix(params, h, w)
 
-  def one(image, fwd, gamma, delta):
+  def one(image, fwd, gamma, delta, cut, cy, cx):
     m = pull_matrix_hwc(fwd, h, w)
     out = pix.affine_transform(image, m, order=1, mode="nearest")
     out = pix.adjust_contrast(out, gamma)
     out = pix.adjust_brightness(out, delta)
-    return jnp.clip(out, 0.0, 1.0)
+    out = jnp.clip(out, 0.0, 1.0)
+    # Cutout: rows top .. top + side - 1 and the same for columns, clipped by the
+    # border; an empty square (side 0) leaves the image exactly as it is.
+    side = jnp.round(cut * min(h, w))
+    top, left = jnp.round(cy * h - side / 2), jnp.round(cx * w - side / 2)
+    rows, cols = jnp.arange(h)[:, None, None], jnp.arange(w)[None, :, None]
+    inside = ((rows >= top) & (rows < top + side) & (cols >= left) &
+              (cols < left + side))
+    return jnp.where(inside, jnp.mean(out, axis=(0, 1)), out)
 
   del n
-  return jax.vmap(one)(images, forward, params.gamma, params.delta)
+  return jax.vmap(one)(images, forward, params.gamma, params.delta, params.cut,
+                       params.cy, params.cx)
 
 
 def augment(key: jax.Array, images: jax.Array, ranges: AugmentRanges,

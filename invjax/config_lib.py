@@ -14,6 +14,7 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
+from invjax import augment
 from invjax import errors as errors_lib
 from invjax import losses
 from invjax import models
@@ -53,6 +54,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.invariance_copies = 8  # M of the "invariance" and "batchaug" variants
   c.invariance_alpha = 0.1  # alpha of the "invariance" variant
   c.alpha_ratio = 10.0  # alpha of the deepest layer / alpha of the first
+  # How alpha is shared over the layers (losses.WEIGHT_LAWS): "exponential" (Eq. 4,
+  # the paper's), "linear" (both grow with depth, the deepest alpha_ratio x the first),
+  # "uniform" (alpha / L each) or "decay" (the first alpha_ratio x the deepest).
+  c.layer_weight_law = "exponential"
+  # Weight of a class-invariance term (not in the paper; the authors' code has it): Eq.
+  # 3 with the examples' classes in place of their seeds, pulling together examples of
+  # the same class, shared over the layers like alpha; CE then weighs
+  # 1 - alpha - class_alpha. 0 = off.
+  c.class_alpha = 0.0
   # "moments" (O(B D): per-seed and batch means) or "pairwise" (the |B| x |B| distance
   # matrices of Eq. 3 as written). Equal values and gradients (tests/test_losses.py,
   # tests/test_steps.py); moments costs about 1.5 % of the FLOPs of an All-CNN-C step,
@@ -66,9 +76,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.momentum = 0.9
   c.nesterov = True
 
+  # The ranges of the augmentation (invjax/augment.py: AugmentRanges); the paper's by
+  # default. A preset (augment.PRESETS: "heavier" = the paper's, "light", "cutout")
+  # sets them all: --config=configs/allcnn.py:invariance,light.
+  c.augment_preset = "heavier"  # informative: the preset that set c.augment
   c.augment = ml_collections.ConfigDict({
       "flip": 0.5, "translate": 0.1, "scale": 0.15, "rotation": 22.5,
-      "shear": 0.15, "contrast": 0.5, "brightness": 0.25})
+      "shear": 0.15, "contrast": 0.5, "brightness": 0.25, "cutout": 0.0})
 
   # bfloat16 activations and matmuls (TPU, recent GPUs); parameters, batch-norm
   # statistics, the cross-entropy and the invariance loss stay float32.
@@ -109,7 +123,22 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def apply_variant(c: ml_collections.ConfigDict, variant: str | None):
-  """Sets copies and alpha for one of VARIANTS ("" or None keeps the config's)."""
+  """Sets copies and alpha for one of VARIANTS ("" or None keeps the config's).
+
+  "VARIANT,PRESET" also sets every augmentation range to those of augment.PRESETS[PRESET]
+  (e.g. "baseline,light"; ",cutout" keeps the variant).
+  """
+  if not variant:
+    return c
+  variant, _, preset = variant.partition(",")
+  if preset:
+    if preset not in augment.PRESETS:
+      raise ValueError(f"augmentation preset {preset!r} is unknown; valid presets are "
+                       f"{sorted(augment.PRESETS)} (e.g. "
+                       "--config=configs/allcnn.py:invariance,light).")
+    for field, value in dataclasses.asdict(augment.PRESETS[preset]).items():
+      c.augment[field] = value
+    c.augment_preset = preset
   if not variant:
     return c
   if variant not in VARIANTS:
@@ -242,6 +271,8 @@ FIELDS: dict[str, Rule] = {
     "invariance_copies": _int(1),
     "invariance_alpha": _num(0, 1, hi_open=True),
     "alpha_ratio": _num(0, lo_open=True),
+    "layer_weight_law": _choice(lambda: losses.WEIGHT_LAWS),
+    "class_alpha": _num(0, 1, hi_open=True),
     "loss_method": _choice(lambda: losses.METHODS),
     "num_epochs": _num(0, lo_open=True),
     "learning_rate": _num(0, lo_open=True),
@@ -257,6 +288,9 @@ FIELDS: dict[str, Rule] = {
     "augment.shear": _num(0, 1.5, note=" (radians)"),
     "augment.contrast": _num(0, 1),
     "augment.brightness": _num(0, 1),
+    "augment.cutout": _num(0, 1, note=" (the cut-out square's side over the shorter "
+                           "image side)"),
+    "augment_preset": _choice(lambda: augment.PRESETS),
     "half_precision": _BOOL,
     "seed": _int(0),
     "data_on_device": _BOOL,
@@ -336,6 +370,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if model_fields - valid:
     errors.append(f"config.model has field(s) {sorted(model_fields - valid)} that model "
                   f"{c.model.name!r} does not take; its fields are {sorted(valid)}.")
+  if c.alpha + c.class_alpha >= 1.0:
+    errors.append(f"config.alpha={c.alpha} + config.class_alpha={c.class_alpha} must be "
+                  "< 1: the cross-entropy weighs 1 - alpha - class_alpha.")
   late = [b for b in c.lr_boundaries if b >= c.num_epochs]
   if late:
     errors.append(f"config.lr_boundaries={tuple(c.lr_boundaries)} has epoch(s) {late} "

@@ -150,18 +150,32 @@ def grouped_invariance_loss(features: jax.Array, copies: int,
   return _safe_ratio(within, between)
 
 
-def layer_weights(num_layers: int, alpha: float = 0.1,
-                  ratio: float = 10.0) -> jax.Array:
-  """Eq. 4's exponential law: weights[l] ~ ratio ** (l / (L - 1)), summing to alpha.
+# How alpha is shared out over the L sown layers (t = l / (L - 1), l = 0 .. L - 1, the
+# first layer l = 0); each law is normalised to sum to alpha.
+WEIGHT_LAWS = {
+    "exponential": lambda t, r: r ** t,  # Eq. 4: the deepest weighs r x the first
+    "linear": lambda t, r: 1.0 + (r - 1.0) * t,  # the deepest weighs r x the first
+    "uniform": lambda t, r: jnp.ones_like(t),  # every layer alpha / L
+    "decay": lambda t, r: r ** -t,  # the first weighs r x the deepest
+}
 
-  So the deepest layer weighs `ratio` times the first.
+
+def layer_weights(num_layers: int, alpha: float = 0.1, ratio: float = 10.0,
+                  law: str = "exponential") -> jax.Array:
+  """Eq. 4's layer weights alpha_l, summing to alpha, by one of WEIGHT_LAWS.
+
+  The paper's law is "exponential": weights[l] ~ ratio ** (l / (L - 1)), so the deepest
+  layer weighs `ratio` times the first.
   """
   if num_layers < 1:
     raise ValueError(f"num_layers must be >= 1, got {num_layers}.")
+  if law not in WEIGHT_LAWS:
+    raise ValueError(f"layer weight law {law!r} is unknown; valid laws are "
+                     f"{list(WEIGHT_LAWS)}.")
   if num_layers == 1:
     return jnp.array([alpha], jnp.float32)
-  w = jnp.asarray(ratio, jnp.float32) ** (
-      jnp.arange(num_layers, dtype=jnp.float32) / (num_layers - 1))
+  t = jnp.arange(num_layers, dtype=jnp.float32) / (num_layers - 1)
+  w = WEIGHT_LAWS[law](t, jnp.asarray(ratio, jnp.float32))
   return alpha * w / jnp.sum(w)
 
 
@@ -172,7 +186,19 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def total_loss(ce: jax.Array, inv_losses: Mapping[str, jax.Array],
-               weights: jax.Array, alpha: float) -> jax.Array:
-  """Eq. 4: (1 - alpha) * L_obj + sum_l alpha_l * L_inv_l (layers in depth order)."""
-  inv = jnp.stack(list(inv_losses.values())) if inv_losses else jnp.zeros((0,))
-  return (1.0 - alpha) * ce + jnp.sum(weights * inv)
+               weights: jax.Array, alpha: float,
+               class_losses: Mapping[str, jax.Array] | None = None,
+               class_weights: jax.Array | None = None,
+               class_alpha: float = 0.0) -> jax.Array:
+  """Eq. 4: (1 - alpha) * L_obj + sum_l alpha_l * L_inv_l (layers in depth order).
+
+  With a class-invariance term (not in the paper; the authors' code has it): L_cls_l is
+  Eq. 3 with the examples' classes in place of their seeds, weighted by class_weights
+  (summing to class_alpha), and the cross-entropy weighs 1 - alpha - class_alpha.
+  """
+  loss = (1.0 - alpha - class_alpha) * ce
+  if inv_losses:
+    loss = loss + jnp.sum(weights * jnp.stack(list(inv_losses.values())))
+  if class_losses:
+    loss = loss + jnp.sum(class_weights * jnp.stack(list(class_losses.values())))
+  return loss

@@ -3,6 +3,7 @@
   python -m invjax.main --config=configs/allcnn.py --workdir=DIR [--config.FIELD=VALUE]
   python -m invjax.main --config=configs/allcnn.py --workdir=DIR --mode=analyze
   python -m invjax.main --config=configs/allcnn.py --workdir=DIR --mode=train_and_analyze
+  python -m invjax.main --workdir=DIR --mode=robustness  # accuracy under attacks
   python -m invjax.main --config=configs/allcnn.py --mode=describe
 
 The same command runs on every host of a multi-host run (a TPU pod slice: `gcloud
@@ -24,21 +25,40 @@ from invjax import cli
 from invjax import describe as describe_lib
 from invjax import distributed
 from invjax import report
+from invjax import robustness as robustness_lib
 from invjax import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/allcnn.py or configs/allcnn.py:baseline. With "
-    "--mode=analyze it defaults to the config saved in the workdir.",
+    "--mode=analyze or robustness it defaults to the config saved in the workdir.",
     lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory of the run: config, metrics, "
                     "checkpoints, figures. Rerunning on it resumes. With several "
                     "hosts, one directory all of them see (NFS, Filestore, or a bucket "
                     "mounted with gcsfuse).")
-flags.DEFINE_enum("mode", "train", ["train", "analyze", "train_and_analyze", "describe"],
+flags.DEFINE_enum("mode", "train", ["train", "analyze", "train_and_analyze", "robustness",
+                                    "describe"],
                   "train (default), analyze (invariance scores of the latest "
-                  "checkpoint), train_and_analyze (both, one start-up) or describe "
-                  "(model summary, no training).")
+                  "checkpoint), train_and_analyze (both, one start-up), robustness "
+                  "(accuracy on clean, transformed and attacked test images) or "
+                  "describe (model summary, no training).")
+flags.DEFINE_list("robustness_eps", ["2", "8"],
+                  "With --mode=robustness: the L-inf radii of the FGSM and PGD attacks, "
+                  "in units of 1/255 of the pixel range.")
+flags.DEFINE_integer("robustness_examples", 0,
+                     "With --mode=robustness: attack and corrupt only the first N test "
+                     "images (0 = all).")
+flags.DEFINE_list("robustness_corruptions", ["none"],
+                  "With --mode=robustness: common corruptions to test, 'all' (CIFAR-10-C's "
+                  "15), 'none', or names (gaussian_noise,fog,...); see "
+                  "invjax/corruptions.py.")
+flags.DEFINE_list("robustness_severities", ["1", "2", "3", "4", "5"],
+                  "With --mode=robustness: corruption severities, 1-5.")
+flags.DEFINE_enum("robustness_corruption_source", "auto", ["auto", "official", "generated"],
+                  "With --mode=robustness: CIFAR-10-C from tfds ('official'), made from "
+                  "the run's test set by corrupt-tta ('generated'), or 'auto': official "
+                  "for tfds's cifar10, generated otherwise.")
 flags.DEFINE_bool("allow_config_change", False,
                   "Resume a workdir even though its saved config differs.")
 flags.DEFINE_bool("tensorboard", True,
@@ -52,7 +72,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = cli.config_flag("config")
-  if config is None and FLAGS.mode == "analyze" and FLAGS.workdir:
+  if config is None and FLAGS.mode in ("analyze", "robustness") and FLAGS.workdir:
     config = train.load_config(FLAGS.workdir)  # the config the run was trained with
   if config is None:
     raise app.UsageError("--config is required (e.g. --config=configs/allcnn.py).")
@@ -81,6 +101,20 @@ def main(argv):
     summary = analyze_lib.analyze(config, FLAGS.workdir)
     if distributed.is_primary():
       print(report.median_table({config.variant: summary}))
+  if FLAGS.mode == "robustness":
+    try:
+      settings = robustness_lib.Settings(
+          eps=FLAGS.robustness_eps, test_examples=FLAGS.robustness_examples,
+          corruptions=FLAGS.robustness_corruptions,
+          severities=FLAGS.robustness_severities,
+          corruption_source=FLAGS.robustness_corruption_source)
+      settings.check()
+    except ValueError as e:
+      raise app.UsageError(f"--robustness_*: {e}") from e
+    result = robustness_lib.robustness(config, FLAGS.workdir, settings)
+    if distributed.is_primary():
+      print(robustness_lib.table({config.variant: result}))
+      print(robustness_lib.score_table({config.variant: result}))
 
 
 if __name__ == "__main__":

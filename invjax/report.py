@@ -171,3 +171,58 @@ def plot_copies(images: np.ndarray, copies: np.ndarray, path: str,
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path
+
+
+def plot_robustness(reports: Mapping[str, dict], path: str, title: str = "") -> str:
+  """Robustness reports (invjax.robustness) of several runs: accuracy per condition
+  (clean, transformed, each attack and eps, corruptions), and each layer's median
+  invariance score under the scoring transformations (dashed) and, where measured,
+  under the corruptions (solid, mean over corruptions and severities)."""
+  labels = list(reports)
+  first = reports[labels[0]]
+  conditions = ["clean", "transformed"] + [
+      f"{a} {e}" for a, by in first["attacks"].items() for e in by]
+  if "corruptions" in first:
+    conditions.append("corrupted")
+
+  def accuracy(r, cond):
+    if cond in ("clean", "transformed"):
+      return r[cond]
+    if cond == "corrupted":
+      return r.get("corruptions", {}).get("mean", {}).get("accuracy", np.nan)
+    attack, eps = cond.split(" ")
+    return r["attacks"].get(attack, {}).get(eps, np.nan)
+
+  fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(13, 4.2),
+                                 gridspec_kw={"width_ratios": [1.1, 1]})
+  width = 0.8 / len(labels)
+  lowest = 1.0
+  for i, label in enumerate(labels):
+    pos = np.arange(len(conditions)) + (i - (len(labels) - 1) / 2) * width
+    values = [accuracy(reports[label], c) for c in conditions]
+    lowest = min(lowest, np.nanmin(values))
+    ax0.bar(pos, values, width * 0.95, color=_colour(label, i), label=label)
+    layers = list(reports[label]["transformed_median_scores"])
+    ax1.plot(layers, [reports[label]["transformed_median_scores"][l] for l in layers],
+             ls="--", color=_colour(label, i), alpha=0.8)
+    if "corruptions" in reports[label]:
+      med = reports[label]["corruptions"]["mean"]["median_scores"]
+      ax1.plot(layers, [med[l] for l in layers], "o-", color=_colour(label, i),
+               label=label)
+  ax0.set_xticks(np.arange(len(conditions)))
+  ax0.set_xticklabels(conditions, rotation=30, ha="right")
+  ax0.set_ylabel("test accuracy")
+  ax0.set_ylim(max(0.0, np.floor(lowest * 10) / 10 - 0.1), 1.0)
+  ax0.legend(loc="lower left", fontsize=8)
+  ax1.set_ylabel("median invariance score")
+  ax1.set_title("solid: under corruptions; dashed: scoring transformations",
+                fontsize=9)
+  ax1.tick_params(axis="x", rotation=30)
+  if any("corruptions" in r for r in reports.values()):
+    ax1.legend(loc="lower right", fontsize=8)
+  fig.suptitle(title)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path

@@ -43,6 +43,10 @@ class StepConfig:
   # With alpha = 0 and copies > 1, still compute L_inv per layer for the metrics
   # (outside the gradient). The benchmark turns it off to time the bare same-batch step.
   measure_inv: bool = True
+  weight_law: str = "exponential"  # losses.WEIGHT_LAWS
+  # Weight of the class-invariance term (Eq. 3 with classes in place of seeds), shared
+  # over the layers by the same law; 0 = off.
+  class_alpha: float = 0.0
 
 
 def create_learning_rate_fn(base: float, boundaries_epochs, decay: float,
@@ -94,7 +98,10 @@ def _in_top5(logits, labels):
 
 def make_train_step(cfg: StepConfig) -> Callable:
   """(state, seed_images uint8 [K,H,W,C], labels [K], key) -> (state, metrics)."""
-  weights = losses.layer_weights(cfg.num_layers, cfg.alpha, cfg.alpha_ratio)
+  weights = losses.layer_weights(cfg.num_layers, cfg.alpha, cfg.alpha_ratio,
+                                  cfg.weight_law)
+  class_weights = losses.layer_weights(cfg.num_layers, cfg.class_alpha, cfg.alpha_ratio,
+                                        cfg.weight_law)
   # L_inv needs copies in the batch; at alpha = 0 it is measured only if asked.
   measure_inv = cfg.copies > 1 and (cfg.alpha > 0 or cfg.measure_inv)
 
@@ -112,19 +119,23 @@ def make_train_step(cfg: StepConfig) -> Callable:
         feats = models.sown(updates["intermediates"])
         inv = {k: losses.grouped_invariance_loss(v, cfg.copies, cfg.loss_method)
                for k, v in feats.items()}
-      if cfg.alpha > 0:
-        loss = losses.total_loss(ce, inv, weights, cfg.alpha)
-      else:  # L_inv is only measured: keep it out of the gradient.
+      cls = {}
+      if cfg.class_alpha > 0:
+        cls = {k: losses.invariance_loss(v, y, cfg.loss_method)
+               for k, v in models.sown(updates["intermediates"]).items()}
+      if cfg.alpha == 0:  # L_inv is only measured: keep it out of the gradient.
         inv = jax.lax.stop_gradient(inv)
-        loss = ce
-      return loss, (updates["batch_stats"], logits, ce, inv)
+      loss = losses.total_loss(ce, inv if cfg.alpha > 0 else {}, weights, cfg.alpha,
+                               cls, class_weights, cfg.class_alpha)
+      return loss, (updates["batch_stats"], logits, ce, inv, cls)
 
-    (loss, (batch_stats, logits, ce, inv)), grads = jax.value_and_grad(
+    (loss, (batch_stats, logits, ce, inv, cls)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     metrics = {"loss": loss, "cross_entropy": ce,
                **_accuracy(logits, y, cfg.top5),
-               **{f"inv_loss/{k}": v for k, v in inv.items()}}
+               **{f"inv_loss/{k}": v for k, v in inv.items()},
+               **{f"class_inv_loss/{k}": v for k, v in cls.items()}}
     return new_state, metrics
 
   return train_step

@@ -182,7 +182,8 @@ def build(config, data: input_pipeline.Dataset | None = None) -> Run:
       copies=config.copies, alpha=config.alpha, alpha_ratio=config.alpha_ratio,
       loss_method=config.loss_method,
       ranges=augment.AugmentRanges.from_config(config.augment),
-      num_layers=len(layer_shapes), top5=data.num_classes > 10)
+      num_layers=len(layer_shapes), top5=data.num_classes > 10,
+      weight_law=config.layer_weight_law, class_alpha=config.class_alpha)
   return Run(config, data, model, step_config, steps_per_epoch, total_steps, lr_fn,
              layer_shapes, param_count)
 
@@ -203,6 +204,11 @@ def _flat_config(d, prefix=""):
     else:
       out[f"{prefix}{k}"] = v
   return out
+
+
+def _default_fields():
+  """{"a.b": default} of every field of config_lib.base_config()."""
+  return _flat_config(json.loads(config_lib.base_config().to_json_best_effort()))
 
 
 # Fields that change how fast a run goes, not what it computes (tested): a run may be
@@ -226,8 +232,13 @@ def config_diff(config, workdir: str) -> dict[str, tuple[Any, Any]]:
     raise errors.WorkdirError(f"{path} cannot be read ({type(e).__name__}: {e}); move "
                               "it away (or choose another --workdir).") from e
   given = _flat_config(json.loads(config.to_json_best_effort()))
+  # A field added to invjax after the run was started, at its default, is no change.
+  defaults = _default_fields()
+  new_at_default = {k for k in given if k not in saved and k in defaults and
+                    given[k] == defaults[k]}
   return {k: (saved.get(k), given.get(k)) for k in sorted(set(saved) | set(given))
-          if saved.get(k) != given.get(k) and k not in PERFORMANCE_FIELDS + SAFETY_FIELDS}
+          if saved.get(k) != given.get(k) and k not in PERFORMANCE_FIELDS + SAFETY_FIELDS
+          and k not in new_at_default}
 
 
 def restore_latest(ckpts: checkpoints.Checkpoints, target, config, workdir: str):
@@ -277,10 +288,21 @@ def load_config(workdir: str):
                              "first, or give the --workdir of a trained run).")
   try:
     with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
+      config = ml_collections.ConfigDict(json.load(f))
   except (OSError, ValueError) as e:
     raise errors.RunNotFound(f"{path} cannot be read ({type(e).__name__}: {e}); give "
                              "--config (the config file the run was trained with).") from e
+  # Fields added to invjax after the run was started take their defaults.
+  for field, value in _default_fields().items():
+    *parents, leaf = field.split(".")
+    node = config
+    for p in parents:
+      if p not in node:
+        node[p] = ml_collections.ConfigDict()
+      node = node[p]
+    if leaf not in node:
+      node[leaf] = tuple(value) if isinstance(value, list) else value
+  return config
 
 
 def save_config(config, workdir: str) -> None:

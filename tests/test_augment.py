@@ -397,3 +397,62 @@ def test_augment_each_does_not_depend_on_the_batch_around_an_image(scoring=True)
   moved = np.asarray(_augment(key, images, ranges=ranges, scoring=scoring))[:N - 2]
   assert np.max(np.abs(batched - moved)) > 0.05  # the batched draws would differ
   assert np.max(np.abs(whole - np.asarray(images))) > 0.05
+
+
+# ---------------------------------------------------------------------------
+# Cutout and the named presets.
+# ---------------------------------------------------------------------------
+
+def _ref_cutout(img, cut, cy, cx):
+  """Loops over pixels: those of the square (side round(cut * min(H, W)), top-left
+  round(centre - side / 2)) take the image's mean colour."""
+  img = np.asarray(img, np.float64)
+  h, w, _ = img.shape
+  side = round(cut * min(h, w))
+  top, left = round(cy * h - side / 2), round(cx * w - side / 2)
+  mean = img.mean(axis=(0, 1))
+  out = img.copy()
+  for i in range(h):
+    for j in range(w):
+      if top <= i < top + side and left <= j < left + side:
+        out[i, j] = mean
+  return out
+
+
+@pytest.mark.parametrize("cut,cy,cx", [(0.5, 0.5, 0.5), (0.3, 0.05, 0.9), (1.0, 0.2, 0.7)])
+def test_cutout_matches_reference(cut, cy, cx):
+  images = np.random.default_rng(0).uniform(size=(1, H, W, C)).astype(np.float32)
+  out = _apply(jnp.asarray(images), _params(1, cut=cut, cy=cy, cx=cx))
+  np.testing.assert_allclose(out[0], _ref_cutout(images[0], cut, cy, cx), atol=1e-6)
+  assert np.sum(np.any(np.asarray(out[0]) != images[0], axis=-1)) > 0
+
+
+def test_cutout_draws_leave_the_other_parameters_unchanged_and_scoring_never_cuts():
+  key = jax.random.PRNGKey(4)
+  plain = augment.sample_params(key, 500, augment.AugmentRanges())
+  cut = augment.sample_params(key, 500, augment.AugmentRanges(cutout=0.5))
+  for name in augment.AugmentParams._fields:
+    if name not in ("cut",):
+      np.testing.assert_array_equal(getattr(plain, name), getattr(cut, name))
+  np.testing.assert_array_equal(plain.cut, 0.0)
+  np.testing.assert_array_equal(cut.cut, 0.5)
+  assert 0.0 <= float(cut.cy.min()) and float(cut.cy.max()) <= 1.0
+  assert abs(float(cut.cx.mean()) - 0.5) < 0.05 and float(jnp.std(cut.cx)) > 0.25
+  scoring = augment.sample_scoring_params(key, 50, augment.AugmentRanges(cutout=0.5))
+  np.testing.assert_array_equal(scoring.cut, 0.0)
+
+
+def test_presets_set_every_range_and_name_themselves():
+  from invjax import config_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.apply_variant(config_lib.base_config(), "baseline,light")
+  assert (c.variant, c.copies, c.augment_preset) == ("baseline", 1, "light")
+  assert augment.AugmentRanges.from_config(c.augment) == augment.PRESETS["light"]
+  c = config_lib.apply_variant(config_lib.base_config(), ",cutout")
+  assert (c.variant, c.augment.cutout, c.augment.rotation) == ("invariance", 0.5, 0.0)
+  assert augment.AugmentRanges.from_config(
+      config_lib.base_config().augment) == augment.PRESETS["heavier"]
+  with pytest.raises(ValueError, match="valid presets are"):
+    config_lib.apply_variant(config_lib.base_config(), "baseline,strong")
+  c.augment.cutout = 1.5
+  with pytest.raises(ValueError, match=r"augment.cutout=1.5 must be a finite number in \[0, 1\]"):
+    config_lib.validate(c)

@@ -195,3 +195,23 @@ def test_gradient_matches_finite_differences(method):
     down[idx] -= eps
     fd[idx] = (naive_loss(up, ids) - naive_loss(down, ids)) / (2 * eps)
   np.testing.assert_allclose(grad, fd, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,alpha,ratio", [(9, 0.1, 10.0), (3, 0.3, 4.0)])
+def test_layer_weight_laws_sum_to_alpha_and_have_their_shapes(n, alpha, ratio):
+  w = {law: np.asarray(losses.layer_weights(n, alpha, ratio, law))
+       for law in losses.WEIGHT_LAWS}
+  for v in w.values():
+    assert v.shape == (n,) and np.all(v > 0)
+    np.testing.assert_allclose(v.sum(), alpha, rtol=1e-6)
+  np.testing.assert_allclose(w["exponential"],
+                             losses.layer_weights(n, alpha, ratio), rtol=1e-7)
+  np.testing.assert_allclose(w["uniform"], alpha / n, rtol=1e-6)
+  lin = w["linear"]
+  np.testing.assert_allclose(np.diff(lin), np.diff(lin)[0], rtol=1e-4)  # equal steps
+  np.testing.assert_allclose(lin[-1] / lin[0], ratio, rtol=1e-5)
+  dec = w["decay"]
+  np.testing.assert_allclose(dec[0] / dec[-1], ratio, rtol=1e-5)
+  np.testing.assert_allclose(dec[1:] / dec[:-1], ratio ** (-1 / (n - 1)), rtol=1e-5)
+  with pytest.raises(ValueError, match="valid laws"):
+    losses.layer_weights(n, alpha, ratio, "cubic")

@@ -247,3 +247,45 @@ def test_half_precision_computes_in_bfloat16_and_keeps_float32_state():
     out[dtype] = metrics
   for k, v in out[jnp.float32].items():
     assert float(out[jnp.bfloat16][k]) == pytest.approx(float(v), rel=0.05, abs=0.02), k
+
+
+@pytest.mark.parametrize("method", ["moments", "pairwise"])
+def test_class_invariance_term_is_eq3_over_classes(method):
+  """With class_alpha, the loss adds sum_l beta_l L_inv_l(classes), recomputed here from
+  the naive definition, and CE weighs 1 - alpha - class_alpha."""
+  _, cfg, state, layers = _setup(copies=2, alpha=0.2, method=method)
+  cfg = dataclasses.replace(cfg, class_alpha=0.3, weight_law="linear")
+  seeds, labels = _seeds(8)
+  key = jax.random.key(5)
+  _, metrics = jax.jit(steps.make_train_step(cfg))(state, seeds, labels, key)
+
+  @jax.jit
+  def recompute(state):
+    x, y, ids = steps.expand_seeds(seeds, labels, 2)
+    x = augment.augment(key, steps.to_float(x), cfg.ranges)
+    logits, upd = state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats}, x, train=True,
+        mutable=["batch_stats", "intermediates"])
+    feats = models.sown(upd["intermediates"])
+    inv = jnp.stack([_naive_loss(feats[l], ids) for l in layers])
+    cls = jnp.stack([_naive_loss(feats[l], y) for l in layers])
+    w = losses.layer_weights(len(layers), 0.2, 10.0, "linear")
+    b = losses.layer_weights(len(layers), 0.3, 10.0, "linear")
+    return (0.5 * losses.cross_entropy(logits, y) + jnp.sum(w * inv) + jnp.sum(b * cls),
+            cls)
+
+  expected, cls = recompute(state)
+  assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-5)
+  for l, v in zip(layers, cls):
+    assert float(metrics[f"class_inv_loss/{l}"]) == pytest.approx(float(v), rel=1e-5)
+    assert 0 < float(v) < 2
+
+
+def _naive_loss(features, ids):
+  """Eq. 3 by its definition: mean distance over same-id pairs / over all pairs."""
+  f = features.reshape(features.shape[0], -1).astype(jnp.float32)
+  d = jnp.mean((f[:, None] - f[None, :]) ** 2, axis=-1)
+  off = ~jnp.eye(f.shape[0], dtype=bool)
+  same = (ids[:, None] == ids[None, :]) & off
+  return (jnp.sum(jnp.where(same, d, 0)) / jnp.sum(same)) / (
+      jnp.sum(jnp.where(off, d, 0)) / jnp.sum(off))
