@@ -278,7 +278,7 @@ def score_pairs(feature_fn: FeatureFn, stats: Mapping[str, LayerStats],
   pieces, sums = [], None
   for clean, moved in batches:
     clean = _as_batch(clean)
-    scores, m, valid = _fetch(batch_scores(stats, clean, _as_batch(moved).images))
+    scores, m, valid = fetch(batch_scores(stats, clean, _as_batch(moved).images))
     pieces.append({k: v[valid > 0] for k, v in scores.items()})
     if with_logits:
       sums = _add(sums, {k: float(v) for k, v in m.items()})
