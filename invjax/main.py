@@ -16,6 +16,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from invjax import analyze as analyze_lib
+from invjax import compilation_cache
 from invjax import describe as describe_lib
 from invjax import distributed
 from invjax import report
@@ -41,6 +42,7 @@ flags.DEFINE_bool("tensorboard", True,
                   "clu's import of TensorFlow (seconds of start-up); metrics.jsonl and "
                   "the log still get every metric.")
 distributed.define_flags()
+compilation_cache.define_flags()
 
 
 def main(argv):
@@ -51,6 +53,10 @@ def main(argv):
     config = train.load_config(FLAGS.workdir)  # the config the run was trained with
   if config is None:
     raise app.UsageError("--config is required (e.g. --config=configs/allcnn.py).")
+  try:
+    compilation_cache.configure()  # before anything compiles
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   if FLAGS.mode == "describe":
     print(describe_lib.format_description(describe_lib.describe(config), config))
     return
