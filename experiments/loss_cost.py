@@ -29,14 +29,18 @@ from invjax import losses  # pylint: disable=g-import-not-at-top
 from invjax import models  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "allcnn", "Model name.")
-flags.DEFINE_float("width", 0.25, "Width multiplier (All-CNN).")
-flags.DEFINE_integer("batch_size", 128, "Images per step.")
-flags.DEFINE_integer("copies", 8, "M.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
-                  "Dtype of the activations (bfloat16: config.half_precision).")
-flags.DEFINE_list("methods", list(losses.METHODS), "Loss methods.")
-flags.DEFINE_integer("repeats", 10, "Timed calls (0: compile and report costs only).")
+
+
+def define_flags() -> None:
+  """The script's flags (defined only when run as a script: benchmark.py imports this)."""
+  flags.DEFINE_string("model", "allcnn", "Model name.")
+  flags.DEFINE_float("width", 0.25, "Width multiplier (All-CNN).")
+  flags.DEFINE_integer("batch_size", 128, "Images per step.")
+  flags.DEFINE_integer("copies", 8, "M.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                    "Dtype of the activations (bfloat16: config.half_precision).")
+  flags.DEFINE_list("methods", list(losses.METHODS), "Loss methods.")
+  flags.DEFINE_integer("repeats", 10, "Timed calls (0: compile and report costs only).")
 
 
 def cost(compiled) -> dict:
@@ -90,4 +94,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
