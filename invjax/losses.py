@@ -99,11 +99,13 @@ def _loss_moments(features, seed_ids):
 #
 # One read of the activations, in their own dtype (bf16 stays bf16 in memory), gives per
 # seed k and feature d, in float32, the seed's mean c_kd (shifted by the batch's first
-# example r_0, so its size is the spread of the activations, not their offset) and its
-# sum of squared deviations ss_kd, by Welford's (Chan's) merge of running means: one
-# variadic reduction, so one pass, free of the cancellation of sum-of-squares minus
-# squared mean at any offset or scale (1e-12 .. 1e12); copies that are equal give
-# ss = 0 exactly. A second pass over [K, D] (1 / M of the data) sums over the seeds.
+# example r_0, so its size is the spread of the activations, not their offset), its
+# sum of squared deviations ss_kd, by Welford's (Chan's) merge of running means, and
+# its sum of squares about r_0: one variadic reduction, so one pass, free of the
+# cancellation of sum-of-squares minus squared mean at any offset or scale
+# (1e-12 .. 1e12); copies that are equal give ss = 0 exactly. Plain sums over the seeds
+# of these [K, D] arrays (1 / M of the data each) give the rest; with the seeds split
+# over devices, those are the only values the devices exchange (one all-reduce).
 # The gradient is elementwise (custom_vjp):
 #
 #   dL/df_i = [(a_k - L b) (f_i - mu_k) - L b (mu_k - mu)] / between
@@ -113,32 +115,31 @@ def _loss_moments(features, seed_ids):
 # No square of a distance appears, so nothing under- or overflows at any scale.
 
 
-def _add_all(a, b):
-  return tuple(x + y for x, y in zip(a, b))
-
-
 def _merge_moments(a, b):
-  """Chan et al.'s merge of (count, mean, sum of squared deviations)."""
-  na, ma, qa = a
-  nb, mb, qb = b
+  """Chan et al.'s merge of (count, mean, sum of squared deviations), and a plain sum."""
+  na, ma, qa, sa = a
+  nb, mb, qb, sb = b
   fa, fb = na.astype(jnp.float32), nb.astype(jnp.float32)
   n = jnp.maximum(fa + fb, 1.0)
   d = mb - ma
-  return na + nb, ma + d * (fb / n), qa + qb + d * d * (fa * fb / n)
+  return na + nb, ma + d * (fb / n), qa + qb + d * d * (fa * fb / n), sa + sb
 
 
 def _seed_moments(copies, x, group, first, counts):
-  """Per seed slot k: (means - r_0 [G, D], ss [G, D], count n_k [G, 1] or M, r_0 [1, D])
-  of flat activations x [B, D], all float32."""
+  """Per seed slot k and feature d, float32, of flat activations x [B, D]:
+  (c: the seed's mean - r_0, ss: its sum of squared deviations from its mean,
+   q0: its sum of squared deviations from r_0), [G, D] each, and its count n_k
+  ([G, 1], or M)."""
   b, dim = x.shape
   if copies:  # consecutive groups of `copies`: one reduction over the copies axis
-    r0 = x[:1].astype(jnp.float32)
-    xs = x.reshape(b // copies, copies, dim).astype(jnp.float32) - r0
+    xs = (x.reshape(b // copies, copies, dim).astype(jnp.float32)
+          - x[:1].astype(jnp.float32))
     count = jnp.int8 if copies < 128 else jnp.int32  # 1 byte per seed and feature
-    _, mean, ss = jax.lax.reduce(
-        (jnp.ones(xs.shape, count), xs, jnp.zeros_like(xs)),
-        (count(0), jnp.float32(0), jnp.float32(0)), _merge_moments, (1,))
-    return mean, ss, jnp.float32(copies), r0
+    zero = jnp.float32(0)
+    _, c, ss, q0 = jax.lax.reduce(
+        (jnp.ones(xs.shape, count), xs, jnp.zeros_like(xs), xs * xs),
+        (count(0), zero, zero, zero), _merge_moments, (1,))
+    return c, ss, q0, jnp.float32(copies)
   # Seed ids (not the train step's layout): segment sums of the activations shifted by
   # each seed's first example r_k, which keeps Q - S^2 / n free of cancellation.
   r0 = x[first[:1]].astype(jnp.float32)
@@ -146,25 +147,32 @@ def _seed_moments(copies, x, group, first, counts):
   g = x.astype(jnp.float32) - ref[group]
   s = jax.ops.segment_sum(g, group, num_segments=b)
   q = jax.ops.segment_sum(g * g, group, num_segments=b)
+  q0 = jax.ops.segment_sum((x.astype(jnp.float32) - r0) ** 2, group, num_segments=b)
   n = counts.astype(jnp.float32)[:, None]
   nn = jnp.maximum(n, 1.0)  # empty slots have s = q = 0
-  return (ref - r0) + s / nn, jnp.maximum(q - s * s / nn, 0.0), n, r0
+  return (ref - r0) + s / nn, jnp.maximum(q - s * s / nn, 0.0), q0, n
 
 
 def _moments_parts(copies, x, group, first, counts):
   """The forward pass: (L, residuals for the gradient)."""
   b, dim = x.shape
-  c, ss, n, _ = _seed_moments(copies, x, group, first, counts)
-  zero = jnp.float32(0)
-  # One small pass over [G, D] for the four sums over seeds, [D] each.
-  ss_sum, ss_weighted, c_sum, c_sq = jax.lax.reduce(
-      (ss, 2.0 * n * ss, n * c, n * c * c), (zero,) * 4, _add_all, (0,))
-  c_mean = c_sum / b  # the batch mean - r_0, [D]
-  pairs = (jnp.float32(b * (copies - 1)) if copies
-           else jnp.maximum(jnp.sum(counts * (counts - 1)), 1).astype(jnp.float32))
-  within = jnp.sum(ss_weighted) / pairs / dim
-  between_ss = jnp.maximum(jnp.sum(c_sq - b * c_mean * c_mean), 0.0)
-  between = 2.0 * (jnp.sum(ss_sum) + between_ss) / (b - 1) / dim
+  c, ss, q0, n = _seed_moments(copies, x, group, first, counts)
+  # The sums over seeds: plain sums of the reduction's outputs, so that XLA reads each
+  # once and, with the seeds split over devices, adds the devices' sums (all-reduce).
+  c_mean = jnp.sum(c if copies else n * c, axis=0) * (n if copies else 1.0) / b  # [D]
+  if copies:
+    pairs = jnp.float32(b * (copies - 1))
+    within_ss = jnp.sum(ss)
+    within = 2.0 * copies * within_ss / pairs / dim
+  else:
+    pairs = jnp.maximum(jnp.sum(counts * (counts - 1)), 1).astype(jnp.float32)
+    within_ss = jnp.sum(ss)
+    within = jnp.sum(2.0 * n * ss) / pairs / dim
+  # sum_i ||f_i - mu||^2 = sum_i ||f_i - r_0||^2 - B ||mu - r_0||^2 (r_0 is one of the
+  # examples, so mu - r_0 is of the size of the spread: no cancellation to fear), and
+  # at least the within-seed part.
+  total_ss = jnp.maximum(jnp.sum(q0) - b * jnp.sum(c_mean * c_mean), within_ss)
+  between = 2.0 * total_ss / (b - 1) / dim
   loss = _safe_ratio(within, between)
   return loss, (x, c, c_mean, loss, between, pairs)
 
