@@ -355,8 +355,9 @@ def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: in
       c.loss_method = default_method
     print(f"  {model} {precision}: 1 step per dispatch ...", flush=True)
     one = {"1": TrainingVariant(c, data, {}, 1)}
-    rows[f"invariance {default_method}, 1 step/dispatch"] = time_training(
+    row = rows[f"invariance {default_method}, 1 step/dispatch"] = time_training(
         one, repeats * spd)["1"]
+    row["copies"], row["alpha"] = c.copies, c.alpha
   del prepared
   result = {"model": model, "precision": precision, "size": size,
             "overrides": overrides, "batch_size": config.batch_size, "copies": m,
