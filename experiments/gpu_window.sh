@@ -12,7 +12,7 @@
 #                   16 x 8: XLA's bytes accessed over the activations' bytes, and time
 #   allcnn    (210) every training variant, the loss alone, augmentation, analysis
 #   wrn       (240) baseline, same batch, moments, the loss alone, analysis
-#   densenet  (300) same batch, moments, the loss alone (each compile ~2 min on H200)
+#   densenet  (330) same batch, moments, the loss alone (each compile ~2 min on H200)
 # Environment: BENCH_ARGS is added to every benchmark.py command (e.g. the CPU smoke
 # test: "--size=small --repeats=1 --train_images=256 --analysis_images=32");
 # TIME_SCALE multiplies every limit (default 1).
@@ -53,7 +53,7 @@ print(jax.devices())"' ;;
     allcnn) bench allcnn 210 --models=allcnn --repeats=15 ;;
     wrn) bench wrn 240 --models=wrn --repeats=15 \
       --variants=baseline,same_batch,moments,loss_alone,analysis ;;
-    densenet) bench densenet 300 --models=densenet --repeats=10 \
+    densenet) bench densenet 330 --models=densenet --repeats=10 \
       --variants=same_batch,moments,loss_alone ;;
     *) echo "unknown phase $phase (env loss allcnn wrn densenet)"; exit 2 ;;
   esac
