@@ -34,8 +34,8 @@ compilation_cache.define_flags()  # --compilation_cache=DIR|off
 def main(argv):
   del argv
   t0 = time.time()
-  compilation_cache.configure()
   distributed.initialize_from_flags()
+  compilation_cache.configure()  # before anything compiles
   result = experiment.compare_variants(FLAGS.config, FLAGS.workdir, FLAGS.variants)
   if not distributed.is_primary():
     return

@@ -82,8 +82,8 @@ def main(argv):
                      [shlex.quote(a) for a in sys.argv[1:]])
   out_dir = os.path.join(FLAGS.results_dir, scale.tag())
   t0 = time.time()
-  compilation_cache.configure()
   distributed.initialize_from_flags()
+  compilation_cache.configure()  # before anything compiles
   results = {c: paper.run_cell(c, scale, FLAGS.workdir, FLAGS.variants) for c in cells}
   if not distributed.is_primary():  # process 0 writes the results
     return

@@ -45,6 +45,13 @@ distributed.define_flags()
 compilation_cache.define_flags()
 
 
+def _compilation_cache():
+  try:
+    compilation_cache.configure()  # before anything compiles
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -53,11 +60,8 @@ def main(argv):
     config = train.load_config(FLAGS.workdir)  # the config the run was trained with
   if config is None:
     raise app.UsageError("--config is required (e.g. --config=configs/allcnn.py).")
-  try:
-    compilation_cache.configure()  # before anything compiles
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
   if FLAGS.mode == "describe":
+    _compilation_cache()
     print(describe_lib.format_description(describe_lib.describe(config), config))
     return
   if not FLAGS.workdir:
@@ -66,6 +70,7 @@ def main(argv):
     distributed.initialize_from_flags()
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+  _compilation_cache()  # after joining: only process 0 logs at info level
   if FLAGS.mode in ("train", "train_and_analyze"):
     result = train.train_and_evaluate(config, FLAGS.workdir, FLAGS.allow_config_change,
                                       tensorboard=FLAGS.tensorboard)
