@@ -2,6 +2,7 @@
 
   python experiments/benchmark.py                       # every architecture
   python experiments/benchmark.py --models=allcnn --size=paper --precision=bfloat16
+  python experiments/benchmark.py --models=wrn --variants=same_batch,moments,loss_alone
 
 For each architecture, at its paper batch size and M (configs/<model>.py), in one
 process and on the same synthetic data resident on the device, this times the real
@@ -13,18 +14,27 @@ backward, update), in these variants:
   invariance <m>    M copies, alpha = 0.1, L_inv by method <m> (pairwise, moments)
   ... 1 step/dispatch   the default invariance step, synchronised after every step
 
-and the augmentation alone (B images from B / M seeds) and the analysis (test images
-scored per second: clean pass, 5 transformed copies, every layer; `analysis.score_dataset`).
+and the loss alone (L_inv of every sown layer, value and gradient, on random activations
+of the step's shapes and dtype: experiments/loss_cost.py's program), the augmentation
+alone (B images from B / M seeds) and the analysis (test images scored per second: clean
+pass, 5 transformed copies, every layer; `analysis.score_dataset`). --variants picks
+which (default: all); the loss's share of a step is the invariance step's time minus the
+same batch's, beside the loss alone.
 
 Each training variant runs --steps_per_dispatch steps per dispatched program; its step
 time is the median over --repeats programs (after warm-up, the device synchronised after
 each) divided by the steps per program. Reported per variant: step time, images per
-second, the ratio to the same-batch and to the baseline step, XLA's FLOPs per step (its
-cost analysis of the compiled program), achieved TFLOP/s and their fraction of the
-device's matmul peak (measured here with a large matrix product in the compute dtype,
+second, the ratio to the same-batch and to the baseline step, the step's FLOPs counted
+analytically (every kernel tap of every convolution and matrix product, as papers
+count, `describe.dense_macs`: 2 FLOPs per multiply-accumulate, x 3 for forward and
+backward, x B images; augmentation, batch norm and the loss not counted) and XLA's
+(its cost analysis of the compiled program; on a GPU it leaves out the convolutions
+that cuDNN runs, so only the analytic count gives TFLOP/s there), achieved TFLOP/s
+(analytic) and their fraction of the device's matmul peak (measured here with a large matrix product in the compute dtype,
 or --peak_tflops), XLA's memory plan of the program (arguments + temporaries), the
 device's peak memory where it reports one, and compile time. Writes a Markdown table and
-JSON (--out, default experiments/results/benchmark.{md,json}).
+JSON (--out, default experiments/results/benchmark.{md,json}), rewritten after each
+model, so that a run stopped part-way keeps the models it finished.
 
 --size=small (the default on CPU) shrinks the models so that a CPU finishes in minutes:
 the ratios are what it measures there; absolute speed is for the accelerator.
@@ -50,9 +60,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from invjax import analysis  # pylint: disable=g-import-not-at-top
 from invjax import augment  # pylint: disable=g-import-not-at-top
 from invjax import config_lib  # pylint: disable=g-import-not-at-top
+from invjax import describe  # pylint: disable=g-import-not-at-top
+from invjax import losses  # pylint: disable=g-import-not-at-top
+from invjax import models as models_lib  # pylint: disable=g-import-not-at-top
 from invjax import input_pipeline  # pylint: disable=g-import-not-at-top
 from invjax import steps as steps_lib  # pylint: disable=g-import-not-at-top
 from invjax import train  # pylint: disable=g-import-not-at-top
+from experiments import loss_cost  # pylint: disable=g-import-not-at-top
 from experiments import paper  # pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,6 +90,14 @@ flags.DEFINE_float("peak_tflops", None, "The device's peak TFLOP/s for the fract
                    "column. Default: measured with a large matrix product.")
 flags.DEFINE_string("out", os.path.join(ROOT, "experiments", "results", "benchmark"),
                     "Output path without extension: writes OUT.md and OUT.json.")
+flags.DEFINE_list("variants", None, "What to time, from " + ", ".join(
+    "%s (%s)" % kv for kv in {
+        "baseline": "M = 1, alpha = 0", "same_batch": "M copies, no loss",
+        "pairwise": "invariance, pairwise", "moments": "invariance, moments",
+        "dispatch1": "default method, 1 step per dispatch, if steps_per_dispatch > 1",
+        "loss_alone": "L_inv value and gradient alone",
+        "augmentation": "augmentation alone", "analysis": "scoring"}.items())
+                  + ". Default: all.")
 
 # What --size=small changes, per model (the paper's batch size and M are kept).
 SMALL = {
@@ -84,6 +106,8 @@ SMALL = {
     "densenet": {"model.depth": 40},
 }
 METHODS = ("pairwise", "moments")
+VARIANTS = ("baseline", "same_batch", "pairwise", "moments", "dispatch1", "loss_alone",
+            "augmentation", "analysis")
 
 
 def _on_cpu() -> bool:
@@ -163,6 +187,9 @@ class TrainingVariant:
       config.steps_per_dispatch = steps_per_dispatch
     self.config, self.spd = config, steps_per_dispatch
     run = train.build(config, data)
+    # Analytic: 2 FLOPs per multiply-accumulate, forward + backward (x 3), B images.
+    self.analytic_flops = 6.0 * config.batch_size * describe.dense_macs(
+        run.model, run.data.image_shape)
     run.step_config = dataclasses.replace(run.step_config, **step_overrides)
     placement = train.Placement.create()
     self.state = train.initial_state(run, placement)
@@ -187,6 +214,7 @@ class TrainingVariant:
             # XLA's cost analysis counts a loop body once, whatever its trip count:
             # take the FLOPs of the 1-step program.
             "flops_per_step": _cost_flops(compiled[1]),
+            "analytic_flops_per_step": self.analytic_flops,
             "memory_plan_bytes": _plan_bytes(compiled[self.spd]),
             "compile_s": self.programs.compile_seconds[self.spd],
             "steps_timed": len(self.times) * self.spd,
@@ -262,52 +290,102 @@ def time_analysis(config, data) -> dict:
           "first_call_s": first}
 
 
+def time_loss_alone(config, repeats: int) -> dict:
+  """L_inv of every sown layer, value and gradient, on random post-ReLU activations of
+  the step's shapes and compute dtype, weighted as Eq. 4 weighs them."""
+  model = train.create_model(config, config.num_classes)
+  shapes = models_lib.layer_shapes(model, tuple(config.image_shape))
+  dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+  key = jax.random.key(0)
+  feats = {k: jnp.maximum(jax.random.normal(jax.random.fold_in(key, i),
+                                            (config.batch_size, *s), dtype), 0)
+           for i, (k, s) in enumerate(shapes.items())}
+  weights = losses.layer_weights(len(shapes), config.alpha, config.alpha_ratio)
+  t = time.perf_counter()
+  compiled = loss_cost.loss_program(weights, config.copies, config.loss_method).lower(
+      feats).compile()
+  compile_s = time.perf_counter() - t
+  _sync(compiled(feats))
+  times = []
+  for _ in range(repeats * 3):
+    t = time.perf_counter()
+    _sync(compiled(feats))
+    times.append(time.perf_counter() - t)
+  nbytes = sum(v.size * v.dtype.itemsize for v in feats.values())
+  cost = loss_cost.cost(compiled)
+  return {"step_ms": float(np.median(times)) * 1e3, "method": config.loss_method,
+          "activation_bytes": nbytes, "layers": len(shapes),
+          "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
+          "flops_per_step": float(cost.get("flops", float("nan"))),
+          "memory_plan_bytes": _plan_bytes(compiled), "compile_s": compile_s}
+
+
 def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: int,
-                    n_train: int, n_test: int) -> dict:
+                    n_train: int, n_test: int, chosen=VARIANTS) -> dict:
   config, overrides = load_config(model, size, precision)
   data = synthetic_data(config, n_train, n_test)
   m = config.copies
   variants = {
-      "baseline": ({"copies": 1, "alpha": 0.0}, {}),
-      "same batch": ({"alpha": 0.0}, {"measure_inv": False}),
+      "baseline": ("baseline", {"copies": 1, "alpha": 0.0}, {}),
+      "same_batch": ("same batch", {"alpha": 0.0}, {"measure_inv": False}),
   }
   for method in METHODS:
-    variants[f"invariance {method}"] = ({"loss_method": method}, {})
+    variants[method] = (f"invariance {method}", {"loss_method": method}, {})
   default_method = config_lib.base_config().loss_method
   prepared = {}
-  for name, (fields, step_overrides) in variants.items():
+  for key, (name, fields, step_overrides) in variants.items():
+    if key not in chosen:
+      continue
     c = config.copy_and_resolve_references()
     with c.unlocked():
       for k, v in fields.items():
         c[k] = v
     print(f"  {model} {precision}: compiling {name} ...", flush=True)
     prepared[name] = TrainingVariant(c, data, step_overrides, spd)
-  print(f"  {model} {precision}: timing {len(prepared)} variants side by side ...",
-        flush=True)
-  rows = time_training(prepared, repeats)
+  rows = {}
+  if prepared:
+    print(f"  {model} {precision}: timing {len(prepared)} variants side by side ...",
+          flush=True)
+    rows = time_training(prepared, repeats)
   for name, v in prepared.items():
     rows[name]["copies"], rows[name]["alpha"] = v.config.copies, v.config.alpha
-  if spd > 1:  # what several steps per dispatch buy
+  if spd > 1 and "dispatch1" in chosen:  # what several steps per dispatch buy
     c = config.copy_and_resolve_references()
     with c.unlocked():
       c.loss_method = default_method
     print(f"  {model} {precision}: 1 step per dispatch ...", flush=True)
     one = {"1": TrainingVariant(c, data, {}, 1)}
-    rows[f"invariance {default_method}, 1 step/dispatch"] = time_training(
+    row = rows[f"invariance {default_method}, 1 step/dispatch"] = time_training(
         one, repeats * spd)["1"]
+    row["copies"], row["alpha"] = c.copies, c.alpha
   del prepared
-  print(f"  {model} {precision}: augmentation, analysis ...", flush=True)
-  aug = time_augmentation(config, data, repeats)
-  scores = time_analysis(config, data)
-  base, same = rows["baseline"]["step_ms"], rows["same batch"]["step_ms"]
+  result = {"model": model, "precision": precision, "size": size,
+            "overrides": overrides, "batch_size": config.batch_size, "copies": m,
+            "paper_epochs": config.num_epochs, "train_rows": rows,
+            "default_method": default_method}
+  if "loss_alone" in chosen:
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+      c.loss_method = default_method
+    print(f"  {model} {precision}: the loss alone ...", flush=True)
+    result["loss_alone"] = time_loss_alone(c, repeats)
+  if "augmentation" in chosen:
+    print(f"  {model} {precision}: augmentation ...", flush=True)
+    result["augmentation"] = time_augmentation(config, data, repeats)
+  if "analysis" in chosen:
+    print(f"  {model} {precision}: analysis ...", flush=True)
+    result["analysis"] = time_analysis(config, data)
+  base = rows.get("baseline", {}).get("step_ms")
+  same = rows.get("same batch", {}).get("step_ms")
   for r in rows.values():
-    r["vs_same_batch"] = r["step_ms"] / same
-    r["vs_baseline"] = r["step_ms"] / base
-  aug["vs_same_batch"] = aug["step_ms"] / same
-  return {"model": model, "precision": precision, "size": size,
-          "overrides": overrides, "batch_size": config.batch_size, "copies": m,
-          "paper_epochs": config.num_epochs, "train_rows": rows, "augmentation": aug,
-          "analysis": scores, "default_method": default_method}
+    r["vs_same_batch"] = r["step_ms"] / same if same else None
+    r["vs_baseline"] = r["step_ms"] / base if base else None
+    # The loss's share of the step: the step minus the same batch without the loss.
+    r["loss_share_ms"] = r["step_ms"] - same if same else None
+  if "augmentation" in result:
+    result["augmentation"]["vs_same_batch"] = (
+        result["augmentation"]["step_ms"] / same if same else None)
+  return result
 
 
 def hardware() -> dict:
@@ -316,6 +394,10 @@ def hardware() -> dict:
           "devices": jax.device_count(), "cpu_count": os.cpu_count(),
           "machine": platform.machine(), "python": platform.python_version(),
           "jax": jax.__version__}
+
+
+def _num(value, fmt: str) -> str:
+  return "" if value is None else format(value, fmt)
 
 
 def format_markdown(result: dict) -> str:
@@ -332,6 +414,10 @@ def format_markdown(result: dict) -> str:
       "variants timed in turn (round after round). "
       f"Synthetic training set of {result['train_images']:,} images resident on the "
       "device; the step gathers, augments, runs forward and backward and updates.  ",
+      "GFLOP/step: analytic (every kernel tap, 2 per multiply-accumulate, x 3 for "
+      "forward and backward; TFLOP/s and the fraction of peak are of this count) and "
+      "XLA's cost analysis (on a GPU without the convolutions cuDNN runs). "
+      "Loss share: the step's time minus the same batch's without the loss.  ",
   ]
   for precision, peak in result["peak_tflops"].items():
     lines.append(f"Device peak ({precision} matmul, {result['peak_source']}): "
@@ -342,34 +428,69 @@ def format_markdown(result: dict) -> str:
     peak = result["peak_tflops"][r["precision"]]
     lines += ["", f"## {r['model']}, {r['precision']}{size}: batch {r['batch_size']}, "
               f"M = {r['copies']}", "",
-              "| step | ms | images/s | / same batch | / baseline | GFLOP/step (XLA) "
-              "| TFLOP/s | of peak | memory plan (MB) | compile (s) |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "| step | ms | images/s | / same batch | / baseline | loss share (ms) "
+              "| GFLOP/step | GFLOP/step (XLA) | TFLOP/s | of peak | memory plan (MB) "
+              "| compile (s) |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+              "| ---: | ---: |"]
     for name, row in r["train_rows"].items():
-      tflops = row["flops_per_step"] / (row["step_ms"] / 1e3) / 1e12
+      flops = row.get("analytic_flops_per_step", float("nan"))
+      tflops = flops / (row["step_ms"] / 1e3) / 1e12
+      share = row.get("loss_share_ms") if row.get("alpha") else None
       lines.append(
           f"| {name} | {row['step_ms']:.2f} | {row['images_per_s']:,.0f} | "
-          f"{row['vs_same_batch']:.3f} | {row['vs_baseline']:.3f} | "
+          f"{_num(row['vs_same_batch'], '.3f')} | {_num(row['vs_baseline'], '.3f')} | "
+          f"{_num(share, '.2f')} | {flops / 1e9:,.1f} | "
           f"{row['flops_per_step'] / 1e9:,.1f} | {tflops:.3f} | {tflops / peak:.1%} | "
           f"{row['memory_plan_bytes'] / 2**20:,.0f} | {row['compile_s']:.1f} |")
-    a = r["augmentation"]
-    lines.append(f"| augmentation alone | {a['step_ms']:.2f} | {a['images_per_s']:,.0f}"
-                 f" | {a['vs_same_batch']:.3f} | | {a['flops_per_step'] / 1e9:,.2f} | | "
-                 f"| {a['memory_plan_bytes'] / 2**20:,.0f} | {a['compile_s']:.1f} |")
-    s = r["analysis"]
-    steps = 50_000 // r["batch_size"] * r["paper_epochs"]
-    inv = r["train_rows"][f"invariance {r['default_method']}"]
-    lines += ["", f"Analysis: {s['images']:,} test images x {s['copies']} transformed "
-              f"copies, {s['layers']} layers (pixels included) scored in "
-              f"{s['seconds']:.2f} s: {s['images_per_s']:,.0f} images/s "
-              f"(first call, compiling: {s['first_call_s']:.1f} s).  ",
-              f"Projected paper run ({r['paper_epochs']:g} epochs of 50,000 CIFAR-10 "
-              f"images, {steps:,.0f} steps) at the invariance {r['default_method']} step: "
-              f"{steps * inv['step_ms'] / 6e4:,.1f} min of training steps."]
+    if "loss_alone" in r:
+      a = r["loss_alone"]
+      lines.append(
+          f"| L_inv alone ({a['method']}, value and gradient, {a['layers']} layers) | "
+          f"{a['step_ms']:.2f} | | | | | | {a['flops_per_step'] / 1e9:,.2f} | | | "
+          f"{a['memory_plan_bytes'] / 2**20:,.0f} | {a['compile_s']:.1f} |")
+    if "augmentation" in r:
+      a = r["augmentation"]
+      lines.append(
+          f"| augmentation alone | {a['step_ms']:.2f} | {a['images_per_s']:,.0f} | "
+          f"{_num(a.get('vs_same_batch'), '.3f')} | | | | "
+          f"{a['flops_per_step'] / 1e9:,.2f} | | | "
+          f"{a['memory_plan_bytes'] / 2**20:,.0f} | {a['compile_s']:.1f} |")
+    lines.append("")
+    if "loss_alone" in r:
+      a = r["loss_alone"]
+      lines.append(
+          f"L_inv alone: XLA's bytes accessed {a['bytes_accessed'] / 1e6:,.1f} MB for "
+          f"{a['activation_bytes'] / 1e6:,.1f} MB of sown activations "
+          f"({a['bytes_accessed'] / a['activation_bytes']:.2f} x).  ")
+    if "analysis" in r:
+      s = r["analysis"]
+      lines.append(
+          f"Analysis: {s['images']:,} test images x {s['copies']} transformed "
+          f"copies, {s['layers']} layers (pixels included) scored in "
+          f"{s['seconds']:.2f} s: {s['images_per_s']:,.0f} images/s "
+          f"(first call, compiling: {s['first_call_s']:.1f} s).  ")
+    inv = r["train_rows"].get(f"invariance {r['default_method']}")
+    if inv:
+      steps = 50_000 // r["batch_size"] * r["paper_epochs"]
+      lines.append(
+          f"Projected paper run ({r['paper_epochs']:g} epochs of 50,000 CIFAR-10 "
+          f"images, {steps:,.0f} steps) at the invariance {r['default_method']} step: "
+          f"{steps * inv['step_ms'] / 6e4:,.1f} min of training steps.")
   if result.get("device_peak_bytes") == result.get("device_peak_bytes"):  # not NaN
     lines += ["", f"Device peak memory in use over the whole run: "
               f"{result['device_peak_bytes'] / 2**30:.2f} GiB."]
   return "\n".join(lines) + "\n"
+
+
+def write(result: dict, out: str) -> str:
+  text = format_markdown(result)
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  with open(out + ".md", "w") as f:
+    f.write(text)
+  with open(out + ".json", "w") as f:
+    json.dump(result, f, indent=2)
+  return text
 
 
 def main(argv):
@@ -384,6 +505,10 @@ def main(argv):
   for p in precisions:
     if p not in dtypes:
       raise app.UsageError(f"--precision={p}: valid values are {sorted(dtypes)}.")
+  chosen = tuple(FLAGS.variants or VARIANTS)
+  bad = sorted(set(chosen) - set(VARIANTS))
+  if bad:
+    raise app.UsageError(f"--variants: unknown {bad}; valid: {list(VARIANTS)}.")
   unknown = [m for m in FLAGS.models
              if not os.path.exists(os.path.join(ROOT, "configs", f"{m}.py"))]
   if unknown:
@@ -395,24 +520,20 @@ def main(argv):
     source = "measured here"
   print(f"{hardware()['device']} x{jax.device_count()}: peak " + ", ".join(
       f"{p} {v:.2f} TFLOP/s" for p, v in peaks.items()), flush=True)
-  models = []
-  for precision in precisions:
-    for model in FLAGS.models:
-      models.append(benchmark_model(model, size, precision, spd, repeats, n_train,
-                                    n_test))
   result = {"command": " ".join(["python", "experiments/benchmark.py", *sys.argv[1:]]),
             "date": datetime.date.today().isoformat(), "hardware": hardware(),
             "steps_per_dispatch": spd, "repeats": repeats, "train_images": n_train,
-            "peak_tflops": peaks, "peak_source": source, "models": models,
-            "device_peak_bytes": _device_peak_bytes()}
-  text = format_markdown(result)
-  print(text)
-  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-  with open(FLAGS.out + ".md", "w") as f:
-    f.write(text)
-  with open(FLAGS.out + ".json", "w") as f:
-    json.dump(result, f, indent=2)
-  print(f"wrote {FLAGS.out}.md and {FLAGS.out}.json")
+            "peak_tflops": peaks, "peak_source": source, "models": [],
+            "variants": chosen}
+  for precision in precisions:
+    for model in FLAGS.models:
+      result["models"].append(benchmark_model(model, size, precision, spd, repeats,
+                                              n_train, n_test, chosen))
+      result["device_peak_bytes"] = _device_peak_bytes()
+      write(result, FLAGS.out)  # what is finished survives a stopped run
+      print(f"wrote {FLAGS.out}.md and {FLAGS.out}.json ({model}, {precision})",
+            flush=True)
+  print(format_markdown(result))
 
 
 if __name__ == "__main__":

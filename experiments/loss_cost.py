@@ -1,10 +1,17 @@
 """The invariance loss alone: value and gradient over a model's sown activations.
 
   python experiments/loss_cost.py [--model=allcnn] [--width=0.25] [--batch_size=128]
+  python experiments/loss_cost.py --width=1 --dtype=bfloat16 --repeats=0  # bytes only
 
-Times L_inv (both methods) on random post-ReLU activations of the model's sown layers,
-with no network around it: what the loss costs where the benchmark's step ratios
-(experiments/benchmark.py) cannot separate it from the noise of the step.
+Compiles L_inv (both methods, summed over the layers with Eq. 4's weights) for value and
+gradient on random post-ReLU activations of the model's sown layers, with no network
+around it, and prints per method:
+  - XLA's cost analysis of that program: FLOPs and "bytes accessed", and the bytes
+    accessed over the bytes of the activations it reads. Reading each activation once
+    for the sums, then once more and writing its gradient once, is 3 x: the floor.
+  - its time, median of --repeats calls (0: not timed): what the loss costs where the
+    benchmark's step ratios (experiments/benchmark.py) cannot separate it from the
+    noise of the step.
 """
 
 import os
@@ -22,37 +29,70 @@ from invjax import losses  # pylint: disable=g-import-not-at-top
 from invjax import models  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "allcnn", "Model name.")
-flags.DEFINE_float("width", 0.25, "Width multiplier (All-CNN).")
-flags.DEFINE_integer("batch_size", 128, "Images per step.")
-flags.DEFINE_integer("copies", 8, "M.")
-flags.DEFINE_integer("repeats", 10, "Timed calls.")
+
+
+def define_flags() -> None:
+  """The script's flags (defined only when run as a script: benchmark.py imports this)."""
+  flags.DEFINE_string("model", "allcnn", "Model name.")
+  flags.DEFINE_float("width", 0.25, "Width multiplier (All-CNN).")
+  flags.DEFINE_integer("batch_size", 128, "Images per step.")
+  flags.DEFINE_integer("copies", 8, "M.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                    "Dtype of the activations (bfloat16: config.half_precision).")
+  flags.DEFINE_list("methods", list(losses.METHODS), "Loss methods.")
+  flags.DEFINE_integer("repeats", 10, "Timed calls (0: compile and report costs only).")
+
+
+def cost(compiled) -> dict:
+  c = compiled.cost_analysis()
+  c = c[0] if isinstance(c, (list, tuple)) else c
+  return c or {}
+
+
+def loss_program(weights, copies: int, method: str):
+  """jit(value_and_grad) of sum_l w_l L_inv_l over a dict of activations."""
+  def total(fs):
+    return jnp.sum(weights * jnp.stack([
+        losses.grouped_invariance_loss(v, copies, method) for v in fs.values()]))
+  return jax.jit(jax.value_and_grad(total))
 
 
 def main(argv):
   del argv
+  for m in FLAGS.methods:
+    if m not in losses.METHODS:
+      raise app.UsageError(f"--methods: {m!r} is unknown; valid: {list(losses.METHODS)}.")
   fields = {"width": FLAGS.width} if FLAGS.model == "allcnn" else {}
   model = models.create(FLAGS.model, 10, **fields)
   shapes = models.layer_shapes(model, (32, 32, 3))
   rng = np.random.default_rng(0)
-  feats = {k: jnp.asarray(np.maximum(rng.normal(size=(FLAGS.batch_size, *s)), 0),
-                          jnp.float32) for k, s in shapes.items()}
+  dtype = jnp.dtype(FLAGS.dtype)
+  feats = {k: jnp.asarray(np.maximum(rng.normal(size=(FLAGS.batch_size, *s)), 0), dtype)
+           for k, s in shapes.items()}
   weights = losses.layer_weights(len(shapes), 0.1, 10.0)
-  megabytes = sum(v.size for v in feats.values()) * 4 / 2**20
-  for method in losses.METHODS:
-    def total(fs, method=method):
-      return jnp.sum(weights * jnp.stack([
-          losses.grouped_invariance_loss(v, FLAGS.copies, method) for v in fs.values()]))
-    f = jax.jit(jax.value_and_grad(total))
-    jax.block_until_ready(f(feats))
-    times = []
-    for _ in range(FLAGS.repeats):
-      t = time.perf_counter()
-      jax.block_until_ready(f(feats))
-      times.append(time.perf_counter() - t)
-    print(f"{method}: L_inv value and gradient over {len(shapes)} layers "
-          f"({megabytes:.1f} MB of activations): {1e3 * np.median(times):.1f} ms")
+  nbytes = sum(v.size for v in feats.values()) * dtype.itemsize
+  print(f"{FLAGS.model} (width {FLAGS.width:g}), batch {FLAGS.batch_size} = "
+        f"{FLAGS.batch_size // FLAGS.copies} x {FLAGS.copies}, {FLAGS.dtype}: "
+        f"{len(shapes)} sown layers, {nbytes / 1e6:.1f} MB of activations; "
+        f"{jax.devices()[0].device_kind}, JAX {jax.__version__}")
+  for method in FLAGS.methods:
+    compiled = loss_program(weights, FLAGS.copies, method).lower(feats).compile()
+    c = cost(compiled)
+    accessed = float(c.get("bytes accessed", float("nan")))
+    line = (f"{method}: value and gradient: XLA bytes accessed {accessed / 1e6:,.1f} MB "
+            f"= {accessed / nbytes:.2f} x the activations; "
+            f"{float(c.get('flops', float('nan'))) / 1e9:.3f} GFLOP")
+    if FLAGS.repeats:
+      jax.block_until_ready(compiled(feats))
+      times = []
+      for _ in range(FLAGS.repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(feats))
+        times.append(time.perf_counter() - t)
+      line += f"; {1e3 * np.median(times):.1f} ms (median of {FLAGS.repeats})"
+    print(line, flush=True)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -17,6 +17,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from invjax import cli  # pylint: disable=g-import-not-at-top
+from invjax import compilation_cache  # pylint: disable=g-import-not-at-top
 from invjax import distributed  # pylint: disable=g-import-not-at-top
 from invjax import experiment  # pylint: disable=g-import-not-at-top
 
@@ -27,13 +28,16 @@ config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.py"),
     "Base config; its variant is set per run.", lock_config=True)
 distributed.define_flags()  # several processes: see invjax/distributed.py
+compilation_cache.define_flags()  # --compilation_cache=DIR|off
 
 
 def main(argv):
   del argv
   t0 = time.time()
   distributed.initialize_from_flags()
-  result = experiment.compare_variants(cli.config_flag("config"), FLAGS.workdir, FLAGS.variants)
+  compilation_cache.configure()  # before anything compiles
+  result = experiment.compare_variants(cli.config_flag("config"), FLAGS.workdir,
+                                       FLAGS.variants)
   if not distributed.is_primary():
     return
   print(result["table"])

@@ -41,6 +41,7 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import paper  # pylint: disable=g-import-not-at-top
 from invjax import cli  # pylint: disable=g-import-not-at-top
+from invjax import compilation_cache  # pylint: disable=g-import-not-at-top
 from invjax import config_lib  # pylint: disable=g-import-not-at-top
 from invjax import distributed  # pylint: disable=g-import-not-at-top
 
@@ -67,6 +68,7 @@ flags.DEFINE_integer("test_examples", 0, "Use the first N test images (0: all)."
 flags.DEFINE_multi_string("set", [], "FIELD=VALUE config override for every run, e.g. "
                           "--set dataset=data/cifar10.npz --set model.width=0.25.")
 distributed.define_flags()  # the same command on every host: see invjax/distributed.py
+compilation_cache.define_flags()  # --compilation_cache=DIR|off
 
 DEFAULT_CELLS = {
     "table1": ["allcnn_cifar10", "wrn_cifar10", "densenet_cifar10"],
@@ -107,6 +109,7 @@ def main(argv):
   out_dir = os.path.join(FLAGS.results_dir, scale.tag())
   t0 = time.time()
   distributed.initialize_from_flags()
+  compilation_cache.configure()  # before anything compiles
   results = {c: paper.run_cell(c, scale, FLAGS.workdir, FLAGS.variants) for c in cells}
   if not distributed.is_primary():  # process 0 writes the results
     return

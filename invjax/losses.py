@@ -7,10 +7,12 @@ augmented copies of the same seed image.
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 METHODS = ("pairwise", "moments")
@@ -76,21 +78,143 @@ def _loss_pairwise(features, seed_ids):
 
 
 def _loss_moments(features, seed_ids):
-  # For a set S of n vectors with mean mu, sum_{i, j in S} ||f_i - f_j||^2 equals
-  # 2 n sum_{i in S} ||f_i - mu||^2; self-pairs add 0, so dividing by n (n - 1) pairs
-  # gives the mean over i != j. O(B D), no B x B matrix.
-  f = _normalised(_flat(features))  # centred on the batch mean
-  b, dim = f.shape
-  _, group = jnp.unique(seed_ids, return_inverse=True, size=b)
+  b = features.shape[0]
+  _, first, group = jnp.unique(seed_ids, return_index=True, return_inverse=True, size=b)
   group = group.reshape(b)
-  counts = jax.ops.segment_sum(jnp.ones((b,), jnp.float32), group, num_segments=b)
-  means = jax.ops.segment_sum(f, group, num_segments=b) / jnp.maximum(counts, 1)[:, None]
-  dev = jnp.sum((f - means[group]) ** 2, axis=1)  # ||f_i - mu_seed(i)||^2
-  within_sum = jnp.sum(2.0 * counts[group] * dev)
-  within_pairs = jnp.sum(counts * (counts - 1))
-  within = within_sum / jnp.maximum(within_pairs, 1) / dim
-  between = 2.0 * b * jnp.sum(f * f) / (b * (b - 1)) / dim
-  return _safe_ratio(within, between)
+  counts = jax.ops.segment_sum(jnp.ones((b,), jnp.int32), group, num_segments=b)
+  return _moments(0, features.reshape(b, -1), group, first, counts)
+
+
+# The moments method in one pass -------------------------------------------------------
+#
+# For a set S of n vectors with mean mu, sum_{i, j in S} ||f_i - f_j||^2 equals
+# 2 n sum_{i in S} ||f_i - mu||^2; self-pairs add 0, so dividing by n (n - 1) pairs gives
+# the mean over i != j. So Eq. 3 needs only each seed's sum of squared deviations from
+# its mean (within) and the batch's (between), O(B D), no B x B matrix:
+#
+#   within = sum_k 2 n_k ss_k / sum_k n_k (n_k - 1) / D,  between = 2 ss / (B - 1) / D
+#
+# with ss_k = sum_{i in k} ||f_i - mu_k||^2 and ss = sum_i ||f_i - mu||^2
+# = sum_k ss_k + sum_k n_k ||mu_k - mu||^2.
+#
+# One read of the activations, in their own dtype (bf16 stays bf16 in memory), gives per
+# seed k and feature d, in float32, the seed's mean c_kd (shifted by the batch's first
+# example r_0, so its size is the spread of the activations, not their offset), its
+# sum of squared deviations ss_kd, by Welford's (Chan's) merge of running means, and
+# its sum of squares about r_0: one variadic reduction, so one pass, free of the
+# cancellation of sum-of-squares minus squared mean at any offset or scale
+# (1e-12 .. 1e12); copies that are equal give ss = 0 exactly. Plain sums over the seeds
+# of these [K, D] arrays (1 / M of the data each) give the rest; with the seeds split
+# over devices, those are the only values the devices exchange (one all-reduce).
+# The gradient is elementwise (custom_vjp):
+#
+#   dL/df_i = [(a_k - L b) (f_i - mu_k) - L b (mu_k - mu)] / between
+#
+# with a_k = 4 n_k / (sum n (n - 1) D), b = 4 / ((B - 1) D): it reads f and the seeds'
+# means once and writes the gradient once, and fuses into the layer's own backward pass.
+# No square of a distance appears, so nothing under- or overflows at any scale.
+
+
+def _merge_moments(a, b):
+  """Chan et al.'s merge of (count, mean, sum of squared deviations), and a plain sum."""
+  na, ma, qa, sa = a
+  nb, mb, qb, sb = b
+  fa, fb = na.astype(jnp.float32), nb.astype(jnp.float32)
+  n = jnp.maximum(fa + fb, 1.0)
+  d = mb - ma
+  return na + nb, ma + d * (fb / n), qa + qb + d * d * (fa * fb / n), sa + sb
+
+
+def _seed_moments(copies, x, group, first, counts):
+  """Per seed slot k and feature d, float32, of flat activations x [B, D]:
+  (c: the seed's mean - r_0, ss: its sum of squared deviations from its mean,
+   q0: its sum of squared deviations from r_0), [G, D] each, and its count n_k
+  ([G, 1], or M)."""
+  b, dim = x.shape
+  if copies:  # consecutive groups of `copies`: one reduction over the copies axis
+    xs = (x.reshape(b // copies, copies, dim).astype(jnp.float32)
+          - x[:1].astype(jnp.float32))
+    count = jnp.int8 if copies < 128 else jnp.int32  # 1 byte per seed and feature
+    zero = jnp.float32(0)
+    _, c, ss, q0 = jax.lax.reduce(
+        (jnp.ones(xs.shape, count), xs, jnp.zeros_like(xs), xs * xs),
+        (count(0), zero, zero, zero), _merge_moments, (1,))
+    return c, ss, q0, jnp.float32(copies)
+  # Seed ids (not the train step's layout): segment sums of the activations shifted by
+  # each seed's first example r_k, which keeps Q - S^2 / n free of cancellation.
+  r0 = x[first[:1]].astype(jnp.float32)
+  ref = x[first].astype(jnp.float32)  # [G, D], G = B slots, unused ones empty
+  g = x.astype(jnp.float32) - ref[group]
+  s = jax.ops.segment_sum(g, group, num_segments=b)
+  q = jax.ops.segment_sum(g * g, group, num_segments=b)
+  q0 = jax.ops.segment_sum((x.astype(jnp.float32) - r0) ** 2, group, num_segments=b)
+  n = counts.astype(jnp.float32)[:, None]
+  nn = jnp.maximum(n, 1.0)  # empty slots have s = q = 0
+  return (ref - r0) + s / nn, jnp.maximum(q - s * s / nn, 0.0), q0, n
+
+
+def _moments_parts(copies, x, group, first, counts):
+  """The forward pass: (L, residuals for the gradient)."""
+  b, dim = x.shape
+  c, ss, q0, n = _seed_moments(copies, x, group, first, counts)
+  # The sums over seeds: plain sums of the reduction's outputs, so that XLA reads each
+  # once and, with the seeds split over devices, adds the devices' sums (all-reduce).
+  c_mean = jnp.sum(c if copies else n * c, axis=0) * (n if copies else 1.0) / b  # [D]
+  if copies:
+    pairs = jnp.float32(b * (copies - 1))
+    within_ss = jnp.sum(ss)
+    within = 2.0 * copies * within_ss / pairs / dim
+  else:
+    pairs = jnp.maximum(jnp.sum(counts * (counts - 1)), 1).astype(jnp.float32)
+    within_ss = jnp.sum(ss)
+    within = jnp.sum(2.0 * n * ss) / pairs / dim
+  # sum_i ||f_i - mu||^2 = sum_i ||f_i - r_0||^2 - B ||mu - r_0||^2 (r_0 is one of the
+  # examples, so mu - r_0 is of the size of the spread: no cancellation to fear), and
+  # at least the within-seed part.
+  total_ss = jnp.maximum(jnp.sum(q0) - b * jnp.sum(c_mean * c_mean), within_ss)
+  between = 2.0 * total_ss / (b - 1) / dim
+  loss = _safe_ratio(within, between)
+  return loss, (x, c, c_mean, loss, between, pairs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _moments(copies, x, group, first, counts):
+  """L_inv (Eq. 3) of flat activations x [B, D] by the moments method.
+
+  copies > 0: seeds in consecutive groups of `copies` (group, first, counts unused);
+  copies = 0: example i belongs to seed slot group[i], whose first example is
+  first[slot] and which holds counts[slot] examples.
+  """
+  return _moments_parts(copies, x, group, first, counts)[0]
+
+
+def _moments_fwd(copies, x, group, first, counts):
+  loss, res = _moments_parts(copies, x, group, first, counts)
+  return loss, (res, group, first, counts)
+
+
+def _moments_bwd(copies, residuals, ct):
+  (x, c, c_mean, loss, between, pairs), group, first, counts = residuals
+  b, dim = x.shape
+  if copies:
+    xs = x.reshape(b // copies, copies, dim).astype(jnp.float32) - x[:1].astype(
+        jnp.float32)
+    mu = c[:, None]  # [K, 1, D]
+    a = 4.0 * copies / (pairs * dim)
+  else:
+    xs = x.astype(jnp.float32) - x[first[:1]].astype(jnp.float32)
+    mu = c[group]
+    a = (4.0 * counts / (pairs * dim))[group][:, None]
+  ok = between > 0
+  inv = jnp.where(ok, ct / jnp.where(ok, between, 1.0), 0.0)
+  lb = loss * 4.0 / ((b - 1) * dim)
+  # (a - L b) (f_i - mu_k) - L b (mu_k - mu), written to read mu_k once per element
+  # (all shifted by r_0, so the terms are of the size of the activations' spread).
+  grad = inv * ((a - lb) * xs - a * mu + lb * c_mean)
+  return grad.reshape(b, dim).astype(x.dtype), None, None, None
+
+
+_moments.defvjp(_moments_fwd, _moments_bwd)
 
 
 def invariance_loss(features: jax.Array, seed_ids: jax.Array,
@@ -132,22 +256,23 @@ def grouped_invariance_loss(features: jax.Array, copies: int,
   if copies < 2 or b % copies:
     raise ValueError(f"grouped_invariance_loss needs copies >= 2 dividing the batch "
                      f"({b}), got copies={copies}.")
+  if method == "moments":
+    return _moments(copies, features.reshape(b, -1), *_NO_GROUPS)
   f = _normalised(_flat(features))  # centred on the batch mean
   k, dim = b // copies, f.shape[1]
   groups = f.reshape(k, copies, dim)
   pairs_within = k * copies * (copies - 1)
-  if method == "pairwise":
-    d = _distances(f)
-    between = jnp.sum(d) / (b * (b - 1))  # the diagonal is 0
-    sq = jnp.sum(groups * groups, axis=-1)  # [K, M]
-    gram = jnp.einsum("kmd,knd->kmn", groups, groups)
-    block = jnp.maximum((sq[:, :, None] + sq[:, None, :] - 2.0 * gram) / dim, 0.0)
-    within = jnp.sum(block) / pairs_within
-  else:
-    dev = groups - jnp.mean(groups, axis=1, keepdims=True)
-    within = 2.0 * copies * jnp.sum(dev * dev) / pairs_within / dim
-    between = 2.0 * b * jnp.sum(f * f) / (b * (b - 1)) / dim
+  d = _distances(f)
+  between = jnp.sum(d) / (b * (b - 1))  # the diagonal is 0
+  sq = jnp.sum(groups * groups, axis=-1)  # [K, M]
+  gram = jnp.einsum("kmd,knd->kmn", groups, groups)
+  block = jnp.maximum((sq[:, :, None] + sq[:, None, :] - 2.0 * gram) / dim, 0.0)
+  within = jnp.sum(block) / pairs_within
   return _safe_ratio(within, between)
+
+
+# The grouped layout needs no seed ids.
+_NO_GROUPS = (np.zeros((0,), np.int32),) * 3
 
 
 # How alpha is shared out over the L sown layers (t = l / (L - 1), l = 0 .. L - 1, the

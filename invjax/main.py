@@ -22,6 +22,7 @@ from ml_collections import config_flags
 
 from invjax import analyze as analyze_lib
 from invjax import cli
+from invjax import compilation_cache
 from invjax import describe as describe_lib
 from invjax import distributed
 from invjax import report
@@ -66,6 +67,14 @@ flags.DEFINE_bool("tensorboard", True,
                   "clu's import of TensorFlow (seconds of start-up); metrics.jsonl and "
                   "the log still get every metric.")
 distributed.define_flags()
+compilation_cache.define_flags()
+
+
+def _compilation_cache():
+  try:
+    compilation_cache.configure()  # before anything compiles
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
 
 
 def main(argv):
@@ -77,6 +86,7 @@ def main(argv):
   if config is None:
     raise app.UsageError("--config is required (e.g. --config=configs/allcnn.py).")
   if FLAGS.mode == "describe":
+    _compilation_cache()
     print(describe_lib.format_description(describe_lib.describe(config), config))
     return
   if not FLAGS.workdir:
@@ -85,6 +95,7 @@ def main(argv):
     distributed.initialize_from_flags()
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+  _compilation_cache()  # after joining: only process 0 logs at info level
   if FLAGS.mode in ("train", "train_and_analyze"):
     result = train.train_and_evaluate(config, FLAGS.workdir, FLAGS.allow_config_change,
                                       tensorboard=FLAGS.tensorboard)

@@ -4,11 +4,16 @@ Timings are printed by the benchmark, never asserted here; this checks that what
 reports is computed from the programs it claims to time.
 """
 
+import math
+
 import jax
 import numpy as np
 import pytest
 
 from experiments import benchmark
+from invjax import describe
+from invjax import models
+from invjax import train
 from tests import helpers
 
 
@@ -25,6 +30,13 @@ def test_benchmark_rows_come_from_the_compiled_programs():
   assert row["step_ms"] > 0 and row["compile_s"] > 0
   assert row["images_per_s"] == 16 / (row["step_ms"] / 1e3)
   assert row["flops_per_step"] > 0 and row["memory_plan_bytes"] > 0
+  # Analytic FLOPs: every tap, 2 per MAC, x 3 for forward and backward, 16 images.
+  model = train.create_model(config, 4)
+  assert row["analytic_flops_per_step"] == 6 * 16 * describe.dense_macs(model, (16, 16, 3))
+  alone = benchmark.time_loss_alone(config.copy_and_resolve_references(), repeats=1)
+  assert alone["layers"] == len(helpers.TINY_SOWN) and alone["step_ms"] > 0
+  assert alone["activation_bytes"] == 16 * 4 * sum(
+      math.prod(v) for v in models.layer_shapes(model, (16, 16, 3)).values())
   aug = benchmark.time_augmentation(config, data, repeats=1)
   assert aug["step_ms"] > 0 and aug["flops_per_step"] > 0
   scores = benchmark.time_analysis(config, data)
@@ -39,8 +51,11 @@ def test_benchmark_rows_come_from_the_compiled_programs():
       "models": [{"model": "tiny", "precision": "float32", "size": "paper",
                   "overrides": {}, "batch_size": 16, "copies": 4, "paper_epochs": 1,
                   "default_method": "moments",
-                  "train_rows": {"invariance moments": dict(row, vs_same_batch=1.0,
-                                                            vs_baseline=1.0)},
+                  "train_rows": {"invariance moments": dict(
+                      row, vs_same_batch=1.0, vs_baseline=None, loss_share_ms=0.5,
+                      alpha=0.1)},
+                  "loss_alone": alone,
                   "augmentation": dict(aug, vs_same_batch=0.1), "analysis": scores}]})
   assert "| invariance moments |" in text and jax.devices()[0].device_kind in text
+  assert "| L_inv alone (moments" in text and "| 0.50 |" in text
   assert np.isfinite(row["flops_per_step"])

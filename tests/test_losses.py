@@ -1,5 +1,6 @@
 """Eq. 1, 3, 4: the invariance loss against a naive double loop, and its properties."""
 
+import functools
 import itertools
 
 import jax
@@ -215,3 +216,72 @@ def test_layer_weight_laws_sum_to_alpha_and_have_their_shapes(n, alpha, ratio):
   np.testing.assert_allclose(dec[1:] / dec[:-1], ratio ** (-1 / (n - 1)), rtol=1e-5)
   with pytest.raises(ValueError, match="valid laws"):
     losses.layer_weights(n, alpha, ratio, "cubic")
+
+
+def naive_loss_jax(f, ids):
+  """Eq. 3 as a double loop over pairs in JAX (float32, differentiable): the reference
+  for the moments method's hand-written gradient."""
+  f = f.reshape(f.shape[0], -1).astype(jnp.float32)
+  d = jnp.mean((f[:, None] - f[None]) ** 2, axis=-1)  # Eq. 1 for every pair
+  off = ~jnp.eye(len(f), dtype=bool)
+  same = (ids[:, None] == ids[None]) & off
+  return (jnp.sum(jnp.where(same, d, 0)) / jnp.sum(same)) / (
+      jnp.sum(jnp.where(off, d, 0)) / jnp.sum(off))
+
+
+@pytest.mark.parametrize("layout", ["grouped", "seed ids"])
+def test_moments_gradient_matches_autodiff_of_the_naive_form(layout):
+  """The custom_vjp of the moments method against jax.grad of the pair loop."""
+  rng = np.random.default_rng(11)
+  for k, m in [(4, 4), (3, 2)]:
+    f = jnp.asarray(rng.normal(size=(k * m, 3, 5)) * rng.uniform(0.1, 10)
+                    + rng.normal(size=(1, 3, 5)), jnp.float32)
+    ids = jnp.repeat(jnp.arange(k), m)
+    if layout == "grouped":
+      fn = functools.partial(losses.grouped_invariance_loss, copies=m,
+                             method="moments")
+    else:  # shuffled, so that the seeds' examples are not consecutive
+      perm = rng.permutation(k * m)
+      f, ids = f[perm], ids[perm]
+      fn = functools.partial(losses.invariance_loss, seed_ids=ids, method="moments")
+    val, grad = jax.jit(jax.value_and_grad(fn))(f)
+    ref_val, ref_grad = jax.jit(jax.value_and_grad(naive_loss_jax))(f, ids)
+    np.testing.assert_allclose(val, ref_val, rtol=1e-5)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-4,
+                               atol=1e-5 * float(jnp.max(jnp.abs(ref_grad))))
+
+
+@pytest.mark.parametrize("method", losses.METHODS)
+def test_bfloat16_activations_match_the_float64_reference(method):
+  """bf16 activations (half precision) are read as they are and summed in float32: the
+  value is that of the float64 double loop over the same bf16 numbers, and the
+  gradient, in bf16, that of autodiff of the float32 pair loop to bf16's precision."""
+  rng = np.random.default_rng(5)
+  k, m = 4, 4
+  f = jnp.asarray(np.maximum(rng.normal(size=(k * m, 4, 4, 6)) + 0.5, 0) * 3.0,
+                  jnp.bfloat16)  # post-ReLU-like: a common offset, exact zeros
+  ids = jnp.repeat(jnp.arange(k), m)
+  exact = np.asarray(f.astype(jnp.float32), np.float64)
+  val, grad = jax.jit(jax.value_and_grad(
+      lambda f: losses.grouped_invariance_loss(f, m, method)))(f)
+  assert val.dtype == jnp.float32 and grad.dtype == jnp.bfloat16
+  np.testing.assert_allclose(val, naive_loss(exact, np.asarray(ids)), rtol=2e-5)
+  by_ids = jax.jit(losses.invariance_loss, static_argnums=2)(f, ids, method)
+  np.testing.assert_allclose(by_ids,
+                             naive_loss(exact, np.asarray(ids)), rtol=2e-5)
+  ref = jax.jit(jax.grad(naive_loss_jax))(f.astype(jnp.float32), ids)
+  np.testing.assert_allclose(np.asarray(grad, np.float32), ref, rtol=1e-2,
+                             atol=1e-2 * float(jnp.max(jnp.abs(ref))))
+
+
+def test_moments_keeps_no_float32_copy_of_the_activations():
+  """The moments method reads bf16 activations as they are: its compiled value and
+  gradient hold no float32 copy of them (the old form cast, centred and scaled the
+  whole layer, each a float32 array of its size). Its temporaries are the per-seed
+  sums, [K, D] float32 each, 1/M of the activations."""
+  k, m, d = 4, 8, 1024
+  f = jnp.zeros((k * m, d), jnp.bfloat16)
+  compiled = jax.jit(jax.value_and_grad(
+      lambda f: losses.grouped_invariance_loss(f, m, "moments"))).lower(f).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert 0 < temp < 4 * k * m * d / 2, temp

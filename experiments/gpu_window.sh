@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The benchmark in a short accelerator window: phases, each in its own process with its
+# own time limit, each writing its results under $OUT as soon as it has them (a phase
+# that runs out of time loses only itself; benchmark.py also rewrites its files after
+# every model).
+#
+#   OUT=/path bash experiments/gpu_window.sh [PHASE ...]   # default: every phase
+#
+# Phases (seconds allowed, on one H100/H200):
+#   env       (60)  the device, JAX and the packages
+#   loss      (60)  experiments/loss_cost.py: L_inv alone, All-CNN-C width 1, bf16,
+#                   16 x 8: XLA's bytes accessed over the activations' bytes, and time
+#   allcnn    (210) every training variant, the loss alone, augmentation, analysis
+#   wrn       (240) baseline, same batch, moments, the loss alone, analysis
+#   densenet  (330) same batch, moments, the loss alone (each compile ~2 min on H200)
+# Environment: BENCH_ARGS is added to every benchmark.py command (e.g. the CPU smoke
+# test: "--size=small --repeats=1 --train_images=256 --analysis_images=32");
+# TIME_SCALE multiplies every limit (default 1).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+: "${OUT:?set OUT to the folder for the results}"
+mkdir -p "$OUT"
+phases=("$@")
+[ ${#phases[@]} -eq 0 ] && phases=(env loss allcnn wrn densenet)
+scale=${TIME_SCALE:-1}
+extra=${BENCH_ARGS:-}
+
+run() {  # run NAME SECONDS COMMAND...: logs to $OUT/NAME.log, notes the outcome
+  local name=$1 limit=$(( $2 * scale )) t0=$SECONDS rc
+  shift 2
+  echo "== $name (limit ${limit} s): $*"
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  echo "$name: rc=$rc after $(( SECONDS - t0 )) s" | tee -a "$OUT/phases.txt"
+  tail -n 3 "$OUT/$name.log"
+}
+
+bench() {  # bench NAME SECONDS BENCHMARK_ARGS...
+  local name=$1 limit=$2
+  shift 2
+  # shellcheck disable=SC2086
+  run "$name" "$limit" python3 experiments/benchmark.py "$@" $extra \
+    --out="$OUT/benchmark_$name"
+}
+
+for phase in "${phases[@]}"; do
+  case $phase in
+    env) run env 60 bash -c 'nvidia-smi -L 2>/dev/null; python3 -c "
+import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__)
+print(jax.devices())"' ;;
+    loss) run loss 60 python3 experiments/loss_cost.py --width=1 --dtype=bfloat16 \
+      --repeats=20 ;;
+    allcnn) bench allcnn 210 --models=allcnn --repeats=15 ;;
+    wrn) bench wrn 240 --models=wrn --repeats=15 \
+      --variants=baseline,same_batch,moments,loss_alone,analysis ;;
+    densenet) bench densenet 330 --models=densenet --repeats=10 \
+      --variants=same_batch,moments,loss_alone ;;
+    *) echo "unknown phase $phase (env loss allcnn wrn densenet)"; exit 2 ;;
+  esac
+done
+ls -l "$OUT"
