@@ -13,6 +13,9 @@
 #   allcnn    (210) every training variant, the loss alone, augmentation, analysis
 #   wrn       (240) baseline, same batch, moments, the loss alone, analysis
 #   densenet  (330) same batch, moments, the loss alone (each compile ~2 min on H200)
+#   compile   (300) not in the default list: DenseNet-BC-100's training program (bf16,
+#                   10 steps), trace + lower and XLA compile, with XLA's GPU autotuning
+#                   on (default) and off (--xla_gpu_autotune_level=0)
 # Environment: BENCH_ARGS is added to every benchmark.py command (e.g. the CPU smoke
 # test: "--size=small --repeats=1 --train_images=256 --analysis_images=32");
 # TIME_SCALE multiplies every limit (default 1).
@@ -55,7 +58,11 @@ print(jax.devices())"' ;;
       --variants=baseline,same_batch,moments,loss_alone,analysis ;;
     densenet) bench densenet 330 --models=densenet --repeats=10 \
       --variants=same_batch,moments,loss_alone ;;
-    *) echo "unknown phase $phase (env loss allcnn wrn densenet)"; exit 2 ;;
+    compile) run compile 300 bash -c 'args="--config=configs/densenet.py
+      --config.half_precision=True --steps=10"
+      python3 experiments/compile_time.py $args
+      XLA_FLAGS=--xla_gpu_autotune_level=0 python3 experiments/compile_time.py $args' ;;
+    *) echo "unknown phase $phase (env loss allcnn wrn densenet compile)"; exit 2 ;;
   esac
 done
 ls -l "$OUT"
