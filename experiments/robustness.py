@@ -19,6 +19,7 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import common  # pylint: disable=g-import-not-at-top
 from invjax import checkpoints  # pylint: disable=g-import-not-at-top
+from invjax import cli  # pylint: disable=g-import-not-at-top
 from invjax import report  # pylint: disable=g-import-not-at-top
 from invjax import robustness  # pylint: disable=g-import-not-at-top
 from invjax import train  # pylint: disable=g-import-not-at-top
@@ -85,4 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)  # refused input as a short message and exit status 2
