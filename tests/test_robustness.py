@@ -194,3 +194,36 @@ def test_report_under_corruptions_uses_the_images_as_read(trained, monkeypatch):
                                       os.path.join(workdir, "robustness.png"))
   assert os.path.getsize(figure) > 10_000
   del jax
+
+
+MULTI_DEVICE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import jax
+from invjax import analyze, robustness, train
+config = train.load_config(sys.argv[2])
+run, placement, state, _ = analyze.restore(config, sys.argv[2])
+settings = robustness.Settings(eps=(0.0, 8.0, 64.0), pgd_steps=3, pgd_step_size=16.0)
+print(json.dumps([jax.device_count(), robustness.attack_accuracy(
+    state, run, placement, settings, config.analysis.batch_size)]))
+"""
+
+
+@pytest.mark.slow  # a process with 4 host devices
+def test_attacks_split_over_devices_give_the_one_device_result(trained):
+  config, workdir = trained
+  from invjax import analyze  # pylint: disable=g-import-not-at-top
+  run, placement, state, _ = analyze.restore(config, workdir)
+  settings = robustness.Settings(eps=(0.0, 8.0, 64.0), pgd_steps=3, pgd_step_size=16.0)
+  one = robustness.attack_accuracy(state, run, placement, settings,
+                                   config.analysis.batch_size)
+  env = dict(os.environ, XLA_FLAGS=" ".join([os.environ.get("XLA_FLAGS", ""),
+                                             "--xla_force_host_platform_device_count=4"]))
+  out = subprocess.run([sys.executable, "-c", MULTI_DEVICE, helpers.ROOT, workdir],
+                       capture_output=True, text=True, env=env, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  devices, four = json.loads(out.stdout.strip().splitlines()[-1])
+  assert devices == 4
+  for attack in one:
+    for eps, acc in one[attack].items():
+      assert four[attack][eps] == pytest.approx(acc, abs=1e-9), (attack, eps)
