@@ -220,6 +220,7 @@ def record_runs(cell: str, records_root: str, variants: Sequence[str] = VARIANTS
     record, status, t = min(candidates, key=lambda c: _rank(c[0], c[1]))
     out[variant] = {"scores": record.scores, "summary": record.summary,
                     "workdir": record.path, "config": record.config,
+                    "robustness": record.robustness,
                     "record": record, "status": status, "tag": t}
   return out
 
@@ -367,6 +368,35 @@ def write_scores_figure(cell: str, runs: dict[str, dict], scale: Scale, out_dir:
                 **({"status": runs[v]["status"]} if "status" in runs[v] else {})}
             for v, s in summaries.items()}
   return _write(out_dir, name, lines, record)
+
+
+def write_robustness(cell: str, runs: dict[str, dict], scale: Scale, out_dir: str,
+                     command: str, lacks: Sequence[str] = ()) -> str:
+  """Not in the paper: accuracy under the scoring transformations, FGSM, PGD and common
+  corruptions, and each layer's median score under transformations and corruptions,
+  of every variant that has a robustness report (`invjax.robustness`)."""
+  from invjax import robustness  # pylint: disable=g-import-not-at-top
+  reports = {v: r["robustness"] for v, r in runs.items() if r.get("robustness")}
+  name = f"robustness_{cell}"
+  lines = _header(f"Robustness (not in the paper), {CELLS[cell].label}", {cell: runs},
+                  scale, command, lacks)
+  first = next(iter(reports.values()))
+  settings = first["settings"]
+  corr = first.get("corruptions")
+  lines += [
+      f"Test accuracy of {', '.join(f'{v}{_mark(runs[v])}' for v in reports)} on "
+      f"{first['attacked_images']} of {first['test_images']} test images: clean, under "
+      f"the scoring transformations, FGSM and PGD (L-inf, [0, 1] pixels; PGD "
+      f"{settings['pgd_steps']} steps of {settings['pgd_step_size']:g}/255 from a random "
+      "start)" + (f", and the mean over {len(corr['accuracy'])} corruptions x severities "
+                  f"{corr['severities']} ({corr['source']})" if corr else "") + ".", "",
+      robustness.markdown(reports), "",
+      "Median invariance score per layer (C: under the corruptions, mean over them):",
+      "", "```", robustness.score_table(reports), "```", ""]
+  png = report.plot_robustness(reports, os.path.join(out_dir, name + ".png"),
+                               title=f"robustness, {CELLS[cell].label} ({scale.tag()})")
+  lines += [f"![robustness]({os.path.basename(png)})", ""]
+  return _write(out_dir, name, lines, reports)
 
 
 def loss_dynamics_check(workdirs: dict[str, str]) -> dict[str, dict[str, dict]]:

@@ -18,7 +18,10 @@ experiments/window.py makes the records on an accelerator.
 --source=train trains what the result needs:
 
 Results:  table1 (test accuracy of every cell), figure2 / figure3 / figure4 (invariance
-scores per layer of All-CNN / WRN / DenseNet), figure5 (L_inv during training), all.
+scores per layer of All-CNN / WRN / DenseNet), figure5 (L_inv during training),
+robustness (not in the paper: accuracy under transformations, FGSM, PGD and, with
+--robustness_corruptions, common corruptions, with per-layer scores; --source=train
+makes the reports, records carry theirs), all.
 Each trains the baseline, the batch-augmentation control (M copies, alpha = 0) and the
 invariance model of each cell (same seed and data), in WORKDIR/<cell>/<scale>/<variant>;
 finished runs are reused and interrupted ones resume, so rerunning an interrupted sweep
@@ -45,7 +48,7 @@ from invjax import compilation_cache  # pylint: disable=g-import-not-at-top
 from invjax import config_lib  # pylint: disable=g-import-not-at-top
 from invjax import distributed  # pylint: disable=g-import-not-at-top
 
-RESULTS = ("table1", "figure2", "figure3", "figure4", "figure5", "all")
+RESULTS = ("table1", "figure2", "figure3", "figure4", "figure5", "robustness", "all")
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("result", "all", RESULTS, "Which result to produce.")
 flags.DEFINE_enum("source", "records", ["records", "train"],
@@ -67,6 +70,11 @@ flags.DEFINE_integer("train_examples", 0, "Use the first N training images (0: a
 flags.DEFINE_integer("test_examples", 0, "Use the first N test images (0: all).")
 flags.DEFINE_multi_string("set", [], "FIELD=VALUE config override for every run, e.g. "
                           "--set dataset=data/cifar10.npz --set model.width=0.25.")
+flags.DEFINE_list("robustness_corruptions", ["none"], "--result=robustness with "
+                  "--source=train: common corruptions to test ('all', 'none' or names; "
+                  "see invjax/corruptions.py).")
+flags.DEFINE_list("robustness_severities", ["1", "2", "3", "4", "5"],
+                  "--result=robustness with --source=train: corruption severities.")
 distributed.define_flags()  # the same command on every host: see invjax/distributed.py
 compilation_cache.define_flags()  # --compilation_cache=DIR|off
 
@@ -75,6 +83,7 @@ DEFAULT_CELLS = {
     "all": ["allcnn_cifar10", "wrn_cifar10", "densenet_cifar10"],
     "figure2": ["allcnn_cifar10"], "figure3": ["wrn_cifar10"],
     "figure4": ["densenet_cifar10"], "figure5": ["allcnn_cifar10"],
+    "robustness": ["allcnn_cifar10"],
 }
 
 
@@ -111,10 +120,29 @@ def main(argv):
   distributed.initialize_from_flags()
   compilation_cache.configure()  # before anything compiles
   results = {c: paper.run_cell(c, scale, FLAGS.workdir, FLAGS.variants) for c in cells}
+  if FLAGS.result == "robustness":
+    _robustness_reports(results)
   if not distributed.is_primary():  # process 0 writes the results
     return
   _write(cells, results, scale, out_dir, command, {})
   print(f"wall time {time.time() - t0:.0f} s")
+
+
+def _robustness_reports(results) -> None:
+  """Adds each run's robustness report (made, or reused where it has the settings)."""
+  from invjax import robustness  # pylint: disable=g-import-not-at-top
+  settings = robustness.Settings(corruptions=FLAGS.robustness_corruptions,
+                                 severities=FLAGS.robustness_severities)
+  for runs in results.values():
+    for run in runs.values():
+      try:
+        report = robustness.load(run["workdir"])
+      except FileNotFoundError:
+        report = None
+      if (report is None or report["step"] != run["summary"]["step"] or
+          report["settings"] != robustness.settings_dict(settings)):
+        report = robustness.robustness(run["config"], run["workdir"], settings)
+      run["robustness"] = report
 
 
 def _write(cells, results, scale, out_dir, command, lacks):
@@ -134,6 +162,13 @@ def _write(cells, results, scale, out_dir, command, lacks):
                                                  command, lacks.get(f"figure{fig}", ())))
       else:
         print(f"figure{fig} of {cell}: no analyzed record; nothing written")
+    if FLAGS.result == "robustness" or (FLAGS.result == "all" and any(
+        r.get("robustness") for r in results[cell].values())):
+      if any(r.get("robustness") for r in results[cell].values()):
+        written.append(paper.write_robustness(cell, results[cell], scale, out_dir,
+                                              command, lacks.get("robustness", ())))
+      else:
+        print(f"robustness of {cell}: no robustness report; nothing written")
     if FLAGS.result in ("figure5", "all"):
       if results[cell]:
         written.append(paper.write_figure5(cell, results[cell], scale, out_dir, command,
@@ -155,6 +190,9 @@ def _from_records(cells, command):
     need = {c: r for c, r in results.items()
             if name in ("table1", "figure5") or name == f"figure{paper.CELLS[c].figure}"}
     lacks[name] = paper.lacking(need, FLAGS.variants, need_analysis=name != "figure5")
+  lacks["robustness"] = [f"{c}/{v} (no robustness report)" for c, runs in results.items()
+                         for v in FLAGS.variants
+                         if not (runs.get(v) or {}).get("robustness")]
   tags = {r["tag"] for runs in results.values() for r in runs.values()}
   out_dir = os.path.join(FLAGS.results_dir,
                          tags.pop() if len(tags) == 1 else "mixed" if tags else "none")

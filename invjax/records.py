@@ -38,7 +38,8 @@ from invjax import run_card
 MAX_WEIGHTS_BYTES = 12 * 2**20
 MAX_PACK_BYTES = 16 * 2**20  # what one file back from an accelerator window may take
 FILES = ("config.json", metrics_io.METRICS_FILE, run_card.CARD_FILE,
-         "analysis/summary.json", "analysis/scores.npz", checkpoints.WEIGHTS_FILE)
+         "analysis/summary.json", "analysis/scores.npz", "analysis/robustness.json",
+         checkpoints.WEIGHTS_FILE)
 REQUIRED = ("config.json", metrics_io.METRICS_FILE, run_card.CARD_FILE)
 
 
@@ -104,6 +105,7 @@ class Record:
   card: dict[str, Any]
   summary: dict[str, Any] | None
   scores: dict[str, np.ndarray] | None
+  robustness: dict[str, Any] | None = None  # analysis/robustness.json, if made
 
   @property
   def finished(self) -> bool:
@@ -129,7 +131,11 @@ def load(record_dir: str) -> Record:
       summary = json.load(f)
     with np.load(os.path.join(record_dir, "analysis", "scores.npz")) as f:
       scores = {k: f[k] for k in f.files}
-  return Record(record_dir, config, card, summary, scores)
+  robustness = None
+  if os.path.exists(os.path.join(record_dir, "analysis", "robustness.json")):
+    with open(os.path.join(record_dir, "analysis", "robustness.json")) as f:
+      robustness = json.load(f)
+  return Record(record_dir, config, card, summary, scores, robustness)
 
 
 def find(records_root: str) -> list[str]:

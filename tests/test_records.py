@@ -294,6 +294,20 @@ def test_window_baseline_record_to_table1_from_records(npz, tmp_path):
   assert "| invariance | no record |" in table
   assert "lacks records of: allcnn_cifar10/batchaug, allcnn_cifar10/invariance" in table
   assert "shortened: num_epochs 2 (paper 350)" in table
+  # A robustness report made here from the record's weights (no checkpoint) goes into
+  # the record, and reproduce.py's robustness result is built from it.
+  from invjax import robustness  # pylint: disable=g-import-not-at-top
+  config = loaded.config
+  with config.unlocked():
+    config.dataset = npz
+  rob = robustness.robustness(config, record, robustness.Settings(eps=(0.0, 8.0),
+                                                                  pgd_steps=2))
+  assert rob["attacks"]["pgd"]["0/255"] == pytest.approx(summary["test"]["accuracy"])
+  assert records.load(record).robustness == rob
+  _reproduce(tmp_path, "robustness")
+  text = (tmp_path / "results" / folder / "robustness_allcnn_cifar10.md").read_text()
+  assert f"| pgd 8/255 | {rob['attacks']['pgd']['8/255']:.4f} |" in text
+  assert "baseline [shortened]" in text and "(no robustness report)" in text
 
 
 @pytest.mark.slow  # ~1-2 min: four toy trainings, two window commands, three results
