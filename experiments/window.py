@@ -41,7 +41,6 @@ from absl import logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import paper  # pylint: disable=g-import-not-at-top
 from invjax import analyze as analyze_lib  # pylint: disable=g-import-not-at-top
-from invjax import experiment  # pylint: disable=g-import-not-at-top
 from invjax import input_pipeline  # pylint: disable=g-import-not-at-top
 from invjax import records as records_lib  # pylint: disable=g-import-not-at-top
 from invjax import run_card  # pylint: disable=g-import-not-at-top
@@ -139,7 +138,7 @@ def run_window(out: str, t0: float | None = None) -> dict:
     result = train.train_and_evaluate(config, workdir, data=data, tensorboard=False)
     entry = {"variant": variant, "step": result["step"], "finished": result["finished"]}
     if result["finished"]:
-      if not experiment._analysis_current(workdir, result["step"]):  # pylint: disable=protected-access
+      if analyze_lib.current_summary(workdir, result["step"]) is None:
         analyze_lib.analyze(config, workdir, data=data)
     record = paper.record_dir(staging, FLAGS.cell, tag, variant)
     records_lib.write(workdir, record)

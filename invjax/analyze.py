@@ -192,6 +192,20 @@ def analyze(config, workdir: str, data=None) -> dict[str, Any]:
       lock.release()
 
 
+def current_summary(workdir: str, step: int) -> dict[str, Any] | None:
+  """The analysis summary in `workdir` if it scored `step` with today's scoring
+  (SCORING_VERSION), else None (none yet, of another step, or stale)."""
+  path = os.path.join(workdir, SUMMARY_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    summary = json.load(f)
+  if (summary.get("step") != step or
+      summary.get("scoring_version") != SCORING_VERSION):
+    return None
+  return summary
+
+
 def load(workdir: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """(per-image scores, summary) written by `analyze` in `workdir`."""
   path = os.path.join(workdir, SCORES_FILE)

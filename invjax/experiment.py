@@ -4,7 +4,6 @@ train (or resume, or reuse), analyze, tabulate and draw them side by side."""
 from __future__ import annotations
 
 import copy
-import json
 import os
 
 from absl import logging
@@ -27,16 +26,6 @@ def _finished(workdir: str, total_steps: int) -> bool:
     ckpts.close()
 
 
-def _analysis_current(workdir: str, step: int) -> bool:
-  path = os.path.join(workdir, analyze_lib.SUMMARY_FILE)
-  if not os.path.exists(path):
-    return False
-  with open(path) as f:
-    summary = json.load(f)
-  return (summary.get("step") == step and
-          summary.get("scoring_version") == analyze_lib.SCORING_VERSION)
-
-
 def run_variant(config, workdir: str, data=None) -> dict:
   """Trains (resuming if interrupted) and analyzes one run, reusing finished work.
 
@@ -51,7 +40,7 @@ def run_variant(config, workdir: str, data=None) -> dict:
       raise TimeoutError(f"{workdir}: stopped by the time limit at step "
                          f"{result['step']} of {run.total_steps}, with a checkpoint; "
                          "rerun to resume (it is not analyzed before it finishes).")
-  if not _analysis_current(workdir, run.total_steps):
+  if analyze_lib.current_summary(workdir, run.total_steps) is None:
     analyze_lib.analyze(config, workdir, data=run.data)
   return analyze_lib.load(workdir)
 

@@ -115,34 +115,21 @@ def attack_accuracy(state, run, placement, settings: Settings,
                     batch_size: int) -> dict[str, dict[str, float]]:
   """{attack: {"2/255": accuracy, ...}} over the (first N) test images."""
   n = settings.test_examples or len(run.data.x_test)
-  n_dev = jax.device_count()
-  # Every batch padded to one shape (a multiple of the device count; padding masked):
-  # one compiled program per attack.
-  batch_size = -(-min(batch_size, n) // n_dev) * n_dev
-
-  def batches():
-    for start in range(0, n, batch_size):
-      x, y, valid = train.pad_batch(run.data.x_test[start:min(start + batch_size, n)],
-                                    run.data.y_test[start:min(start + batch_size, n)],
-                                    batch_size)
-      yield placement.shard(x), placement.shard(y), placement.shard(valid)
-
+  # Every batch padded to one shape (padding masked): one compiled program per attack.
+  # The batches stay on the devices for every attack and eps.
+  batches = train.TestBatches(run.data.x_test[:n], run.data.y_test[:n],
+                              min(batch_size, n), placement, on_device=True)
   out: dict[str, dict[str, float]] = {}
   for attack in settings.attacks:
     program = make_attack_program(attack, run.step_config.top5, settings.pgd_steps)
     out[attack] = {}
     for eps in settings.eps:
       t0 = time.time()
-      totals: dict[str, float] = {}
-      pending = []
-      for i, (images, labels, valid) in enumerate(batches()):
-        pending.append(program(state, images, labels, valid,
-                               eps / 255.0, settings.pgd_step_size / 255.0,
-                               jax.random.fold_in(jax.random.key(settings.seed), i)))
-      for sums in jax.device_get(pending):
-        for k, v in sums.items():
-          totals[k] = totals.get(k, 0.0) + float(v)
-      out[attack][eps_label(eps)] = train.rates(totals)["accuracy"]
+      out[attack][eps_label(eps)] = train.rates_of([
+          program(state, images, labels, valid, eps / 255.0,
+                  settings.pgd_step_size / 255.0,
+                  jax.random.fold_in(jax.random.key(settings.seed), i))
+          for i, (images, labels, valid) in enumerate(batches)])["accuracy"]
       logging.info("%s eps %s: accuracy %.4f (%.1f s)", attack, eps_label(eps),
                    out[attack][eps_label(eps)], time.time() - t0)
   return out
@@ -202,13 +189,8 @@ def robustness(config, workdir: str, settings: Settings = Settings(),
   """The robustness report of the latest checkpoint in `workdir` (see the module)."""
   settings.check()
   run, placement, state, step = analyze_lib.restore(config, workdir, data)
-  summary_path = os.path.join(workdir, analyze_lib.SUMMARY_FILE)
-  summary = None
-  if os.path.exists(summary_path):
-    with open(summary_path) as f:
-      summary = json.load(f)
-  if (summary is None or summary.get("step") != step or
-      summary.get("scoring_version") != analyze_lib.SCORING_VERSION):
+  summary = analyze_lib.current_summary(workdir, step)
+  if summary is None:
     summary = analyze_lib.analyze(config, workdir, data=run.data)
   report = {
       "step": int(step), "dataset": run.data.name, "model": config.model.name,
@@ -271,7 +253,7 @@ def score_table(reports: dict[str, dict[str, Any]]) -> str:
   with_c = [n for n in names if "corruptions" in reports[n]]
   head = "".join(f"{n[:10]:>11}" for n in names) + "".join(
       f"{(n[:8] + ' C'):>11}" for n in with_c)
-  lines = ["median invariance score (transformations; C: corruptions)".ljust(0),
+  lines = ["median invariance score (transformations; C: corruptions)",
            " " * 14 + head]
   for layer in first["transformed_median_scores"]:
     row = "".join(f"{reports[n]['transformed_median_scores'].get(layer, float('nan')):11.3f}"

@@ -354,22 +354,20 @@ class TestBatches:
     return iter(self.device) if self.device is not None else map(self._put, self.host)
 
 
-def evaluate_batches(eval_step, state, batches: TestBatches) -> dict[str, float]:
-  """Accuracy (top-1, and top-5 if the step computes it) and loss over `batches`: every
-  batch is dispatched, then all sums are fetched at once (one wait for the device)."""
-  outs = jax.device_get([eval_step(state, x, y, mask) for x, y, mask in batches])
+def rates_of(batch_sums: list) -> dict[str, float]:
+  """`rates` of the totals of per-batch `steps.classification_sums` (on the device:
+  fetched at once, one wait for the device)."""
   totals: dict[str, float] = {}
-  for out in outs:
+  for out in jax.device_get(batch_sums):
     for k, v in out.items():
       totals[k] = totals.get(k, 0.0) + float(v)
   return rates(totals)
 
 
-def evaluate(eval_step, state, images: np.ndarray, labels: np.ndarray,
-             batch_size: int, placement: Placement) -> dict[str, float]:
-  """Test-set accuracy (top-1, and top-5 if the step computes it) and loss."""
-  return evaluate_batches(eval_step, state,
-                          TestBatches(images, labels, batch_size, placement))
+def evaluate_batches(eval_step, state, batches: TestBatches) -> dict[str, float]:
+  """Accuracy (top-1, and top-5 if the step computes it) and loss over `batches`: every
+  batch is dispatched, then all sums are fetched at once."""
+  return rates_of([eval_step(state, x, y, mask) for x, y, mask in batches])
 
 
 # A network whose class scores differ by at most this much (relative to their size)

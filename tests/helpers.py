@@ -5,6 +5,7 @@ import os
 import re
 import warnings
 
+import jax.numpy as jnp
 import numpy as np
 
 from invjax import config_lib
@@ -92,3 +93,15 @@ def run_orbax_recipe(workdir: str):
   assert not caught, [str(w.message) for w in caught]
   assert not records, [r.getMessage() for r in records]
   return scope["weights"]
+
+
+def naive_invariance_loss(f, ids):
+  """Eq. 3 as a double loop over pairs in JAX (float32, differentiable): mean distance
+  (Eq. 1) over the pairs of equal ids / over all pairs, self-pairs left out. The tests'
+  reference for both loss methods, their gradients and the class-invariance term."""
+  f = f.reshape(f.shape[0], -1).astype(jnp.float32)
+  d = jnp.mean((f[:, None] - f[None]) ** 2, axis=-1)  # Eq. 1 for every pair
+  off = ~jnp.eye(len(f), dtype=bool)
+  same = (ids[:, None] == ids[None]) & off
+  return (jnp.sum(jnp.where(same, d, 0)) / jnp.sum(same)) / (
+      jnp.sum(jnp.where(off, d, 0)) / jnp.sum(off))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from invjax import losses
+from tests import helpers
 
 
 def naive_loss(features, seed_ids, include_self=False):
@@ -218,17 +219,6 @@ def test_layer_weight_laws_sum_to_alpha_and_have_their_shapes(n, alpha, ratio):
     losses.layer_weights(n, alpha, ratio, "cubic")
 
 
-def naive_loss_jax(f, ids):
-  """Eq. 3 as a double loop over pairs in JAX (float32, differentiable): the reference
-  for the moments method's hand-written gradient."""
-  f = f.reshape(f.shape[0], -1).astype(jnp.float32)
-  d = jnp.mean((f[:, None] - f[None]) ** 2, axis=-1)  # Eq. 1 for every pair
-  off = ~jnp.eye(len(f), dtype=bool)
-  same = (ids[:, None] == ids[None]) & off
-  return (jnp.sum(jnp.where(same, d, 0)) / jnp.sum(same)) / (
-      jnp.sum(jnp.where(off, d, 0)) / jnp.sum(off))
-
-
 @pytest.mark.parametrize("layout", ["grouped", "seed ids"])
 def test_moments_gradient_matches_autodiff_of_the_naive_form(layout):
   """The custom_vjp of the moments method against jax.grad of the pair loop."""
@@ -245,7 +235,7 @@ def test_moments_gradient_matches_autodiff_of_the_naive_form(layout):
       f, ids = f[perm], ids[perm]
       fn = functools.partial(losses.invariance_loss, seed_ids=ids, method="moments")
     val, grad = jax.jit(jax.value_and_grad(fn))(f)
-    ref_val, ref_grad = jax.jit(jax.value_and_grad(naive_loss_jax))(f, ids)
+    ref_val, ref_grad = jax.jit(jax.value_and_grad(helpers.naive_invariance_loss))(f, ids)
     np.testing.assert_allclose(val, ref_val, rtol=1e-5)
     np.testing.assert_allclose(grad, ref_grad, rtol=1e-4,
                                atol=1e-5 * float(jnp.max(jnp.abs(ref_grad))))
@@ -269,7 +259,7 @@ def test_bfloat16_activations_match_the_float64_reference(method):
   by_ids = jax.jit(losses.invariance_loss, static_argnums=2)(f, ids, method)
   np.testing.assert_allclose(by_ids,
                              naive_loss(exact, np.asarray(ids)), rtol=2e-5)
-  ref = jax.jit(jax.grad(naive_loss_jax))(f.astype(jnp.float32), ids)
+  ref = jax.jit(jax.grad(helpers.naive_invariance_loss))(f.astype(jnp.float32), ids)
   np.testing.assert_allclose(np.asarray(grad, np.float32), ref, rtol=1e-2,
                              atol=1e-2 * float(jnp.max(jnp.abs(ref))))
 

@@ -36,6 +36,17 @@ def _seeds(k, classes=4, seed=0):
           jnp.asarray(rng.integers(0, classes, k), jnp.int32))
 
 
+def _forward_again(state, cfg, seeds, labels, key):
+  """The train step's forward pass redone here: (logits, sown features, labels, seed
+  ids) of the augmented batch of copies, train mode."""
+  x, y, ids = steps.expand_seeds(seeds, labels, cfg.copies)
+  x = augment.augment(key, steps.to_float(x), cfg.ranges)
+  logits, upd = state.apply_fn(
+      {"params": state.params, "batch_stats": state.batch_stats}, x, train=True,
+      mutable=["batch_stats", "intermediates"])
+  return logits, models.sown(upd["intermediates"]), y, ids
+
+
 def test_expand_seeds_layout():
   x = jnp.arange(3 * 2).reshape(3, 2)
   xb, yb, ids = steps.expand_seeds(x, jnp.array([5, 6, 7]), 4)
@@ -55,12 +66,7 @@ def test_loss_is_eq4_over_the_augmented_batch():
 
   @jax.jit
   def recompute(state):
-    x, y, ids = steps.expand_seeds(seeds, labels, 4)
-    x = augment.augment(key, steps.to_float(x), cfg.ranges)
-    logits, upd = state.apply_fn(
-        {"params": state.params, "batch_stats": state.batch_stats}, x, train=True,
-        mutable=["batch_stats", "intermediates"])
-    feats = models.sown(upd["intermediates"])
+    logits, feats, y, ids = _forward_again(state, cfg, seeds, labels, key)
     inv = [losses.invariance_loss(feats[l], ids) for l in layers]  # the seed-id form
     w = losses.layer_weights(len(layers), 0.3, 10.0)
     ce = losses.cross_entropy(logits, y)
@@ -261,14 +267,9 @@ def test_class_invariance_term_is_eq3_over_classes(method):
 
   @jax.jit
   def recompute(state):
-    x, y, ids = steps.expand_seeds(seeds, labels, 2)
-    x = augment.augment(key, steps.to_float(x), cfg.ranges)
-    logits, upd = state.apply_fn(
-        {"params": state.params, "batch_stats": state.batch_stats}, x, train=True,
-        mutable=["batch_stats", "intermediates"])
-    feats = models.sown(upd["intermediates"])
-    inv = jnp.stack([_naive_loss(feats[l], ids) for l in layers])
-    cls = jnp.stack([_naive_loss(feats[l], y) for l in layers])
+    logits, feats, y, ids = _forward_again(state, cfg, seeds, labels, key)
+    inv = jnp.stack([helpers.naive_invariance_loss(feats[l], ids) for l in layers])
+    cls = jnp.stack([helpers.naive_invariance_loss(feats[l], y) for l in layers])
     w = losses.layer_weights(len(layers), 0.2, 10.0, "linear")
     b = losses.layer_weights(len(layers), 0.3, 10.0, "linear")
     return (0.5 * losses.cross_entropy(logits, y) + jnp.sum(w * inv) + jnp.sum(b * cls),
@@ -280,12 +281,3 @@ def test_class_invariance_term_is_eq3_over_classes(method):
     assert float(metrics[f"class_inv_loss/{l}"]) == pytest.approx(float(v), rel=1e-5)
     assert 0 < float(v) < 2
 
-
-def _naive_loss(features, ids):
-  """Eq. 3 by its definition: mean distance over same-id pairs / over all pairs."""
-  f = features.reshape(features.shape[0], -1).astype(jnp.float32)
-  d = jnp.mean((f[:, None] - f[None, :]) ** 2, axis=-1)
-  off = ~jnp.eye(f.shape[0], dtype=bool)
-  same = (ids[:, None] == ids[None, :]) & off
-  return (jnp.sum(jnp.where(same, d, 0)) / jnp.sum(same)) / (
-      jnp.sum(jnp.where(off, d, 0)) / jnp.sum(off))
