@@ -18,8 +18,6 @@ tfds or corrupt-tta only when asked.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 # CIFAR-10-C's corruptions, in its order (noise, blur, weather, digital).
@@ -141,6 +139,3 @@ def corrupted_test_set(source: str, name: str, severity: int, x_test: np.ndarray
     return x
   return generated(x_test, name, severity, seed)
 
-
-def default_data_dir(config) -> str | None:
-  return config.data_dir or os.environ.get("TFDS_DATA_DIR") or None

@@ -160,8 +160,7 @@ def corruption_results(state, run, placement, settings: Settings, config
     for severity in severities:
       t0 = time.time()
       moved = corruptions_lib.corrupted_test_set(
-          source, name, severity, x_test, y_test, corruptions_lib.default_data_dir(config),
-          settings.seed)
+          source, name, severity, x_test, y_test, config.data_dir or None, settings.seed)
       pairs = zip(analyze_lib.batches(x_test, y_test, batch_size, placement)(),
                   analyze_lib.batches(moved, y_test, batch_size, placement)())
       scores, sums = analysis.score_pairs(feature_fn, stats, pairs, steps_lib.to_float,
