@@ -8,7 +8,9 @@ has no finished record in --records yet, it trains the paper's configuration of 
 in bfloat16 on the decoded CIFAR-10 .npz, in WORKDIR/<cell>/<tag>/<variant>, with a
 time limit (config.time_limit_minutes) set to what is left of --budget_minutes less
 --analysis_minutes. A run that finishes is analyzed; a run that would pass the budget
-saves a checkpoint and stops. Either way its record (invjax/records.py: config, metrics,
+saves a checkpoint and stops. A finished run is also attacked (FGSM and PGD at
+--robustness_eps, every test image; invjax/robustness.py), unless --norobustness: the
+accelerator does in seconds what a CPU does in hours. Either way its record (invjax/records.py: config, metrics,
 run card, weights, and the analysis of a finished run) goes into --out as one
 `<cell>.<tag>.<variant>.tar` under 16 MiB, and the command stops at the first
 unfinished variant. `python -m invjax.records unpack OUT/*.tar` puts them into
@@ -43,6 +45,7 @@ from experiments import paper  # pylint: disable=g-import-not-at-top
 from invjax import analyze as analyze_lib  # pylint: disable=g-import-not-at-top
 from invjax import input_pipeline  # pylint: disable=g-import-not-at-top
 from invjax import records as records_lib  # pylint: disable=g-import-not-at-top
+from invjax import robustness as robustness_lib  # pylint: disable=g-import-not-at-top
 from invjax import run_card  # pylint: disable=g-import-not-at-top
 from invjax import train  # pylint: disable=g-import-not-at-top
 
@@ -52,8 +55,11 @@ flags.DEFINE_string("data", None, "The decoded CIFAR-10 .npz (x_train, y_train, 
 flags.DEFINE_string("out", None, "Where the packed records go (the window's $OUT).")
 flags.DEFINE_float("budget_minutes", 9.3, "Wall time this command may take, from its "
                    "start to its last record written.")
-flags.DEFINE_float("analysis_minutes", 0.6, "Kept back from each training's time limit "
-                   "for its analysis and record.")
+flags.DEFINE_float("analysis_minutes", 0.8, "Kept back from each training's time limit "
+                   "for its analysis, attacks and record.")
+flags.DEFINE_bool("robustness", True, "Attack each finished run (FGSM, PGD) on every "
+                  "test image; the report goes into its record.")
+flags.DEFINE_list("robustness_eps", ["2", "8"], "The attacks' L-inf radii, in 1/255.")
 flags.DEFINE_float("min_minutes", 1.0, "Start (or resume) no variant with less left.")
 flags.DEFINE_string("cell", "allcnn_cifar10", f"One of {sorted(paper.CELLS)}.")
 flags.DEFINE_list("variants", ["baseline", "invariance", "batchaug"],
@@ -140,6 +146,12 @@ def run_window(out: str, t0: float | None = None) -> dict:
     if result["finished"]:
       if analyze_lib.current_summary(workdir, result["step"]) is None:
         analyze_lib.analyze(config, workdir, data=data)
+      if FLAGS.robustness:
+        rob = robustness_lib.robustness(
+            config, workdir, robustness_lib.Settings(eps=FLAGS.robustness_eps), data=data)
+        print(f"{variant}: attacks " + ", ".join(
+            f"{a} {e} {acc:.4f}" for a, by_eps in rob["attacks"].items()
+            for e, acc in by_eps.items()), flush=True)
     record = paper.record_dir(staging, FLAGS.cell, tag, variant)
     records_lib.write(workdir, record)
     name = f"{FLAGS.cell}.{tag}.{variant}.tar"
