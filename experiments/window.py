@@ -10,7 +10,8 @@ time limit (config.time_limit_minutes) set to what is left of --budget_minutes l
 --analysis_minutes. A run that finishes is analyzed; a run that would pass the budget
 saves a checkpoint and stops. A finished run is also attacked (FGSM and PGD at
 --robustness_eps, every test image; invjax/robustness.py), unless --norobustness: the
-accelerator does in seconds what a CPU does in hours. Either way its record (invjax/records.py: config, metrics,
+accelerator does in seconds what a CPU does in hours (a committed finished record that
+has weights and no report is attacked too, and packed again). Either way its record (invjax/records.py: config, metrics,
 run card, weights, and the analysis of a finished run) goes into --out as one
 `<cell>.<tag>.<variant>.tar` under 16 MiB, and the command stops at the first
 unfinished variant. `python -m invjax.records unpack OUT/*.tar` puts them into
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -103,6 +105,32 @@ def variant_config(variant: str, scale: paper.Scale, data_path: str,
   return config
 
 
+def _attack_record(committed: str, variant: str, tag: str, staging: str,
+                   out: str) -> dict | None:
+  """A finished committed record with weights and no robustness report gets one here
+  (the attacks take seconds on an accelerator) and goes back into `out` as a pack;
+  returns what was done, or None if nothing was to do."""
+  record = records_lib.load(committed)
+  if not FLAGS.robustness or record.robustness or not record.has_weights:
+    return None
+  copy = paper.record_dir(staging, FLAGS.cell, tag, variant)
+  if os.path.exists(copy):
+    shutil.rmtree(copy)
+  shutil.copytree(committed, copy)
+  config = record.config
+  with config.unlocked():
+    config.dataset = FLAGS.data
+  rob = robustness_lib.robustness(config, copy,
+                                  robustness_lib.Settings(eps=FLAGS.robustness_eps))
+  name = f"{FLAGS.cell}.{tag}.{variant}.tar"
+  packed = records_lib.pack(copy, staging, os.path.join(out, name))
+  print(f"{variant}: finished record attacked -> {packed}: " + ", ".join(
+      f"{a} {e} {acc:.4f}" for a, by_eps in rob["attacks"].items()
+      for e, acc in by_eps.items()), flush=True)
+  return {"variant": variant, "step": rob["step"], "finished": True, "file": name,
+          "bytes": os.path.getsize(packed), "attacked": True}
+
+
 def run_window(out: str, t0: float | None = None) -> dict:
   """Runs the window's variants (see the module docstring); returns what it did."""
   t0 = time.time() if t0 is None else t0
@@ -116,12 +144,17 @@ def run_window(out: str, t0: float | None = None) -> dict:
   staging = os.path.join(FLAGS.workdir, "records")
   report = {"cell": FLAGS.cell, "tag": tag, "budget_minutes": FLAGS.budget_minutes,
             "runs": []}
+  os.makedirs(staging, exist_ok=True)
   data = None
   for variant in FLAGS.variants:
     committed = paper.record_dir(FLAGS.records, FLAGS.cell, tag, variant)
     card = run_card.read(committed)
     if card and card.get("finished"):
-      print(f"{variant}: finished record in {committed}; skipped")
+      entry = _attack_record(committed, variant, tag, staging, out)
+      if entry:
+        report["runs"].append(entry)
+      else:
+        print(f"{variant}: finished record in {committed}; skipped")
       continue
     if left() < 60.0 * (FLAGS.min_minutes + FLAGS.analysis_minutes):
       print(f"{variant}: {left() / 60:.1f} min left, too little to start; next time")

@@ -323,6 +323,19 @@ def test_window_runs_the_next_unfinished_variants_and_stops_in_its_budget(npz, t
   for tar in os.listdir(tmp_path / "out"):
     if tar.endswith(".tar"):
       records.unpack(str(tmp_path / "out" / tar), str(tmp_path / "records"))
+  # A committed record without a robustness report (one made before windows attacked)
+  # is attacked from its weights and packed again; the rest of it is unchanged.
+  (baseline,) = [d for d in records.find(str(tmp_path / "records"))
+                 if d.endswith("baseline")]
+  before = records.load(baseline)
+  os.remove(os.path.join(baseline, "analysis", "robustness.json"))
+  _window(npz, tmp_path, "--variants=baseline")
+  (attacked,) = json.loads((tmp_path / "out" / "window.json").read_text())["runs"]
+  assert attacked["variant"] == "baseline" and attacked["attacked"]
+  again = records.load(records.unpack(str(tmp_path / "out" / attacked["file"]),
+                                      str(tmp_path / "records")))
+  assert again.robustness["attacks"] == before.robustness["attacks"]
+  assert again.summary == before.summary and again.card == before.card
   # The next command skips the finished records and runs batchaug; its tiny budget
   # (0.02 min of training) stops it after its first program.
   _window(npz, tmp_path, "--budget_minutes=0.05", "--analysis_minutes=0.03",
