@@ -6,7 +6,7 @@
 
 For each architecture, at its paper batch size and M (configs/<model>.py), in one
 process and on the same synthetic data resident on the device, this times the real
-training program (`train.TrainPrograms`: seeds gathered on device, augmented, forward,
+training program (`programs.TrainPrograms`: seeds gathered on device, augmented, forward,
 backward, update), in these variants:
 
   baseline          M = 1, alpha = 0: B distinct images per step
@@ -59,13 +59,15 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from invjax import analysis  # pylint: disable=g-import-not-at-top
 from invjax import augment  # pylint: disable=g-import-not-at-top
+from invjax import build as build_lib
 from invjax import config_lib  # pylint: disable=g-import-not-at-top
 from invjax import describe  # pylint: disable=g-import-not-at-top
 from invjax import losses  # pylint: disable=g-import-not-at-top
 from invjax import models as models_lib  # pylint: disable=g-import-not-at-top
 from invjax import input_pipeline  # pylint: disable=g-import-not-at-top
+from invjax import placement as placement_lib
+from invjax import programs as programs_lib
 from invjax import steps as steps_lib  # pylint: disable=g-import-not-at-top
-from invjax import train  # pylint: disable=g-import-not-at-top
 from experiments import loss_cost  # pylint: disable=g-import-not-at-top
 from experiments import paper  # pylint: disable=g-import-not-at-top
 
@@ -186,14 +188,14 @@ class TrainingVariant:
     with config.unlocked():
       config.steps_per_dispatch = steps_per_dispatch
     self.config, self.spd = config, steps_per_dispatch
-    run = train.build(config, data)
+    run = build_lib.build(config, data)
     # Analytic: 2 FLOPs per multiply-accumulate, forward + backward (x 3), B images.
     self.analytic_flops = 6.0 * config.batch_size * describe.dense_macs(
         run.model, run.data.image_shape)
     run.step_config = dataclasses.replace(run.step_config, **step_overrides)
-    placement = train.Placement.create()
-    self.state = train.initial_state(run, placement)
-    self.programs = train.TrainPrograms(run, placement, self.state)
+    placement = placement_lib.Placement.create()
+    self.state = build_lib.initial_state(run, placement)
+    self.programs = programs_lib.TrainPrograms(run, placement, self.state)
     self.step, self.times, self.metrics = 0, [], None
     for _ in range(2):  # warm-up
       self.run_once()
@@ -234,7 +236,7 @@ def time_augmentation(config, data, repeats: int) -> dict:
   """The augmentation alone: B augmented float images from B / M uint8 seeds."""
   k = config.batch_size // config.copies
   ranges = augment.AugmentRanges.from_config(config.augment)
-  placement = train.Placement.create()
+  placement = placement_lib.Placement.create()
   seeds = placement.shard(data.x_train[:k])
   labels = placement.shard(data.y_train[:k])
 
@@ -260,9 +262,9 @@ def time_augmentation(config, data, repeats: int) -> dict:
 
 def time_analysis(config, data) -> dict:
   """Invariance scores of every layer for the test images, 5 copies each."""
-  run = train.build(config, data)
-  placement = train.Placement.create()
-  state = train.initial_state(run, placement)
+  run = build_lib.build(config, data)
+  placement = placement_lib.Placement.create()
+  state = build_lib.initial_state(run, placement)
   ranges = augment.AugmentRanges.from_config(config.augment)
   ac = config.analysis
   batch = min(ac.batch_size, len(data.x_test))
@@ -293,7 +295,7 @@ def time_analysis(config, data) -> dict:
 def time_loss_alone(config, repeats: int) -> dict:
   """L_inv of every sown layer, value and gradient, on random post-ReLU activations of
   the step's shapes and compute dtype, weighted as Eq. 4 weighs them."""
-  model = train.create_model(config, config.num_classes)
+  model = build_lib.create_model(config, config.num_classes)
   shapes = models_lib.layer_shapes(model, tuple(config.image_shape))
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   key = jax.random.key(0)

@@ -22,7 +22,7 @@ from invjax import checkpoints  # pylint: disable=g-import-not-at-top
 from invjax import cli  # pylint: disable=g-import-not-at-top
 from invjax import report  # pylint: disable=g-import-not-at-top
 from invjax import robustness  # pylint: disable=g-import-not-at-top
-from invjax import train  # pylint: disable=g-import-not-at-top
+from invjax import workdirs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("eps", ["2", "8"], "L-inf radii of the attacks, in units of 1/255.")
@@ -64,7 +64,7 @@ def main(argv):
   reports = {}
   for label, workdir in common.parse_runs(FLAGS.run).items():
     if not _current(workdir, settings):
-      robustness.robustness(train.load_config(workdir), workdir, settings)
+      robustness.robustness(workdirs.load_config(workdir), workdir, settings)
     reports[label] = robustness.load(workdir)
   table = robustness.table(reports)
   print(table)

@@ -13,6 +13,7 @@ import pytest
 from invjax import analyze
 from invjax import checkpoints
 from invjax import config_lib
+from invjax import deadline as deadline_lib
 from invjax import metrics_io
 from invjax import records
 from invjax import run_card
@@ -48,7 +49,7 @@ def full_run(npz, tmp_path_factory):
 # The time limit -----------------------------------------------------------------------
 
 def test_deadline_predicts_the_end_from_the_measured_step_time():
-  d = train.Deadline(1.0, t0=0.0)  # 60 s from t = 0
+  d = deadline_lib.Deadline(1.0, t0=0.0)  # 60 s from t = 0
   assert d.active and d.reserve() == pytest.approx(3.0)  # 5 % of the limit, no save yet
   d.start(0, 10.0)
   assert d.needs_sync(10.0)  # nothing measured yet
@@ -64,7 +65,7 @@ def test_deadline_predicts_the_end_from_the_measured_step_time():
   assert d.should_stop(200, 30, 31.0)
   # Running late: now (52 s) is past when the queue was predicted to end (50 s).
   assert d.should_stop(200, 10, 52.5) and not d.should_stop(200, 1, 52.5)
-  assert not train.Deadline(0.0, 0.0).should_stop(10**9, 10**9, 10**9)  # no limit
+  assert not deadline_lib.Deadline(0.0, 0.0).should_stop(10**9, 10**9, 10**9)  # no limit
 
 
 @pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf"), "10", True])

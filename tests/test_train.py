@@ -13,12 +13,15 @@ import numpy as np
 import pytest
 
 from invjax import analyze
+from invjax import build as build_lib
 from invjax import checkpoints
 from invjax import config_lib
 from invjax import experiment
 from invjax import metrics_io
 from invjax import models
+from invjax import placement as placement_lib
 from invjax import train
+from invjax import workdirs
 from experiments import paper
 from tests import helpers
 
@@ -139,13 +142,14 @@ def test_resume_after_kill_continues_from_the_last_checkpoint(npz, tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   assert "resumed from step" in out.stderr
   assert int(out.stderr.split("resumed from step")[1].split()[0]) > stopped
-  train.train_and_evaluate(train.load_config(killed), whole)  # the same run, left alone
+  # The same run, left alone:
+  train.train_and_evaluate(workdirs.load_config(killed), whole)
   states = []
   for wd in (killed, whole):
     ck = checkpoints.Checkpoints(wd)
     assert ck.latest_step() == 24
-    state = train.initial_state(train.build(train.load_config(wd)),
-                                train.Placement.create())
+    state = build_lib.initial_state(build_lib.build(workdirs.load_config(wd)),
+                                placement_lib.Placement.create())
     states.append(ck.restore(state))
     ck.close()
   jax.tree.map(np.testing.assert_array_equal, states[0].params, states[1].params)
@@ -157,8 +161,8 @@ def test_resume_after_kill_continues_from_the_last_checkpoint(npz, tmp_path):
 
 def _restored_params(workdir):
   ck = checkpoints.Checkpoints(workdir)
-  state = train.initial_state(train.build(train.load_config(workdir)),
-                              train.Placement.create())
+  state = build_lib.initial_state(build_lib.build(workdirs.load_config(workdir)),
+                              placement_lib.Placement.create())
   params = ck.restore(state).params
   ck.close()
   return params
@@ -183,8 +187,8 @@ def test_steps_per_dispatch_and_data_placement_do_not_change_the_run(npz, tmp_pa
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  params[name], params["one"])
   # ...and the run moved: a wrong schedule could not pass as the same run.
-  init = train.initial_state(train.build(helpers.tiny_config(npz)),
-                             train.Placement.create()).params
+  init = build_lib.initial_state(build_lib.build(helpers.tiny_config(npz)),
+                             placement_lib.Placement.create()).params
   moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params["one"], init)
   assert max(jax.tree.leaves(moved)) > 1e-3
 
@@ -241,7 +245,8 @@ def test_non_finite_loss_stops_naming_step_and_term_and_keeps_the_good_checkpoin
   ck = checkpoints.Checkpoints(workdir)
   saved = ck.manager.all_steps()
   assert saved and max(saved) == bad_step - 1  # every good step before it was kept
-  target = train.initial_state(train.build(config), train.Placement.create())
+  target = build_lib.initial_state(build_lib.build(config),
+                                   placement_lib.Placement.create())
   for step in saved:
     state = ck.restore(target, step)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
@@ -394,13 +399,13 @@ def test_config_errors_name_field_and_fix(overrides, message):
 def test_data_of_another_shape_or_class_count_is_refused_naming_both(npz):
   c = helpers.tiny_config(npz, image_shape=(32, 32, 3), num_classes=10)
   with pytest.raises(ValueError) as e:
-    train.build(c)
+    build_lib.build(c)
   message = str(e.value)
   assert ("config.image_shape=(32, 32, 3) but toy.npz has images of shape (16, 16, 3); "
           "set --config.image_shape='(16, 16, 3)'") in message
   assert "config.num_classes=10 but toy.npz has 4 classes" in message
   c = helpers.tiny_config(npz, image_shape=(16, 16, 3), num_classes=4)
-  assert train.build(c).data.image_shape == (16, 16, 3)  # matching data are accepted
+  assert build_lib.build(c).data.image_shape == (16, 16, 3)  # matching data are accepted
 
 
 def test_seeds_must_split_over_devices():
