@@ -22,8 +22,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import benchmark  # pylint: disable=g-import-not-at-top
 from invjax import build as build_lib
-from invjax import input_pipeline
 from invjax import placement as placement_lib
+from invjax import seed_order
 from invjax import steps as steps_lib  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
@@ -44,8 +44,8 @@ def main(argv):
   placement = placement_lib.Placement.create()
   state = build_lib.initial_state(run, placement)
   k = config.batch_size // config.copies
-  schedule = input_pipeline.SeedSchedule(len(data.x_train), k, config.seed,
-                                         placement.replicated)
+  schedule = seed_order.SeedSchedule(len(data.x_train), k, config.seed,
+                                    placement.replicated)
   first, perms = schedule.window(0, steps)
   fn = steps_lib.make_train_chunk(run.step_config, steps, k, placement.batch,
                                   data_on_device=True,

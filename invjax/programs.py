@@ -9,8 +9,8 @@ import jax
 import numpy as np
 
 from invjax import build as build_lib
-from invjax import input_pipeline
 from invjax import placement as placement_lib
+from invjax import seed_order
 from invjax import steps as steps_lib
 
 
@@ -42,7 +42,7 @@ class TrainPrograms:
                       "memory: the host gathers the batches instead "
                       "(config.data_on_device=False).", data.x_train.nbytes / 1e9)
       self.on_device = False
-    self.schedule = input_pipeline.SeedSchedule(len(data.x_train), self.k,
+    self.schedule = seed_order.SeedSchedule(len(data.x_train), self.k,
                                                 config.seed, placement.replicated)
     self.aug_key = jax.random.fold_in(jax.random.key(config.seed), 1)
     if self.on_device:
