@@ -278,7 +278,7 @@ def time_analysis(config, data) -> dict:
     return analysis.score_dataset(
         lambda x: steps_lib.features(state, x), batches, jax.random.key(0),
         ac.num_transforms, lambda key, x: augment.augment_each(key, x, ranges, scoring=True),
-        preprocess=steps_lib.to_float)
+        preprocess=steps_lib.to_float).scores
 
   t = time.perf_counter()
   score()  # compiles

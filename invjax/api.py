@@ -240,7 +240,7 @@ class LoadedRun:
 
     return analysis.score_dataset(
         feature_fn, self._batches(x, batch_size), jax.random.key(seed), num,
-        transform or self._default_transform(), preprocess=self._preprocess(x))
+        transform or self._default_transform(), preprocess=self._preprocess(x)).scores
 
   def augmented_copies(self, images, copies: int, seed: int = 0) -> np.ndarray:
     """float [K, copies, H, W, C]: `copies` training-style augmentations (the run's

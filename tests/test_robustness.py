@@ -106,7 +106,7 @@ def test_score_pairs_is_eq2_against_the_given_images():
   stats = analysis.accumulate_stats(feature_fn, [clean[:6], clean[6:]], order)
   stats = {k: stats[k] for k in order}
   scores = analysis.score_pairs(feature_fn, stats,
-                                [(clean[:6], moved[:6]), (clean[6:], moved[6:])])
+                                [(clean[:6], moved[:6]), (clean[6:], moved[6:])]).scores
   assert list(scores) == ["pixels", "relu"]
   full_clean, full_moved = feature_fn(clean), feature_fn(moved)
   for k in scores:
