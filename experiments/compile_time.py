@@ -22,6 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import benchmark  # pylint: disable=g-import-not-at-top
 from invjax import build as build_lib
+from invjax import cli
 from invjax import placement as placement_lib
 from invjax import seed_order
 from invjax import steps as steps_lib  # pylint: disable=g-import-not-at-top
@@ -35,10 +36,10 @@ flags.DEFINE_integer("steps", None, "Steps per program. Default: the config's "
 
 def main(argv):
   del argv
-  config = FLAGS.config
+  config = cli.config_flag("config")
   if config is None:
     raise app.UsageError("--config is required (e.g. --config=configs/densenet.py).")
-  steps = FLAGS.steps or int(config.get("steps_per_dispatch", 1))
+  steps = FLAGS.steps or int(config.steps_per_dispatch)
   data = benchmark.synthetic_data(config, 256, 32)
   run = build_lib.build(config, data)
   placement = placement_lib.Placement.create()

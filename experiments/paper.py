@@ -132,12 +132,12 @@ def cell_config(cell: str, variant: str, scale: Scale):
     raise ValueError(f"unknown cell {cell!r}; valid cells are {sorted(CELLS)}.")
   config = load_config_module(CELLS[cell].config_file).get_config(variant)
   with config.unlocked():
-    for path, value in scale.overrides:
+    for path, _ in scale.overrides:
       target, last = config_lib.field_parent(config, path)
       if last not in target:
         raise ValueError(f"--set {path}=...: the config has no field {path!r}.")
-      # another type on purpose, e.g. a list of layers for a layer-set name
-      config_lib.set_field(config, path, value, replace_type=True)
+    # another type on purpose, e.g. a list of layers for a layer-set name
+    config_lib.override(config, dict(scale.overrides), replace_type=True)
     if scale.epochs:
       config.lr_boundaries = config_lib.scaled_boundaries(config, scale.epochs)
       config.num_epochs = float(scale.epochs)

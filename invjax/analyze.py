@@ -159,7 +159,7 @@ def restore(config, workdir: str, data=None, run=None):
   if weights is not None:
     state, step = state_from_weights(run, placement, weights)
     return run, placement, state, step
-  ckpts = checkpoints.Checkpoints(workdir, config.get("keep_checkpoints", 3))
+  ckpts = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
   try:
     state, step = workdirs.restore_latest(
         ckpts, build_lib.initial_state(run, placement), config, workdir)

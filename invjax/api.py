@@ -310,7 +310,7 @@ class LoadedRun:
 
 def _shapes(config, workdir: str, data):
   """(image_shape, num_classes, data or None) from the config or else the data."""
-  shape, classes = tuple(config.get("image_shape") or ()), config.get("num_classes")
+  shape, classes = tuple(config.image_shape), config.num_classes
   if shape and classes and data is None:
     return shape, classes, None
   if data is None:

@@ -40,14 +40,14 @@ def create_model(config, num_classes: int):
   """The model the config names, for `num_classes` classes."""
   return models.create(
       config.model.name, num_classes,
-      dtype=jnp.bfloat16 if config.get("half_precision") else jnp.float32,
+      dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
       **{k: v for k, v in config.model.items() if k != "name"})
 
 
 def check_data(config, data: input_pipeline.Dataset) -> None:
   """The data against what the config says it must be (config.image_shape etc.)."""
   problems = []
-  want = tuple(config.get("image_shape") or ())
+  want = tuple(config.image_shape)
   if want and tuple(data.image_shape) != want:
     problems.append(f"config.image_shape={want} but {data.name} has images of shape "
                   f"{tuple(data.image_shape)}; set --config.image_shape="
@@ -68,7 +68,7 @@ def check_data(config, data: input_pipeline.Dataset) -> None:
   if len(unseen) and not problems:
     logging.warning("%s: test class(es) %s never occur among the %d training images "
                     "used", data.name, unseen.tolist()[:10], len(data.x_train))
-  if config.get("num_classes") and data.num_classes != config.num_classes:
+  if config.num_classes and data.num_classes != config.num_classes:
     problems.append(f"config.num_classes={config.num_classes} but {data.name} has "
                   f"{data.num_classes} classes; set --config.num_classes="
                   f"{data.num_classes} (or 0 to accept any) if that data is what you mean.")
@@ -76,7 +76,7 @@ def check_data(config, data: input_pipeline.Dataset) -> None:
     problems.append(f"config.batch_size={config.batch_size} exceeds the "
                   f"{len(data.x_train)} training images of {data.name}.")
   seeds = config.batch_size // max(config.copies, 1)
-  spd = config.get("steps_per_dispatch", 1)
+  spd = config.steps_per_dispatch
   if spd * seeds > len(data.x_train):
     problems.append(f"config.steps_per_dispatch={spd} steps of {seeds} seed images "
                   f"read more than the {len(data.x_train)} training images of "

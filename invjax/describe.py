@@ -35,7 +35,7 @@ def forward_flops(model, image_shape) -> float:
 
 
 def describe(config, data=None) -> dict:
-  shape, classes = tuple(config.get("image_shape") or ()), config.get("num_classes", 0)
+  shape, classes = tuple(config.image_shape), config.num_classes
   if data is None and shape and classes:  # declared: no data needed
     config_lib.validate(config, jax.device_count())
     model = build_lib.create_model(config, classes)

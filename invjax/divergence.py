@@ -30,7 +30,7 @@ def divergence_limit(config, num_classes: int) -> float:
   """The cross-entropy above which a step counts as diverged: config.divergence_factor
   times ln(num_classes), the cross-entropy of a uniform guess (ln 2 at least); inf when
   the factor is 0. A healthy run starts near ln(num_classes) and goes down."""
-  factor = config.get("divergence_factor", 10.0)
+  factor = config.divergence_factor
   return factor * max(np.log(num_classes), np.log(2)) if factor else np.inf
 
 

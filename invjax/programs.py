@@ -35,8 +35,8 @@ class TrainPrograms:
     config, data = run.config, run.data
     self.run, self.placement = run, placement
     self.k = config.batch_size // config.copies
-    self.steps_per_dispatch = int(config.get("steps_per_dispatch", 1))
-    self.on_device = bool(config.get("data_on_device", True))
+    self.steps_per_dispatch = int(config.steps_per_dispatch)
+    self.on_device = bool(config.data_on_device)
     if self.on_device and not placement_lib.data_fits_on_device(data):
       logging.warning("the training set (%.1f GB) takes over half of a device's "
                       "memory: the host gathers the batches instead "

@@ -108,7 +108,7 @@ def _train_locked(config, workdir, allow_config_change, data, preempt, tensorboa
                                 tensorboard=tensorboard)
     progress = metrics_io.Progress(run.total_steps, log)
   every = _Every.of(config, run)
-  spd = int(config.get("steps_per_dispatch", 1))
+  spd = int(config.steps_per_dispatch)
   programs = programs_lib.TrainPrograms(run, placement, state, single=any(
       n % spd for n in (start, run.total_steps, every.ckpt, every.eval, every.log)))
   timer.add("compile", sum(programs.compile_seconds.values()))
@@ -220,9 +220,9 @@ class _Loop:
     self.ce_limit = divergence.divergence_limit(config, run.data.num_classes)
     self.dead_check = (jax.jit(divergence.class_score_spread,
                                out_shardings=placement.replicated)
-                       if config.get("stop_dead_network", True) else None)
+                       if config.stop_dead_network else None)
     self.last_saved = start or None
-    self.deadline = deadline_lib.Deadline(config.get("time_limit_minutes", 0.0),
+    self.deadline = deadline_lib.Deadline(config.time_limit_minutes,
                                           timer.t0)
     # Log points are written one behind: a log point's metrics and probe stay on the
     # device until the next log point (or a checkpoint, evaluation or the end), so the

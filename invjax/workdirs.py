@@ -224,7 +224,7 @@ def finish_session(workdir, run, config, state, timer, started, start, end,
     card = run_card.add_session(
         workdir, total_steps=run.total_steps, start_step=start, end_step=end,
         stopped=stopped, timer=timer, started=started,
-        time_limit_minutes=float(config.get("time_limit_minutes", 0.0)))
+        time_limit_minutes=float(config.time_limit_minutes))
     logging.info("run card: %s", run_card.describe(card))
   except Exception:  # pylint: disable=broad-except
     if stopped != "error":

@@ -426,17 +426,24 @@ def test_variants_set_copies_and_alpha():
 
 
 def test_overriding_invariance_fields_after_the_variant_reaches_copies_and_alpha():
-  """A config file applies its variant; command-line overrides come later."""
+  """A config file applies its variant; command-line overrides come later, and those
+  of the variant's inputs apply before it (config_lib.override, as cli.config_flag
+  does with the --config.FIELD=VALUE overrides)."""
   import copy  # pylint: disable=g-import-not-at-top
   inv = config_lib.apply_variant(config_lib.base_config(), "invariance")
   inv.lock()
-  inv.invariance_alpha, inv.invariance_copies = 0.5, 4  # as --config.X=... does
+  config_lib.override(inv, {"invariance_alpha": 0.5, "invariance_copies": 4})
   assert (inv.copies, inv.alpha) == (4, 0.5)
   aug = config_lib.apply_variant(config_lib.base_config(), "batchaug")
-  aug.invariance_alpha, aug.invariance_copies = 0.5, 4
+  config_lib.override(aug, {"invariance_alpha": 0.5, "invariance_copies": 4})
   assert (aug.copies, aug.alpha) == (4, 0.0)
-  # Re-applying a variant replaces the references instead of writing through them,
-  # and copies are independent of their original.
+  # copies or alpha given themselves keep their values.
+  own = config_lib.override(config_lib.apply_variant(config_lib.base_config(),
+                                                     "invariance"),
+                            {"invariance_alpha": 0.5, "alpha": 0.2})
+  assert (own.copies, own.alpha) == (8, 0.2)
+  # Re-applying a variant sets plain values, and copies are independent of their
+  # original.
   other = copy.deepcopy(inv)
   config_lib.apply_variant(other, "baseline")
   assert (other.copies, other.alpha) == (1, 0.0)
@@ -445,6 +452,18 @@ def test_overriding_invariance_fields_after_the_variant_reaches_copies_and_alpha
   other.invariance_alpha = 0.2
   assert inv.alpha == 0.5
   assert json.loads(inv.to_json_best_effort())["alpha"] == 0.5
+
+
+def test_command_line_overrides_of_the_variants_inputs_reach_copies_and_alpha():
+  """--config.invariance_alpha=0.3 on the command line reaches alpha, although the
+  config file applied its variant before the overrides were read."""
+  out = subprocess.run([sys.executable, "-m", "invjax.main", "--mode=describe",
+                        "--config=configs/quickstart.py", "--config.invariance_alpha=0.3",
+                        "--config.invariance_copies=4"],
+                       cwd=helpers.ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = out.stdout.splitlines()
+  assert "alpha: 0.3" in lines and "copies: 4" in lines
 
 
 # Each config as FACTS.md has it: (batch, M, epochs, lr, boundaries, decay, translate).
