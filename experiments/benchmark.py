@@ -1,8 +1,8 @@
 """Speed of the invariance loss, the augmentation and the analysis, side by side.
 
-  python experiments/benchmark.py                       # every architecture
-  python experiments/benchmark.py --models=allcnn --size=paper --precision=bfloat16
-  python experiments/benchmark.py --models=wrn --variants=same_batch,moments,loss_alone
+  python -m experiments.benchmark                       # every architecture
+  python -m experiments.benchmark --models=allcnn --size=paper --precision=bfloat16
+  python -m experiments.benchmark --models=wrn --variants=same_batch,moments,loss_alone
 
 For each architecture, at its paper batch size and M (configs/<model>.py), in one
 process and on the same synthetic data resident on the device, this times the real
@@ -46,7 +46,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -56,22 +55,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from invjax import analysis  # pylint: disable=g-import-not-at-top
-from invjax import augment  # pylint: disable=g-import-not-at-top
+from invjax import analysis
+from invjax import augment
 from invjax import build as build_lib
-from invjax import config_lib  # pylint: disable=g-import-not-at-top
-from invjax import describe  # pylint: disable=g-import-not-at-top
-from invjax import losses  # pylint: disable=g-import-not-at-top
-from invjax import models as models_lib  # pylint: disable=g-import-not-at-top
-from invjax import input_pipeline  # pylint: disable=g-import-not-at-top
+from invjax import config_lib
+from invjax import describe
+from invjax import losses
+from invjax import models as models_lib
+from invjax import input_pipeline
 from invjax import placement as placement_lib
 from invjax import programs as programs_lib
-from invjax import steps as steps_lib  # pylint: disable=g-import-not-at-top
-from experiments import loss_cost  # pylint: disable=g-import-not-at-top
-from experiments import paper  # pylint: disable=g-import-not-at-top
+from invjax import steps as steps_lib
+from experiments import common
+from experiments import loss_cost
+from experiments import paper
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = common.ROOT
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["allcnn", "wrn", "densenet"],
                   "Architectures: config files configs/<name>.py.")
@@ -162,9 +161,7 @@ def measure_peak_tflops(dtype) -> float:
 
 
 def _cost_flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float((cost or {}).get("flops", float("nan")))
+  return float(common.cost_analysis(compiled).get("flops", float("nan")))
 
 
 def _plan_bytes(compiled) -> float:
@@ -390,14 +387,6 @@ def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: in
   return result
 
 
-def hardware() -> dict:
-  dev = jax.devices()[0]
-  return {"device": dev.device_kind, "platform": dev.platform,
-          "devices": jax.device_count(), "cpu_count": os.cpu_count(),
-          "machine": platform.machine(), "python": platform.python_version(),
-          "jax": jax.__version__}
-
-
 def _num(value, fmt: str) -> str:
   return "" if value is None else format(value, fmt)
 
@@ -520,10 +509,10 @@ def main(argv):
   else:
     peaks = {p: measure_peak_tflops(dtypes[p]) for p in precisions}
     source = "measured here"
-  print(f"{hardware()['device']} x{jax.device_count()}: peak " + ", ".join(
+  print(f"{common.hardware()['device']} x{jax.device_count()}: peak " + ", ".join(
       f"{p} {v:.2f} TFLOP/s" for p, v in peaks.items()), flush=True)
-  result = {"command": " ".join(["python", "experiments/benchmark.py", *sys.argv[1:]]),
-            "date": datetime.date.today().isoformat(), "hardware": hardware(),
+  result = {"command": " ".join(["python", "-m", "experiments.benchmark", *sys.argv[1:]]),
+            "date": datetime.date.today().isoformat(), "hardware": common.hardware(),
             "steps_per_dispatch": spd, "repeats": repeats, "train_images": n_train,
             "peak_tflops": peaks, "peak_source": source, "models": [],
             "variants": chosen}

@@ -1,7 +1,7 @@
 """How long a config's training program takes to trace, lower and compile.
 
-  python experiments/compile_time.py --config=configs/densenet.py [--steps=10]
-  XLA_FLAGS=--xla_gpu_autotune_level=0 python experiments/compile_time.py ...
+  python -m experiments.compile_time --config=configs/densenet.py [--steps=10]
+  XLA_FLAGS=--xla_gpu_autotune_level=0 python -m experiments.compile_time ...
 
 Builds the run as `invjax.main` would (on synthetic data of the config's declared shape,
 so nothing is loaded) and compiles the program of --steps steps per dispatch (a loop
@@ -10,7 +10,6 @@ lower and XLA's compile time separately. No persistent compilation cache is used
 """
 
 import os
-import sys
 import time
 
 from absl import app
@@ -19,13 +18,12 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import benchmark  # pylint: disable=g-import-not-at-top
+from experiments import benchmark
 from invjax import build as build_lib
 from invjax import cli
 from invjax import placement as placement_lib
 from invjax import seed_order
-from invjax import steps as steps_lib  # pylint: disable=g-import-not-at-top
+from invjax import steps as steps_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/densenet.py.",

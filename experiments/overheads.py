@@ -1,7 +1,7 @@
 """What a run's logging, evaluation, probe and checkpoint cadence cost beside its steps.
 
-  python experiments/overheads.py                       # quickstart-sized, on this machine
-  python experiments/overheads.py --cadences=pure,window --epochs=30
+  python -m experiments.overheads                       # quickstart-sized, on this machine
+  python -m experiments.overheads --cadences=pure,window --epochs=30
 
 Trains the quickstart's invariance model (All-CNN-C at 1/8 width on the embedded digits)
 once per cadence, in fresh workdirs, and prints each run's wall time beside its run
@@ -18,7 +18,6 @@ shorter, so what counts there is each event's host time x the number of events
 
 import os
 import shutil
-import sys
 import tempfile
 import time
 
@@ -26,12 +25,11 @@ from absl import app
 from absl import flags
 from absl import logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import paper  # pylint: disable=g-import-not-at-top
+from experiments import paper
 from invjax import build as build_lib
-from invjax import checkpoints  # pylint: disable=g-import-not-at-top
-from invjax import run_card  # pylint: disable=g-import-not-at-top
-from invjax import train  # pylint: disable=g-import-not-at-top
+from invjax import checkpoints
+from invjax import run_card
+from invjax import train
 
 FLAGS = flags.FLAGS
 CADENCES = {

@@ -19,14 +19,13 @@ import hashlib
 import importlib.util
 import json
 import os
-import platform
 import re
 from typing import Any, Sequence
 
 from absl import logging
-import jax
 import numpy as np
 
+from experiments import common
 from invjax import config_lib
 from invjax import experiment
 from invjax import input_pipeline
@@ -35,7 +34,7 @@ from invjax import records as records_lib
 from invjax import report
 from invjax import run_card
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = common.ROOT
 RECORDS = os.path.join(ROOT, "experiments", "results", "records")
 
 
@@ -146,14 +145,6 @@ def cell_config(cell: str, variant: str, scale: Scale):
     if scale.test_examples:
       config.test_examples = scale.test_examples
   return config
-
-
-def hardware() -> str:
-  d = jax.devices()[0]
-  host = f"{os.cpu_count()} host cores ({platform.machine()})"
-  if d.platform == "cpu":
-    return f"CPU only: {host}, jax {jax.__version__}"
-  return f"{jax.device_count()} x {d.device_kind} ({d.platform}), {host}, jax {jax.__version__}"
 
 
 def run_cell(cell: str, scale: Scale, workdir: str,
@@ -267,7 +258,7 @@ def _header(title: str, cells: dict[str, dict], scale: Scale, command: str,
   from_records = any("record" in r for runs in cells.values() for r in runs.values())
   lines = [f"# {title}", "",
            f"- command: `{command}`",
-           f"- produced {datetime.date.today().isoformat()} on {hardware()}" +
+           f"- produced {datetime.date.today().isoformat()} on {common.hardware_text()}" +
            (" from run records (the runs' own hardware below)" if from_records else ""),
            f"- scale: `{scale.tag()}`" if not from_records else
            "- scale: per record below ('full' = the paper's schedule, run to the end)"]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from experiments import benchmark
+from experiments import common
 from invjax import build as build_lib
 from invjax import describe
 from invjax import models
@@ -44,7 +45,7 @@ def test_benchmark_rows_come_from_the_compiled_programs():
   assert scores["images"] == 16 and scores["layers"] == len(helpers.TINY_SOWN) + 1
   assert scores["copies"] == 2 and scores["images_per_s"] > 0
   text = benchmark.format_markdown({
-      "command": "c", "date": "d", "hardware": benchmark.hardware(),
+      "command": "c", "date": "d", "hardware": common.hardware(),
       "steps_per_dispatch": 2, "repeats": 2, "train_images": 64,
       "peak_tflops": {"float32": 1.0}, "peak_source": "given",
       "device_peak_bytes": float("nan"),

@@ -244,7 +244,7 @@ TINY_SET = ["--set", "image_shape=()", "--set", "num_classes=0",
 
 
 def _window(npz, tmp_path, *extra):
-  args = [sys.executable, "experiments/window.py", f"--data={npz}",
+  args = [sys.executable, "-m", "experiments.window", f"--data={npz}",
           f"--out={tmp_path / 'out'}", f"--workdir={tmp_path / 'runs'}",
           f"--records={tmp_path / 'records'}", "--half_precision=false",
           "--eval_every_epochs=1", "--checkpoint_every_epochs=1", *TINY_SET, *extra]
@@ -256,7 +256,7 @@ def _window(npz, tmp_path, *extra):
 
 def _reproduce(tmp_path, result):
   out = subprocess.run(
-      [sys.executable, "experiments/reproduce.py", f"--result={result}",
+      [sys.executable, "-m", "experiments.reproduce", f"--result={result}",
        "--cells=allcnn_cifar10", f"--records={tmp_path / 'records'}",
        f"--results_dir={tmp_path / 'results'}"],
       cwd=helpers.ROOT, capture_output=True, text=True, timeout=300)
