@@ -102,7 +102,7 @@ def test_reproduce_all_writes_results_and_reuses_runs(tmp_path):
   # A finished run of another configuration is refused, not reused.
   from invjax import experiment  # pylint: disable=g-import-not-at-top
   changed = paper.cell_config("allcnn_cifar10", "invariance", paper.Scale(
-      epochs=2, overrides=tuple(paper.parse_override(a) for a in args[9::2])))
+      epochs=2, overrides=tuple(paper.parse_override(a) for a in args[10::2])))
   with changed.unlocked():
     changed.alpha_ratio = 3.0
   with pytest.raises(ValueError, match="alpha_ratio: saved 10.0, given 3.0"):
