@@ -1,12 +1,12 @@
 """Speed of the invariance loss, the augmentation and the analysis, side by side.
 
-  python experiments/benchmark.py                       # every architecture
-  python experiments/benchmark.py --models=allcnn --size=paper --precision=bfloat16
-  python experiments/benchmark.py --models=wrn --variants=same_batch,moments,loss_alone
+  python -m experiments.benchmark                       # every architecture
+  python -m experiments.benchmark --models=allcnn --size=paper --precision=bfloat16
+  python -m experiments.benchmark --models=wrn --variants=same_batch,moments,loss_alone
 
 For each architecture, at its paper batch size and M (configs/<model>.py), in one
 process and on the same synthetic data resident on the device, this times the real
-training program (`train.TrainPrograms`: seeds gathered on device, augmented, forward,
+training program (`programs.TrainPrograms`: seeds gathered on device, augmented, forward,
 backward, update), in these variants:
 
   baseline          M = 1, alpha = 0: B distinct images per step
@@ -46,7 +46,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -56,20 +55,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from invjax import analysis  # pylint: disable=g-import-not-at-top
-from invjax import augment  # pylint: disable=g-import-not-at-top
-from invjax import config_lib  # pylint: disable=g-import-not-at-top
-from invjax import describe  # pylint: disable=g-import-not-at-top
-from invjax import losses  # pylint: disable=g-import-not-at-top
-from invjax import models as models_lib  # pylint: disable=g-import-not-at-top
-from invjax import input_pipeline  # pylint: disable=g-import-not-at-top
-from invjax import steps as steps_lib  # pylint: disable=g-import-not-at-top
-from invjax import train  # pylint: disable=g-import-not-at-top
-from experiments import loss_cost  # pylint: disable=g-import-not-at-top
-from experiments import paper  # pylint: disable=g-import-not-at-top
+from invjax import analysis
+from invjax import augment
+from invjax import build as build_lib
+from invjax import config_lib
+from invjax import describe
+from invjax import losses
+from invjax import models as models_lib
+from invjax import input_pipeline
+from invjax import placement as placement_lib
+from invjax import programs as programs_lib
+from invjax import steps as steps_lib
+from experiments import common
+from experiments import loss_cost
+from experiments import paper
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = common.ROOT
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["allcnn", "wrn", "densenet"],
                   "Architectures: config files configs/<name>.py.")
@@ -160,9 +161,7 @@ def measure_peak_tflops(dtype) -> float:
 
 
 def _cost_flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float((cost or {}).get("flops", float("nan")))
+  return float(common.cost_analysis(compiled).get("flops", float("nan")))
 
 
 def _plan_bytes(compiled) -> float:
@@ -186,14 +185,14 @@ class TrainingVariant:
     with config.unlocked():
       config.steps_per_dispatch = steps_per_dispatch
     self.config, self.spd = config, steps_per_dispatch
-    run = train.build(config, data)
+    run = build_lib.build(config, data)
     # Analytic: 2 FLOPs per multiply-accumulate, forward + backward (x 3), B images.
     self.analytic_flops = 6.0 * config.batch_size * describe.dense_macs(
         run.model, run.data.image_shape)
     run.step_config = dataclasses.replace(run.step_config, **step_overrides)
-    placement = train.Placement.create()
-    self.state = train.initial_state(run, placement)
-    self.programs = train.TrainPrograms(run, placement, self.state)
+    placement = placement_lib.Placement.create()
+    self.state = build_lib.initial_state(run, placement)
+    self.programs = programs_lib.TrainPrograms(run, placement, self.state)
     self.step, self.times, self.metrics = 0, [], None
     for _ in range(2):  # warm-up
       self.run_once()
@@ -234,7 +233,7 @@ def time_augmentation(config, data, repeats: int) -> dict:
   """The augmentation alone: B augmented float images from B / M uint8 seeds."""
   k = config.batch_size // config.copies
   ranges = augment.AugmentRanges.from_config(config.augment)
-  placement = train.Placement.create()
+  placement = placement_lib.Placement.create()
   seeds = placement.shard(data.x_train[:k])
   labels = placement.shard(data.y_train[:k])
 
@@ -260,9 +259,9 @@ def time_augmentation(config, data, repeats: int) -> dict:
 
 def time_analysis(config, data) -> dict:
   """Invariance scores of every layer for the test images, 5 copies each."""
-  run = train.build(config, data)
-  placement = train.Placement.create()
-  state = train.initial_state(run, placement)
+  run = build_lib.build(config, data)
+  placement = placement_lib.Placement.create()
+  state = build_lib.initial_state(run, placement)
   ranges = augment.AugmentRanges.from_config(config.augment)
   ac = config.analysis
   batch = min(ac.batch_size, len(data.x_test))
@@ -276,7 +275,7 @@ def time_analysis(config, data) -> dict:
     return analysis.score_dataset(
         lambda x: steps_lib.features(state, x), batches, jax.random.key(0),
         ac.num_transforms, lambda key, x: augment.augment_each(key, x, ranges, scoring=True),
-        preprocess=steps_lib.to_float)
+        preprocess=steps_lib.to_float).scores
 
   t = time.perf_counter()
   score()  # compiles
@@ -293,7 +292,7 @@ def time_analysis(config, data) -> dict:
 def time_loss_alone(config, repeats: int) -> dict:
   """L_inv of every sown layer, value and gradient, on random post-ReLU activations of
   the step's shapes and compute dtype, weighted as Eq. 4 weighs them."""
-  model = train.create_model(config, config.num_classes)
+  model = build_lib.create_model(config, config.num_classes)
   shapes = models_lib.layer_shapes(model, tuple(config.image_shape))
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   key = jax.random.key(0)
@@ -386,14 +385,6 @@ def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: in
     result["augmentation"]["vs_same_batch"] = (
         result["augmentation"]["step_ms"] / same if same else None)
   return result
-
-
-def hardware() -> dict:
-  dev = jax.devices()[0]
-  return {"device": dev.device_kind, "platform": dev.platform,
-          "devices": jax.device_count(), "cpu_count": os.cpu_count(),
-          "machine": platform.machine(), "python": platform.python_version(),
-          "jax": jax.__version__}
 
 
 def _num(value, fmt: str) -> str:
@@ -518,10 +509,10 @@ def main(argv):
   else:
     peaks = {p: measure_peak_tflops(dtypes[p]) for p in precisions}
     source = "measured here"
-  print(f"{hardware()['device']} x{jax.device_count()}: peak " + ", ".join(
+  print(f"{common.hardware()['device']} x{jax.device_count()}: peak " + ", ".join(
       f"{p} {v:.2f} TFLOP/s" for p, v in peaks.items()), flush=True)
-  result = {"command": " ".join(["python", "experiments/benchmark.py", *sys.argv[1:]]),
-            "date": datetime.date.today().isoformat(), "hardware": hardware(),
+  result = {"command": " ".join(["python", "-m", "experiments.benchmark", *sys.argv[1:]]),
+            "date": datetime.date.today().isoformat(), "hardware": common.hardware(),
             "steps_per_dispatch": spd, "repeats": repeats, "train_images": n_train,
             "peak_tflops": peaks, "peak_source": source, "models": [],
             "variants": chosen}

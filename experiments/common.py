@@ -1,12 +1,23 @@
-"""Small helpers shared by the scripts in experiments/."""
+"""Small helpers shared by the scripts in experiments/ (run them as modules from the
+repository root, e.g. python -m experiments.quickstart)."""
+
+import os
+import platform
 
 from absl import app
 from absl import flags
+import jax
 
-# The runs a comparison script reads (experiments/compare.py, loss_dynamics.py,
-# robustness.py).
-flags.DEFINE_multi_string("run", None, "LABEL=WORKDIR, once per run (in plot and "
-                          "column order).")
+# The repository root: configs/, experiments/results/ and workdirs/ are found from it.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def define_run_flag():
+  """--run LABEL=WORKDIR, the runs a comparison script reads (compare, loss_dynamics,
+  robustness)."""
+  flags.DEFINE_multi_string("run", None, "LABEL=WORKDIR, once per run (in plot and "
+                            "column order).")
+
 
 def parse_runs(specs):
   """{label: workdir} of --run LABEL=WORKDIR values."""
@@ -18,3 +29,31 @@ def parse_runs(specs):
                            "--run baseline=/tmp/allcnn_baseline")
     runs[label] = workdir
   return runs
+
+
+def hardware() -> dict:
+  """This machine: its first device's kind and platform, the device and host-core
+  counts, and the versions that matter for a timing."""
+  dev = jax.devices()[0]
+  return {"device": dev.device_kind, "platform": dev.platform,
+          "devices": jax.device_count(), "cpu_count": os.cpu_count(),
+          "machine": platform.machine(), "python": platform.python_version(),
+          "jax": jax.__version__}
+
+
+def hardware_text() -> str:
+  """`hardware()` in one line, e.g. "1 x NVIDIA H200 (gpu), 16 host cores (x86_64),
+  jax 0.10.2"."""
+  hw = hardware()
+  host = f"{hw['cpu_count']} host cores ({hw['machine']})"
+  if hw["platform"] == "cpu":
+    return f"CPU only: {host}, jax {hw['jax']}"
+  return f"{hw['devices']} x {hw['device']} ({hw['platform']}), {host}, jax {hw['jax']}"
+
+
+def cost_analysis(compiled) -> dict:
+  """XLA's cost analysis of a compiled program as one dict ({} where there is none;
+  some backends return a list of one)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return cost or {}

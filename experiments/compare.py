@@ -1,6 +1,6 @@
 """Invariance scores of several analyzed runs side by side (Figures 2-4 style).
 
-  python experiments/compare.py --run baseline=DIR_A --run invariance=DIR_B \
+  python -m experiments.compare --run baseline=DIR_A --run invariance=DIR_B \
       --out=compare.png
 
 Each DIR must have been analyzed (python -m invjax.main --mode=analyze --workdir=DIR).
@@ -8,18 +8,15 @@ Prints test accuracy and per-layer median scores, and draws the box plots, pixel
 first, one colour per run.
 """
 
-import os
-import sys
-
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import common  # pylint: disable=g-import-not-at-top
-from invjax import analyze  # pylint: disable=g-import-not-at-top
-from invjax import report  # pylint: disable=g-import-not-at-top
+from experiments import common
+from invjax import analyze
+from invjax import report
 
 FLAGS = flags.FLAGS
+common.define_run_flag()
 flags.DEFINE_string("out", "invariance_scores.png", "Figure path.")
 flags.DEFINE_string("title", "", "Figure title.")
 flags.mark_flag_as_required("run")

@@ -1,16 +1,15 @@
 """How long a config's training program takes to trace, lower and compile.
 
-  python experiments/compile_time.py --config=configs/densenet.py [--steps=10]
-  XLA_FLAGS=--xla_gpu_autotune_level=0 python experiments/compile_time.py ...
+  python -m experiments.compile_time --config=configs/densenet.py [--steps=10]
+  XLA_FLAGS=--xla_gpu_autotune_level=0 python -m experiments.compile_time ...
 
 Builds the run as `invjax.main` would (on synthetic data of the config's declared shape,
 so nothing is loaded) and compiles the program of --steps steps per dispatch (a loop
-off CPU, straight-line code on CPU, as `train.TrainPrograms` does), reporting trace +
+off CPU, straight-line code on CPU, as `programs.TrainPrograms` does), reporting trace +
 lower and XLA's compile time separately. No persistent compilation cache is used.
 """
 
 import os
-import sys
 import time
 
 from absl import app
@@ -19,10 +18,12 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import benchmark  # pylint: disable=g-import-not-at-top
-from invjax import steps as steps_lib  # pylint: disable=g-import-not-at-top
-from invjax import train  # pylint: disable=g-import-not-at-top
+from experiments import benchmark
+from invjax import build as build_lib
+from invjax import cli
+from invjax import placement as placement_lib
+from invjax import seed_order
+from invjax import steps as steps_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/densenet.py.",
@@ -33,17 +34,17 @@ flags.DEFINE_integer("steps", None, "Steps per program. Default: the config's "
 
 def main(argv):
   del argv
-  config = FLAGS.config
+  config = cli.config_flag("config")
   if config is None:
     raise app.UsageError("--config is required (e.g. --config=configs/densenet.py).")
-  steps = FLAGS.steps or int(config.get("steps_per_dispatch", 1))
+  steps = FLAGS.steps or int(config.steps_per_dispatch)
   data = benchmark.synthetic_data(config, 256, 32)
-  run = train.build(config, data)
-  placement = train.Placement.create()
-  state = train.initial_state(run, placement)
+  run = build_lib.build(config, data)
+  placement = placement_lib.Placement.create()
+  state = build_lib.initial_state(run, placement)
   k = config.batch_size // config.copies
-  schedule = train.input_pipeline.SeedSchedule(len(data.x_train), k, config.seed,
-                                               placement.replicated)
+  schedule = seed_order.SeedSchedule(len(data.x_train), k, config.seed,
+                                    placement.replicated)
   first, perms = schedule.window(0, steps)
   fn = steps_lib.make_train_chunk(run.step_config, steps, k, placement.batch,
                                   data_on_device=True,

@@ -42,7 +42,7 @@ bench() {  # bench NAME SECONDS BENCHMARK_ARGS...
   local name=$1 limit=$2
   shift 2
   # shellcheck disable=SC2086
-  run "$name" "$limit" python3 experiments/benchmark.py "$@" $extra \
+  run "$name" "$limit" python3 -m experiments.benchmark "$@" $extra \
     --out="$OUT/benchmark_$name"
 }
 
@@ -51,7 +51,7 @@ for phase in "${phases[@]}"; do
     env) run env 60 bash -c 'nvidia-smi -L 2>/dev/null; python3 -c "
 import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__)
 print(jax.devices())"' ;;
-    loss) run loss 60 python3 experiments/loss_cost.py --width=1 --dtype=bfloat16 \
+    loss) run loss 60 python3 -m experiments.loss_cost --width=1 --dtype=bfloat16 \
       --repeats=20 ;;
     allcnn) bench allcnn 210 --models=allcnn --repeats=15 ;;
     wrn) bench wrn 240 --models=wrn --repeats=15 \
@@ -60,8 +60,8 @@ print(jax.devices())"' ;;
       --variants=same_batch,moments,loss_alone ;;
     compile) run compile 300 bash -c 'args="--config=configs/densenet.py
       --config.half_precision=True --steps=10"
-      python3 experiments/compile_time.py $args
-      XLA_FLAGS=--xla_gpu_autotune_level=0 python3 experiments/compile_time.py $args' ;;
+      python3 -m experiments.compile_time $args
+      XLA_FLAGS=--xla_gpu_autotune_level=0 python3 -m experiments.compile_time $args' ;;
     *) echo "unknown phase $phase (env loss allcnn wrn densenet compile)"; exit 2 ;;
   esac
 done

@@ -1,7 +1,7 @@
 """The invariance loss alone: value and gradient over a model's sown activations.
 
-  python experiments/loss_cost.py [--model=allcnn] [--width=0.25] [--batch_size=128]
-  python experiments/loss_cost.py --width=1 --dtype=bfloat16 --repeats=0  # bytes only
+  python -m experiments.loss_cost [--model=allcnn] [--width=0.25] [--batch_size=128]
+  python -m experiments.loss_cost --width=1 --dtype=bfloat16 --repeats=0  # bytes only
 
 Compiles L_inv (both methods, summed over the layers with Eq. 4's weights) for value and
 gradient on random post-ReLU activations of the model's sown layers, with no network
@@ -14,8 +14,6 @@ around it, and prints per method:
     noise of the step.
 """
 
-import os
-import sys
 import time
 
 from absl import app
@@ -24,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from invjax import losses  # pylint: disable=g-import-not-at-top
-from invjax import models  # pylint: disable=g-import-not-at-top
+from experiments import common
+from invjax import losses
+from invjax import models
 
 FLAGS = flags.FLAGS
 
@@ -43,10 +41,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("repeats", 10, "Timed calls (0: compile and report costs only).")
 
 
-def cost(compiled) -> dict:
-  c = compiled.cost_analysis()
-  c = c[0] if isinstance(c, (list, tuple)) else c
-  return c or {}
+cost = common.cost_analysis
 
 
 def loss_program(weights, copies: int, method: str):

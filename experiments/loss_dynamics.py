@@ -1,6 +1,6 @@
 """Figure 5: per-layer invariance loss over training of several runs.
 
-  python experiments/loss_dynamics.py --run baseline=DIR_A --run invariance=DIR_B \
+  python -m experiments.loss_dynamics --run baseline=DIR_A --run invariance=DIR_B \
       --out=loss_dynamics.png
 
 Plots the L_inv probe every run logs (a fixed batch of seeds x copies, eval mode, never
@@ -9,16 +9,12 @@ optimised, so the baseline is measured the same way), epochs on a quadratic axis
 copies > 1 only).
 """
 
-import os
-import sys
-
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import common  # pylint: disable=g-import-not-at-top
-from experiments import compare  # pylint: disable=g-import-not-at-top,unused-import (--out, --title)
-from invjax import report  # pylint: disable=g-import-not-at-top
+from experiments import common
+from experiments import compare  # pylint: disable=unused-import (--out, --title)
+from invjax import report
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("metric", "probe/inv_loss/", "Metric prefix to plot per layer.")

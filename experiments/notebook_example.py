@@ -4,8 +4,8 @@
 # A percent-format script: run it as a script, or open it as a notebook (Jupyter with
 # jupytext, VS Code, PyCharm run its `# %%` cells).
 #
-#   python experiments/quickstart.py --workdir=/tmp/invjax_quickstart
-#   python experiments/notebook_example.py --workdir=/tmp/invjax_quickstart --out=docs
+#   python -m experiments.quickstart --workdir=/tmp/invjax_quickstart
+#   python -m experiments.notebook_example --workdir=/tmp/invjax_quickstart --out=docs
 #
 # It loads the baseline and the invariance model of the quickstart, shows test images
 # with their transformed copies, scores every layer's invariance, measures L_inv on a
@@ -15,14 +15,12 @@
 # %%
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from invjax import api  # pylint: disable=g-import-not-at-top
-from invjax import report  # pylint: disable=g-import-not-at-top
+from invjax import api
+from invjax import report
 
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--workdir", default="/tmp/invjax_quickstart",

@@ -1,7 +1,7 @@
 """What a run's logging, evaluation, probe and checkpoint cadence cost beside its steps.
 
-  python experiments/overheads.py                       # quickstart-sized, on this machine
-  python experiments/overheads.py --cadences=pure,window --epochs=30
+  python -m experiments.overheads                       # quickstart-sized, on this machine
+  python -m experiments.overheads --cadences=pure,window --epochs=30
 
 Trains the quickstart's invariance model (All-CNN-C at 1/8 width on the embedded digits)
 once per cadence, in fresh workdirs, and prints each run's wall time beside its run
@@ -18,7 +18,6 @@ shorter, so what counts there is each event's host time x the number of events
 
 import os
 import shutil
-import sys
 import tempfile
 import time
 
@@ -26,11 +25,11 @@ from absl import app
 from absl import flags
 from absl import logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import paper  # pylint: disable=g-import-not-at-top
-from invjax import checkpoints  # pylint: disable=g-import-not-at-top
-from invjax import run_card  # pylint: disable=g-import-not-at-top
-from invjax import train  # pylint: disable=g-import-not-at-top
+from experiments import paper
+from invjax import build as build_lib
+from invjax import checkpoints
+from invjax import run_card
+from invjax import train
 
 FLAGS = flags.FLAGS
 CADENCES = {
@@ -63,7 +62,7 @@ def time_cadences(root: str) -> None:
   pure = None
   for cadence in FLAGS.cadences:
     config, log, eval_epochs, ckpt_epochs = _config(cadence)
-    run = train.build(config)
+    run = build_lib.build(config)
     total, spe = run.total_steps, run.steps_per_epoch
     with config.unlocked():
       config.log_every_steps = total if log is None else spe if log == "epoch" else log
@@ -86,7 +85,7 @@ def time_cadences(root: str) -> None:
 
 def time_full_size_saves(root: str) -> None:
   config = paper.cell_config("allcnn_cifar10", "invariance", paper.Scale())
-  model = train.create_model(config, 10)
+  model = build_lib.create_model(config, 10)
   import jax  # pylint: disable=g-import-not-at-top
   from invjax import steps as steps_lib  # pylint: disable=g-import-not-at-top
   tx = steps_lib.create_optimizer(lambda s: 0.01, 0.9, True)

@@ -19,14 +19,13 @@ import hashlib
 import importlib.util
 import json
 import os
-import platform
 import re
 from typing import Any, Sequence
 
 from absl import logging
-import jax
 import numpy as np
 
+from experiments import common
 from invjax import config_lib
 from invjax import experiment
 from invjax import input_pipeline
@@ -35,7 +34,7 @@ from invjax import records as records_lib
 from invjax import report
 from invjax import run_card
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = common.ROOT
 RECORDS = os.path.join(ROOT, "experiments", "results", "records")
 
 
@@ -132,12 +131,12 @@ def cell_config(cell: str, variant: str, scale: Scale):
     raise ValueError(f"unknown cell {cell!r}; valid cells are {sorted(CELLS)}.")
   config = load_config_module(CELLS[cell].config_file).get_config(variant)
   with config.unlocked():
-    for path, value in scale.overrides:
+    for path, _ in scale.overrides:
       target, last = config_lib.field_parent(config, path)
       if last not in target:
         raise ValueError(f"--set {path}=...: the config has no field {path!r}.")
-      # another type on purpose, e.g. a list of layers for a layer-set name
-      config_lib.set_field(config, path, value, replace_type=True)
+    # another type on purpose, e.g. a list of layers for a layer-set name
+    config_lib.override(config, dict(scale.overrides), replace_type=True)
     if scale.epochs:
       config.lr_boundaries = config_lib.scaled_boundaries(config, scale.epochs)
       config.num_epochs = float(scale.epochs)
@@ -146,14 +145,6 @@ def cell_config(cell: str, variant: str, scale: Scale):
     if scale.test_examples:
       config.test_examples = scale.test_examples
   return config
-
-
-def hardware() -> str:
-  d = jax.devices()[0]
-  host = f"{os.cpu_count()} host cores ({platform.machine()})"
-  if d.platform == "cpu":
-    return f"CPU only: {host}, jax {jax.__version__}"
-  return f"{jax.device_count()} x {d.device_kind} ({d.platform}), {host}, jax {jax.__version__}"
 
 
 def run_cell(cell: str, scale: Scale, workdir: str,
@@ -267,7 +258,7 @@ def _header(title: str, cells: dict[str, dict], scale: Scale, command: str,
   from_records = any("record" in r for runs in cells.values() for r in runs.values())
   lines = [f"# {title}", "",
            f"- command: `{command}`",
-           f"- produced {datetime.date.today().isoformat()} on {hardware()}" +
+           f"- produced {datetime.date.today().isoformat()} on {common.hardware_text()}" +
            (" from run records (the runs' own hardware below)" if from_records else ""),
            f"- scale: `{scale.tag()}`" if not from_records else
            "- scale: per record below ('full' = the paper's schedule, run to the end)"]

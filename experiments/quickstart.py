@@ -1,6 +1,6 @@
 """Quickstart: baseline and invariance All-CNN on the embedded digits, side by side.
 
-  python experiments/quickstart.py --workdir=/tmp/invjax_quickstart
+  python -m experiments.quickstart --workdir=/tmp/invjax_quickstart
 
 Trains both models (configs/quickstart.py, variants baseline and invariance; a rerun
 resumes or reuses them), scores every layer's invariance on the test set, prints test
@@ -9,17 +9,15 @@ Extra --config.FIELD=VALUE overrides apply to both runs.
 """
 
 import os
-import sys
 import time
 
 from absl import flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from invjax import cli  # pylint: disable=g-import-not-at-top
-from invjax import compilation_cache  # pylint: disable=g-import-not-at-top
-from invjax import distributed  # pylint: disable=g-import-not-at-top
-from invjax import experiment  # pylint: disable=g-import-not-at-top
+from invjax import cli
+from invjax import compilation_cache
+from invjax import distributed
+from invjax import experiment
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "/tmp/invjax_quickstart", "Where both runs go.")

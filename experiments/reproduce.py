@@ -1,8 +1,8 @@
 """One command per result of the paper: from the committed run records, or by training.
 
-  python experiments/reproduce.py --result=table1               # from the records
-  python experiments/reproduce.py --result=figure2              # All-CNN, CIFAR-10
-  python experiments/reproduce.py --source=train --result=all --cells=allcnn_cifar10 \\
+  python -m experiments.reproduce --result=table1               # from the records
+  python -m experiments.reproduce --result=figure2              # All-CNN, CIFAR-10
+  python -m experiments.reproduce --source=train --result=all --cells=allcnn_cifar10 \\
       --epochs=10 --train_examples=10000 --test_examples=2000 \\
       --set dataset=data/cifar10.npz --set model.width=0.25
 
@@ -41,12 +41,11 @@ import time
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import paper  # pylint: disable=g-import-not-at-top
-from invjax import cli  # pylint: disable=g-import-not-at-top
-from invjax import compilation_cache  # pylint: disable=g-import-not-at-top
-from invjax import config_lib  # pylint: disable=g-import-not-at-top
-from invjax import distributed  # pylint: disable=g-import-not-at-top
+from experiments import paper
+from invjax import cli
+from invjax import compilation_cache
+from invjax import config_lib
+from invjax import distributed
 
 RESULTS = ("table1", "figure2", "figure3", "figure4", "figure5", "robustness", "all")
 FLAGS = flags.FLAGS
@@ -106,7 +105,7 @@ def main(argv):
   for cell in cells:  # refuse bad overrides before loading or training anything
     for variant in FLAGS.variants:
       config_lib.validate(paper.cell_config(cell, variant, scale))
-  command = " ".join(["python experiments/reproduce.py"] +
+  command = " ".join(["python -m experiments.reproduce"] +
                      [shlex.quote(a) for a in sys.argv[1:]])
   if FLAGS.source == "records":
     if FLAGS.epochs or FLAGS.train_examples or FLAGS.test_examples or FLAGS.set:

@@ -1,6 +1,6 @@
 """Robustness of several trained runs side by side: clean, transformed, FGSM and PGD.
 
-  python experiments/robustness.py --run baseline=DIR_A --run batchaug=DIR_B \
+  python -m experiments.robustness --run baseline=DIR_A --run batchaug=DIR_B \
       --run invariance=DIR_C [--eps=2,8] [--examples=N] [--out=robustness.md]
 
 Each DIR is a trained run (e.g. the quickstart's /tmp/invjax_quickstart/baseline). A
@@ -10,21 +10,18 @@ its analysis too, if that is missing. Prints the accuracies side by side and wri
 them as Markdown to --out, if given.
 """
 
-import os
-import sys
-
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import common  # pylint: disable=g-import-not-at-top
-from invjax import checkpoints  # pylint: disable=g-import-not-at-top
-from invjax import cli  # pylint: disable=g-import-not-at-top
-from invjax import report  # pylint: disable=g-import-not-at-top
-from invjax import robustness  # pylint: disable=g-import-not-at-top
-from invjax import train  # pylint: disable=g-import-not-at-top
+from experiments import common
+from invjax import checkpoints
+from invjax import cli
+from invjax import report
+from invjax import robustness
+from invjax import workdirs
 
 FLAGS = flags.FLAGS
+common.define_run_flag()
 flags.DEFINE_list("eps", ["2", "8"], "L-inf radii of the attacks, in units of 1/255.")
 flags.DEFINE_integer("examples", 0, "Attack and corrupt only the first N test images "
                      "(0 = all).")
@@ -64,7 +61,7 @@ def main(argv):
   reports = {}
   for label, workdir in common.parse_runs(FLAGS.run).items():
     if not _current(workdir, settings):
-      robustness.robustness(train.load_config(workdir), workdir, settings)
+      robustness.robustness(workdirs.load_config(workdir), workdir, settings)
     reports[label] = robustness.load(workdir)
   table = robustness.table(reports)
   print(table)

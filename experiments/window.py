@@ -1,7 +1,7 @@
 """One accelerator window, one command: train the next unfinished variants of a cell at
 full scale and hand each one back as a packed run record.
 
-  python experiments/window.py --data=/tmp/cifar10.npz --out=$OUT --budget_minutes=9.3
+  python -m experiments.window --data=/tmp/cifar10.npz --out=$OUT --budget_minutes=9.3
 
 For each variant of --variants in order (All-CNN-C: baseline, invariance, batchaug) that
 has no finished record in --records yet, it trains the paper's configuration of --cell
@@ -35,21 +35,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 
 from absl import app
 from absl import flags
 from absl import logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import paper  # pylint: disable=g-import-not-at-top
-from invjax import analyze as analyze_lib  # pylint: disable=g-import-not-at-top
-from invjax import input_pipeline  # pylint: disable=g-import-not-at-top
-from invjax import records as records_lib  # pylint: disable=g-import-not-at-top
-from invjax import robustness as robustness_lib  # pylint: disable=g-import-not-at-top
-from invjax import run_card  # pylint: disable=g-import-not-at-top
-from invjax import train  # pylint: disable=g-import-not-at-top
+from experiments import paper
+from invjax import analyze as analyze_lib
+from invjax import input_pipeline
+from invjax import records as records_lib
+from invjax import robustness as robustness_lib
+from invjax import run_card
+from invjax import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", None, "The decoded CIFAR-10 .npz (x_train, y_train, x_test, "

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from invjax import losses
+
 
 def _flat(x: jax.Array) -> jax.Array:
   return x.reshape(x.shape[0], -1).astype(jnp.float32)
@@ -89,7 +91,7 @@ def score_batch(stats: LayerStats, clean_flat: jax.Array,
                 transformed_flat: jax.Array) -> jax.Array:
   """Scores of a batch of images against the whole clean set summarised by `stats`."""
   dim = clean_flat.shape[1]
-  num = jnp.sum((clean_flat - transformed_flat) ** 2, axis=1) / dim
+  num = losses.distance(clean_flat, transformed_flat)  # Eq. 1
   den = (jnp.sum((clean_flat - stats.mean) ** 2, axis=1)
          + stats.m2 / stats.count) / dim
   return _score(num, den)
@@ -118,6 +120,13 @@ class Batch(NamedTuple):
   images: Any
   labels: Any = None
   valid: Any = None
+
+
+class Scored(NamedTuple):
+  """What `score_dataset` and `score_pairs` return: the per-image scores per layer, and
+  the metric sums of the forward passes (None without a metrics_fn)."""
+  scores: dict[str, np.ndarray]
+  sums: Any = None
 
 
 def _as_batch(batch) -> Batch:
@@ -193,9 +202,9 @@ def score_dataset(feature_fn: FeatureFn, batches: Callable[[], Iterable],
                   key: jax.Array, num_copies: int,
                   transform: Callable[[jax.Array, jax.Array], jax.Array],
                   preprocess: Callable[[jax.Array], jax.Array] = lambda x: x,
-                  metrics_fn: MetricsFn | None = None):
+                  metrics_fn: MetricsFn | None = None) -> Scored:
   """Per-image invariance scores of every layer, [N, num_copies] each, in the order of
-  feature_fn's layers.
+  feature_fn's layers: `Scored(scores, sums)`.
 
   Args:
     feature_fn: see FeatureFn.
@@ -211,7 +220,7 @@ def score_dataset(feature_fn: FeatureFn, batches: Callable[[], Iterable],
       float in [0, 1]); feature_fn and transform see its output.
     metrics_fn: optional classification metrics from the same forward passes. Then
       batches carry labels, feature_fn returns (features, logits), and
-      the result is (scores, {"clean": sums, "transformed": [sums of copy c, ...]}):
+      the result's sums are {"clean": sums, "transformed": [sums of copy c, ...]}:
       e.g. the accuracy on the clean images and on exactly the transformed copies that
       were scored, at no extra forward pass.
   """
@@ -245,13 +254,13 @@ def score_dataset(feature_fn: FeatureFn, batches: Callable[[], Iterable],
       moved_sums[c] = _add(moved_sums[c], {k: float(v) for k, v in m.items()})
   scores = {k: np.concatenate([p[k] for p in pieces]) for k in order}
   if not with_logits:
-    return scores
-  return scores, {"clean": clean_sums, "transformed": moved_sums}
+    return Scored(scores)
+  return Scored(scores, {"clean": clean_sums, "transformed": moved_sums})
 
 
 def score_pairs(feature_fn: FeatureFn, stats: Mapping[str, LayerStats],
                 batches: Iterable, preprocess: Callable[[jax.Array], jax.Array] = lambda x: x,
-                metrics_fn: MetricsFn | None = None):
+                metrics_fn: MetricsFn | None = None) -> Scored:
   """Per-image scores (Eq. 2) against a given transformed version of each image, e.g. a
   corruption read from disk, [N] per layer.
 
@@ -262,7 +271,7 @@ def score_pairs(feature_fn: FeatureFn, stats: Mapping[str, LayerStats],
     batches: (clean, moved) pairs of `Batch`es (or arrays) of the same images, the
       clean batch carrying the labels and padding mask.
   Returns:
-    scores, or (scores, metric sums of the moved images) with `metrics_fn`.
+    Scored(scores, the metric sums of the moved images with `metrics_fn`, else None).
   """
   with_logits = metrics_fn is not None
 
@@ -285,4 +294,4 @@ def score_pairs(feature_fn: FeatureFn, stats: Mapping[str, LayerStats],
   if not pieces:
     raise ValueError("no images to score")
   scores = {k: np.concatenate([p[k] for p in pieces]) for k in stats}  # stats' order
-  return (scores, sums) if with_logits else scores
+  return Scored(scores, sums)

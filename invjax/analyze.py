@@ -21,24 +21,27 @@ import numpy as np
 
 from invjax import analysis
 from invjax import augment
+from invjax import build as build_lib
 from invjax import checkpoints
 from invjax import distributed
 from invjax import errors
+from invjax import evaluation
+from invjax import placement as placement_lib
 from invjax import run_card
 from invjax import steps as steps_lib
-from invjax import train
+from invjax import workdirs
 
 # Changes when the same checkpoint would get other scores (e.g. other transformation
 # draws); summaries of another version are redone by experiment.run_variant.
 # 2: each image's scoring transformations from its own key (augment_each).
 SCORING_VERSION = 2
-SCORES_FILE = os.path.join("analysis", "scores.npz")
-SUMMARY_FILE = os.path.join("analysis", "summary.json")
-FIGURE_FILE = os.path.join("figures", "invariance_scores.png")
+SCORES_FILE = workdirs.SCORES_FILE
+SUMMARY_FILE = workdirs.SUMMARY_FILE
+FIGURE_FILE = workdirs.SCORES_FIGURE
 
 
 def batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
-             placement: train.Placement):
+             placement: placement_lib.Placement):
   """Batches of `batch_size` uint8 test images (made float on device) and labels,
   split over the devices of every process. A batch that does not split evenly is
   padded to the next multiple of the device count and its padding marked; with the
@@ -49,7 +52,7 @@ def batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
   def gen():
     for start in range(0, len(images), batch_size):
       x, y = images[start:start + batch_size], labels[start:start + batch_size]
-      x, y, valid = train.pad_batch(x, y, -(-len(x) // n_dev) * n_dev)
+      x, y, valid = placement_lib.pad_batch(x, y, -(-len(x) // n_dev) * n_dev)
       yield analysis.Batch(placement.shard(x), placement.shard(y), placement.shard(valid))
   return gen
 
@@ -88,7 +91,7 @@ def state_from_weights(run, placement, path: str):
   batch-norm statistics that `checkpoints.save_weights` wrote (a run's weights.npz, or
   a record's), in the model of `run`. No optimizer state: for analysis only."""
   params, batch_stats, step = checkpoints.load_weights(path)
-  state = train.initial_state(run, placement)
+  state = build_lib.initial_state(run, placement)
   want = jax.tree.map(lambda a: (a.shape, str(a.dtype)),
                       (state.params, state.batch_stats))
   got = jax.tree.map(lambda a: (a.shape, str(a.dtype)), (params, batch_stats))
@@ -120,8 +123,8 @@ def score_state(config, run, state, step: int, placement):
       preprocess=steps_lib.to_float,
       metrics_fn=lambda logits, labels, mask: steps_lib.classification_sums(
           logits, labels, top5, mask))
-  test = train.rates(sums["clean"])
-  passes = [train.rates(s) for s in sums["transformed"]]
+  test = evaluation.rates(sums["clean"])
+  passes = [evaluation.rates(s) for s in sums["transformed"]]
   robustness = {k: float(np.mean([p[k] for p in passes])) for k in passes[0]}
   robustness["accuracy_per_pass"] = [p["accuracy"] for p in passes]
   summary = {"step": int(step), "scoring_version": SCORING_VERSION,
@@ -134,10 +137,10 @@ def score_state(config, run, state, step: int, placement):
 def _weights_if_no_checkpoint(workdir: str) -> str | None:
   """None where the workdir holds a checkpoint; else the path of its weights.npz (a run
   record's); RunNotFound where it holds neither."""
-  directory = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory)):
+  if workdirs.has_checkpoint(workdir):
     return None
-  weights = os.path.join(workdir, checkpoints.WEIGHTS_FILE)
+  directory = os.path.join(workdir, workdirs.CHECKPOINTS_DIR)
+  weights = os.path.join(workdir, workdirs.WEIGHTS_FILE)
   if os.path.exists(weights):
     return weights
   raise errors.RunNotFound(
@@ -150,16 +153,16 @@ def restore(config, workdir: str, data=None, run=None):
   restores (setting damaged ones aside, as training does), or, where it holds no
   checkpoint, its weights.npz (e.g. a run record); the state replicated over every
   device."""
-  run = run if run is not None else train.build(config, data)
+  run = run if run is not None else build_lib.build(config, data)
   weights = _weights_if_no_checkpoint(workdir)
-  placement = train.Placement.create()
+  placement = placement_lib.Placement.create()
   if weights is not None:
     state, step = state_from_weights(run, placement, weights)
     return run, placement, state, step
-  ckpts = checkpoints.Checkpoints(workdir, config.get("keep_checkpoints", 3))
+  ckpts = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
   try:
-    state, step = train.restore_latest(
-        ckpts, train.initial_state(run, placement), config, workdir)
+    state, step = workdirs.restore_latest(
+        ckpts, build_lib.initial_state(run, placement), config, workdir)
   finally:
     ckpts.close()
   return run, placement, state, step
@@ -169,15 +172,15 @@ def analyze(config, workdir: str, data=None) -> dict[str, Any]:
   """Scores the run in `workdir` (see `restore`: its newest good checkpoint, or its
   weights); returns the summary. The seconds it took go into the run card."""
   t0 = time.perf_counter()
-  run = train.build(config, data)
+  run = build_lib.build(config, data)
   _weights_if_no_checkpoint(workdir)  # nothing to score: say so first
   check_outputs_writable(workdir)
-  lock = train.lock_workdir(workdir, "analyze")
+  lock = workdirs.lock(workdir, "analyze")
   try:
     _, placement, state, step = restore(config, workdir, run=run)
     scores, summary = score_state(config, run, state, step, placement)
     if distributed.is_primary():
-      os.makedirs(os.path.join(workdir, "analysis"), exist_ok=True)
+      os.makedirs(os.path.join(workdir, workdirs.ANALYSIS_DIR), exist_ok=True)
       np.savez_compressed(os.path.join(workdir, SCORES_FILE), **scores)
       with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
         json.dump(summary, f, indent=2)

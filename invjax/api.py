@@ -29,12 +29,14 @@ import numpy as np
 from invjax import analysis
 from invjax import analyze as analyze_lib
 from invjax import augment
+from invjax import build as build_lib
 from invjax import checkpoints
 from invjax import input_pipeline
 from invjax import losses
 from invjax import models
+from invjax import placement as placement_lib
 from invjax import steps as steps_lib
-from invjax import train
+from invjax import workdirs
 from invjax.similarity import linear_cka, rsa, similarity_matrix  # pylint: disable=unused-import
 
 
@@ -53,7 +55,7 @@ class LoadedRun:
   state: steps_lib.TrainState  # restored, replicated on every device
   image_shape: tuple[int, int, int]
   layer_shapes: dict[str, tuple[int, ...]]  # sown layers, depth order, per image
-  placement: train.Placement
+  placement: placement_lib.Placement
   _data: input_pipeline.Dataset | None = None
   _programs: dict = dataclasses.field(default_factory=dict)
 
@@ -152,7 +154,7 @@ class LoadedRun:
     program = self._program(tuple(layers), logits, x.dtype)
     acts, outs = {k: [] for k in layers}, []
     for start in range(0, n, size):
-      part, _, _ = train.pad_batch(x[start:start + size],
+      part, _, _ = placement_lib.pad_batch(x[start:start + size],
                                    np.zeros(min(size, n - start), np.int32), size)
       feats, out = analysis.fetch(program(self.state, self.placement.shard(part)))
       real = min(size, n - start)
@@ -238,7 +240,7 @@ class LoadedRun:
 
     return analysis.score_dataset(
         feature_fn, self._batches(x, batch_size), jax.random.key(seed), num,
-        transform or self._default_transform(), preprocess=self._preprocess(x))
+        transform or self._default_transform(), preprocess=self._preprocess(x)).scores
 
   def augmented_copies(self, images, copies: int, seed: int = 0) -> np.ndarray:
     """float [K, copies, H, W, C]: `copies` training-style augmentations (the run's
@@ -308,7 +310,7 @@ class LoadedRun:
 
 def _shapes(config, workdir: str, data):
   """(image_shape, num_classes, data or None) from the config or else the data."""
-  shape, classes = tuple(config.get("image_shape") or ()), config.get("num_classes")
+  shape, classes = tuple(config.image_shape), config.num_classes
   if shape and classes and data is None:
     return shape, classes, None
   if data is None:
@@ -332,11 +334,11 @@ def load_run(workdir: str, step: int | None = None,
   is the run's data set, where it cannot be loaded from the config here.
   """
   workdir = os.fspath(workdir)
-  if not os.path.exists(os.path.join(workdir, train.CONFIG_FILE)):
-    raise FileNotFoundError(f"{workdir} holds no run (no {train.CONFIG_FILE}): "
+  if not os.path.exists(os.path.join(workdir, workdirs.CONFIG_FILE)):
+    raise FileNotFoundError(f"{workdir} holds no run (no {workdirs.CONFIG_FILE}): "
                             f"{_train_hint(workdir)}.")
-  config = train.load_config(workdir)
-  directory = os.path.join(workdir, "checkpoints")
+  config = workdirs.load_config(workdir)
+  directory = os.path.join(workdir, workdirs.CHECKPOINTS_DIR)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{workdir} has no checkpoints/ yet: {_train_hint(workdir)}.")
   ckpts = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
@@ -351,8 +353,8 @@ def load_run(workdir: str, step: int | None = None,
       raise ValueError(f"{workdir} has no checkpoint of step {step}; its checkpoints "
                        f"are of steps {saved}: load_run({workdir!r}, step=one of them).")
     image_shape, num_classes, data = _shapes(config, workdir, data)
-    model = train.create_model(config, num_classes)
-    placement = train.Placement.create()
+    model = build_lib.create_model(config, num_classes)
+    placement = placement_lib.Placement.create()
     tx = steps_lib.create_optimizer(
         steps_lib.create_learning_rate_fn(config.learning_rate, config.lr_boundaries,
                                           config.lr_decay, 1),
@@ -367,7 +369,7 @@ def load_run(workdir: str, step: int | None = None,
       others = [s for s in saved if s != step]
       raise ValueError(
           f"checkpoint {step} in {directory} does not restore into the model of "
-          f"{os.path.join(workdir, train.CONFIG_FILE)} ({config.model.name}, "
+          f"{os.path.join(workdir, workdirs.CONFIG_FILE)} ({config.model.name}, "
           f"{num_classes} classes, images {image_shape}): {type(e).__name__}: "
           f"{str(e)[:300]}. If the checkpoint is damaged, load another "
           f"(step=one of {others}); if config.json was edited, restore it."

@@ -34,6 +34,9 @@ class _QuietOrbax(std_logging.Filter):
 logging.get_absl_handler().addFilter(_QuietOrbax())
 
 
+DIRECTORY = "checkpoints"  # in the workdir
+
+
 class Checkpoints:
   """Saves and restores a TrainState; every process of a run calls every method.
 
@@ -45,7 +48,7 @@ class Checkpoints:
 
   def __init__(self, workdir: str, max_to_keep: int = 3):
     """Keeps the newest `max_to_keep` checkpoints; 0 (or None) keeps all."""
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = os.path.abspath(os.path.join(workdir, DIRECTORY))
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep or None,

@@ -79,13 +79,14 @@ def parse_flags(argv):
 
 
 def config_flag(name: str = "config"):
-  """The value of a config flag; ml_collections loads the file on first access, so a
-  file that is missing or fails to load is refused here as a ConfigError."""
+  """The value of a config flag, its variant following the --config.FIELD overrides
+  of its inputs (`config_lib.follow_variant`). ml_collections loads the file on first
+  access, so a file that is missing or fails to load is refused here as a
+  ConfigError."""
   try:
     value = FLAGS[name].value
     if value is not None:
       value.keys()  # a file that failed to load raises here
-    return value
   except Exception as e:  # pylint: disable=broad-except
     root = e
     while root.__cause__ is not None:
@@ -97,6 +98,11 @@ def config_flag(name: str = "config"):
         f"--{name}={given} cannot be loaded ({type(root).__name__}: {detail}). Give a "
         f"config file that defines get_config(), e.g. --{name}=configs/allcnn.py "
         "(or configs/allcnn.py:baseline).") from e
+  if value is not None:  # the config file imported config_lib already
+    from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+    from invjax import config_lib  # pylint: disable=g-import-not-at-top
+    config_lib.follow_variant(value, config_flags.get_override_values(FLAGS[name]))
+  return value
 
 
 def _quiet_unraisable(default):

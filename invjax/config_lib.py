@@ -20,14 +20,13 @@ from invjax import losses
 from invjax import models
 
 VARIANTS = {
-    # name: (copies, alpha). References to invariance_copies / invariance_alpha, so an
-    # override of those (e.g. --config.invariance_alpha=0.3) reaches the variant's
-    # copies and alpha even though the config file applied the variant first.
-    "invariance": lambda c: (c.get_ref("invariance_copies"),
-                             c.get_ref("invariance_alpha")),  # the proposal
+    # name: (copies, alpha), plain values read from the config when it is applied.
+    "invariance": lambda c: (c.invariance_copies, c.invariance_alpha),  # the proposal
     "baseline": lambda c: (1, 0.0),  # the paper's baseline: epoch-wise augmentation
-    "batchaug": lambda c: (c.get_ref("invariance_copies"), 0.0),  # copies, no L_inv
+    "batchaug": lambda c: (c.invariance_copies, 0.0),  # copies, no L_inv
 }
+# The fields the variants read: overriding one applies the variant again (`override`).
+VARIANT_INPUTS = ("invariance_copies", "invariance_alpha")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -64,9 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
   # 1 - alpha - class_alpha. 0 = off.
   c.class_alpha = 0.0
   # "moments" (O(B D): per-seed and batch means) or "pairwise" (the |B| x |B| distance
-  # matrices of Eq. 3 as written). Equal values and gradients (tests/test_losses.py,
-  # tests/test_steps.py); moments costs about 1.5 % of the FLOPs of an All-CNN-C step,
-  # pairwise about 70 % (experiments/results/benchmark.md).
+  # matrices of Eq. 3 as written): equal values and gradients; what each costs is in
+  # experiments/results/benchmark.md.
   c.loss_method = "moments"
 
   c.num_epochs = 350.0
@@ -145,14 +143,30 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str | None):
     raise errors_lib.ConfigError(
         f"config variant {variant!r} is unknown; valid variants are {sorted(VARIANTS)} "
         "(e.g. --config=configs/allcnn.py:baseline).")
-  copies, alpha = VARIANTS[variant](c)
-  with c.unlocked():
-    # Replace the fields rather than write through a reference an earlier variant set.
-    for field in ("copies", "alpha"):
-      if field in c:
-        del c[field]
-    c.copies, c.alpha = copies, alpha
+  c.copies, c.alpha = VARIANTS[variant](c)
   c.variant = variant
+  return c
+
+
+def override(c: ml_collections.ConfigDict, overrides, replace_type: bool = False):
+  """Sets each field of `overrides` ({dotted path: value}) as the command line's
+  --config.FIELD=VALUE does, then `follow_variant`: an override of the variant's inputs
+  applies before it, so invariance_alpha=0.3 reaches alpha."""
+  for path, value in dict(overrides).items():
+    set_field(c, path, value, replace_type=replace_type)
+  return follow_variant(c, overrides)
+
+
+def follow_variant(c: ml_collections.ConfigDict, overridden):
+  """Applies the config's variant again when the fields `overridden` (already set)
+  include one of VARIANT_INPUTS, so that its copies and alpha follow them; copies or
+  alpha overridden themselves keep the values given."""
+  overridden = set(overridden)
+  if c.variant and overridden & set(VARIANT_INPUTS):
+    given = {f: c[f] for f in ("copies", "alpha") if f in overridden}
+    apply_variant(c, c.variant)
+    for f, v in given.items():
+      c[f] = v
   return c
 
 
@@ -237,9 +251,8 @@ def _layers(v) -> bool:
       str(s[3]).upper() in ("SAME", "VALID") for s in v)
 
 
-# Every field a config may have: one row each (tests/test_config_fields.py fails for a
-# field of base_config() or of a model without a row). Cross-field checks are in
-# `validate` below.
+# Every field a config may have: one row each (a field of base_config() or of a model
+# needs one). Cross-field checks are in `validate` below.
 FIELDS: dict[str, Rule] = {
     "model.name": _choice(models.names),
     "model.width": _num(0, lo_open=True),

@@ -12,9 +12,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from invjax import build as build_lib
 from invjax import config_lib
 from invjax import models
-from invjax import train
 
 
 def _forward_shapes(model, image_shape):
@@ -35,15 +35,15 @@ def forward_flops(model, image_shape) -> float:
 
 
 def describe(config, data=None) -> dict:
-  shape, classes = tuple(config.get("image_shape") or ()), config.get("num_classes", 0)
+  shape, classes = tuple(config.image_shape), config.num_classes
   if data is None and shape and classes:  # declared: no data needed
     config_lib.validate(config, jax.device_count())
-    model = train.create_model(config, classes)
+    model = build_lib.create_model(config, classes)
     d = {"dataset": f"{config.dataset} (declared, not loaded)",
          "parameters": models.param_count(model, shape),
          "sown_layers": models.layer_shapes(model, shape)}
   else:  # learn the shape from the data (build validates and traces the model)
-    run = train.build(config, data)
+    run = build_lib.build(config, data)
     model, shape, classes = run.model, run.data.image_shape, run.data.num_classes
     d = {"dataset": run.data.name, "parameters": run.param_count,
          "sown_layers": run.layer_shapes, "steps_per_epoch": run.steps_per_epoch,

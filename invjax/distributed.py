@@ -3,7 +3,7 @@
 Every host runs the same command; `initialize` joins the processes into one JAX system
 (`jax.distributed.initialize`) before anything else touches a device. Then
 `jax.devices()` lists the devices of all hosts, the data-parallel mesh spans them, and
-each process feeds only its own devices (`train.Placement`).
+each process feeds only its own devices (`placement.Placement`).
 
 When to join, `--distributed`:
   auto (default): when a coordinator, a process count or a process id is given (flags

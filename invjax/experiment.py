@@ -9,21 +9,12 @@ import os
 from absl import logging
 
 from invjax import analyze as analyze_lib
-from invjax import checkpoints
+from invjax import build as build_lib
 from invjax import config_lib
 from invjax import distributed
 from invjax import report
 from invjax import train
-
-
-def _finished(workdir: str, total_steps: int) -> bool:
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    return False
-  ckpts = checkpoints.Checkpoints(workdir)
-  try:
-    return (ckpts.latest_step() or 0) >= total_steps
-  finally:
-    ckpts.close()
+from invjax import workdirs
 
 
 def run_variant(config, workdir: str, data=None) -> dict:
@@ -32,9 +23,9 @@ def run_variant(config, workdir: str, data=None) -> dict:
   A workdir that holds a run of another configuration is refused (it would otherwise
   be reused as if it were this one).
   """
-  train.check_workdir_config(config, workdir)
-  run = train.build(config, data)
-  if not _finished(workdir, run.total_steps):
+  workdirs.check_config(config, workdir)
+  run = build_lib.build(config, data)
+  if not workdirs.is_trained(workdir, run.total_steps):
     result = train.train_and_evaluate(config, workdir, data=run.data)
     if not result["finished"]:  # config.time_limit_minutes
       raise TimeoutError(f"{workdir}: stopped by the time limit at step "

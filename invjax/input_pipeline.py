@@ -22,18 +22,14 @@ import dataclasses
 import importlib
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from invjax import datasets as invjax_datasets
 from invjax import distributed
 from invjax import errors
-from invjax import steps as steps_lib
 
 DIGITS_TEST_FRACTION = 0.25
 DIGITS_SPLIT_SEED = 0
-SHUFFLE_STREAM = 3  # fold_in(key(config.seed), 3) orders the training set
 
 
 @dataclasses.dataclass
@@ -236,58 +232,3 @@ def load_tfds(name: str, data_dir: str | None, manual_dir: str | None = None,
   num_classes = builder.info.features["label"].num_classes
   return Dataset(name, splits["train"][0], splits["train"][1], splits[test_split][0],
                  splits[test_split][1], num_classes=num_classes)
-
-
-class SeedSchedule:
-  """Which training images are the seeds of each step.
-
-  The training set is read in passes, each in the order of a fresh permutation made on
-  the device from (seed, pass) (`steps.pass_permutation`); step s takes the next
-  `seeds_per_step` positions of that endless stream (`steps.seed_indices`). So the seeds
-  of any step follow from the step number alone: a resumed run sees exactly the seeds
-  the uninterrupted run would have. With M copies per seed, an epoch of N / B steps
-  covers N / M distinct seeds.
-
-  `window(step0, num_steps)` gives what a program of several steps needs on the device:
-  the index of the first pass it touches and the permutations of that pass and the next
-  ([2, N] int32, made once per pass). `indices(step)` is the same on the host.
-  """
-
-  def __init__(self, num_examples: int, seeds_per_step: int, seed: int,
-               sharding=None):
-    if seeds_per_step > num_examples:
-      raise ValueError(f"{seeds_per_step} seed images per step but only "
-                       f"{num_examples} training images.")
-    self.n = num_examples
-    self.k = seeds_per_step
-    key = jax.random.fold_in(jax.random.key(seed), SHUFFLE_STREAM)
-    n = num_examples
-    self._pair_fn = jax.jit(
-        lambda p: jnp.stack([steps_lib.pass_permutation(key, p, n),
-                             steps_lib.pass_permutation(key, p + 1, n)]),
-        out_shardings=sharding)
-    self._pair: tuple[int, jax.Array] | None = None
-    self._host: tuple[int, np.ndarray] | None = None
-
-  def window(self, step0: int, num_steps: int) -> tuple[int, jax.Array]:
-    first = step0 * self.k // self.n
-    last = ((step0 + num_steps) * self.k - 1) // self.n
-    if last > first + 1:
-      raise ValueError(f"{num_steps} steps of {self.k} seeds span more than two passes "
-                       f"over {self.n} training images; take fewer steps per program.")
-    if self._pair is None or self._pair[0] != first:
-      self._pair = (first, self._pair_fn(first))
-    return self._pair
-
-  def host_indices(self, step0: int, num_steps: int) -> np.ndarray:
-    """int64 [S, K]: the training-set indices of the seeds of steps step0 .. step0 +
-    S - 1, on the host (the window's permutations fetched once per pass)."""
-    first, perms = self.window(step0, num_steps)
-    if self._host is None or self._host[0] != first:
-      self._host = (first, np.asarray(jax.device_get(perms)))
-    return steps_lib.seed_indices(self._host[1], first, step0, num_steps,
-                                  self.k).astype(np.int64)
-
-  def indices(self, step: int) -> np.ndarray:
-    """int64 [K]: the training-set indices of step `step`'s seeds, on the host."""
-    return self.host_indices(step, 1)[0]

@@ -2,7 +2,9 @@
 
 Every function here is pure JAX and works on one layer's activations `features` [B, ...]
 (flattened to D values per example) with `seed_ids` [B]: examples with the same id are
-augmented copies of the same seed image.
+augmented copies of the same seed image. The equations come first; below them, the two
+ways of computing Eq. 3: "pairwise" (the [B, B] distance matrix) and "moments" (O(B D),
+the train step's default, with its own gradient).
 """
 
 from __future__ import annotations
@@ -16,6 +18,120 @@ import numpy as np
 import optax
 
 METHODS = ("pairwise", "moments")
+
+
+# Eq. 1: the distance of two activations, the mean squared difference of their D values.
+def distance(a: jax.Array, b: jax.Array) -> jax.Array:
+  """d(a, b) = (1 / D) sum_d (a_d - b_d)^2 over the last axis (D values)."""
+  return jnp.sum((a - b) ** 2, axis=-1) / a.shape[-1]
+
+
+# Eq. 3: L_inv of one layer, within-seed over all-pairs mean distance.
+def invariance_loss(features: jax.Array, seed_ids: jax.Array,
+                    method: str = "pairwise") -> jax.Array:
+  """L_inv of one layer (Eq. 3), a float32 scalar.
+
+  mean{d(x_i, x_j): i != j, same seed} / mean{d(x_i, x_j): i != j}, with d of Eq. 1.
+  Self-pairs are left out of both means, so the value depends neither on the batch
+  size nor on the number of copies M. 0 when every example has the same activations.
+
+  Args:
+    features: [B, ...] activations of one layer; B >= 2.
+    seed_ids: int [B]; equal ids mark copies of the same seed image. Any integers.
+    method: "pairwise" (the |B| x |B| distance matrix from matrix products) or
+      "moments" (the same value in O(B D) from per-seed and batch means).
+  """
+  _check_method(method)
+  if features.ndim < 2 or features.shape[0] < 2:
+    raise ValueError("invariance_loss needs features of shape [B, ...] with B >= 2, "
+                     f"got {features.shape}.")
+  if seed_ids.shape != (features.shape[0],):
+    raise ValueError(f"seed_ids must have shape [{features.shape[0]}], "
+                     f"got {seed_ids.shape}.")
+  fn = _loss_pairwise if method == "pairwise" else _loss_moments
+  return fn(features, seed_ids)
+
+
+def grouped_invariance_loss(features: jax.Array, copies: int,
+                            method: str = "pairwise") -> jax.Array:
+  """L_inv for a batch laid out as consecutive groups: examples k*M .. k*M + M - 1 are
+  the copies of seed k. Equal to `invariance_loss(features, repeat(arange(K), M))`.
+
+  This is the form the train step uses. With "moments", the within-seed term reduces
+  over [K, M, ...] blocks, so when the batch is split over devices by seed, it is
+  computed where the activations are; the all-pairs term needs only a global sum.
+  """
+  _check_method(method)
+  b = features.shape[0]
+  if copies < 2 or b % copies:
+    raise ValueError(f"grouped_invariance_loss needs copies >= 2 dividing the batch "
+                     f"({b}), got copies={copies}.")
+  if method == "moments":
+    return _moments(copies, features.reshape(b, -1), *_NO_GROUPS)
+  return _loss_pairwise(features, jnp.repeat(jnp.arange(b // copies), copies))
+
+
+# Eq. 4: the training loss, the cross-entropy and each layer's L_inv, weighted.
+def total_loss(ce: jax.Array, inv_losses: Mapping[str, jax.Array],
+               weights: jax.Array, alpha: float,
+               class_losses: Mapping[str, jax.Array] | None = None,
+               class_weights: jax.Array | None = None,
+               class_alpha: float = 0.0) -> jax.Array:
+  """Eq. 4: (1 - alpha) * L_obj + sum_l alpha_l * L_inv_l (layers in depth order).
+
+  With a class-invariance term (not in the paper; the authors' code has it): L_cls_l is
+  Eq. 3 with the examples' classes in place of their seeds, weighted by class_weights
+  (summing to class_alpha), and the cross-entropy weighs 1 - alpha - class_alpha.
+  """
+  loss = (1.0 - alpha - class_alpha) * ce
+  if inv_losses:
+    loss = loss + jnp.sum(weights * jnp.stack(list(inv_losses.values())))
+  if class_losses:
+    loss = loss + jnp.sum(class_weights * jnp.stack(list(class_losses.values())))
+  return loss
+
+
+# How alpha is shared out over the L sown layers (t = l / (L - 1), l = 0 .. L - 1, the
+# first layer l = 0); each law is normalised to sum to alpha.
+WEIGHT_LAWS = {
+    "exponential": lambda t, r: r ** t,  # Eq. 4: the deepest weighs r x the first
+    "linear": lambda t, r: 1.0 + (r - 1.0) * t,  # the deepest weighs r x the first
+    "uniform": lambda t, r: jnp.ones_like(t),  # every layer alpha / L
+    "decay": lambda t, r: r ** -t,  # the first weighs r x the deepest
+}
+
+
+def layer_weights(num_layers: int, alpha: float = 0.1, ratio: float = 10.0,
+                  law: str = "exponential") -> jax.Array:
+  """Eq. 4's layer weights alpha_l, summing to alpha, by one of WEIGHT_LAWS.
+
+  The paper's law is "exponential": weights[l] ~ ratio ** (l / (L - 1)), so the deepest
+  layer weighs `ratio` times the first.
+  """
+  if num_layers < 1:
+    raise ValueError(f"num_layers must be >= 1, got {num_layers}.")
+  if law not in WEIGHT_LAWS:
+    raise ValueError(f"layer weight law {law!r} is unknown; valid laws are "
+                     f"{list(WEIGHT_LAWS)}.")
+  if num_layers == 1:
+    return jnp.array([alpha], jnp.float32)
+  t = jnp.arange(num_layers, dtype=jnp.float32) / (num_layers - 1)
+  w = WEIGHT_LAWS[law](t, jnp.asarray(ratio, jnp.float32))
+  return alpha * w / jnp.sum(w)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean softmax cross-entropy (L_obj), in float32."""
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), labels))
+
+
+# How Eq. 3 is computed --------------------------------------------------------------
+
+def _check_method(method: str) -> None:
+  if method not in METHODS:
+    raise ValueError(f"invariance loss method {method!r} is unknown; "
+                     f"valid methods are {list(METHODS)}.")
 
 
 def _flat(features: jax.Array) -> jax.Array:
@@ -33,28 +149,19 @@ def _normalised(f: jax.Array) -> jax.Array:
   so is its gradient once the scale is held constant (stop_gradient): L(f / s) = L(f)
   and d/df L(f / s) = L'(f). Without this, activations of order 1e-11 have squared
   distances of order 1e-22 whose square, in the quotient rule, underflows float32 and
-  makes the gradient NaN (found by tests/test_properties.py); order 1e20 overflows.
+  makes the gradient NaN; order 1e20 overflows.
   """
   scale = jax.lax.stop_gradient(jnp.max(jnp.abs(f)))
   return f / jnp.where(scale > 0, scale, 1.0)
 
 
 def _distances(f: jax.Array) -> jax.Array:
+  """Eq. 1 for every pair of rows of f [B, D]: [B, B], from ||a||^2 - 2 a.b + ||b||^2
+  (matrix products, no [B, B, D] array)."""
   sq = jnp.sum(f * f, axis=1)
   gram = f @ f.T
   d = (sq[:, None] + sq[None, :] - 2.0 * gram) / f.shape[1]
   return jnp.maximum(d, 0.0)
-
-
-def pairwise_distances(features: jax.Array) -> jax.Array:
-  """Eq. 1 for every pair: [B, B] mean squared differences, from matrix products."""
-  return _distances(_flat(features))
-
-
-def _check_method(method: str) -> None:
-  if method not in METHODS:
-    raise ValueError(f"invariance loss method {method!r} is unknown; "
-                     f"valid methods are {list(METHODS)}.")
 
 
 def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
@@ -217,113 +324,5 @@ def _moments_bwd(copies, residuals, ct):
 _moments.defvjp(_moments_fwd, _moments_bwd)
 
 
-def invariance_loss(features: jax.Array, seed_ids: jax.Array,
-                    method: str = "pairwise") -> jax.Array:
-  """L_inv of one layer (Eq. 3), a float32 scalar.
-
-  mean{d(x_i, x_j): i != j, same seed} / mean{d(x_i, x_j): i != j}, with d of Eq. 1.
-  Self-pairs are left out of both means, so the value depends neither on the batch
-  size nor on the number of copies M. 0 when every example has the same activations.
-
-  Args:
-    features: [B, ...] activations of one layer; B >= 2.
-    seed_ids: int [B]; equal ids mark copies of the same seed image. Any integers.
-    method: "pairwise" (the |B| x |B| distance matrix from matrix products) or
-      "moments" (the same value in O(B D) from per-seed and batch means).
-  """
-  _check_method(method)
-  if features.ndim < 2 or features.shape[0] < 2:
-    raise ValueError("invariance_loss needs features of shape [B, ...] with B >= 2, "
-                     f"got {features.shape}.")
-  if seed_ids.shape != (features.shape[0],):
-    raise ValueError(f"seed_ids must have shape [{features.shape[0]}], "
-                     f"got {seed_ids.shape}.")
-  fn = _loss_pairwise if method == "pairwise" else _loss_moments
-  return fn(features, seed_ids)
-
-
-def grouped_invariance_loss(features: jax.Array, copies: int,
-                            method: str = "pairwise") -> jax.Array:
-  """L_inv for a batch laid out as consecutive groups: examples k*M .. k*M + M - 1 are
-  the copies of seed k. Equal to `invariance_loss(features, repeat(arange(K), M))`.
-
-  This is the form the train step uses. The within-seed term reduces over [K, M, ...]
-  blocks, so when the batch is split over devices by seed, it is computed where the
-  activations are; the all-pairs term of "moments" needs only a global sum.
-  """
-  _check_method(method)
-  b = features.shape[0]
-  if copies < 2 or b % copies:
-    raise ValueError(f"grouped_invariance_loss needs copies >= 2 dividing the batch "
-                     f"({b}), got copies={copies}.")
-  if method == "moments":
-    return _moments(copies, features.reshape(b, -1), *_NO_GROUPS)
-  f = _normalised(_flat(features))  # centred on the batch mean
-  k, dim = b // copies, f.shape[1]
-  groups = f.reshape(k, copies, dim)
-  pairs_within = k * copies * (copies - 1)
-  d = _distances(f)
-  between = jnp.sum(d) / (b * (b - 1))  # the diagonal is 0
-  sq = jnp.sum(groups * groups, axis=-1)  # [K, M]
-  gram = jnp.einsum("kmd,knd->kmn", groups, groups)
-  block = jnp.maximum((sq[:, :, None] + sq[:, None, :] - 2.0 * gram) / dim, 0.0)
-  within = jnp.sum(block) / pairs_within
-  return _safe_ratio(within, between)
-
-
 # The grouped layout needs no seed ids.
 _NO_GROUPS = (np.zeros((0,), np.int32),) * 3
-
-
-# How alpha is shared out over the L sown layers (t = l / (L - 1), l = 0 .. L - 1, the
-# first layer l = 0); each law is normalised to sum to alpha.
-WEIGHT_LAWS = {
-    "exponential": lambda t, r: r ** t,  # Eq. 4: the deepest weighs r x the first
-    "linear": lambda t, r: 1.0 + (r - 1.0) * t,  # the deepest weighs r x the first
-    "uniform": lambda t, r: jnp.ones_like(t),  # every layer alpha / L
-    "decay": lambda t, r: r ** -t,  # the first weighs r x the deepest
-}
-
-
-def layer_weights(num_layers: int, alpha: float = 0.1, ratio: float = 10.0,
-                  law: str = "exponential") -> jax.Array:
-  """Eq. 4's layer weights alpha_l, summing to alpha, by one of WEIGHT_LAWS.
-
-  The paper's law is "exponential": weights[l] ~ ratio ** (l / (L - 1)), so the deepest
-  layer weighs `ratio` times the first.
-  """
-  if num_layers < 1:
-    raise ValueError(f"num_layers must be >= 1, got {num_layers}.")
-  if law not in WEIGHT_LAWS:
-    raise ValueError(f"layer weight law {law!r} is unknown; valid laws are "
-                     f"{list(WEIGHT_LAWS)}.")
-  if num_layers == 1:
-    return jnp.array([alpha], jnp.float32)
-  t = jnp.arange(num_layers, dtype=jnp.float32) / (num_layers - 1)
-  w = WEIGHT_LAWS[law](t, jnp.asarray(ratio, jnp.float32))
-  return alpha * w / jnp.sum(w)
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean softmax cross-entropy (L_obj), in float32."""
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels))
-
-
-def total_loss(ce: jax.Array, inv_losses: Mapping[str, jax.Array],
-               weights: jax.Array, alpha: float,
-               class_losses: Mapping[str, jax.Array] | None = None,
-               class_weights: jax.Array | None = None,
-               class_alpha: float = 0.0) -> jax.Array:
-  """Eq. 4: (1 - alpha) * L_obj + sum_l alpha_l * L_inv_l (layers in depth order).
-
-  With a class-invariance term (not in the paper; the authors' code has it): L_cls_l is
-  Eq. 3 with the examples' classes in place of their seeds, weighted by class_weights
-  (summing to class_alpha), and the cross-entropy weighs 1 - alpha - class_alpha.
-  """
-  loss = (1.0 - alpha - class_alpha) * ce
-  if inv_losses:
-    loss = loss + jnp.sum(weights * jnp.stack(list(inv_losses.values())))
-  if class_losses:
-    loss = loss + jnp.sum(class_weights * jnp.stack(list(class_losses.values())))
-  return loss

@@ -28,6 +28,7 @@ from invjax import distributed
 from invjax import report
 from invjax import robustness as robustness_lib
 from invjax import train
+from invjax import workdirs
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -82,7 +83,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = cli.config_flag("config")
   if config is None and FLAGS.mode in ("analyze", "robustness") and FLAGS.workdir:
-    config = train.load_config(FLAGS.workdir)  # the config the run was trained with
+    config = workdirs.load_config(FLAGS.workdir)  # the config the run was trained with
   if config is None:
     raise app.UsageError("--config is required (e.g. --config=configs/allcnn.py).")
   if FLAGS.mode == "describe":

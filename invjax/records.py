@@ -31,16 +31,15 @@ from typing import Any
 
 import numpy as np
 
-from invjax import checkpoints
-from invjax import metrics_io
 from invjax import run_card
+from invjax import workdirs
 
 MAX_WEIGHTS_BYTES = 12 * 2**20
 MAX_PACK_BYTES = 16 * 2**20  # what one file back from an accelerator window may take
-FILES = ("config.json", metrics_io.METRICS_FILE, run_card.CARD_FILE,
-         "analysis/summary.json", "analysis/scores.npz", "analysis/robustness.json",
-         checkpoints.WEIGHTS_FILE)
-REQUIRED = ("config.json", metrics_io.METRICS_FILE, run_card.CARD_FILE)
+FILES = (workdirs.CONFIG_FILE, workdirs.METRICS_FILE, workdirs.CARD_FILE,
+         workdirs.SUMMARY_FILE, workdirs.SCORES_FILE, workdirs.ROBUSTNESS_FILE,
+         workdirs.WEIGHTS_FILE)
+REQUIRED = (workdirs.CONFIG_FILE, workdirs.METRICS_FILE, workdirs.CARD_FILE)
 
 
 def write(workdir: str, record_dir: str, weights: bool = True) -> list[str]:
@@ -57,7 +56,7 @@ def write(workdir: str, record_dir: str, weights: bool = True) -> list[str]:
     src = os.path.join(workdir, name)
     if not os.path.exists(src):
       continue
-    if name == checkpoints.WEIGHTS_FILE and (
+    if name == workdirs.WEIGHTS_FILE and (
         not weights or os.path.getsize(src) > MAX_WEIGHTS_BYTES):
       continue
     os.makedirs(os.path.dirname(os.path.join(record_dir, name)), exist_ok=True)
@@ -113,7 +112,7 @@ class Record:
 
   @property
   def has_weights(self) -> bool:
-    return os.path.exists(os.path.join(self.path, checkpoints.WEIGHTS_FILE))
+    return os.path.exists(os.path.join(self.path, workdirs.WEIGHTS_FILE))
 
 
 def load(record_dir: str) -> Record:
@@ -122,18 +121,18 @@ def load(record_dir: str) -> Record:
   missing = [f for f in REQUIRED if not os.path.exists(os.path.join(record_dir, f))]
   if missing:
     raise FileNotFoundError(f"{record_dir} lacks {missing}: not a run record.")
-  with open(os.path.join(record_dir, "config.json")) as f:
+  with open(os.path.join(record_dir, workdirs.CONFIG_FILE)) as f:
     config = ml_collections.ConfigDict(json.load(f))
   card = run_card.read(record_dir)
   summary = scores = None
-  if os.path.exists(os.path.join(record_dir, "analysis", "summary.json")):
-    with open(os.path.join(record_dir, "analysis", "summary.json")) as f:
+  if os.path.exists(os.path.join(record_dir, workdirs.SUMMARY_FILE)):
+    with open(os.path.join(record_dir, workdirs.SUMMARY_FILE)) as f:
       summary = json.load(f)
-    with np.load(os.path.join(record_dir, "analysis", "scores.npz")) as f:
+    with np.load(os.path.join(record_dir, workdirs.SCORES_FILE)) as f:
       scores = {k: f[k] for k in f.files}
   robustness = None
-  if os.path.exists(os.path.join(record_dir, "analysis", "robustness.json")):
-    with open(os.path.join(record_dir, "analysis", "robustness.json")) as f:
+  if os.path.exists(os.path.join(record_dir, workdirs.ROBUSTNESS_FILE)):
+    with open(os.path.join(record_dir, workdirs.ROBUSTNESS_FILE)) as f:
       robustness = json.load(f)
   return Record(record_dir, config, card, summary, scores, robustness)
 
@@ -142,7 +141,7 @@ def find(records_root: str) -> list[str]:
   """Every record directory under `records_root` (<cell>/<tag>/<variant>)."""
   out = []
   for dirpath, _, files in os.walk(records_root):
-    if run_card.CARD_FILE in files and "config.json" in files:
+    if workdirs.CARD_FILE in files and workdirs.CONFIG_FILE in files:
       out.append(dirpath)
   return sorted(out)
 
@@ -198,8 +197,9 @@ def score(record_dir: str, dataset: str | None = None, **overrides):
   any device): the same scoring as `--mode=analyze`. `dataset` replaces the config's
   data path (a record made on another machine names that machine's path)."""
   from invjax import analyze  # pylint: disable=g-import-not-at-top
+  from invjax import build as build_lib  # pylint: disable=g-import-not-at-top
   from invjax import config_lib  # pylint: disable=g-import-not-at-top
-  from invjax import train  # pylint: disable=g-import-not-at-top
+  from invjax import placement as placement_lib  # pylint: disable=g-import-not-at-top
   record = load(record_dir)
   if not record.has_weights:
     raise FileNotFoundError(f"{record_dir} holds no weights.npz.")
@@ -209,10 +209,10 @@ def score(record_dir: str, dataset: str | None = None, **overrides):
       config.dataset = dataset
     for k, v in overrides.items():
       config_lib.set_field(config, k, v)
-  run = train.build(config)
-  placement = train.Placement.create()
+  run = build_lib.build(config)
+  placement = placement_lib.Placement.create()
   state, step = analyze.state_from_weights(
-      run, placement, os.path.join(record_dir, checkpoints.WEIGHTS_FILE))
+      run, placement, os.path.join(record_dir, workdirs.WEIGHTS_FILE))
   return analyze.score_state(config, run, state, step, placement)
 
 

@@ -32,10 +32,12 @@ from invjax import analysis
 from invjax import attacks
 from invjax import corruptions as corruptions_lib
 from invjax import distributed
+from invjax import evaluation
+from invjax import placement as placement_lib
 from invjax import steps as steps_lib
-from invjax import train
+from invjax import workdirs
 
-REPORT_FILE = os.path.join("analysis", "robustness.json")
+REPORT_FILE = workdirs.ROBUSTNESS_FILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +119,7 @@ def attack_accuracy(state, run, placement, settings: Settings,
   n = settings.test_examples or len(run.data.x_test)
   # Every batch padded to one shape (padding masked): one compiled program per attack.
   # The batches stay on the devices for every attack and eps.
-  batches = train.TestBatches(run.data.x_test[:n], run.data.y_test[:n],
+  batches = placement_lib.TestBatches(run.data.x_test[:n], run.data.y_test[:n],
                               min(batch_size, n), placement, on_device=True)
   out: dict[str, dict[str, float]] = {}
   for attack in settings.attacks:
@@ -125,7 +127,7 @@ def attack_accuracy(state, run, placement, settings: Settings,
     out[attack] = {}
     for eps in settings.eps:
       t0 = time.time()
-      out[attack][eps_label(eps)] = train.rates_of([
+      out[attack][eps_label(eps)] = evaluation.rates_of([
           program(state, images, labels, valid, eps / 255.0,
                   settings.pgd_step_size / 255.0,
                   jax.random.fold_in(jax.random.key(settings.seed), i))
@@ -165,7 +167,7 @@ def corruption_results(state, run, placement, settings: Settings, config
                   analyze_lib.batches(moved, y_test, batch_size, placement)())
       scores, sums = analysis.score_pairs(feature_fn, stats, pairs, steps_lib.to_float,
                                           metrics_fn)
-      accuracy[name][str(severity)] = train.rates(sums)["accuracy"]
+      accuracy[name][str(severity)] = evaluation.rates(sums)["accuracy"]
       medians[name][str(severity)] = {
           k: float(np.median(v[np.isfinite(v)])) for k, v in scores.items()}
       logging.info("%s severity %d: accuracy %.4f (%.1f s)", name, severity,
@@ -207,7 +209,7 @@ def robustness(config, workdir: str, settings: Settings = Settings(),
   if settings.corruptions:
     report["corruptions"] = corruption_results(state, run, placement, settings, config)
   if distributed.is_primary():
-    os.makedirs(os.path.join(workdir, "analysis"), exist_ok=True)
+    os.makedirs(os.path.join(workdir, workdirs.ANALYSIS_DIR), exist_ok=True)
     with open(os.path.join(workdir, REPORT_FILE), "w") as f:
       json.dump(report, f, indent=2)
   distributed.barrier("invjax: robustness written")

@@ -18,12 +18,12 @@ import flax.linen as nn
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from invjax import augment
 from invjax import losses
 from invjax import models
+from invjax import seed_order
 
 
 class TrainState(train_state.TrainState):
@@ -141,30 +141,7 @@ def make_train_step(cfg: StepConfig) -> Callable:
   return train_step
 
 
-# Several steps per program: the seed schedule and the data on device ------------------
-
-def pass_permutation(key: jax.Array, pass_index, num_examples: int) -> jax.Array:
-  """The order of the training set in pass `pass_index`: a permutation of
-  0 .. num_examples - 1 determined by (key, pass_index), int32."""
-  return jax.random.permutation(jax.random.fold_in(key, pass_index),
-                                num_examples).astype(jnp.int32)
-
-
-def seed_indices(perms: jax.Array, first_pass, step0, num_steps: int,
-                 seeds_per_step: int) -> jax.Array:
-  """[num_steps, K] training-set indices of the seeds of steps step0 .. step0 + S - 1.
-
-  The training set is read as an endless stream of passes, each in the order of its
-  permutation; step s takes stream positions s*K .. s*K + K - 1. `perms` [2, N] holds
-  the permutations of passes `first_pass` and `first_pass + 1`, which must cover the
-  steps asked for. Works on numpy and jax arrays alike.
-  """
-  n = perms.shape[1]
-  xp = jnp if isinstance(perms, jax.Array) else np
-  pos = ((step0 + xp.arange(num_steps))[:, None] * seeds_per_step
-         + xp.arange(seeds_per_step)[None, :])
-  return perms[pos // n - first_pass, pos % n]
-
+# Several steps per program: the data on device ---------------------------------------
 
 def make_train_chunk(cfg: StepConfig, num_steps: int, seeds_per_step: int,
                      batch_sharding=None, data_on_device: bool = True,
@@ -177,8 +154,8 @@ def make_train_chunk(cfg: StepConfig, num_steps: int, seeds_per_step: int,
   data_on_device=True:
     (state, x_train uint8 [N, H, W, C], y_train [N], perms [2, N], first_pass, step0,
      key) -> (state, metrics stacked [S]). The whole training set is an argument that
-    stays on the device; each step gathers its seeds by `seed_indices`. Nothing is read
-    from the host inside the step loop.
+    stays on the device; each step gathers its seeds by `seed_order.seed_indices`.
+    Nothing is read from the host inside the step loop.
   data_on_device=False:
     (state, seeds uint8 [S, K, H, W, C], labels [S, K], step0, key) -> the same; the
     host gathered the batches.
@@ -213,7 +190,8 @@ def make_train_chunk(cfg: StepConfig, num_steps: int, seeds_per_step: int,
 
   if data_on_device:
     def chunk(state, x_train, y_train, perms, first_pass, step0, key):
-      idx = seed_indices(perms, first_pass, step0, num_steps, seeds_per_step)
+      idx = seed_order.seed_indices(perms, first_pass, step0, num_steps,
+                                      seeds_per_step)
       return scan(state, lambda i: (x_train[idx[i]], y_train[idx[i]]), step0, key)
   else:
     def chunk(state, seeds, labels, step0, key):

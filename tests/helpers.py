@@ -54,9 +54,7 @@ def tiny_config(dataset, variant="invariance", **overrides):
   c.analysis.num_transforms = 2
   c.invariance_copies = 4
   config_lib.apply_variant(c, variant)
-  for k, v in overrides.items():
-    config_lib.set_field(c, k, v)
-  return c
+  return config_lib.override(c, overrides)
 
 
 # Two hidden convolutions and the class layer: 3 sown layers, seconds to compile.

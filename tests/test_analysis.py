@@ -80,7 +80,7 @@ def test_streaming_equals_direct_and_keeps_layer_order():
       yield images[start:start + s]
       start += s
 
-  got = analysis.score_dataset(feature_fn, batches, key, 2, transform)
+  got = analysis.score_dataset(feature_fn, batches, key, 2, transform).scores
   assert list(got) == ["pixels", "layer10", "layer2"]
   for name, scores in got.items():
     assert scores.shape == (23, 2)
@@ -109,7 +109,7 @@ def test_metrics_come_from_the_scored_forward_passes():
   key = jax.random.key(11)
   splits = [(images[:8], labels[:8]), (images[8:], labels[8:])]
   plain = analysis.score_dataset(feats_of, lambda: [x for x, _ in splits], key, 3,
-                                 transform)
+                                 transform).scores
   scores, sums = analysis.score_dataset(lambda x: (feats_of(x), logits_of(x)),
                                         lambda: splits, key, 3, transform,
                                         metrics_fn=metrics_fn)
@@ -137,15 +137,15 @@ def test_preprocess_runs_on_device_before_features_and_transform():
   to_float = lambda x: x.astype(jnp.float32) / 255.0
   key = jax.random.key(2)
   as_uint8 = analysis.score_dataset(feature_fn, lambda: [raw[:8], raw[8:]], key, 2,
-                                    transform, preprocess=to_float)
+                                    transform, preprocess=to_float).scores
   floats = np.asarray(raw, np.float32) / 255.0
   as_float = analysis.score_dataset(feature_fn, lambda: [floats[:8], floats[8:]], key, 2,
-                                    transform)
+                                    transform).scores
   for name in ("pixels", "h"):
     np.testing.assert_allclose(as_uint8[name], as_float[name], rtol=1e-5, atol=1e-6)
   # without it, the noise meets 0..255 values instead of 0..1: other scores
   unscaled = analysis.score_dataset(feature_fn, lambda: [raw[:8], raw[8:]], key, 2,
-                                    transform)
+                                    transform).scores
   assert not np.allclose(unscaled["pixels"], as_float["pixels"], atol=1e-3)
 
 

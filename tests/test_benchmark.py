@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from experiments import benchmark
+from experiments import common
+from invjax import build as build_lib
 from invjax import describe
 from invjax import models
-from invjax import train
 from tests import helpers
 
 
@@ -31,7 +32,7 @@ def test_benchmark_rows_come_from_the_compiled_programs():
   assert row["images_per_s"] == 16 / (row["step_ms"] / 1e3)
   assert row["flops_per_step"] > 0 and row["memory_plan_bytes"] > 0
   # Analytic FLOPs: every tap, 2 per MAC, x 3 for forward and backward, 16 images.
-  model = train.create_model(config, 4)
+  model = build_lib.create_model(config, 4)
   assert row["analytic_flops_per_step"] == 6 * 16 * describe.dense_macs(model, (16, 16, 3))
   alone = benchmark.time_loss_alone(config.copy_and_resolve_references(), repeats=1)
   assert alone["layers"] == len(helpers.TINY_SOWN) and alone["step_ms"] > 0
@@ -44,7 +45,7 @@ def test_benchmark_rows_come_from_the_compiled_programs():
   assert scores["images"] == 16 and scores["layers"] == len(helpers.TINY_SOWN) + 1
   assert scores["copies"] == 2 and scores["images_per_s"] > 0
   text = benchmark.format_markdown({
-      "command": "c", "date": "d", "hardware": benchmark.hardware(),
+      "command": "c", "date": "d", "hardware": common.hardware(),
       "steps_per_dispatch": 2, "repeats": 2, "train_images": 64,
       "peak_tflops": {"float32": 1.0}, "peak_source": "given",
       "device_peak_bytes": float("nan"),

@@ -57,7 +57,7 @@ def test_reproduce_all_writes_results_and_reuses_runs(tmp_path):
   """The real command at toy size: three variants trained, analyzed and written up;
   a second call trains nothing."""
   npz = helpers.write_npz(tmp_path / "toy.npz")
-  args = [sys.executable, "experiments/reproduce.py", "--source=train", "--result=all",
+  args = [sys.executable, "-m", "experiments.reproduce", "--source=train", "--result=all",
           "--cells=allcnn_cifar10", f"--workdir={tmp_path / 'runs'}",
           f"--results_dir={tmp_path / 'results'}", "--epochs=2",
           "--set", f"dataset={npz}", "--set", "image_shape=()", "--set", "num_classes=0",
@@ -80,7 +80,7 @@ def test_reproduce_all_writes_results_and_reuses_runs(tmp_path):
   table = (results / folder / "table1.md").read_text()
   assert "(91.48)" in table and "(92.47)" in table  # the paper's beside ours
   assert "| batchaug |" in table and "transformed" in table
-  assert "python experiments/reproduce.py --source=train --result=all" in table
+  assert "python -m experiments.reproduce --source=train --result=all" in table
   assert "CPU only" in table and "2 epochs (paper: 350)" in table
   record = json.loads((results / folder / "table1.json").read_text())
   for variant in paper.VARIANTS:
@@ -102,7 +102,7 @@ def test_reproduce_all_writes_results_and_reuses_runs(tmp_path):
   # A finished run of another configuration is refused, not reused.
   from invjax import experiment  # pylint: disable=g-import-not-at-top
   changed = paper.cell_config("allcnn_cifar10", "invariance", paper.Scale(
-      epochs=2, overrides=tuple(paper.parse_override(a) for a in args[9::2])))
+      epochs=2, overrides=tuple(paper.parse_override(a) for a in args[10::2])))
   with changed.unlocked():
     changed.alpha_ratio = 3.0
   with pytest.raises(ValueError, match="alpha_ratio: saved 10.0, given 3.0"):

@@ -22,11 +22,17 @@ import pytest
 
 from invjax import analysis
 from invjax import analyze
+from invjax import build as build_lib
 from invjax import checkpoints
+from invjax import divergence
 from invjax import errors
+from invjax import evaluation
 from invjax import metrics_io
+from invjax import placement as placement_lib
+from invjax import programs as programs_lib
 from invjax import train
 from invjax import workdir_lock
+from invjax import workdirs
 from tests import helpers
 
 
@@ -55,7 +61,8 @@ def _steps(workdir):
 def _params(workdir, config, step):
   ck = checkpoints.Checkpoints(workdir)
   try:
-    target = train.initial_state(train.build(config), train.Placement.create())
+    target = build_lib.initial_state(build_lib.build(config),
+                                     placement_lib.Placement.create())
     return jax.device_get(ck.restore(target, step).params)
   finally:
     ck.close()
@@ -104,27 +111,27 @@ def test_a_dead_network_is_caught_and_not_checkpointed(npz, good_run, tmp_path):
   zeroed, as a diverged run leaves it) is dead; the check fires on it and not on the
   trained or a fresh network."""
   config, good = good_run
-  run = train.build(config)
-  placement = train.Placement.create()
-  state = train.initial_state(run, placement)
+  run = build_lib.build(config)
+  placement = placement_lib.Placement.create()
+  state = build_lib.initial_state(run, placement)
   images = run.data.x_train[:16]
-  spread = jax.jit(train._class_score_spread)  # pylint: disable=protected-access
-  assert float(spread(state, images)) > 100 * train.DEAD_SPREAD  # fresh
+  spread = jax.jit(divergence.class_score_spread)  # pylint: disable=protected-access
+  assert float(spread(state, images)) > 100 * divergence.DEAD_SPREAD  # fresh
   dead = state.replace(params=jax.tree.map(np.zeros_like, state.params))
-  assert float(spread(dead, images)) <= train.DEAD_SPREAD
+  assert float(spread(dead, images)) <= divergence.DEAD_SPREAD
   same = np.repeat(images[:1], 16, axis=0)  # identical images tell nothing
   assert float(spread(dead, same)) == 1.0
   # End to end: zero the state after the first step; the run stops at the first log
   # step (2) before its checkpoint.
   workdir = str(tmp_path / "run")
-  original = train.TrainPrograms.__call__
+  original = programs_lib.TrainPrograms.__call__
 
   def killing(self, st, step0, size):
     st, metrics = original(self, st, step0, size)
     return st.replace(params=jax.tree.map(jax.numpy.zeros_like, st.params)), metrics
 
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(train.TrainPrograms, "__call__", killing)
+    mp.setattr(programs_lib.TrainPrograms, "__call__", killing)
     with pytest.raises(errors.DivergenceError, match=r"at step 2: the network is dead"):
       train.train_and_evaluate(helpers.tiny_config(config.dataset,
                                                    checkpoint_every_steps=2),
@@ -136,7 +143,7 @@ def test_healthy_tiny_run_is_far_from_the_divergence_limit(good_run):
   config, workdir = good_run
   ce = [r["train/cross_entropy"] for r in metrics_io.read(workdir)
         if "train/cross_entropy" in r]
-  assert max(ce) < train.divergence_limit(config, 4) / 3
+  assert max(ce) < divergence.divergence_limit(config, 4) / 3
 
 
 # 3. Train and test data; the final checkpoint before the final evaluation ------------
@@ -154,7 +161,7 @@ def test_train_and_test_images_of_other_shapes_are_refused_before_training(
   path = str(tmp_path / "mixed.npz")
   np.savez(path, x_train=x, y_train=y, x_test=xt, y_test=y[:24])
   with pytest.raises(errors.DataError, match=message):
-    train.build(helpers.tiny_config(path))
+    build_lib.build(helpers.tiny_config(path))
 
 
 def test_labels_outside_the_named_classes_are_refused(tmp_path):
@@ -163,21 +170,21 @@ def test_labels_outside_the_named_classes_are_refused(tmp_path):
   np.savez(path, x_train=x, y_train=y, x_test=x[:8], y_test=np.full(8, 7),
            label_names=np.array(["a", "b", "c", "d"]))
   with pytest.raises(errors.DataError, match=r"y_test has labels outside \[0, 4\)"):
-    train.build(helpers.tiny_config(path))
+    build_lib.build(helpers.tiny_config(path))
 
 
 def test_final_checkpoint_is_written_before_the_final_evaluation(npz, tmp_path,
                                                                 monkeypatch):
   """An evaluation that fails after the last step loses nothing: the checkpoint of
   that step is written first."""
-  real = train.evaluate_batches
+  real = evaluation.evaluate_batches
 
   def failing(eval_step, state, batches):
     if int(jax.device_get(state.step)) == 4:
       raise RuntimeError("evaluation failed")
     return real(eval_step, state, batches)
 
-  monkeypatch.setattr(train, "evaluate_batches", failing)
+  monkeypatch.setattr(evaluation, "evaluate_batches", failing)
   config = helpers.tiny_config(npz, num_epochs=1.0, lr_boundaries=())
   with pytest.raises(RuntimeError, match="evaluation failed"):
     train.train_and_evaluate(config, str(tmp_path), tensorboard=False)
@@ -204,14 +211,14 @@ def test_a_second_writer_is_refused_naming_the_process_and_a_killed_ones_lock_is
       train.train_and_evaluate(config, workdir, tensorboard=False)
     assert f"in use by process {holder.pid} on " in str(e.value)
     with pytest.raises(errors.WorkdirError, match=f"process {holder.pid}"):
-      train.lock_workdir(workdir, "analyze")
+      workdirs.lock(workdir, "analyze")
     assert not os.path.exists(os.path.join(workdir, "config.json"))
   finally:
     holder.send_signal(signal.SIGKILL)
     holder.wait()
   # The killed holder's file still names it; its flock went with it.
   assert str(holder.pid) in open(os.path.join(workdir, workdir_lock.LOCK_FILE)).read()
-  lock = train.lock_workdir(workdir, "train")
+  lock = workdirs.lock(workdir, "train")
   lock.release()
 
 
@@ -316,14 +323,14 @@ def test_disk_full_during_a_save_removes_the_temporary_and_a_rerun_resumes(
   assert not glob.glob(os.path.join(workdir, "checkpoints", "*tmp*"))
   assert _steps(workdir) == [2, 4]
   resumed = []
-  real_restore = train.restore_latest
+  real_restore = workdirs.restore_latest
 
   def restore(*args):
     state, step = real_restore(*args)
     resumed.append(step)
     return state, step
 
-  monkeypatch.setattr(train, "restore_latest", restore)
+  monkeypatch.setattr(workdirs, "restore_latest", restore)
   train.train_and_evaluate(config, workdir, tensorboard=False)
   assert resumed[0] == 4 and _steps(workdir) == [2, 4, 6, 8]
   jax.tree.map(np.testing.assert_array_equal, _params(workdir, config, 8),
@@ -390,4 +397,4 @@ def test_user_errors_of_every_kind_are_user_errors(npz, good_run):
                      r"model.layers"):
     analyze.analyze(other, good)
   with pytest.raises(errors.RunNotFound):
-    train.load_config(os.path.join(good, "nothing"))
+    workdirs.load_config(os.path.join(good, "nothing"))

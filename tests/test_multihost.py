@@ -21,8 +21,10 @@ import numpy as np
 import pytest
 
 from invjax import analyze as analyze_lib
+from invjax import build as build_lib
 from invjax import checkpoints
 from invjax import distributed
+from invjax import placement as placement_lib
 from invjax import train
 from tests import helpers
 
@@ -111,8 +113,8 @@ def _params(config, workdir):
   ck = checkpoints.Checkpoints(workdir)
   try:
     assert ck.latest_step() == 4
-    state = ck.restore(train.initial_state(train.build(config),
-                                           train.Placement.create()))
+    state = ck.restore(build_lib.initial_state(build_lib.build(config),
+                                           placement_lib.Placement.create()))
   finally:
     ck.close()
   return jax.device_get(state.params)
@@ -155,8 +157,8 @@ def test_any_scale_gives_the_same_run(runs, scale, request):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                p_ref, p_got)
   assert not all(np.allclose(a, b) for a, b in zip(   # training moved them
-      jax.tree.leaves(p_ref), jax.tree.leaves(train.initial_state(
-          train.build(runs["config"]), train.Placement.create()).params)))
+      jax.tree.leaves(p_ref), jax.tree.leaves(build_lib.initial_state(
+          build_lib.build(runs["config"]), placement_lib.Placement.create()).params)))
 
   if scale == "eight":
     return  # scored across devices and processes below; here trained only (time)

@@ -13,6 +13,7 @@ import pytest
 from invjax import analyze
 from invjax import checkpoints
 from invjax import config_lib
+from invjax import deadline as deadline_lib
 from invjax import metrics_io
 from invjax import records
 from invjax import run_card
@@ -48,7 +49,7 @@ def full_run(npz, tmp_path_factory):
 # The time limit -----------------------------------------------------------------------
 
 def test_deadline_predicts_the_end_from_the_measured_step_time():
-  d = train.Deadline(1.0, t0=0.0)  # 60 s from t = 0
+  d = deadline_lib.Deadline(1.0, t0=0.0)  # 60 s from t = 0
   assert d.active and d.reserve() == pytest.approx(3.0)  # 5 % of the limit, no save yet
   d.start(0, 10.0)
   assert d.needs_sync(10.0)  # nothing measured yet
@@ -64,7 +65,7 @@ def test_deadline_predicts_the_end_from_the_measured_step_time():
   assert d.should_stop(200, 30, 31.0)
   # Running late: now (52 s) is past when the queue was predicted to end (50 s).
   assert d.should_stop(200, 10, 52.5) and not d.should_stop(200, 1, 52.5)
-  assert not train.Deadline(0.0, 0.0).should_stop(10**9, 10**9, 10**9)  # no limit
+  assert not deadline_lib.Deadline(0.0, 0.0).should_stop(10**9, 10**9, 10**9)  # no limit
 
 
 @pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf"), "10", True])
@@ -243,7 +244,7 @@ TINY_SET = ["--set", "image_shape=()", "--set", "num_classes=0",
 
 
 def _window(npz, tmp_path, *extra):
-  args = [sys.executable, "experiments/window.py", f"--data={npz}",
+  args = [sys.executable, "-m", "experiments.window", f"--data={npz}",
           f"--out={tmp_path / 'out'}", f"--workdir={tmp_path / 'runs'}",
           f"--records={tmp_path / 'records'}", "--half_precision=false",
           "--eval_every_epochs=1", "--checkpoint_every_epochs=1", *TINY_SET, *extra]
@@ -255,7 +256,7 @@ def _window(npz, tmp_path, *extra):
 
 def _reproduce(tmp_path, result):
   out = subprocess.run(
-      [sys.executable, "experiments/reproduce.py", f"--result={result}",
+      [sys.executable, "-m", "experiments.reproduce", f"--result={result}",
        "--cells=allcnn_cifar10", f"--records={tmp_path / 'records'}",
        f"--results_dir={tmp_path / 'results'}"],
       cwd=helpers.ROOT, capture_output=True, text=True, timeout=300)
@@ -378,7 +379,7 @@ def test_committed_records_rebuild_the_committed_results(tmp_path, result, stem)
   """The full-scale results in experiments/results/paper come from the committed records
   alone (no checkpoint, no accelerator), and the files rebuilt here equal them."""
   out = subprocess.run(
-      [sys.executable, "experiments/reproduce.py", f"--result={result}",
+      [sys.executable, "-m", "experiments.reproduce", f"--result={result}",
        "--cells=allcnn_cifar10", f"--results_dir={tmp_path}"],
       cwd=helpers.ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]

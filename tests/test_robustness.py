@@ -8,8 +8,10 @@ import sys
 import numpy as np
 import pytest
 
+from invjax import build as build_lib
 from invjax import robustness
 from invjax import train
+from invjax import workdirs
 from tests import helpers
 
 
@@ -73,22 +75,22 @@ def test_layer_weight_law_reaches_the_step_and_old_workdirs_still_resume(trained
   config, workdir = trained
   uniform = helpers.tiny_config(config.dataset, "baseline", num_epochs=8.0,
                                 layer_weight_law="uniform")
-  assert train.build(uniform).step_config.weight_law == "uniform"
+  assert build_lib.build(uniform).step_config.weight_law == "uniform"
   with pytest.raises(ValueError, match="layer_weight_law='cubic' must be one of"):
-    train.build(helpers.tiny_config(config.dataset, layer_weight_law="cubic"))
+    build_lib.build(helpers.tiny_config(config.dataset, layer_weight_law="cubic"))
   with pytest.raises(ValueError, match=r"alpha=0.1 \+ config.class_alpha=0.95 must be < 1"):
-    train.build(helpers.tiny_config(config.dataset, class_alpha=0.95))
+    build_lib.build(helpers.tiny_config(config.dataset, class_alpha=0.95))
   # A run saved before the field existed: the default is no change, another value is.
-  path = os.path.join(workdir, train.CONFIG_FILE)
+  path = os.path.join(workdir, workdirs.CONFIG_FILE)
   with open(path) as f:
     saved = json.load(f)
   del saved["layer_weight_law"]
   with open(path, "w") as f:
     json.dump(saved, f)
-  train.check_workdir_config(config, workdir)
-  assert train.load_config(workdir).layer_weight_law == "exponential"
+  workdirs.check_config(config, workdir)
+  assert workdirs.load_config(workdir).layer_weight_law == "exponential"
   with pytest.raises(ValueError, match="layer_weight_law: saved None, given 'uniform'"):
-    train.check_workdir_config(uniform, workdir)
+    workdirs.check_config(uniform, workdir)
 
 
 def test_score_pairs_is_eq2_against_the_given_images():
@@ -104,7 +106,7 @@ def test_score_pairs_is_eq2_against_the_given_images():
   stats = analysis.accumulate_stats(feature_fn, [clean[:6], clean[6:]], order)
   stats = {k: stats[k] for k in order}
   scores = analysis.score_pairs(feature_fn, stats,
-                                [(clean[:6], moved[:6]), (clean[6:], moved[6:])])
+                                [(clean[:6], moved[:6]), (clean[6:], moved[6:])]).scores
   assert list(scores) == ["pixels", "relu"]
   full_clean, full_moved = feature_fn(clean), feature_fn(moved)
   for k in scores:
@@ -201,7 +203,8 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 import jax
 from invjax import analyze, robustness, train
-config = train.load_config(sys.argv[2])
+from invjax import workdirs
+config = workdirs.load_config(sys.argv[2])
 run, placement, state, _ = analyze.restore(config, sys.argv[2])
 settings = robustness.Settings(eps=(0.0, 8.0, 64.0), pgd_steps=3, pgd_step_size=16.0)
 print(json.dumps([jax.device_count(), robustness.attack_accuracy(

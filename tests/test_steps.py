@@ -13,6 +13,7 @@ from invjax import augment
 from invjax import config_lib
 from invjax import losses
 from invjax import models
+from invjax import seed_order
 from invjax import steps
 from tests import helpers
 
@@ -130,18 +131,6 @@ def test_same_batch_step_without_measuring_inv_loss():
   assert "inv_loss/conv1" in m
 
 
-def test_seed_indices_on_device_equal_the_host_formula():
-  rng = np.random.default_rng(0)
-  perms = np.stack([rng.permutation(10), rng.permutation(10)]).astype(np.int32)
-  # passes 3 and 4 of a 10-image set, 4 seeds per step: steps 8..11 cover 32..47
-  host = steps.seed_indices(perms, 3, 8, 3, 4)
-  dev = jax.jit(lambda p, f, s: steps.seed_indices(p, f, s, 3, 4))(
-      jnp.asarray(perms), 3, 8)
-  np.testing.assert_array_equal(host, dev)
-  stream = np.concatenate([perms[0], perms[1]])  # positions 30..49
-  np.testing.assert_array_equal(host.ravel(), stream[2:14])
-
-
 @pytest.mark.parametrize("data_on_device,unroll", [(True, False), (False, True)])
 def test_chunk_of_steps_equals_single_steps(data_on_device, unroll):
   """3 steps in one program (looped or unrolled; seeds gathered on device or given)
@@ -154,7 +143,7 @@ def test_chunk_of_steps_equals_single_steps(data_on_device, unroll):
   single = jax.jit(steps.make_train_step(cfg))
   expected, losses_ = state, []
   for s in range(2, 5):  # steps 2, 3, 4 take positions 8..19: across the pass end
-    idx = steps.seed_indices(np.asarray(perms), 0, s, 1, 4)[0]
+    idx = seed_order.seed_indices(np.asarray(perms), 0, s, 1, 4)[0]
     expected, m = single(expected, x[idx], y[idx], jax.random.fold_in(key, s))
     losses_.append(float(m["loss"]))
   chunk = jax.jit(steps.make_train_chunk(cfg, 3, 4, data_on_device=data_on_device,
@@ -162,7 +151,7 @@ def test_chunk_of_steps_equals_single_steps(data_on_device, unroll):
   if data_on_device:
     got, metrics = chunk(state, x, y, perms, 0, 2, key)
   else:
-    idx = steps.seed_indices(np.asarray(perms), 0, 2, 3, 4)
+    idx = seed_order.seed_indices(np.asarray(perms), 0, 2, 3, 4)
     got, metrics = chunk(state, x[idx], y[idx], 2, key)
   np.testing.assert_allclose(metrics["loss"], losses_, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),

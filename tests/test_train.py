@@ -1,4 +1,4 @@
-"""End to end on tiny data: train, resume, analyze, compare; the CLI; config checks."""
+"""Training end to end on tiny data (invjax/train.py): train, resume, refuse, stop."""
 
 import json
 import os
@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 
 from invjax import analyze
+from invjax import build as build_lib
 from invjax import checkpoints
-from invjax import config_lib
-from invjax import experiment
 from invjax import metrics_io
-from invjax import models
+from invjax import placement as placement_lib
 from invjax import train
-from experiments import paper
+from invjax import workdirs
 from tests import helpers
+
 
 LAYERS = helpers.TINY_SOWN
 
@@ -78,24 +78,6 @@ def test_changed_config_is_refused_with_the_differing_field(trained):
     train.train_and_evaluate(other, workdir)
 
 
-def test_analyze_scores_every_layer_in_depth_order(trained):
-  config, workdir, _ = trained
-  summary = analyze.analyze(config, workdir)
-  scores, loaded = analyze.load(workdir)
-  assert list(scores) == ["pixels"] + LAYERS
-  assert list(loaded["layers"]) == ["pixels"] + LAYERS
-  for s in scores.values():
-    assert s.shape == (24, 2) and np.all(s <= 1.0)
-  assert summary["step"] == 8
-  for layer, stats in summary["layers"].items():
-    assert stats["median"] == pytest.approx(float(np.median(scores[layer])))
-  assert os.path.getsize(os.path.join(workdir, analyze.FIGURE_FILE)) > 10_000
-  moved = loaded["transformed_test"]
-  assert len(moved["accuracy_per_pass"]) == 2  # one pass per scoring transformation
-  assert moved["accuracy"] == pytest.approx(np.mean(moved["accuracy_per_pass"]))
-  assert moved["cross_entropy"] != loaded["test"]["cross_entropy"]
-
-
 def test_resume_after_kill_continues_from_the_last_checkpoint(npz, tmp_path):
   """SIGTERM a real training process (a Cloud TPU preemption): it checkpoints the step
   it is at and exits 143. Resume it, SIGKILL it mid-run; rerun it: it resumes from the
@@ -139,13 +121,14 @@ def test_resume_after_kill_continues_from_the_last_checkpoint(npz, tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   assert "resumed from step" in out.stderr
   assert int(out.stderr.split("resumed from step")[1].split()[0]) > stopped
-  train.train_and_evaluate(train.load_config(killed), whole)  # the same run, left alone
+  # The same run, left alone:
+  train.train_and_evaluate(workdirs.load_config(killed), whole)
   states = []
   for wd in (killed, whole):
     ck = checkpoints.Checkpoints(wd)
     assert ck.latest_step() == 24
-    state = train.initial_state(train.build(train.load_config(wd)),
-                                train.Placement.create())
+    state = build_lib.initial_state(build_lib.build(workdirs.load_config(wd)),
+                                placement_lib.Placement.create())
     states.append(ck.restore(state))
     ck.close()
   jax.tree.map(np.testing.assert_array_equal, states[0].params, states[1].params)
@@ -157,8 +140,8 @@ def test_resume_after_kill_continues_from_the_last_checkpoint(npz, tmp_path):
 
 def _restored_params(workdir):
   ck = checkpoints.Checkpoints(workdir)
-  state = train.initial_state(train.build(train.load_config(workdir)),
-                              train.Placement.create())
+  state = build_lib.initial_state(build_lib.build(workdirs.load_config(workdir)),
+                              placement_lib.Placement.create())
   params = ck.restore(state).params
   ck.close()
   return params
@@ -183,8 +166,8 @@ def test_steps_per_dispatch_and_data_placement_do_not_change_the_run(npz, tmp_pa
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  params[name], params["one"])
   # ...and the run moved: a wrong schedule could not pass as the same run.
-  init = train.initial_state(train.build(helpers.tiny_config(npz)),
-                             train.Placement.create()).params
+  init = build_lib.initial_state(build_lib.build(helpers.tiny_config(npz)),
+                             placement_lib.Placement.create()).params
   moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params["one"], init)
   assert max(jax.tree.leaves(moved)) > 1e-3
 
@@ -241,7 +224,8 @@ def test_non_finite_loss_stops_naming_step_and_term_and_keeps_the_good_checkpoin
   ck = checkpoints.Checkpoints(workdir)
   saved = ck.manager.all_steps()
   assert saved and max(saved) == bad_step - 1  # every good step before it was kept
-  target = train.initial_state(train.build(config), train.Placement.create())
+  target = build_lib.initial_state(build_lib.build(config),
+                                   placement_lib.Placement.create())
   for step in saved:
     state = ck.restore(target, step)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
@@ -287,61 +271,6 @@ def test_unusable_workdir_and_foreign_checkpoint_are_refused(npz, trained, tmp_p
     analyze.analyze(wider, workdir)
 
 
-def test_compare_variants_table_and_figures(npz, tmp_path):
-  base = helpers.tiny_config(npz, num_epochs=1.0, lr_boundaries=())
-  result = experiment.compare_variants(base, str(tmp_path), ["baseline", "invariance"])
-  table = result["table"]
-  assert "baseline" in table and "invariance" in table and "conv3" in table
-  assert table.index("pixels") < table.index("conv1") < table.index("conv3")
-  for path in result["figures"]:
-    assert os.path.getsize(path) > 10_000
-  # a second call reuses both runs: nothing is trained again
-  mtimes = {v: os.path.getmtime(os.path.join(tmp_path, v, "metrics.jsonl"))
-            for v in ("baseline", "invariance")}
-  summary = os.path.join(tmp_path, "baseline", analyze.SUMMARY_FILE)
-  scored = os.path.getmtime(summary)
-  experiment.compare_variants(base, str(tmp_path), ["baseline", "invariance"])
-  for v, t in mtimes.items():
-    assert os.path.getmtime(os.path.join(tmp_path, v, "metrics.jsonl")) == t
-  assert os.path.getmtime(summary) == scored  # nor scored again
-  # ...unless the scores were made by another version of the scoring
-  with open(summary) as f:
-    old = json.load(f)
-  old["scoring_version"] = analyze.SCORING_VERSION - 1
-  with open(summary, "w") as f:
-    json.dump(old, f)
-  experiment.compare_variants(base, str(tmp_path), ["baseline"])
-  with open(summary) as f:
-    assert json.load(f)["scoring_version"] == analyze.SCORING_VERSION
-
-
-def test_cli_describe_needs_no_data_when_the_config_declares_its_shape():
-  """Tiny ImageNet is not prepared here: describe works from the declared shapes."""
-  out = subprocess.run([sys.executable, "-m", "invjax.main",
-                        "--config=configs/allcnn_tinyimagenet.py", "--mode=describe",
-                        "--config.model.width=0.125", "--config.data_dir=/nonexistent"],
-                       cwd=helpers.ROOT, capture_output=True, text=True, timeout=120)
-  assert out.returncode == 0, out.stderr[-2000:]
-  model = models.create("allcnn", 200, width=0.125, layers="tinyimagenet")
-  assert f"parameters: {models.param_count(model, (64, 64, 3)):,}" in out.stdout
-  assert "tiny_imagenet (declared, not loaded): input (64, 64, 3), 200 classes" in out.stdout
-  assert "conv12       (4, 4, 200)" in out.stdout
-  assert "150 epochs of batch 128 (16 seeds x 8 copies)" in out.stdout
-  flops = float(out.stdout.split("forward FLOPs per image (XLA): ")[1].split()[0])
-  macs = float(out.stdout.split("(every tap, as papers count): ")[1].split()[0])
-  assert 0.9 * macs < flops / 2 <= macs  # XLA leaves out the taps on zero padding
-
-
-def test_describe_loads_the_data_when_the_shape_is_not_declared(npz):
-  from invjax import describe  # pylint: disable=g-import-not-at-top
-  config = helpers.tiny_config(npz)
-  d = describe.describe(config)
-  assert d["input"] == (16, 16, 3) and d["num_classes"] == 4
-  assert d["steps_per_epoch"] == 64 // 16 and d["total_steps"] == 8
-  assert list(d["sown_layers"]) == helpers.TINY_SOWN
-  assert "8 steps, 4 per epoch" in describe.format_description(d, config)
-
-
 def test_tfds_cifar10_one_step_with_mock_data(tmp_path):
   pytest.importorskip("tensorflow")
   tfds = pytest.importorskip("tensorflow_datasets")
@@ -359,166 +288,3 @@ def test_tfds_cifar10_one_step_with_mock_data(tmp_path):
   with tfds.testing.mock_data(num_examples=16):
     result = train.train_and_evaluate(config, str(tmp_path))
   assert result["step"] == 1
-
-
-BAD = [
-    ({"batch_size": 100, "copies": 8}, "config.batch_size=100 is not a multiple"),
-    ({"copies": 0}, "config.copies=0"),
-    ({"alpha": 1.0}, r"config.alpha=1.0 must be a finite number in \[0, 1\)"),
-    ({"alpha": 0.1, "copies": 1}, "needs copies"),
-    ({"loss_method": "cosine"}, "config.loss_method='cosine'.*pairwise"),
-    ({"model.name": "vgg"}, "config.model.name='vgg'.*allcnn"),
-    ({"augment.hue": 0.1}, r"config.augment.hue is not a field"),
-    ({"lr_boundaries": (1, 5), "num_epochs": 3.0}, r"epoch\(s\) \[5\]"),
-    ({"num_epochs": 0.0}, "num_epochs=0.0"),
-    ({"image_shape": (32, 32)}, r"config.image_shape=\(32, 32\) must be \(height, "),
-    ({"num_classes": -1}, "config.num_classes=-1 must be an integer >= 2, or 0"),
-    ({"steps_per_dispatch": 0}, "config.steps_per_dispatch=0 must be an integer >= 1"),
-    ({"batch_size": 24, "copies": 8, "_devices": 2},
-     "gives 3 seed images per batch, not a multiple of the 2 devices"),
-]
-
-
-@pytest.mark.parametrize("overrides,message", BAD)
-def test_config_errors_name_field_and_fix(overrides, message):
-  c = helpers.tiny_config("digits")
-  overrides = dict(overrides)
-  devices = overrides.pop("_devices", 1)
-  with c.unlocked():
-    for k, v in overrides.items():
-      config_lib.set_field(c, k, v)
-  with pytest.raises(ValueError, match=message):
-    config_lib.validate(c, devices)
-
-
-def test_data_of_another_shape_or_class_count_is_refused_naming_both(npz):
-  c = helpers.tiny_config(npz, image_shape=(32, 32, 3), num_classes=10)
-  with pytest.raises(ValueError) as e:
-    train.build(c)
-  message = str(e.value)
-  assert ("config.image_shape=(32, 32, 3) but toy.npz has images of shape (16, 16, 3); "
-          "set --config.image_shape='(16, 16, 3)'") in message
-  assert "config.num_classes=10 but toy.npz has 4 classes" in message
-  c = helpers.tiny_config(npz, image_shape=(16, 16, 3), num_classes=4)
-  assert train.build(c).data.image_shape == (16, 16, 3)  # matching data are accepted
-
-
-def test_seeds_must_split_over_devices():
-  c = helpers.tiny_config("digits", batch_size=24, copies=8)  # 3 seeds
-  with pytest.raises(ValueError, match="multiple of the 2 devices"):
-    config_lib.validate(c, num_devices=2)
-
-
-def test_variants_set_copies_and_alpha():
-  c = config_lib.base_config()
-  c.invariance_copies, c.invariance_alpha = 4, 0.3
-  assert (config_lib.apply_variant(c, "invariance").copies, c.alpha) == (4, 0.3)
-  assert (config_lib.apply_variant(c, "batchaug").copies, c.alpha) == (4, 0.0)
-  assert (config_lib.apply_variant(c, "baseline").copies, c.alpha) == (1, 0.0)
-  assert c.variant == "baseline"
-  with pytest.raises(ValueError, match="valid variants are"):
-    config_lib.apply_variant(c, "strong")
-
-
-def test_overriding_invariance_fields_after_the_variant_reaches_copies_and_alpha():
-  """A config file applies its variant; command-line overrides come later."""
-  import copy  # pylint: disable=g-import-not-at-top
-  inv = config_lib.apply_variant(config_lib.base_config(), "invariance")
-  inv.lock()
-  inv.invariance_alpha, inv.invariance_copies = 0.5, 4  # as --config.X=... does
-  assert (inv.copies, inv.alpha) == (4, 0.5)
-  aug = config_lib.apply_variant(config_lib.base_config(), "batchaug")
-  aug.invariance_alpha, aug.invariance_copies = 0.5, 4
-  assert (aug.copies, aug.alpha) == (4, 0.0)
-  # Re-applying a variant replaces the references instead of writing through them,
-  # and copies are independent of their original.
-  other = copy.deepcopy(inv)
-  config_lib.apply_variant(other, "baseline")
-  assert (other.copies, other.alpha) == (1, 0.0)
-  assert (other.invariance_copies, other.invariance_alpha) == (4, 0.5)
-  assert (inv.copies, inv.alpha) == (4, 0.5)
-  other.invariance_alpha = 0.2
-  assert inv.alpha == 0.5
-  assert json.loads(inv.to_json_best_effort())["alpha"] == 0.5
-
-
-# Each config as FACTS.md has it: (batch, M, epochs, lr, boundaries, decay, translate).
-PAPER = {
-    "allcnn.py": (128, 8, 350, 0.01, (200, 250, 300), 0.1, 0.1),
-    "wrn.py": (128, 8, 200, 0.1, (60, 120, 160), 0.2, 0.1),
-    "densenet.py": (64, 8, 300, 0.1, (150, 225), 0.1, 0.1),
-    "allcnn_tinyimagenet.py": (128, 8, 150, 0.01, (100, 125), 0.1, 0.0),
-    "wrn_tinyimagenet.py": (32, 4, 50, 0.01, (30, 40), 0.2, 0.0),
-}
-TINY_MODEL = {  # overrides that shrink each config's model to seconds of compiling
-    # (the full layer sets are tested in test_models.py; compiling them takes longer)
-    "allcnn.py": {"layers": helpers.TINY_LAYERS},
-    "wrn.py": {"depth": 10, "widen": 1},
-    "densenet.py": {"depth": 10, "growth": 4},
-    "allcnn_tinyimagenet.py": {"layers": ((8, 11, 2, "SAME"), (8, 3, 2, "SAME"))},
-    "wrn_tinyimagenet.py": {"depth": 10, "widen": 1},
-    "quickstart.py": {"layers": helpers.TINY_LAYERS},
-}
-CONFIG_FILES = sorted(f for f in os.listdir(os.path.join(helpers.ROOT, "configs"))
-                      if f.endswith(".py") and not f.startswith("_"))
-
-
-def _load_config_module(config_file):
-  return paper.load_config_module(os.path.join("configs", config_file))
-
-
-def test_every_config_file_is_covered():
-  assert set(CONFIG_FILES) == set(TINY_MODEL), "add the new config to TINY_MODEL"
-  assert set(PAPER) <= set(CONFIG_FILES)
-
-
-@pytest.mark.parametrize("config_file", sorted(PAPER))
-def test_paper_configs_have_the_papers_hyperparameters(config_file):
-  module = _load_config_module(config_file)
-  batch, m, epochs, lr, boundaries, decay, translate = PAPER[config_file]
-  for variant, (copies, alpha) in {"invariance": (m, 0.1), "baseline": (1, 0.0),
-                                   "batchaug": (m, 0.0)}.items():
-    c = module.get_config(variant)
-    assert (c.copies, c.alpha, c.variant) == (copies, alpha, variant)
-    assert (c.batch_size, c.num_epochs, c.learning_rate, tuple(c.lr_boundaries),
-            c.lr_decay) == (batch, epochs, lr, boundaries, decay)
-    assert (c.momentum, c.nesterov, c.alpha_ratio) == (0.9, True, 10.0)
-    assert c.augment.translate == translate and c.augment.rotation == 22.5
-  tiny = "tinyimagenet" in config_file
-  assert c.dataset == ("tiny_imagenet" if tiny else "cifar10")
-  assert (tuple(c.image_shape), c.num_classes) == (
-      ((64, 64, 3), 200) if tiny else ((32, 32, 3), 10))
-  assert c.test_split == ("validation" if tiny else "test")
-
-
-# All-CNN and the quickstart run by default; WRN, DenseNet and the Tiny ImageNet forms
-# (10-17 s each, nearly all compilation) with -m slow. Their models' shapes, sizes and
-# costs are checked in tests/test_models.py, and the train step is the same for all.
-SLOW_CONFIGS = ("wrn", "densenet", "tinyimagenet")
-
-
-@pytest.mark.parametrize("config_file", [
-    pytest.param(f, marks=pytest.mark.slow) if any(s in f for s in SLOW_CONFIGS) else f
-    for f in CONFIG_FILES])
-def test_every_config_runs_one_step(config_file, tmp_path):
-  """Each config file, as written, but tiny: the real training code for one step, on
-  toy data of the shape and class count the config declares."""
-  config = _load_config_module(config_file).get_config("invariance")
-  config.model = ml_collections.ConfigDict(
-      {**config.model.to_dict(), **TINY_MODEL[config_file]})
-  size, _, channels = config.image_shape
-  classes = config.num_classes
-  config.dataset = helpers.write_npz(tmp_path / "toy.npz", size=size, classes=classes,
-                                     label_names=classes)
-  config.batch_size = 16
-  config.num_epochs = 1.0 / 4  # one step of 16 of the 64 toy images
-  config.lr_boundaries = ()
-  config.eval_batch_size = 24
-  config.probe_seeds = 2
-  config.probe_copies = 2
-  result = train.train_and_evaluate(config, str(tmp_path / "run"))
-  assert result["step"] == 1
-  _, loss = metrics_io.series(metrics_io.read(str(tmp_path / "run")), "train/loss")
-  assert len(loss) == 1 and np.isfinite(loss[0])
-  if classes > 10:
-    assert 0.0 <= result["top5"] <= 1.0 and result["top5"] >= result["accuracy"]

@@ -1,0 +1,121 @@
+"""Building a run: what its configuration and data determine (the model, the data
+check, the step's settings, the schedule's lengths, the initial state), without
+compiling anything. Training, scoring, describing and the benchmarks start here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from invjax import augment
+from invjax import config_lib
+from invjax import errors
+from invjax import input_pipeline
+from invjax import models
+from invjax import placement as placement_lib
+from invjax import steps as steps_lib
+
+
+@dataclasses.dataclass
+class Run:
+  """What a run's configuration and data determine, built without compiling."""
+  config: Any
+  data: input_pipeline.Dataset
+  model: Any
+  step_config: steps_lib.StepConfig
+  steps_per_epoch: int
+  total_steps: int
+  lr_fn: Any
+  layer_shapes: dict[str, tuple[int, ...]]  # sown layers in depth order, per example
+  param_count: int
+
+
+def create_model(config, num_classes: int):
+  """The model the config names, for `num_classes` classes."""
+  return models.create(
+      config.model.name, num_classes,
+      dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
+      **{k: v for k, v in config.model.items() if k != "name"})
+
+
+def check_data(config, data: input_pipeline.Dataset) -> None:
+  """The data against what the config says it must be (config.image_shape etc.)."""
+  problems = []
+  want = tuple(config.image_shape)
+  if want and tuple(data.image_shape) != want:
+    problems.append(f"config.image_shape={want} but {data.name} has images of shape "
+                  f"{tuple(data.image_shape)}; set --config.image_shape="
+                  f"'{tuple(data.image_shape)}' (or '()' to accept any) if that data is "
+                  "what you mean.")
+  if tuple(data.x_test.shape[1:]) != tuple(data.image_shape):
+    problems.append(f"{data.name}: the test images have shape {tuple(data.x_test.shape[1:])}"
+                  f" but the training images {tuple(data.image_shape)}; both splits "
+                  "must be images of one shape (resize or convert one of them).")
+  for split, y in (("training", data.y_train), ("test", data.y_test)):
+    if len(y) and (y.min() < 0 or y.max() >= data.num_classes):
+      problems.append(f"{data.name}: the {split} labels span {int(y.min())} .. "
+                    f"{int(y.max())}, outside the {data.num_classes} classes 0 .. "
+                    f"{data.num_classes - 1}.")
+  if len(data.x_test) == 0:
+    problems.append(f"{data.name} has no test images; the run needs some to evaluate.")
+  unseen = np.setdiff1d(data.y_test, data.y_train)
+  if len(unseen) and not problems:
+    logging.warning("%s: test class(es) %s never occur among the %d training images "
+                    "used", data.name, unseen.tolist()[:10], len(data.x_train))
+  if config.num_classes and data.num_classes != config.num_classes:
+    problems.append(f"config.num_classes={config.num_classes} but {data.name} has "
+                  f"{data.num_classes} classes; set --config.num_classes="
+                  f"{data.num_classes} (or 0 to accept any) if that data is what you mean.")
+  if len(data.x_train) < config.batch_size:
+    problems.append(f"config.batch_size={config.batch_size} exceeds the "
+                  f"{len(data.x_train)} training images of {data.name}.")
+  seeds = config.batch_size // max(config.copies, 1)
+  spd = config.steps_per_dispatch
+  if spd * seeds > len(data.x_train):
+    problems.append(f"config.steps_per_dispatch={spd} steps of {seeds} seed images "
+                  f"read more than the {len(data.x_train)} training images of "
+                  f"{data.name} (one pass); set it to at most "
+                  f"{max(1, len(data.x_train) // seeds)}.")
+  if problems:
+    raise errors.DataError("the data do not fit the configuration (or each other):\n  " +
+                     "\n  ".join(problems))
+
+
+def build(config, data: input_pipeline.Dataset | None = None) -> Run:
+  """Checks the config, loads the data and builds the model. No compilation."""
+  config_lib.validate(config, jax.device_count())
+  data = data if data is not None else input_pipeline.load(config)
+  check_data(config, data)
+  n = len(data.x_train)
+  try:
+    model = create_model(config, data.num_classes)
+    layer_shapes = models.layer_shapes(model, data.image_shape)
+    param_count = models.param_count(model, data.image_shape)
+  except ValueError as e:  # the models' own checks (e.g. depth 6n + 4)
+    raise errors.ConfigError(str(e)) from e
+  steps_per_epoch = n // config.batch_size
+  total_steps = max(1, int(round(config.num_epochs * steps_per_epoch)))
+  lr_fn = steps_lib.create_learning_rate_fn(
+      config.learning_rate, config.lr_boundaries, config.lr_decay, steps_per_epoch)
+  step_config = steps_lib.StepConfig(
+      copies=config.copies, alpha=config.alpha, alpha_ratio=config.alpha_ratio,
+      loss_method=config.loss_method,
+      ranges=augment.AugmentRanges.from_config(config.augment),
+      num_layers=len(layer_shapes), top5=data.num_classes > 10,
+      weight_law=config.layer_weight_law, class_alpha=config.class_alpha)
+  return Run(config, data, model, step_config, steps_per_epoch, total_steps, lr_fn,
+             layer_shapes, param_count)
+
+
+def initial_state(run: Run, placement: placement_lib.Placement) -> steps_lib.TrainState:
+  tx = steps_lib.create_optimizer(run.lr_fn, run.config.momentum, run.config.nesterov)
+  key = jax.random.fold_in(jax.random.key(run.config.seed), 0)
+  state = steps_lib.create_train_state(key, run.model, run.data.image_shape, tx)
+  return placement.replicate(state)
+

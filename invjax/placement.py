@@ -1,0 +1,115 @@
+"""Where arrays live: the data-parallel mesh over every device of every process, the
+host-to-device placement of batches, and the padded test batches.
+
+Shared by training, scoring, robustness and the API; nothing here compiles a step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass
+class Placement:
+  """The data-parallel mesh over every device of every process: batches split over
+  axis "data", the state replicated.
+
+  Each process holds the same host data (the whole data set) but sends only its share
+  of a batch, the rows its own devices hold (`local_rows`), and the global array is
+  built from the processes' shares with `jax.make_array_from_process_local_data`. With
+  one process the share is the whole batch.
+  """
+  mesh: jax.sharding.Mesh
+
+  def __post_init__(self):
+    self._rows: dict[int, np.ndarray] = {}
+
+  @classmethod
+  def create(cls) -> "Placement":
+    # Auto axes: XLA propagates the batch sharding through the step (GSPMD).
+    return cls(jax.make_mesh((jax.device_count(),), ("data",),
+                             axis_types=(jax.sharding.AxisType.Auto,)))
+
+  @property
+  def batch(self):
+    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
+
+  @property
+  def replicated(self):
+    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+  @property
+  def stacked_batch(self):
+    """Several steps' batches [S, K, ...]: split over devices along K."""
+    return jax.sharding.NamedSharding(self.mesh,
+                                      jax.sharding.PartitionSpec(None, "data"))
+
+  def local_rows(self, n: int) -> np.ndarray:
+    """The rows of a global batch of `n` that this process's devices hold, in the
+    order `make_array_from_process_local_data` expects (ascending; all of them with
+    one process)."""
+    if n not in self._rows:
+      if n % self.mesh.size:
+        raise ValueError(f"a batch of {n} does not split over {self.mesh.size} "
+                         "devices; pad it to a multiple.")
+      spans = sorted({(ix[0].start or 0, n if ix[0].stop is None else ix[0].stop)
+                      for ix in self.batch.addressable_devices_indices_map(
+                          (n,)).values()})
+      self._rows[n] = np.concatenate([np.arange(a, b) for a, b in spans])
+    return self._rows[n]
+
+  def shard(self, x: np.ndarray) -> jax.Array:
+    """A global host batch (the same in every process) -> a global array split over
+    the devices along axis 0; this process sends only its own rows."""
+    return jax.make_array_from_process_local_data(
+        self.batch, x[self.local_rows(len(x))], x.shape)
+
+  def replicate(self, tree):
+    """Host values (or arrays fetched to the host) -> copies on every device."""
+    return jax.device_put(jax.device_get(tree), self.replicated)
+
+
+
+def pad_batch(x: np.ndarray, y: np.ndarray, size: int):
+  """(x, y, mask) padded with zeros to `size` rows; mask is 1.0 for the real rows."""
+  pad = size - len(x)
+  mask = (np.arange(size) < len(x)).astype(np.float32)
+  if pad:
+    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+    y = np.concatenate([y, np.zeros(pad, y.dtype)])
+  return x, y, mask
+
+
+
+class TestBatches:
+  """The test images as padded batches of one shape (eval_batch_size rounded down to a
+  multiple of the device count), split over the devices. With `on_device`, they are
+  sent once and kept there: an evaluation then moves nothing but its sums."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int,
+               placement: Placement, on_device: bool = False):
+    n_dev = jax.device_count()
+    self.batch_size = max(n_dev, batch_size - batch_size % n_dev)
+    self.placement = placement
+    self.host = [pad_batch(images[start:start + self.batch_size],
+                           labels[start:start + self.batch_size], self.batch_size)
+                 for start in range(0, len(images), self.batch_size)]
+    self.device = ([self._put(b) for b in self.host] if on_device else None)
+
+  def _put(self, batch):
+    return tuple(self.placement.shard(a) for a in batch)
+
+  def __iter__(self):
+    return iter(self.device) if self.device is not None else map(self._put, self.host)
+
+
+
+def data_fits_on_device(data, fraction: float = 0.5) -> bool:
+  """Whether the training set takes at most `fraction` of one device's memory (True
+  where the device does not say, e.g. on CPU)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  limit = stats.get("bytes_limit")
+  return not limit or data.x_train.nbytes + data.y_train.nbytes <= fraction * limit

@@ -1,0 +1,89 @@
+"""The training programs of a run, compiled ahead of time, and how to call them."""
+
+from __future__ import annotations
+
+import time
+
+from absl import logging
+import jax
+import numpy as np
+
+from invjax import build as build_lib
+from invjax import placement as placement_lib
+from invjax import seed_order
+from invjax import steps as steps_lib
+
+
+class TrainPrograms:
+  """The run's training programs, compiled ahead of time, and how to call them.
+
+  A program runs S steps (`config.steps_per_dispatch`) in one dispatch; a 1-step
+  program fills the gaps up to log, evaluation and checkpoint steps. Both are compiled
+  before the first step (`compiled[S]`; `compile_seconds[S]` says how long) and called as
+  compiled executables, which refuse arguments of other shapes or shardings rather
+  than recompiling: nothing compiles inside the step loop.
+
+  With the training set on the device (`config.data_on_device`, the default where it
+  fits), each step gathers its seeds there from the epoch's permutation; otherwise the
+  host gathers each program's batches and sends them.
+  """
+
+  def __init__(self, run: build_lib.Run, placement: placement_lib.Placement, state,
+               single: bool = True):
+    """`single=False` leaves out the 1-step program, for runs whose every stop (log,
+    evaluation, checkpoint, end, resume point) is a multiple of steps_per_dispatch."""
+    config, data = run.config, run.data
+    self.run, self.placement = run, placement
+    self.k = config.batch_size // config.copies
+    self.steps_per_dispatch = int(config.steps_per_dispatch)
+    self.on_device = bool(config.data_on_device)
+    if self.on_device and not placement_lib.data_fits_on_device(data):
+      logging.warning("the training set (%.1f GB) takes over half of a device's "
+                      "memory: the host gathers the batches instead "
+                      "(config.data_on_device=False).", data.x_train.nbytes / 1e9)
+      self.on_device = False
+    self.schedule = seed_order.SeedSchedule(len(data.x_train), self.k,
+                                                config.seed, placement.replicated)
+    self.aug_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    if self.on_device:
+      self.x_train = placement.replicate(data.x_train)
+      self.y_train = placement.replicate(data.y_train)
+    self.compiled, self.compile_seconds = {}, {}
+    for size in sorted({1 if single else self.steps_per_dispatch,
+                        self.steps_per_dispatch}):
+      self._compile(state, size)
+
+  def _compile(self, state, size: int) -> None:
+    t = time.perf_counter()
+    fn = steps_lib.make_train_chunk(self.run.step_config, size, self.k,
+                                    self.placement.batch, data_on_device=self.on_device,
+                                    unroll=jax.default_backend() == "cpu")
+    jitted = jax.jit(fn, donate_argnums=0,
+                     out_shardings=(self.placement.replicated, self.placement.replicated))
+    self.compiled[size] = jitted.lower(*self._args(state, 0, size)).compile()
+    self.compile_seconds[size] = time.perf_counter() - t
+
+  def _args(self, state, step0: int, size: int):
+    if self.on_device:
+      first, perms = self.schedule.window(step0, size)
+      return (state, self.x_train, self.y_train, perms, np.int32(first),
+              np.int32(step0), self.aug_key)
+    # This process gathers only its own devices' seeds of each step.
+    idx = self.schedule.host_indices(step0, size)
+    local = idx[:, self.placement.local_rows(self.k)]
+    data, shape = self.run.data, idx.shape
+    put = lambda a: jax.make_array_from_process_local_data(
+        self.placement.stacked_batch, a, (*shape, *a.shape[2:]))
+    return (state, put(data.x_train[local]), put(data.y_train[local]), np.int32(step0),
+            self.aug_key)
+
+  def chunk_size(self, done: int, next_stop: int) -> int:
+    """Steps to run from `done`: a whole program's if the next stop is that far."""
+    return self.steps_per_dispatch if done + self.steps_per_dispatch <= next_stop else 1
+
+  def __call__(self, state, step0: int, size: int):
+    """(state after steps step0 .. step0 + size - 1, their metrics [size])."""
+    if size not in self.compiled:  # a stop off the multiples (not expected)
+      logging.warning("compiling the %d-step program inside the loop", size)
+      self._compile(state, size)
+    return self.compiled[size](*self._args(state, step0, size))
