@@ -213,14 +213,15 @@ def warp(images: jax.Array, pull: jax.Array) -> jax.Array:
 
   y0, y1, wy = corners(sy, h)
   x0, x1, wx = corners(sx, w)
-  # Rows of the batch flattened to [N * H * W, C]: one gather of C channels per corner.
-  base = (jnp.arange(n, dtype=jnp.int32) * (h * w))[:, None, None]
-  index = jnp.stack([base + y0 * w + x0, base + y0 * w + x1,
-                     base + y1 * w + x0, base + y1 * w + x1])  # [4, N, H, W]
-  v = images.reshape(n * h * w, c)[index].astype(jnp.float32)  # [4, N, H, W, C]
+  # Each image's pixels as rows [H * W, C]: one gather of C channels per corner, batched
+  # over the images (a gather with a batch dimension, so that with the batch sharded
+  # over devices each device gathers from its own images).
+  index = jnp.stack([y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1], axis=1)
+  v = jax.vmap(lambda rows, i: rows[i])(images.reshape(n, h * w, c), index)
+  v = v.astype(jnp.float32)  # [N, 4, H, W, C]
   wy, wx = wy[..., None], wx[..., None]
-  out = ((1 - wy) * (1 - wx) * v[0] + (1 - wy) * wx * v[1]
-         + wy * (1 - wx) * v[2] + wy * wx * v[3])
+  out = ((1 - wy) * (1 - wx) * v[:, 0] + (1 - wy) * wx * v[:, 1]
+         + wy * (1 - wx) * v[:, 2] + wy * wx * v[:, 3])
   return out.astype(images.dtype)
 
 
