@@ -213,15 +213,18 @@ def warp(images: jax.Array, pull: jax.Array) -> jax.Array:
 
   y0, y1, wy = corners(sy, h)
   x0, x1, wx = corners(sx, w)
-  # Each image's pixels as rows [H * W, C]: one gather of C channels per corner, batched
-  # over the images (a gather with a batch dimension, so that with the batch sharded
-  # over devices each device gathers from its own images).
-  index = jnp.stack([y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1], axis=1)
-  v = jax.vmap(lambda rows, i: rows[i])(images.reshape(n, h * w, c), index)
-  v = v.astype(jnp.float32)  # [N, 4, H, W, C]
+  # Each image's pixels as rows [H * W, C]; per corner one gather of C channels a pixel,
+  # batched over the images (a gather with a batch dimension, so that with the batch
+  # sharded over devices each device gathers from its own images). Four gathers, not
+  # one of the four stacked: each fuses into the weighted sum, nothing [4, N, H, W, C]
+  # is written.
+  pixels = images.reshape(n, h * w, c)
+  gather = jax.vmap(lambda x, i: x[i])
+  v = [gather(pixels, i).astype(jnp.float32)  # [N, H, W, C]
+       for i in (y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1)]
   wy, wx = wy[..., None], wx[..., None]
-  out = ((1 - wy) * (1 - wx) * v[:, 0] + (1 - wy) * wx * v[:, 1]
-         + wy * (1 - wx) * v[:, 2] + wy * wx * v[:, 3])
+  out = ((1 - wy) * (1 - wx) * v[0] + (1 - wy) * wx * v[1]
+         + wy * (1 - wx) * v[2] + wy * wx * v[3])
   return out.astype(images.dtype)
 
 
