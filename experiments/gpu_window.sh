@@ -13,6 +13,8 @@
 #   allcnn    (210) every training variant, the loss alone, augmentation, analysis
 #   wrn       (240) baseline, same batch, moments, the loss alone, analysis
 #   densenet  (330) same batch, moments, the loss alone (each compile ~2 min on H200)
+#   augment   (60)  not in the default list: python -m experiments.augment_cost, the augmentation
+#                   alone with invjax's 2-D warp and dm-pix's, side by side
 #   compile   (300) not in the default list: DenseNet-BC-100's training program (bf16,
 #                   10 steps), trace + lower and XLA compile, with XLA's GPU autotuning
 #                   on (default) and off (--xla_gpu_autotune_level=0)
@@ -58,11 +60,12 @@ print(jax.devices())"' ;;
       --variants=baseline,same_batch,moments,loss_alone,analysis ;;
     densenet) bench densenet 330 --models=densenet --repeats=10 \
       --variants=same_batch,moments,loss_alone ;;
+    augment) run augment 60 python3 -m experiments.augment_cost ;;
     compile) run compile 300 bash -c 'args="--config=configs/densenet.py
       --config.half_precision=True --steps=10"
       python3 -m experiments.compile_time $args
       XLA_FLAGS=--xla_gpu_autotune_level=0 python3 -m experiments.compile_time $args' ;;
-    *) echo "unknown phase $phase (env loss allcnn wrn densenet compile)"; exit 2 ;;
+    *) echo "unknown phase $phase (env loss allcnn wrn densenet augment compile)"; exit 2 ;;
   esac
 done
 ls -l "$OUT"

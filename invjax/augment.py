@@ -11,9 +11,15 @@ The affine part is one warp about the image centre with the forward matrix
        [    z_x * sin(theta),  z_y * cos(theta + phi), t_y * H]]
 
 in (x right, y down) pixel coordinates centred on the image: a point p of the input lands
-on A p of the output. dm-pix resamples by pulling (output coordinate -> input coordinate)
-and indexes its matrix over (h, w, c), so the warp given to it is the inverse of A with
-rows and columns put in (y, x) order and the channel axis left alone.
+on A p of the output. The warp pulls (output coordinate -> input coordinate): output pixel
+(i, j) (row, column) takes the input at the inverse of A in (y, x) order (`pull_matrix`),
+bilinearly interpolated from its 4 neighbours with all channels at once, coordinates
+outside the image clamped to its edge (`warp`). It is the arithmetic of dm-pix's
+`affine_transform(order=1, mode="nearest")`, which it replaced: given an (h, w, c) image
+that one interpolates in three dimensions, 8 corners per output value with the
+coordinates computed for every channel, although the channel coordinate is always a whole
+number (half its corners weigh 0); the tests hold `warp` to it (`pull_matrix_hwc` is the
+same warp as dm-pix's 3x4 matrix).
 
 Then contrast `gamma * (x - mean) + mean` (mean per image and channel), brightness
 `x + delta`, and clipping to [0, 1]. Training may also cut out a square (`cutout`, off in
@@ -151,32 +157,83 @@ def forward_matrix(p: AugmentParams, height: int, width: int) -> jax.Array:
   return jnp.stack([row0, row1], axis=-2)
 
 
-def pull_matrix_hwc(forward: jax.Array, height: int, width: int) -> jax.Array:
-  """dm-pix's 3x4 matrix over (h, w, c) that pulls the output of one forward warp.
+def pull_matrix(forward: jax.Array, height: int, width: int) -> jax.Array:
+  """The pull matrices [..., 2, 3] in (y, x) order of forward warps [..., 2, 3].
 
-  For output pixel (i, j) (row, column) the input is sampled at
-  c + L^-1 ((x, y) - c - t), with c the centre and (x, y) = (j, i).
+  Output pixel (i, j) (row, column) samples the input at (y, x) = P[:, :2] (i, j) + P[:, 2],
+  which is c + L^-1 ((j, i) - c - t) put in (y, x) order, with c the centre, L the linear
+  part and t the translation of the forward matrix. L^-1 in closed form (L is 2 x 2), so
+  that it fuses with the rest instead of a batched LU decomposition.
   """
-  lin, t = forward[:, :2], forward[:, 2]
-  inv = jnp.linalg.inv(lin)  # (x, y) order
-  centre = jnp.array([(width - 1) / 2.0, (height - 1) / 2.0])
-  offset_xy = centre - inv @ (centre + t)
-  # Reorder to (y, x): swap both rows and columns.
-  inv_yx = inv[::-1, ::-1]
-  offset_yx = offset_xy[::-1]
-  m = jnp.zeros((3, 4), forward.dtype)
-  m = m.at[:2, :2].set(inv_yx).at[:2, 3].set(offset_yx).at[2, 2].set(1.0)
-  return m
+  a, b, t_x = forward[..., 0, 0], forward[..., 0, 1], forward[..., 0, 2]
+  c, d, t_y = forward[..., 1, 0], forward[..., 1, 1], forward[..., 1, 2]
+  det = a * d - b * c
+  # L^-1 = [[d, -b], [-c, a]] / det in (x, y) order; in (y, x) order its rows and
+  # columns swap: [[a, -c], [-b, d]] / det.
+  yy, yx, xy, xx = a / det, -c / det, -b / det, d / det
+  cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
+  off_y = cy - (yy * (cy + t_y) + yx * (cx + t_x))
+  off_x = cx - (xy * (cy + t_y) + xx * (cx + t_x))
+  return jnp.stack([jnp.stack([yy, yx, off_y], axis=-1),
+                    jnp.stack([xy, xx, off_x], axis=-1)], axis=-2)
+
+
+def pull_matrix_hwc(forward: jax.Array, height: int, width: int) -> jax.Array:
+  """`pull_matrix` as dm-pix's 3x4 matrix over (h, w, c) (the channel axis left alone):
+  `pix.affine_transform(image, pull_matrix_hwc(...), order=1, mode="nearest")` is `warp`
+  of one image, the reference the tests hold it to."""
+  p = pull_matrix(forward, height, width)
+  m = jnp.zeros((*p.shape[:-2], 3, 4), p.dtype)
+  return m.at[..., :2, :2].set(p[..., :2]).at[..., :2, 3].set(p[..., 2]).at[
+      ..., 2, 2].set(1.0)
+
+
+def warp(images: jax.Array, pull: jax.Array) -> jax.Array:
+  """Bilinear affine warp of a batch [N, H, W, C] by pull matrices [N, 2, 3] ((y, x) order,
+  `pull_matrix`); output in the images' dtype, interpolated in float32.
+
+  Per output pixel the source (y, x) is computed once and its 4 neighbours are gathered
+  with all C channels each. Edges as dm-pix's mode "nearest": the corners are
+  floor and ceil of the coordinate, weighted by its distance from the floor, and then
+  clamped into the image, so a point outside takes the edge's value.
+  """
+  n, h, w, c = images.shape
+  p = pull.astype(jnp.float32)[:, :, :, None, None]  # [N, 2, 3, 1, 1]
+  rows = jnp.arange(h, dtype=jnp.float32)[:, None]
+  cols = jnp.arange(w, dtype=jnp.float32)[None, :]
+  sy = p[:, 0, 0] * rows + p[:, 0, 1] * cols + p[:, 0, 2]  # [N, H, W]
+  sx = p[:, 1, 0] * rows + p[:, 1, 1] * cols + p[:, 1, 2]
+
+  def corners(s, size):
+    lower = jnp.floor(s)
+    weight = s - lower
+    lo = jnp.clip(lower.astype(jnp.int32), 0, size - 1)
+    hi = jnp.clip(jnp.ceil(s).astype(jnp.int32), 0, size - 1)
+    return lo, hi, weight
+
+  y0, y1, wy = corners(sy, h)
+  x0, x1, wx = corners(sx, w)
+  # Each image's pixels as rows [H * W, C]; per corner one gather of C channels a pixel,
+  # batched over the images (a gather with a batch dimension, so that with the batch
+  # sharded over devices each device gathers from its own images). Four gathers, not
+  # one of the four stacked: each fuses into the weighted sum, nothing [4, N, H, W, C]
+  # is written.
+  pixels = images.reshape(n, h * w, c)
+  gather = jax.vmap(lambda x, i: x[i])
+  v = [gather(pixels, i).astype(jnp.float32)  # [N, H, W, C]
+       for i in (y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1)]
+  wy, wx = wy[..., None], wx[..., None]
+  out = ((1 - wy) * (1 - wx) * v[0] + (1 - wy) * wx * v[1]
+         + wy * (1 - wx) * v[2] + wy * wx * v[3])
+  return out.astype(images.dtype)
 
 
 def apply(images: jax.Array, params: AugmentParams) -> jax.Array:
   """Augments a batch [N, H, W, C] in [0, 1] with per-image parameters."""
-  n, h, w, _ = images.shape
-  forward = forward_matrix(params, h, w)
+  _, h, w, _ = images.shape
+  warped = warp(images, pull_matrix(forward_matrix(params, h, w), h, w))
 
-  def one(image, fwd, gamma, delta, cut, cy, cx):
-    m = pull_matrix_hwc(fwd, h, w)
-    out = pix.affine_transform(image, m, order=1, mode="nearest")
+  def one(out, gamma, delta, cut, cy, cx):
     out = pix.adjust_contrast(out, gamma)
     out = pix.adjust_brightness(out, delta)
     out = jnp.clip(out, 0.0, 1.0)
@@ -189,9 +246,8 @@ def apply(images: jax.Array, params: AugmentParams) -> jax.Array:
               (cols < left + side))
     return jnp.where(inside, jnp.mean(out, axis=(0, 1)), out)
 
-  del n
-  return jax.vmap(one)(images, forward, params.gamma, params.delta, params.cut,
-                       params.cy, params.cx)
+  return jax.vmap(one)(warped, params.gamma, params.delta, params.cut, params.cy,
+                       params.cx)
 
 
 def augment(key: jax.Array, images: jax.Array, ranges: AugmentRanges,

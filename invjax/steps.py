@@ -3,8 +3,8 @@
 Pure JAX (plus flax and optax): no TensorFlow, tfds, clu or orbax.
 
 A training batch arrives as K uint8 seed images. On device, each is repeated M times,
-every copy gets its own random augmentation (dm-pix), and the loss of Eq. 4 is computed
-from the sown activations: (1 - alpha) * cross-entropy + sum_l alpha_l * L_inv_l.
+every copy gets its own random augmentation (invjax/augment.py), and the loss of Eq. 4 is
+computed from the sown activations: (1 - alpha) * cross-entropy + sum_l alpha_l * L_inv_l.
 Copies of a seed are consecutive, so when the seeds are sharded over devices, the copies
 of a seed sit on one device with their activations.
 """
