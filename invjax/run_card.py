@@ -1,7 +1,7 @@
 """The run card: how, where and how fast a run was made, in WORKDIR/run_card.json.
 
 Each start of a run (the first, and every resume) adds a *session*: the command, the
-date, the hardware and software, the steps it ran, why it stopped ("finished",
+date, the hardware and software, the code's git commit (`source`), the steps it ran, why it stopped ("finished",
 "time_limit", "sigterm" or "error") and its wall time split into sections:
 
   startup     data, model, initial state, checkpoint restore
@@ -66,6 +66,26 @@ def software() -> dict[str, str]:
   return out
 
 
+SOURCE_ENV = "INVJAX_SOURCE"
+
+
+def source() -> str | None:
+  """The code's git commit (with "+changes" if the tree differs from it), or, where
+  there is no git checkout (an accelerator that received a copy of the tree), the
+  value of $INVJAX_SOURCE; None if neither says."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                          text=True, timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           cwd=root, capture_output=True, text=True, timeout=10,
+                           check=True).stdout.strip()
+    return head + ("+changes" if dirty else "")
+  except (OSError, subprocess.SubprocessError):
+    return os.environ.get(SOURCE_ENV) or None
+
+
 def hardware() -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   d = jax.devices()[0]
@@ -114,7 +134,7 @@ def add_session(workdir: str, *, total_steps: int, start_step: int, end_step: in
   card["total_steps"] = total_steps
   session = {
       "command": " ".join(sys.argv), "started": started,
-      "hardware": hardware(), "software": software(),
+      "hardware": hardware(), "software": software(), "source": source(),
       "start_step": int(start_step), "end_step": int(end_step), "stopped": stopped,
       "time_limit_minutes": time_limit_minutes,
       "wall_seconds": round(timer.elapsed(), 3),

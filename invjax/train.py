@@ -236,8 +236,13 @@ class _Loop:
     """Writes all queued log points but the newest `keep`, waiting for their values."""
     while len(self.queued) > keep:
       step, chunks, probe, spread = self.queued.pop(0)
+      t = time.perf_counter()
       jax.block_until_ready((chunks, probe))  # the steps' time, not the log's
       now = time.perf_counter()
+      # `now` is when the device finished these steps only if the host waited for
+      # them; values already there (the host was held up elsewhere) give a late `now`,
+      # so the rate runs from the last point the host caught the device working.
+      caught = now - t > 1e-4
       self.deadline.observe(step, now)
       with self.timer.section("log"):
         if chunks:  # raises DivergenceError on a non-finite or diverged loss
@@ -249,7 +254,8 @@ class _Loop:
         self.log.write(step, {f"probe/inv_loss/{name}": v
                               for name, v in jax.device_get(probe).items()} |
                        {"epoch": step / self.spe})
-      self.written.update(step=step, time=now)
+      if caught:
+        self.written.update(step=step, time=now)
       if spread is not None:
         divergence.check_alive(step, float(jax.device_get(spread)), self.last_saved)
 

@@ -93,6 +93,7 @@ def test_time_limit_stops_with_a_checkpoint_weights_and_a_run_card(stopped_run):
   assert session["time_limit_minutes"] == 1e-4 and session["stopped"] == "time_limit"
   assert session["hardware"]["platform"] == "cpu"
   assert session["software"]["jax"] == jax.__version__
+  assert session["source"] == run_card.source()
   assert set(card["seconds"]) == set(run_card.SECTIONS) | {"analysis"}
   assert card["seconds"]["compile"] > 0 and card["seconds"]["startup"] > 0
   parts = sum(session["seconds"].values())  # the sections do not overlap
@@ -388,3 +389,18 @@ def test_committed_records_rebuild_the_committed_results(tmp_path, result, stem)
   rebuilt = tmp_path / "paper" / f"{stem}.json"
   assert json.loads(rebuilt.read_text()) == json.loads(open(committed).read())
   assert "[shortened]" not in (tmp_path / "paper" / f"{stem}.md").read_text()
+
+
+def test_run_card_source_is_the_git_commit_or_the_environment(monkeypatch):
+  head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=helpers.ROOT,
+                        capture_output=True, text=True)
+  if head.returncode == 0:  # a git checkout: its commit, marked if the tree differs
+    assert run_card.source().split("+")[0] == head.stdout.strip()
+  # Without git (a copy of the tree on an accelerator), $INVJAX_SOURCE says.
+  def no_git(*args, **kwargs):
+    raise FileNotFoundError("git")
+  monkeypatch.setattr(subprocess, "run", no_git)
+  monkeypatch.setenv(run_card.SOURCE_ENV, "abc123")
+  assert run_card.source() == "abc123"
+  monkeypatch.delenv(run_card.SOURCE_ENV)
+  assert run_card.source() is None
