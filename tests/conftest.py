@@ -25,3 +25,25 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+# Fixtures shared by the test modules (each module gets its own instance).
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory):
+  """A small labelled image set as an .npz (tests/helpers.write_npz)."""
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  return helpers.write_npz(tmp_path_factory.mktemp("data") / "toy.npz")
+
+
+@pytest.fixture(scope="module")
+def trained(npz, tmp_path_factory):
+  """(config, workdir, result) of the tiny config trained on `npz`."""
+  from invjax import train  # pylint: disable=g-import-not-at-top
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("run"))
+  config = helpers.tiny_config(npz)
+  result = train.train_and_evaluate(config, workdir)
+  return config, workdir, result

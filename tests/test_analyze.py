@@ -7,24 +7,10 @@ import numpy as np
 import pytest
 
 from invjax import analyze
-from invjax import train
 from tests import helpers
 
 
 LAYERS = helpers.TINY_SOWN
-
-
-@pytest.fixture(scope="module")
-def npz(tmp_path_factory):
-  return helpers.write_npz(tmp_path_factory.mktemp("data") / "toy.npz")
-
-
-@pytest.fixture(scope="module")
-def trained(npz, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("run"))
-  config = helpers.tiny_config(npz)
-  result = train.train_and_evaluate(config, workdir)
-  return config, workdir, result
 
 
 def test_analyze_scores_every_layer_in_depth_order(trained):

@@ -7,11 +7,6 @@ from invjax import build as build_lib
 from tests import helpers
 
 
-@pytest.fixture(scope="module")
-def npz(tmp_path_factory):
-  return helpers.write_npz(tmp_path_factory.mktemp("data") / "toy.npz")
-
-
 def test_data_of_another_shape_or_class_count_is_refused_naming_both(npz):
   c = helpers.tiny_config(npz, image_shape=(32, 32, 3), num_classes=10)
   with pytest.raises(ValueError) as e:

@@ -4,15 +4,9 @@ training."""
 import subprocess
 import sys
 
-import pytest
 
 from invjax import models
 from tests import helpers
-
-
-@pytest.fixture(scope="module")
-def npz(tmp_path_factory):
-  return helpers.write_npz(tmp_path_factory.mktemp("data") / "toy.npz")
 
 
 def test_cli_describe_needs_no_data_when_the_config_declares_its_shape():

@@ -3,16 +3,10 @@
 import json
 import os
 
-import pytest
 
 from invjax import analyze
 from invjax import experiment
 from tests import helpers
-
-
-@pytest.fixture(scope="module")
-def npz(tmp_path_factory):
-  return helpers.write_npz(tmp_path_factory.mktemp("data") / "toy.npz")
 
 
 def test_compare_variants_table_and_figures(npz, tmp_path):

@@ -37,11 +37,6 @@ from tests import helpers
 
 
 @pytest.fixture(scope="module")
-def npz(tmp_path_factory):
-  return helpers.write_npz(tmp_path_factory.mktemp("data") / "toy.npz")
-
-
-@pytest.fixture(scope="module")
 def good_run(npz, tmp_path_factory):
   """8 steps, a checkpoint every 2, all kept (keep_checkpoints=0): 2, 4, 6, 8."""
   workdir = str(tmp_path_factory.mktemp("good"))

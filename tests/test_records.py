@@ -23,11 +23,6 @@ from tests import helpers
 
 
 @pytest.fixture(scope="module")
-def npz(tmp_path_factory):
-  return helpers.write_npz(tmp_path_factory.mktemp("data") / "toy.npz")
-
-
-@pytest.fixture(scope="module")
 def stopped_run(npz, tmp_path_factory):
   """The tiny run with a 6 ms time limit: past at once, so it stops after its first
   program (its programs are test_train.py's, from the compilation cache)."""

@@ -25,19 +25,6 @@ from tests import helpers
 LAYERS = helpers.TINY_SOWN
 
 
-@pytest.fixture(scope="module")
-def npz(tmp_path_factory):
-  return helpers.write_npz(tmp_path_factory.mktemp("data") / "toy.npz")
-
-
-@pytest.fixture(scope="module")
-def trained(npz, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("run"))
-  config = helpers.tiny_config(npz)
-  result = train.train_and_evaluate(config, workdir)
-  return config, workdir, result
-
-
 def test_training_writes_config_metrics_checkpoints(trained):
   config, workdir, result = trained
   assert result["step"] == 8 and 0.0 <= result["accuracy"] <= 1.0  # 64 / 16 x 2 epochs
