@@ -1,6 +1,11 @@
-"""`config.time_limit_minutes`: when a run must stop to end, checkpoint saved, in time."""
+"""When a run must stop, checkpoint saved: its time limit (`config.time_limit_minutes`)
+and SIGTERM (a preemption)."""
 
 from __future__ import annotations
+
+import signal
+
+from absl import logging
 
 
 class Deadline:
@@ -62,3 +67,27 @@ class Deadline:
       return t + self.reserve() >= self.end
     queue_done = max(t, self.last[1] + (dispatched - self.last[0]) * per_step)
     return queue_done + next_steps * per_step + self.reserve() > self.end
+
+
+class Preemption:
+  """Turns SIGTERM (how Cloud TPUs are preempted) into a checkpoint and a clean exit."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: saving a checkpoint and stopping")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)

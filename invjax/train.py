@@ -8,7 +8,6 @@ workdir's layout is `workdirs`', the pieces a run is built of are `build`'s.
 from __future__ import annotations
 
 import dataclasses
-import signal
 import time
 from typing import Any
 
@@ -38,30 +37,6 @@ def _next_multiple(done: int, every: int) -> int:
   return (done // every + 1) * every
 
 
-class _Preemption:
-  """Turns SIGTERM (how Cloud TPUs are preempted) into a checkpoint and a clean exit."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM: saving a checkpoint and stopping")
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 # The loop --------------------------------------------------------------------------
 
 def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
@@ -79,7 +54,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
   ends with to WORKDIR/weights.npz.
   """
   timer = run_card.Timer()
-  with _Preemption() as preempt:
+  with deadline_lib.Preemption() as preempt:
     return _train(config, workdir, allow_config_change, data, preempt, tensorboard,
                   timer)
 
