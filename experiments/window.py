@@ -103,13 +103,30 @@ def variant_config(variant: str, scale: paper.Scale, data_path: str,
   return config
 
 
+def _pack_name(tag: str, variant: str) -> str:
+  return f"{FLAGS.cell}.{tag}.{variant}.tar"
+
+
+def _attack(config, workdir: str, variant: str, data) -> dict:
+  """The run's robustness report (FGSM and PGD at --robustness_eps, every test image),
+  written into `workdir` and printed in one line."""
+  rob = robustness_lib.robustness(
+      config, workdir, robustness_lib.Settings(eps=FLAGS.robustness_eps), data=data)
+  print(f"{variant}: attacks " + ", ".join(
+      f"{a} {e} {acc:.4f}" for a, by_eps in rob["attacks"].items()
+      for e, acc in by_eps.items()), flush=True)
+  return rob
+
+
 def _attack_record(committed: str, variant: str, tag: str, staging: str,
-                   out: str) -> dict | None:
+                   out: str, data) -> dict | None:
   """A finished committed record with weights and no robustness report gets one here
   (the attacks take seconds on an accelerator) and goes back into `out` as a pack;
   returns what was done, or None if nothing was to do."""
+  if not FLAGS.robustness:
+    return None
   record = records_lib.load(committed)
-  if not FLAGS.robustness or record.robustness or not record.has_weights:
+  if record.robustness or not record.has_weights:
     return None
   copy = paper.record_dir(staging, FLAGS.cell, tag, variant)
   if os.path.exists(copy):
@@ -118,13 +135,10 @@ def _attack_record(committed: str, variant: str, tag: str, staging: str,
   config = record.config
   with config.unlocked():
     config.dataset = FLAGS.data
-  rob = robustness_lib.robustness(config, copy,
-                                  robustness_lib.Settings(eps=FLAGS.robustness_eps))
-  name = f"{FLAGS.cell}.{tag}.{variant}.tar"
+  rob = _attack(config, copy, variant, data(config))
+  name = _pack_name(tag, variant)
   packed = records_lib.pack(copy, staging, os.path.join(out, name))
-  print(f"{variant}: finished record attacked -> {packed}: " + ", ".join(
-      f"{a} {e} {acc:.4f}" for a, by_eps in rob["attacks"].items()
-      for e, acc in by_eps.items()), flush=True)
+  print(f"{variant}: finished record attacked -> {packed}", flush=True)
   return {"variant": variant, "step": rob["step"], "finished": True, "file": name,
           "bytes": os.path.getsize(packed), "attacked": True}
 
@@ -143,12 +157,18 @@ def run_window(out: str, t0: float | None = None) -> dict:
   report = {"cell": FLAGS.cell, "tag": tag, "budget_minutes": FLAGS.budget_minutes,
             "runs": []}
   os.makedirs(staging, exist_ok=True)
-  data = None
+  loaded = []
+
+  def data(config):  # the --data set, loaded once for every run and record
+    if not loaded:
+      loaded.append(input_pipeline.load(config))
+    return loaded[0]
+
   for variant in FLAGS.variants:
     committed = paper.record_dir(FLAGS.records, FLAGS.cell, tag, variant)
     card = run_card.read(committed)
     if card and card.get("finished"):
-      entry = _attack_record(committed, variant, tag, staging, out)
+      entry = _attack_record(committed, variant, tag, staging, out, data)
       if entry:
         report["runs"].append(entry)
       else:
@@ -158,13 +178,10 @@ def run_window(out: str, t0: float | None = None) -> dict:
       print(f"{variant}: {left() / 60:.1f} min left, too little to start; next time")
       report["next"] = variant
       break
-    if data is None:
-      probe = paper.cell_config(FLAGS.cell, variant, scale)
-      with probe.unlocked():
-        probe.dataset = FLAGS.data
-      data = input_pipeline.load(probe)
-    steps_per_epoch = len(data.x_train) // paper.cell_config(
-        FLAGS.cell, variant, scale).batch_size
+    probe = paper.cell_config(FLAGS.cell, variant, scale)
+    with probe.unlocked():
+      probe.dataset = FLAGS.data
+    steps_per_epoch = len(data(probe).x_train) // probe.batch_size
     config = variant_config(variant, scale, FLAGS.data, steps_per_epoch)
     limit = (left() - 60.0 * FLAGS.analysis_minutes) / 60.0
     with config.unlocked():
@@ -172,20 +189,17 @@ def run_window(out: str, t0: float | None = None) -> dict:
     workdir = os.path.join(FLAGS.workdir, FLAGS.cell, tag, variant)
     print(f"{variant}: training in {workdir}, time limit {limit:.2f} min, "
           f"{config.steps_per_dispatch} steps per dispatch", flush=True)
-    result = train.train_and_evaluate(config, workdir, data=data, tensorboard=False)
+    result = train.train_and_evaluate(config, workdir, data=data(config),
+                                      tensorboard=False)
     entry = {"variant": variant, "step": result["step"], "finished": result["finished"]}
     if result["finished"]:
       if analyze_lib.current_summary(workdir, result["step"]) is None:
-        analyze_lib.analyze(config, workdir, data=data)
+        analyze_lib.analyze(config, workdir, data=data(config))
       if FLAGS.robustness:
-        rob = robustness_lib.robustness(
-            config, workdir, robustness_lib.Settings(eps=FLAGS.robustness_eps), data=data)
-        print(f"{variant}: attacks " + ", ".join(
-            f"{a} {e} {acc:.4f}" for a, by_eps in rob["attacks"].items()
-            for e, acc in by_eps.items()), flush=True)
+        _attack(config, workdir, variant, data(config))
     record = paper.record_dir(staging, FLAGS.cell, tag, variant)
     records_lib.write(workdir, record)
-    name = f"{FLAGS.cell}.{tag}.{variant}.tar"
+    name = _pack_name(tag, variant)
     packed = records_lib.pack(record, staging, os.path.join(out, name))
     if os.path.getsize(packed) > records_lib.MAX_PACK_BYTES:  # fall back to no weights
       records_lib.write(workdir, record, weights=False)
