@@ -1,8 +1,9 @@
 """The run card: how, where and how fast a run was made, in WORKDIR/run_card.json.
 
 Each start of a run (the first, and every resume) adds a *session*: the command, the
-date, the hardware and software, the code's git commit (`source`), the steps it ran, why it stopped ("finished",
-"time_limit", "sigterm" or "error") and its wall time split into sections:
+date, the hardware and software, the code's git commit (`source`), the steps it ran,
+why it stopped ("finished", "time_limit", "sigterm" or "error") and its wall time split
+into sections:
 
   startup     data, model, initial state, checkpoint restore
   compile     the training, evaluation and probe programs (ahead of the loop)
@@ -76,8 +77,11 @@ def source() -> str | None:
   import subprocess  # pylint: disable=g-import-not-at-top
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                          text=True, timeout=10, check=True).stdout.strip()
+    top, head = subprocess.run(
+        ["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=root, capture_output=True,
+        text=True, timeout=10, check=True).stdout.split()
+    if os.path.realpath(top) != os.path.realpath(root):  # installed inside another repo
+      raise OSError(f"{root} is not the root of a git checkout")
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                            cwd=root, capture_output=True, text=True, timeout=10,
                            check=True).stdout.strip()

@@ -391,6 +391,12 @@ def test_run_card_source_is_the_git_commit_or_the_environment(monkeypatch):
                         capture_output=True, text=True)
   if head.returncode == 0:  # a git checkout: its commit, marked if the tree differs
     assert run_card.source().split("+")[0] == head.stdout.strip()
+  # Installed inside another git checkout: that checkout's commit is not invjax's.
+  def other_repo(*args, **kwargs):
+    return subprocess.CompletedProcess(args, 0, stdout="/elsewhere\n" + "f" * 40 + "\n")
+  monkeypatch.setattr(subprocess, "run", other_repo)
+  monkeypatch.setenv(run_card.SOURCE_ENV, "abc123")
+  assert run_card.source() == "abc123"
   # Without git (a copy of the tree on an accelerator), $INVJAX_SOURCE says.
   def no_git(*args, **kwargs):
     raise FileNotFoundError("git")
