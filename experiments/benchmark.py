@@ -301,8 +301,10 @@ def time_loss_alone(config, repeats: int) -> dict:
            for i, (k, s) in enumerate(shapes.items())}
   weights = losses.layer_weights(len(shapes), config.alpha, config.alpha_ratio)
   t = time.perf_counter()
-  compiled = loss_cost.loss_program(weights, config.copies, config.loss_method).lower(
-      feats).compile()
+  parts = losses.moment_parts(config.batch_size // config.copies, 1,
+                              jax.default_backend())
+  compiled = loss_cost.loss_program(weights, config.copies, config.loss_method,
+                                    parts).lower(feats).compile()
   compile_s = time.perf_counter() - t
   _sync(compiled(feats))
   times = []
@@ -313,6 +315,7 @@ def time_loss_alone(config, repeats: int) -> dict:
   nbytes = sum(v.size * v.dtype.itemsize for v in feats.values())
   cost = loss_cost.cost(compiled)
   return {"step_ms": float(np.median(times)) * 1e3, "method": config.loss_method,
+          "parts": parts,
           "activation_bytes": nbytes, "layers": len(shapes),
           "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
           "flops_per_step": float(cost.get("flops", float("nan"))),

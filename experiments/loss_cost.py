@@ -39,16 +39,19 @@ def define_flags() -> None:
                     "Dtype of the activations (bfloat16: config.half_precision).")
   flags.DEFINE_list("methods", list(losses.METHODS), "Loss methods.")
   flags.DEFINE_integer("repeats", 10, "Timed calls (0: compile and report costs only).")
+  flags.DEFINE_integer("parts", None, "Runs of seeds the moments form merges first "
+                       "(losses.moment_parts). Default: a one-device run's on this "
+                       "platform.")
 
 
 cost = common.cost_analysis
 
 
-def loss_program(weights, copies: int, method: str):
+def loss_program(weights, copies: int, method: str, parts: int = 1):
   """jit(value_and_grad) of sum_l w_l L_inv_l over a dict of activations."""
   def total(fs):
     return jnp.sum(weights * jnp.stack([
-        losses.grouped_invariance_loss(v, copies, method) for v in fs.values()]))
+        losses.grouped_invariance_loss(v, copies, method, parts) for v in fs.values()]))
   return jax.jit(jax.value_and_grad(total))
 
 
@@ -66,12 +69,15 @@ def main(argv):
            for k, s in shapes.items()}
   weights = losses.layer_weights(len(shapes), 0.1, 10.0)
   nbytes = sum(v.size for v in feats.values()) * dtype.itemsize
+  seeds = FLAGS.batch_size // FLAGS.copies
+  parts = FLAGS.parts or losses.moment_parts(seeds, 1, jax.default_backend())
   print(f"{FLAGS.model} (width {FLAGS.width:g}), batch {FLAGS.batch_size} = "
-        f"{FLAGS.batch_size // FLAGS.copies} x {FLAGS.copies}, {FLAGS.dtype}: "
+        f"{seeds} x {FLAGS.copies}, {FLAGS.dtype}: "
         f"{len(shapes)} sown layers, {nbytes / 1e6:.1f} MB of activations; "
+        f"moments merged in {parts} part(s); "
         f"{jax.devices()[0].device_kind}, JAX {jax.__version__}")
   for method in FLAGS.methods:
-    compiled = loss_program(weights, FLAGS.copies, method).lower(feats).compile()
+    compiled = loss_program(weights, FLAGS.copies, method, parts).lower(feats).compile()
     c = cost(compiled)
     accessed = float(c.get("bytes accessed", float("nan")))
     line = (f"{method}: value and gradient: XLA bytes accessed {accessed / 1e6:,.1f} MB "

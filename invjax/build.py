@@ -17,6 +17,7 @@ from invjax import augment
 from invjax import config_lib
 from invjax import errors
 from invjax import input_pipeline
+from invjax import losses
 from invjax import models
 from invjax import placement as placement_lib
 from invjax import steps as steps_lib
@@ -108,7 +109,9 @@ def build(config, data: input_pipeline.Dataset | None = None) -> Run:
       loss_method=config.loss_method,
       ranges=augment.AugmentRanges.from_config(config.augment),
       num_layers=len(layer_shapes), top5=data.num_classes > 10,
-      weight_law=config.layer_weight_law, class_alpha=config.class_alpha)
+      weight_law=config.layer_weight_law, class_alpha=config.class_alpha,
+      loss_parts=losses.moment_parts(config.batch_size // config.copies,
+                                     jax.device_count(), jax.default_backend()))
   return Run(config, data, model, step_config, steps_per_epoch, total_steps, lr_fn,
              layer_shapes, param_count)
 

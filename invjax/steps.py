@@ -47,6 +47,9 @@ class StepConfig:
   # Weight of the class-invariance term (Eq. 3 with classes in place of seeds), shared
   # over the layers by the same law; 0 = off.
   class_alpha: float = 0.0
+  # How many runs of consecutive seeds the moments form merges first
+  # (losses.moment_parts): one or more per device, so devices exchange only sums.
+  loss_parts: int = 1
 
 
 def create_learning_rate_fn(base: float, boundaries_epochs, decay: float,
@@ -117,7 +120,8 @@ def make_train_step(cfg: StepConfig) -> Callable:
       inv = {}
       if measure_inv:
         feats = models.sown(updates["intermediates"])
-        inv = {k: losses.grouped_invariance_loss(v, cfg.copies, cfg.loss_method)
+        inv = {k: losses.grouped_invariance_loss(v, cfg.copies, cfg.loss_method,
+                                                  cfg.loss_parts)
                for k, v in feats.items()}
       cls = {}
       if cfg.class_alpha > 0:
@@ -250,7 +254,8 @@ def make_probe_step(cfg: StepConfig, probe_copies: int) -> Callable:
     x = augment.augment(key, to_float(x), cfg.ranges)
     feats = features(state, x)
     feats.pop("pixels")
-    return {k: losses.grouped_invariance_loss(v, probe_copies, cfg.loss_method)
+    return {k: losses.grouped_invariance_loss(v, probe_copies, cfg.loss_method,
+                                                cfg.loss_parts)
             for k, v in feats.items()}
 
   return probe_step
