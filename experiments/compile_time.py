@@ -2,11 +2,17 @@
 
   python -m experiments.compile_time --config=configs/densenet.py [--steps=10]
   XLA_FLAGS=--xla_gpu_autotune_level=0 python -m experiments.compile_time ...
+  python -m experiments.compile_time --config=... --time_steps=3 --cache_dir=/tmp/c
 
 Builds the run as `invjax.main` would (on synthetic data of the config's declared shape,
 so nothing is loaded) and compiles the program of --steps steps per dispatch (a loop
 off CPU, straight-line code on CPU, as `programs.TrainPrograms` does), reporting trace +
-lower and XLA's compile time separately. No persistent compilation cache is used.
+lower and XLA's compile time separately. With --time_steps, it then runs the program
+that many times and reports the step time (so a compile-time flag's cost in speed shows
+beside its saving). With --cache_dir, JAX's persistent compilation cache (with XLA's
+per-fusion autotuning cache, JAX's default with it) is used in that directory, and the
+program is compiled a second time from it after clearing JAX's in-memory caches: what
+a rerun or resume of the config pays. Without it, no persistent cache is used.
 """
 
 import os
@@ -21,6 +27,7 @@ import numpy as np
 from experiments import benchmark
 from invjax import build as build_lib
 from invjax import cli
+from invjax import compilation_cache
 from invjax import placement as placement_lib
 from invjax import seed_order
 from invjax import steps as steps_lib
@@ -30,10 +37,17 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/dense
                                 lock_config=True)
 flags.DEFINE_integer("steps", None, "Steps per program. Default: the config's "
                      "steps_per_dispatch.")
+flags.DEFINE_integer("time_steps", 0, "Programs to run and time after compiling.")
+flags.DEFINE_string("cache_dir", None, "Persistent compilation cache directory: also "
+                    "time a second compile from it.")
 
 
 def main(argv):
   del argv
+  if FLAGS.cache_dir:
+    compilation_cache.configure(FLAGS.cache_dir)
+  else:
+    jax.config.update("jax_enable_compilation_cache", False)
   config = cli.config_flag("config")
   if config is None:
     raise app.UsageError("--config is required (e.g. --config=configs/densenet.py).")
@@ -55,12 +69,29 @@ def main(argv):
   t = time.perf_counter()
   lowered = jitted.lower(*args)
   t1 = time.perf_counter()
-  lowered.compile()
+  compiled = lowered.compile()
   t2 = time.perf_counter()
-  print(f"{config.model.name} {dict(config.model)} batch {config.batch_size}, "
-        f"{'bfloat16' if config.half_precision else 'float32'}, {steps} step(s) per "
-        f"program, {jax.devices()[0].device_kind}: trace + lower {t1 - t:.1f} s, "
-        f"XLA compile {t2 - t1:.1f} s; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  line = (f"{config.model.name} {dict(config.model)} batch {config.batch_size}, "
+          f"{'bfloat16' if config.half_precision else 'float32'}, {steps} step(s) per "
+          f"program, {jax.devices()[0].device_kind}: trace + lower {t1 - t:.1f} s, "
+          f"XLA compile {t2 - t1:.1f} s")
+  if FLAGS.cache_dir:
+    jax.clear_caches()
+    t = time.perf_counter()
+    jitted = jax.jit(fn, donate_argnums=0)
+    jitted.lower(*args).compile()
+    line += f"; again from the cache {time.perf_counter() - t:.1f} s (trace included)"
+  if FLAGS.time_steps:
+    state, *_ = compiled(*args)  # warm-up; the state is donated, so pass the new one
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(FLAGS.time_steps):
+      t = time.perf_counter()
+      state, *_ = compiled(state, *args[1:])
+      jax.block_until_ready(state)
+      times.append(time.perf_counter() - t)
+    line += f"; {1e3 * float(np.median(times)) / steps:.2f} ms per step"
+  print(f"{line}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
 
 
 if __name__ == "__main__":

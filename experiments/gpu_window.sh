@@ -15,9 +15,12 @@
 #   densenet  (330) same batch, moments, the loss alone (each compile ~2 min on H200)
 #   augment   (60)  not in the default list: python -m experiments.augment_cost, the augmentation
 #                   alone with invjax's 2-D warp and dm-pix's, side by side
-#   compile   (300) not in the default list: DenseNet-BC-100's training program (bf16,
-#                   10 steps), trace + lower and XLA compile, with XLA's GPU autotuning
-#                   on (default) and off (--xla_gpu_autotune_level=0)
+#   compile   (330) not in the default list: DenseNet-BC-100's training program (bf16,
+#                   10 steps), trace + lower and XLA compile, then 3 timed programs, with
+#                   XLA's GPU autotuning off (--xla_gpu_autotune_level=0), at level 1
+#                   (no checking of the candidates' outputs) and at the default level;
+#                   the last with a fresh persistent cache, compiled again from it (a
+#                   rerun's or resume's compile)
 # Environment: BENCH_ARGS is added to every benchmark.py command (e.g. the CPU smoke
 # test: "--size=small --repeats=1 --train_images=256 --analysis_images=32");
 # TIME_SCALE multiplies every limit (default 1).
@@ -61,10 +64,12 @@ print(jax.devices())"' ;;
     densenet) bench densenet 330 --models=densenet --repeats=10 \
       --variants=same_batch,moments,loss_alone ;;
     augment) run augment 60 python3 -m experiments.augment_cost ;;
-    compile) run compile 300 bash -c 'args="--config=configs/densenet.py
-      --config.half_precision=True --steps=10"
-      python3 -m experiments.compile_time $args
-      XLA_FLAGS=--xla_gpu_autotune_level=0 python3 -m experiments.compile_time $args' ;;
+    compile) run compile 330 bash -c 'args="--config=configs/densenet.py
+      --config.half_precision=True --steps=10 --time_steps=3"
+      XLA_FLAGS=--xla_gpu_autotune_level=0 python3 -m experiments.compile_time $args
+      XLA_FLAGS=--xla_gpu_autotune_level=1 python3 -m experiments.compile_time $args
+      rm -rf /tmp/invjax_compile_cache
+      python3 -m experiments.compile_time $args --cache_dir=/tmp/invjax_compile_cache' ;;
     *) echo "unknown phase $phase (env loss allcnn wrn densenet augment compile)"; exit 2 ;;
   esac
 done

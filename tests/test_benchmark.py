@@ -5,6 +5,8 @@ reports is computed from the programs it claims to time.
 """
 
 import math
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -60,3 +62,18 @@ def test_benchmark_rows_come_from_the_compiled_programs():
   assert "| invariance moments |" in text and jax.devices()[0].device_kind in text
   assert "| L_inv alone (moments" in text and "| 0.50 |" in text
   assert np.isfinite(row["flops_per_step"])
+
+
+@pytest.mark.slow  # ~20 s: two compiles of a tiny training program in a subprocess
+def test_compile_time_reports_the_cached_compile_and_the_step(tmp_path):
+  """experiments/compile_time.py with --cache_dir writes the training program into the
+  persistent cache and compiles it again from there; --time_steps runs it."""
+  cache = tmp_path / "cache"
+  done = subprocess.run(
+      [sys.executable, "-m", "experiments.compile_time", "--config=tests/tiny_config.py",
+       "--config.num_classes=10", "--config.image_shape=(16,16,3)", "--steps=2",
+       "--time_steps=2", f"--cache_dir={cache}"],
+      cwd=helpers.ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "again from the cache" in done.stdout and "ms per step" in done.stdout
+  assert any(p.name.startswith("jit_chunk") for p in cache.iterdir())
