@@ -65,6 +65,7 @@ from invjax import models as models_lib
 from invjax import input_pipeline
 from invjax import placement as placement_lib
 from invjax import programs as programs_lib
+from invjax import seed_order
 from invjax import steps as steps_lib
 from experiments import common
 from experiments import loss_cost
@@ -87,6 +88,7 @@ flags.DEFINE_integer("train_images", None, "Synthetic training set resident on t
                      "device. Default: 2,000 on CPU, 50,000 (CIFAR-10's) elsewhere.")
 flags.DEFINE_integer("analysis_images", None, "Test images scored. Default: 256 on "
                      "CPU, 10,000 (CIFAR-10's) elsewhere.")
+flags.DEFINE_integer("stacked_runs", 3, "Runs in one program for the stacked variant.")
 flags.DEFINE_float("peak_tflops", None, "The device's peak TFLOP/s for the fraction "
                    "column. Default: measured with a large matrix product.")
 flags.DEFINE_string("out", os.path.join(ROOT, "experiments", "results", "benchmark"),
@@ -97,7 +99,9 @@ flags.DEFINE_list("variants", None, "What to time, from " + ", ".join(
         "pairwise": "invariance, pairwise", "moments": "invariance, moments",
         "dispatch1": "default method, 1 step per dispatch, if steps_per_dispatch > 1",
         "loss_alone": "L_inv value and gradient alone",
-        "augmentation": "augmentation alone", "analysis": "scoring"}.items())
+        "augmentation": "augmentation alone", "analysis": "scoring",
+        "stacked": "--stacked_runs runs of the default invariance step in one "
+                   "program (vmap)"}.items())
                   + ". Default: all.")
 
 # What --size=small changes, per model (the paper's batch size and M are kept).
@@ -108,7 +112,7 @@ SMALL = {
 }
 METHODS = ("pairwise", "moments")
 VARIANTS = ("baseline", "same_batch", "pairwise", "moments", "dispatch1", "loss_alone",
-            "augmentation", "analysis")
+            "augmentation", "analysis", "stacked")
 
 
 def _on_cpu() -> bool:
@@ -220,6 +224,59 @@ class TrainingVariant:
             "loss_finite": bool(np.all(np.isfinite(np.asarray(self.metrics["loss"]))))}
 
 
+class StackedVariant:
+  """R runs of one training variant in one program: the step vmapped over R train
+  states (and R augmentation keys; the seeds are shared), timed a program at a time
+  like TrainingVariant. What several variants or seeds trained together would buy
+  where one run leaves the device partly idle (All-CNN-C)."""
+
+  def __init__(self, config, data, runs: int, steps_per_dispatch: int):
+    with config.unlocked():
+      config.steps_per_dispatch = steps_per_dispatch
+    self.config, self.spd, self.runs = config, steps_per_dispatch, runs
+    run = build_lib.build(config, data)
+    self.analytic_flops = 6.0 * config.batch_size * runs * describe.dense_macs(
+        run.model, run.data.image_shape)
+    placement = placement_lib.Placement.create()
+    state = build_lib.initial_state(run, placement)
+    self.state = jax.tree.map(lambda a: jnp.stack([a] * runs), state)
+    k = config.batch_size // config.copies
+    schedule = seed_order.SeedSchedule(len(data.x_train), k, config.seed,
+                                       placement.replicated)
+    first, perms = schedule.window(0, steps_per_dispatch)
+    chunk = steps_lib.make_train_chunk(run.step_config, steps_per_dispatch, k,
+                                       placement.batch, data_on_device=True,
+                                       unroll=_on_cpu())
+    stacked = jax.vmap(chunk, in_axes=(0, None, None, None, None, None, 0))
+    self.args = (placement.replicate(data.x_train), placement.replicate(data.y_train),
+                 perms, np.int32(first), np.int32(0),
+                 jax.random.split(jax.random.key(1), runs))
+    t = time.perf_counter()
+    self.compiled = jax.jit(stacked, donate_argnums=0).lower(
+        self.state, *self.args).compile()
+    self.compile_s = time.perf_counter() - t
+    self.times, self.metrics = [], None
+    for _ in range(2):  # warm-up
+      self.run_once()
+    self.times = []
+
+  def run_once(self) -> None:
+    t = time.perf_counter()
+    self.state, self.metrics = self.compiled(self.state, *self.args)
+    _sync((self.state, self.metrics))
+    self.times.append(time.perf_counter() - t)
+
+  def result(self) -> dict:
+    seconds = float(np.median(self.times)) / self.spd
+    return {"step_ms": seconds * 1e3, "runs": self.runs,
+            "images_per_s": self.runs * self.config.batch_size / seconds,
+            "flops_per_step": _cost_flops(self.compiled) / self.spd,
+            "analytic_flops_per_step": self.analytic_flops,
+            "memory_plan_bytes": _plan_bytes(self.compiled),
+            "compile_s": self.compile_s, "steps_timed": len(self.times) * self.spd,
+            "loss_finite": bool(np.all(np.isfinite(np.asarray(self.metrics["loss"]))))}
+
+
 def time_training(variants: dict[str, TrainingVariant], repeats: int) -> dict:
   """Times the variants side by side: round after round, one program of each in turn,
   so that drift in the machine's speed touches them all alike."""
@@ -323,7 +380,8 @@ def time_loss_alone(config, repeats: int) -> dict:
 
 
 def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: int,
-                    n_train: int, n_test: int, chosen=VARIANTS) -> dict:
+                    n_train: int, n_test: int, chosen=VARIANTS,
+                    stacked_runs: int = 3) -> dict:
   config, overrides = load_config(model, size, precision)
   data = synthetic_data(config, n_train, n_test)
   m = config.copies
@@ -344,6 +402,13 @@ def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: in
         c[k] = v
     print(f"  {model} {precision}: compiling {name} ...", flush=True)
     prepared[name] = TrainingVariant(c, data, step_overrides, spd)
+  if "stacked" in chosen and stacked_runs > 1:
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+      c.loss_method = default_method
+    name = f"{stacked_runs} x invariance {default_method}, one program"
+    print(f"  {model} {precision}: compiling {name} ...", flush=True)
+    prepared[name] = StackedVariant(c, data, stacked_runs, spd)
   rows = {}
   if prepared:
     print(f"  {model} {precision}: timing {len(prepared)} variants side by side ...",
@@ -351,6 +416,10 @@ def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: in
     rows = time_training(prepared, repeats)
   for name, v in prepared.items():
     rows[name]["copies"], rows[name]["alpha"] = v.config.copies, v.config.alpha
+  one = rows.get(f"invariance {default_method}")
+  for row in rows.values():  # R runs in one program against R programs one by one
+    if row.get("runs") and one:
+      row["speedup_vs_one_by_one"] = row["runs"] * one["step_ms"] / row["step_ms"]
   if spd > 1 and "dispatch1" in chosen:  # what several steps per dispatch buy
     c = config.copy_and_resolve_references()
     with c.unlocked():
@@ -380,10 +449,13 @@ def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: in
   base = rows.get("baseline", {}).get("step_ms")
   same = rows.get("same batch", {}).get("step_ms")
   for r in rows.values():
-    r["vs_same_batch"] = r["step_ms"] / same if same else None
-    r["vs_baseline"] = r["step_ms"] / base if base else None
+    if r.get("runs"):  # several runs a step: see speedup_vs_one_by_one
+      r["vs_same_batch"] = r["vs_baseline"] = None
+    else:
+      r["vs_same_batch"] = r["step_ms"] / same if same else None
+      r["vs_baseline"] = r["step_ms"] / base if base else None
     # The loss's share of the step: the step minus the same batch without the loss.
-    r["loss_share_ms"] = r["step_ms"] - same if same else None
+    r["loss_share_ms"] = r["step_ms"] - same if same and not r.get("runs") else None
   if "augmentation" in result:
     result["augmentation"]["vs_same_batch"] = (
         result["augmentation"]["step_ms"] / same if same else None)
@@ -464,6 +536,12 @@ def format_markdown(result: dict) -> str:
           f"copies, {s['layers']} layers (pixels included) scored in "
           f"{s['seconds']:.2f} s: {s['images_per_s']:,.0f} images/s "
           f"(first call, compiling: {s['first_call_s']:.1f} s).  ")
+    for name, row in r["train_rows"].items():
+      if row.get("speedup_vs_one_by_one"):
+        lines.append(
+            f"{name}: {row['step_ms']:.2f} ms for a step of all {row['runs']} runs, "
+            f"against {row['runs']} x the single invariance step's time one after "
+            f"another: {row['speedup_vs_one_by_one']:.2f} x the throughput.  ")
     inv = r["train_rows"].get(f"invariance {r['default_method']}")
     if inv:
       steps = 50_000 // r["batch_size"] * r["paper_epochs"]
@@ -522,7 +600,8 @@ def main(argv):
   for precision in precisions:
     for model in FLAGS.models:
       result["models"].append(benchmark_model(model, size, precision, spd, repeats,
-                                              n_train, n_test, chosen))
+                                              n_train, n_test, chosen,
+                                              FLAGS.stacked_runs))
       result["device_peak_bytes"] = _device_peak_bytes()
       write(result, FLAGS.out)  # what is finished survives a stopped run
       print(f"wrote {FLAGS.out}.md and {FLAGS.out}.json ({model}, {precision})",

@@ -36,6 +36,15 @@ def test_benchmark_rows_come_from_the_compiled_programs():
   # Analytic FLOPs: every tap, 2 per MAC, x 3 for forward and backward, 16 images.
   model = build_lib.create_model(config, 4)
   assert row["analytic_flops_per_step"] == 6 * 16 * describe.dense_macs(model, (16, 16, 3))
+  stacked = benchmark.StackedVariant(config.copy_and_resolve_references(), data, runs=2,
+                                     steps_per_dispatch=2)
+  srow = benchmark.time_training({"stacked": stacked}, repeats=1)["stacked"]
+  assert srow["runs"] == 2 and srow["loss_finite"] and srow["steps_timed"] == 2
+  assert srow["images_per_s"] == 2 * 16 / (srow["step_ms"] / 1e3)
+  assert srow["analytic_flops_per_step"] == 2 * row["analytic_flops_per_step"]
+  # Two runs, one program: each its own augmentation key, so their weights part.
+  w = jax.tree.leaves(stacked.state.params)[0]
+  assert w.shape[0] == 2 and not np.allclose(w[0], w[1])
   alone = benchmark.time_loss_alone(config.copy_and_resolve_references(), repeats=1)
   assert alone["layers"] == len(helpers.TINY_SOWN) and alone["step_ms"] > 0
   assert alone["activation_bytes"] == 16 * 4 * sum(
