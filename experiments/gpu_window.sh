@@ -18,8 +18,14 @@
 #   compile   (300) not in the default list: DenseNet-BC-100's training program (bf16,
 #                   10 steps), trace + lower and XLA compile, with XLA's GPU autotuning
 #                   on (default) and off (--xla_gpu_autotune_level=0)
-# Environment: BENCH_ARGS is added to every benchmark.py command (e.g. the CPU smoke
-# test: "--size=small --repeats=1 --train_images=256 --analysis_images=32");
+#   profile   (120) not in the default list: python -m experiments.profile_step, a JAX
+#                   profiler trace of All-CNN-C's and WRN-28-10's steps (baseline and
+#                   moments, bf16, paper size): device time per part of the step
+#                   (augmentation, seed gather, convolutions, batch norm, the loss, the
+#                   optimizer) and the top kernels, in $OUT/profile.{md,json}
+# Environment: BENCH_ARGS is added to every benchmark.py and profile_step.py command
+# (e.g. the CPU smoke test: "--size=small --repeats=1 --train_images=256
+# --analysis_images=32");
 # TIME_SCALE multiplies every limit (default 1).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -65,7 +71,11 @@ print(jax.devices())"' ;;
       --config.half_precision=True --steps=10"
       python3 -m experiments.compile_time $args
       XLA_FLAGS=--xla_gpu_autotune_level=0 python3 -m experiments.compile_time $args' ;;
-    *) echo "unknown phase $phase (env loss allcnn wrn densenet augment compile)"; exit 2 ;;
+    # shellcheck disable=SC2086
+    profile) run profile 120 python3 -m experiments.profile_step --models=allcnn,wrn \
+      --variants=baseline,moments $extra --out="$OUT" ;;
+    *) echo "unknown phase $phase (env loss allcnn wrn densenet augment compile profile)"
+       exit 2 ;;
   esac
 done
 ls -l "$OUT"

@@ -249,12 +249,22 @@ def device_events(trace_dir: str, module: str | None):
   the source read and the time of events of other modules (left out)."""
   xplanes = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
   jsons = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
-  try:
-    events, source = list(_events_xspace(xplanes[0])), "xplane.pb"
-  except Exception as e:  # pylint: disable=broad-except
-    if not jsons:
-      raise RuntimeError(f"no readable trace in {trace_dir}: {e!r}") from e
-    events, source = list(_events_json(jsons[0])), "trace.json.gz"
+  events, source, errors = [], None, []
+  # The xplane.pb first; the trace.json.gz if it is missing, unreadable or names no
+  # instruction.
+  for reader, paths, name in ((_events_xspace, xplanes, "xplane.pb"),
+                              (_events_json, jsons, "trace.json.gz")):
+    if not paths:
+      continue
+    try:
+      events, source = list(reader(paths[0])), name
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(f"{name}: {e!r}")
+      continue
+    if any("hlo_op" in e[5] for e in events):
+      break
+  if source is None:
+    raise RuntimeError(f"no readable trace in {trace_dir}: {errors or 'no files'}")
   with_op = [e for e in events if "hlo_op" in e[5]]
   on_device = [e for e in with_op if e[0].startswith("/device:")]
   if on_device:
@@ -304,7 +314,8 @@ def attribute(events, index: HloIndex, steps: int, top: int = 15) -> dict:
     o["kernels"].add(kernel)
     o["hint"] = o.get("hint") or (hint[0] if hint else "")
   total = 0.0
-  unmatched = by_annotation = 0
+  unmatched = by_annotation = loss_ops = 0
+  loss_ops_ms = 0.0  # every kernel with any instruction of the loss, whole
   for op, o in per_op.items():
     split = index.split(op)
     if split is None and o["hint"]:
@@ -317,6 +328,9 @@ def attribute(events, index: HloIndex, steps: int, top: int = 15) -> dict:
     o["split"] = split
     ms = o["ns"] / 1e6 / steps
     total += ms
+    if any(part == "invariance loss" for part, _ in split):
+      loss_ops += 1
+      loss_ops_ms += ms
     for (part, direction), frac in split.items():
       parts[part]["ms"] += ms * frac
       if direction:
@@ -336,7 +350,8 @@ def attribute(events, index: HloIndex, steps: int, top: int = 15) -> dict:
                     "launches_per_step": o["count"] / steps})
   return {"total_ms": total, "parts": parts, "top": top_ops,
           "instructions": len(per_op), "unmatched_instructions": unmatched,
-          "attributed_by_annotation": by_annotation}
+          "attributed_by_annotation": by_annotation,
+          "loss_kernels": loss_ops, "loss_kernels_ms": loss_ops_ms}
 
 
 def analyse(trace_dir: str, hlo_path: str, steps: int, top: int = 15) -> dict:
@@ -455,7 +470,12 @@ def format_markdown(result: dict) -> str:
           f"{v['events_from']} ({v['source']}); other programs in the trace: "
           f"{v['other_modules_ms']:.2f} ms left out. Analytic "
           f"{v['analytic_flops_per_step'] / 1e9:,.1f} GFLOP/step over the convolution "
-          f"and matmul kernels' time: {tf} TFLOP/s. Compile + warm-up "
+          f"and matmul kernels' time: {tf} TFLOP/s. "
+          + (f"Kernels holding any instruction of the loss: {v['loss_kernels']}, "
+             f"{v['loss_kernels_ms']:.3f} ms/step whole (the loss's part counts only "
+             "its instructions' share of the mixed ones). " if v.get("loss_kernels")
+             else "") +
+          f"Compile + warm-up "
           f"{v['build_s']:.1f} s, trace {v['trace_mb']:.1f} MB.  ")
     for n, err in r.get("failed", {}).items():
       lines.append(f"{n}: not attributed: {err}  ")

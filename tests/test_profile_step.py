@@ -95,6 +95,8 @@ def test_attribute_sums_events_per_part_and_keeps_unmatched_time():
   assert parts["augmentation"]["ms"] == pytest.approx(1.0)
   assert parts["other (unattributed)"]["ms"] == pytest.approx(1.0)
   assert r["unmatched_instructions"] == 1
+  # The mixed fusion, whole: the kernels the loss adds or joins.
+  assert r["loss_kernels"] == 1 and r["loss_kernels_ms"] == pytest.approx(4.0)
   assert sum(p["share"] for p in parts.values()) == pytest.approx(1.0)
   assert [o["hlo_op"] for o in r["top"]] == ["mixed_fusion", "conv_fusion", "aug"]
   assert r["top"][0]["launches_per_step"] == 1 and r["top"][0]["ms"] == 4.0
