@@ -39,7 +39,9 @@ exceed the wall time), divided by the steps traced.
 Writes DIR/profile.md and DIR/profile.json after every model (a stopped run keeps the
 models it finished): per variant the parts (ms per step, share, forward / backward), the
 top --top kernels by time with their part, the wall time per step with and without the
-profiler, and the achieved TFLOP/s inside the convolution kernels (analytic FLOPs,
+profiler, the FLOP floor (analytic FLOPs at the matmul peak, measured as benchmark.py
+does or --peak_tflops) against the device time and the convolution kernels' time, and
+the achieved TFLOP/s inside the convolution kernels (analytic FLOPs,
 benchmark's count; where a convolution's metadata names no direction, as XLA:CPU's
 rewritten ones, its time is in the part's total but in neither the fwd nor the bwd
 column). The raw trace is deleted; --keep_trace keeps one file per variant
@@ -73,7 +75,8 @@ from experiments import common
 
 FLAGS = flags.FLAGS
 # --models, --variants, --size, --precision, --steps_per_dispatch, --repeats (programs
-# timed without the profiler), --train_images and --out are experiments/benchmark.py's
+# timed without the profiler), --train_images, --peak_tflops (default: measured, as
+# there) and --out are experiments/benchmark.py's
 # flags (defined there, on import), with these defaults here:
 FLAGS.set_default("models", ["allcnn", "wrn"])
 FLAGS.set_default("variants", ["baseline", "moments"])
@@ -477,6 +480,18 @@ def format_markdown(result: dict) -> str:
              else "") +
           f"Compile + warm-up "
           f"{v['build_s']:.1f} s, trace {v['trace_mb']:.1f} MB.  ")
+    peak = result.get("peak_tflops", {}).get(r["precision"])
+    if peak:
+      floors = []
+      for n, v in zip(names, vs):
+        floor_ms = v["analytic_flops_per_step"] / (peak * 1e12) * 1e3
+        conv_ms = v["parts"]["network: convolutions and matmuls"]["ms"]
+        floors.append(f"{n} {floor_ms:.3f} ms/step; the device time "
+                      f"{v['total_ms'] / floor_ms:.2f} x that, the convolution and "
+                      f"matmul kernels {conv_ms / floor_ms:.2f} x")
+      lines.append(f"FLOP floor (the analytic FLOPs at the {r['precision']} matmul "
+                   f"peak, {peak:.1f} TFLOP/s, {result['peak_source']}): "
+                   + "; ".join(floors) + ".  ")
     for n, err in r.get("failed", {}).items():
       lines.append(f"{n}: not attributed: {err}  ")
     if any(v["parts"][UNATTRIBUTED]["share"] > 0.1 for v in vs):
@@ -528,12 +543,17 @@ def main(argv):
   if min(spd, programs, wall_repeats, n_train) < 1:
     raise app.UsageError("--steps_per_dispatch, --programs, --repeats and "
                          "--train_images must be at least 1.")
+  dtypes = {"float32": jax.numpy.float32, "bfloat16": jax.numpy.bfloat16}
+  peaks = {p: FLAGS.peak_tflops or benchmark.measure_peak_tflops(dtypes[p])
+           for p in precisions}
   result = {"command": " ".join(["python", "-m", "experiments.profile_step",
                                  *sys.argv[1:]]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds"),
             "hardware": common.hardware(), "steps_per_dispatch": spd,
             "programs": programs, "train_images": n_train, "parts": list(PARTS),
+            "peak_tflops": peaks,
+            "peak_source": "given" if FLAGS.peak_tflops else "measured here",
             "models": []}
   for precision, model in [(p, m) for p in precisions for m in FLAGS.models]:
     config, overrides = benchmark.load_config(model, size, precision)
