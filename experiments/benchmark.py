@@ -113,6 +113,13 @@ SMALL = {
 METHODS = ("pairwise", "moments")
 VARIANTS = ("baseline", "same_batch", "pairwise", "moments", "dispatch1", "loss_alone",
             "augmentation", "analysis", "stacked")
+# The training variants: key -> (row name, config fields, StepConfig overrides).
+TRAIN_VARIANTS = {
+    "baseline": ("baseline", {"copies": 1, "alpha": 0.0}, {}),
+    "same_batch": ("same batch", {"alpha": 0.0}, {"measure_inv": False}),
+    **{method: (f"invariance {method}", {"loss_method": method}, {})
+       for method in METHODS},
+}
 
 
 def _on_cpu() -> bool:
@@ -385,12 +392,7 @@ def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: in
   config, overrides = load_config(model, size, precision)
   data = synthetic_data(config, n_train, n_test)
   m = config.copies
-  variants = {
-      "baseline": ("baseline", {"copies": 1, "alpha": 0.0}, {}),
-      "same_batch": ("same batch", {"alpha": 0.0}, {"measure_inv": False}),
-  }
-  for method in METHODS:
-    variants[method] = (f"invariance {method}", {"loss_method": method}, {})
+  variants = TRAIN_VARIANTS
   default_method = config_lib.base_config().loss_method
   prepared = {}
   for key, (name, fields, step_overrides) in variants.items():

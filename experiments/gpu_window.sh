@@ -21,8 +21,14 @@
 #                   (no checking of the candidates' outputs) and at the default level;
 #                   the last with a fresh persistent cache, compiled again from it (a
 #                   rerun's or resume's compile)
-# Environment: BENCH_ARGS is added to every benchmark.py command (e.g. the CPU smoke
-# test: "--size=small --repeats=1 --train_images=256 --analysis_images=32");
+#   profile   (120) not in the default list: python -m experiments.profile_step, a JAX
+#                   profiler trace of All-CNN-C's and WRN-28-10's steps (baseline and
+#                   moments, bf16, paper size): device time per part of the step
+#                   (augmentation, seed gather, convolutions, batch norm, the loss, the
+#                   optimizer) and the top kernels, in $OUT/profile.{md,json}
+# Environment: BENCH_ARGS is added to every benchmark.py and profile_step.py command
+# (e.g. the CPU smoke test: "--size=small --repeats=1 --train_images=256
+# --analysis_images=32");
 # TIME_SCALE multiplies every limit (default 1).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -70,7 +76,11 @@ print(jax.devices())"' ;;
       XLA_FLAGS=--xla_gpu_autotune_level=1 python3 -m experiments.compile_time $args
       rm -rf /tmp/invjax_compile_cache
       python3 -m experiments.compile_time $args --cache_dir=/tmp/invjax_compile_cache' ;;
-    *) echo "unknown phase $phase (env loss allcnn wrn densenet augment compile)"; exit 2 ;;
+    # shellcheck disable=SC2086
+    profile) run profile 120 python3 -m experiments.profile_step --models=allcnn,wrn \
+      --variants=baseline,moments $extra --out="$OUT" ;;
+    *) echo "unknown phase $phase (env loss allcnn wrn densenet augment compile profile)"
+       exit 2 ;;
   esac
 done
 ls -l "$OUT"

@@ -109,8 +109,13 @@ def make_train_step(cfg: StepConfig) -> Callable:
   measure_inv = cfg.copies > 1 and (cfg.alpha > 0 or cfg.measure_inv)
 
   def train_step(state: TrainState, seed_images, labels, key):
-    x, y, _ = expand_seeds(seed_images, labels, cfg.copies)
-    x = augment.augment(key, to_float(x), cfg.ranges)
+    # The named scopes label the step's parts in the compiled program's op metadata
+    # (experiments/profile_step.py attributes a profile's kernels by them).
+    with jax.named_scope("expand_seeds"):
+      x, y, _ = expand_seeds(seed_images, labels, cfg.copies)
+      x = to_float(x)
+    with jax.named_scope("augment"):
+      x = augment.augment(key, x, cfg.ranges)
 
     def loss_fn(params):
       logits, updates = state.apply_fn(
@@ -120,13 +125,15 @@ def make_train_step(cfg: StepConfig) -> Callable:
       inv = {}
       if measure_inv:
         feats = models.sown(updates["intermediates"])
-        inv = {k: losses.grouped_invariance_loss(v, cfg.copies, cfg.loss_method,
-                                                  cfg.loss_parts)
-               for k, v in feats.items()}
+        with jax.named_scope("invariance_loss"):
+          inv = {k: losses.grouped_invariance_loss(v, cfg.copies, cfg.loss_method,
+                                                    cfg.loss_parts)
+                 for k, v in feats.items()}
       cls = {}
       if cfg.class_alpha > 0:
-        cls = {k: losses.invariance_loss(v, y, cfg.loss_method)
-               for k, v in models.sown(updates["intermediates"]).items()}
+        with jax.named_scope("invariance_loss"):
+          cls = {k: losses.invariance_loss(v, y, cfg.loss_method)
+                 for k, v in models.sown(updates["intermediates"]).items()}
       if cfg.alpha == 0:  # L_inv is only measured: keep it out of the gradient.
         inv = jax.lax.stop_gradient(inv)
       loss = losses.total_loss(ce, inv if cfg.alpha > 0 else {}, weights, cfg.alpha,
@@ -135,7 +142,8 @@ def make_train_step(cfg: StepConfig) -> Callable:
 
     (loss, (batch_stats, logits, ce, inv, cls)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
-    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    with jax.named_scope("optimizer"):
+      new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     metrics = {"loss": loss, "cross_entropy": ce,
                **_accuracy(logits, y, cfg.top5),
                **{f"inv_loss/{k}": v for k, v in inv.items()},
@@ -194,9 +202,14 @@ def make_train_chunk(cfg: StepConfig, num_steps: int, seeds_per_step: int,
 
   if data_on_device:
     def chunk(state, x_train, y_train, perms, first_pass, step0, key):
-      idx = seed_order.seed_indices(perms, first_pass, step0, num_steps,
-                                      seeds_per_step)
-      return scan(state, lambda i: (x_train[idx[i]], y_train[idx[i]]), step0, key)
+      with jax.named_scope("seed_gather"):
+        idx = seed_order.seed_indices(perms, first_pass, step0, num_steps,
+                                        seeds_per_step)
+
+      def fetch(i):
+        with jax.named_scope("seed_gather"):
+          return x_train[idx[i]], y_train[idx[i]]
+      return scan(state, fetch, step0, key)
   else:
     def chunk(state, seeds, labels, step0, key):
       return scan(state, lambda i: (seeds[i], labels[i]), step0, key)
