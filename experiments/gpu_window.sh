@@ -29,7 +29,10 @@
 # Environment: BENCH_ARGS is added to every benchmark.py and profile_step.py command
 # (e.g. the CPU smoke test: "--size=small --repeats=1 --train_images=256
 # --analysis_images=32");
-# TIME_SCALE multiplies every limit (default 1).
+# TIME_SCALE multiplies every limit (default 1). PACK, if set, is a .tgz path (outside
+# $OUT) rewritten after every phase with all of $OUT: a window returns at most 8 files,
+# and a call killed at its limit returns only its files, so pack to one file there
+# (e.g. OUT=/tmp/w PACK=$OUT/window.tgz bash experiments/gpu_window.sh ...).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder for the results}"
@@ -47,6 +50,7 @@ run() {  # run NAME SECONDS COMMAND...: logs to $OUT/NAME.log, notes the outcome
   rc=$?
   echo "$name: rc=$rc after $(( SECONDS - t0 )) s" | tee -a "$OUT/phases.txt"
   tail -n 3 "$OUT/$name.log"
+  if [ -n "${PACK:-}" ]; then tar czf "$PACK.part" -C "$OUT" . && mv "$PACK.part" "$PACK"; fi
 }
 
 bench() {  # bench NAME SECONDS BENCHMARK_ARGS...
