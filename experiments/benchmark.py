@@ -97,6 +97,8 @@ flags.DEFINE_list("variants", None, "What to time, from " + ", ".join(
     "%s (%s)" % kv for kv in {
         "baseline": "M = 1, alpha = 0", "same_batch": "M copies, no loss",
         "pairwise": "invariance, pairwise", "moments": "invariance, moments",
+        "moments_one_read": "moments, one-read form",
+        "moments_per_seed": "moments, per-seed form",
         "dispatch1": "default method, 1 step per dispatch, if steps_per_dispatch > 1",
         "loss_alone": "L_inv value and gradient alone",
         "augmentation": "augmentation alone", "analysis": "scoring",
@@ -111,14 +113,19 @@ SMALL = {
     "densenet": {"model.depth": 40},
 }
 METHODS = ("pairwise", "moments")
-VARIANTS = ("baseline", "same_batch", "pairwise", "moments", "dispatch1", "loss_alone",
-            "augmentation", "analysis", "stacked")
+VARIANTS = ("baseline", "same_batch", "pairwise", "moments", "moments_one_read",
+            "moments_per_seed", "dispatch1", "loss_alone", "augmentation", "analysis",
+            "stacked")
 # The training variants: key -> (row name, config fields, StepConfig overrides).
 TRAIN_VARIANTS = {
     "baseline": ("baseline", {"copies": 1, "alpha": 0.0}, {}),
     "same_batch": ("same batch", {"alpha": 0.0}, {"measure_inv": False}),
     **{method: (f"invariance {method}", {"loss_method": method}, {})
        for method in METHODS},
+    # The moments method in each form (losses.MOMENT_FORMS), whatever the platform's.
+    **{f"moments_{form}": (f"invariance moments, {form.replace('_', ' ')}",
+                           {"loss_method": "moments"}, {"moments_form": form})
+       for form in losses.MOMENT_FORMS},
 }
 
 
@@ -365,10 +372,9 @@ def time_loss_alone(config, repeats: int) -> dict:
            for i, (k, s) in enumerate(shapes.items())}
   weights = losses.layer_weights(len(shapes), config.alpha, config.alpha_ratio)
   t = time.perf_counter()
-  parts = losses.moment_parts(config.batch_size // config.copies, 1,
-                              jax.default_backend())
+  form = losses.moment_form(jax.default_backend())
   compiled = loss_cost.loss_program(weights, config.copies, config.loss_method,
-                                    parts).lower(feats).compile()
+                                    1, form).lower(feats).compile()
   compile_s = time.perf_counter() - t
   _sync(compiled(feats))
   times = []
@@ -379,7 +385,7 @@ def time_loss_alone(config, repeats: int) -> dict:
   nbytes = sum(v.size * v.dtype.itemsize for v in feats.values())
   cost = loss_cost.cost(compiled)
   return {"step_ms": float(np.median(times)) * 1e3, "method": config.loss_method,
-          "parts": parts,
+          "form": form,
           "activation_bytes": nbytes, "layers": len(shapes),
           "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
           "flops_per_step": float(cost.get("flops", float("nan"))),

@@ -10,8 +10,11 @@
 #   env       (60)  the device, JAX and the packages
 #   loss      (60)  experiments/loss_cost.py: L_inv alone, All-CNN-C width 1, bf16,
 #                   16 x 8: XLA's bytes accessed over the activations' bytes, and time
-#   allcnn    (210) every training variant, the loss alone, augmentation, analysis
-#   wrn       (240) baseline, same batch, moments, the loss alone, analysis
+#   allcnn    (240) every training variant (the moments method in the accelerators'
+#                   one-read form and in the per-seed form), 3 runs in one program,
+#                   the loss alone, augmentation, analysis
+#   wrn       (270) baseline, same batch, moments in both forms, the loss alone,
+#                   analysis
 #   densenet  (330) same batch, moments, the loss alone (each compile ~2 min on H200)
 #   augment   (60)  not in the default list: python -m experiments.augment_cost, the augmentation
 #                   alone with invjax's 2-D warp and dm-pix's, side by side
@@ -21,9 +24,10 @@
 #                   (no checking of the candidates' outputs) and at the default level;
 #                   the last with a fresh persistent cache, compiled again from it (a
 #                   rerun's or resume's compile)
-#   profile   (120) not in the default list: python -m experiments.profile_step, a JAX
+#   profile   (150) not in the default list: python -m experiments.profile_step, a JAX
 #                   profiler trace of All-CNN-C's and WRN-28-10's steps (baseline and
-#                   moments, bf16, paper size): device time per part of the step
+#                   moments in both forms, bf16, paper size): device time per part of
+#                   the step
 #                   (augmentation, seed gather, convolutions, batch norm, the loss, the
 #                   optimizer) and the top kernels, in $OUT/profile.{md,json}
 # Environment: BENCH_ARGS is added to every benchmark.py and profile_step.py command
@@ -68,9 +72,11 @@ import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__versio
 print(jax.devices())"' ;;
     loss) run loss 60 python3 -m experiments.loss_cost --width=1 --dtype=bfloat16 \
       --repeats=20 ;;
-    allcnn) bench allcnn 210 --models=allcnn --repeats=15 ;;
-    wrn) bench wrn 240 --models=wrn --repeats=15 \
-      --variants=baseline,same_batch,moments,loss_alone,analysis ;;
+    allcnn) bench allcnn 240 --models=allcnn --repeats=15 --variants=baseline,\
+same_batch,pairwise,moments,moments_per_seed,dispatch1,loss_alone,augmentation,\
+analysis,stacked ;;
+    wrn) bench wrn 270 --models=wrn --repeats=15 \
+      --variants=baseline,same_batch,moments,moments_per_seed,loss_alone,analysis ;;
     densenet) bench densenet 330 --models=densenet --repeats=10 \
       --variants=same_batch,moments,loss_alone ;;
     augment) run augment 60 python3 -m experiments.augment_cost ;;
@@ -81,8 +87,8 @@ print(jax.devices())"' ;;
       rm -rf /tmp/invjax_compile_cache
       python3 -m experiments.compile_time $args --cache_dir=/tmp/invjax_compile_cache' ;;
     # shellcheck disable=SC2086
-    profile) run profile 120 python3 -m experiments.profile_step --models=allcnn,wrn \
-      --variants=baseline,moments $extra --out="$OUT" ;;
+    profile) run profile 150 python3 -m experiments.profile_step --models=allcnn,wrn \
+      --variants=baseline,moments,moments_per_seed $extra --out="$OUT" ;;
     *) echo "unknown phase $phase (env loss allcnn wrn densenet augment compile profile)"
        exit 2 ;;
   esac

@@ -39,19 +39,22 @@ def define_flags() -> None:
                     "Dtype of the activations (bfloat16: config.half_precision).")
   flags.DEFINE_list("methods", list(losses.METHODS), "Loss methods.")
   flags.DEFINE_integer("repeats", 10, "Timed calls (0: compile and report costs only).")
-  flags.DEFINE_integer("parts", None, "Runs of seeds the moments form merges first "
-                       "(losses.moment_parts). Default: a one-device run's on this "
-                       "platform.")
+  flags.DEFINE_integer("parts", 1, "Runs of seeds the one-read moments form merges "
+                       "first (losses.moment_parts: 1 on one device).")
+  flags.DEFINE_list("forms", list(losses.MOMENT_FORMS), "Forms of the moments method "
+                    "(losses.MOMENT_FORMS).")
 
 
 cost = common.cost_analysis
 
 
-def loss_program(weights, copies: int, method: str, parts: int = 1):
+def loss_program(weights, copies: int, method: str, parts: int = 1,
+                 form: str = "one_read"):
   """jit(value_and_grad) of sum_l w_l L_inv_l over a dict of activations."""
   def total(fs):
     return jnp.sum(weights * jnp.stack([
-        losses.grouped_invariance_loss(v, copies, method, parts) for v in fs.values()]))
+        losses.grouped_invariance_loss(v, copies, method, parts, form)
+        for v in fs.values()]))
   return jax.jit(jax.value_and_grad(total))
 
 
@@ -60,6 +63,9 @@ def main(argv):
   for m in FLAGS.methods:
     if m not in losses.METHODS:
       raise app.UsageError(f"--methods: {m!r} is unknown; valid: {list(losses.METHODS)}.")
+  for f in FLAGS.forms:
+    if f not in losses.MOMENT_FORMS:
+      raise app.UsageError(f"--forms: {f!r} is unknown; valid: {list(losses.MOMENT_FORMS)}.")
   fields = {"width": FLAGS.width} if FLAGS.model == "allcnn" else {}
   model = models.create(FLAGS.model, 10, **fields)
   shapes = models.layer_shapes(model, (32, 32, 3))
@@ -70,17 +76,25 @@ def main(argv):
   weights = losses.layer_weights(len(shapes), 0.1, 10.0)
   nbytes = sum(v.size for v in feats.values()) * dtype.itemsize
   seeds = FLAGS.batch_size // FLAGS.copies
-  parts = FLAGS.parts or losses.moment_parts(seeds, 1, jax.default_backend())
   print(f"{FLAGS.model} (width {FLAGS.width:g}), batch {FLAGS.batch_size} = "
         f"{seeds} x {FLAGS.copies}, {FLAGS.dtype}: "
         f"{len(shapes)} sown layers, {nbytes / 1e6:.1f} MB of activations; "
-        f"moments merged in {parts} part(s); "
         f"{jax.devices()[0].device_kind}, JAX {jax.__version__}")
+  programs = []
   for method in FLAGS.methods:
-    compiled = loss_program(weights, FLAGS.copies, method, parts).lower(feats).compile()
+    if method == "moments":
+      programs += [(f"moments, {form.replace('_', ' ')}"
+                    + (f" ({FLAGS.parts} part{'s' if FLAGS.parts > 1 else ''})"
+                       if form == "one_read" else ""),
+                    method, form) for form in FLAGS.forms]
+    else:
+      programs.append((method, method, "one_read"))
+  for name, method, form in programs:
+    compiled = loss_program(weights, FLAGS.copies, method, FLAGS.parts, form).lower(
+        feats).compile()
     c = cost(compiled)
     accessed = float(c.get("bytes accessed", float("nan")))
-    line = (f"{method}: value and gradient: XLA bytes accessed {accessed / 1e6:,.1f} MB "
+    line = (f"{name}: value and gradient: XLA bytes accessed {accessed / 1e6:,.1f} MB "
             f"= {accessed / nbytes:.2f} x the activations; "
             f"{float(c.get('flops', float('nan'))) / 1e9:.3f} GFLOP")
     if FLAGS.repeats:

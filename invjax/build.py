@@ -110,8 +110,9 @@ def build(config, data: input_pipeline.Dataset | None = None) -> Run:
       ranges=augment.AugmentRanges.from_config(config.augment),
       num_layers=len(layer_shapes), top5=data.num_classes > 10,
       weight_law=config.layer_weight_law, class_alpha=config.class_alpha,
+      moments_form=losses.moment_form(jax.default_backend()),
       loss_parts=losses.moment_parts(config.batch_size // config.copies,
-                                     jax.device_count(), jax.default_backend()))
+                                     jax.device_count()))
   return Run(config, data, model, step_config, steps_per_epoch, total_steps, lr_fn,
              layer_shapes, param_count)
 

@@ -53,22 +53,28 @@ def invariance_loss(features: jax.Array, seed_ids: jax.Array,
 
 
 def grouped_invariance_loss(features: jax.Array, copies: int,
-                            method: str = "pairwise", parts: int = 1) -> jax.Array:
+                            method: str = "pairwise", parts: int = 1,
+                            form: str = "one_read") -> jax.Array:
   """L_inv for a batch laid out as consecutive groups: examples k*M .. k*M + M - 1 are
   the copies of seed k. Equal to `invariance_loss(features, repeat(arange(K), M))`.
 
-  This is the form the train step uses. With "moments" it reads the activations once
-  for the value and once more for the gradient, and needs no seed ids.
+  This is the form the train step uses, and it needs no seed ids.
 
   Args:
     features: [B, ...] activations of one layer, B = K * copies.
     copies: M, the copies of each seed.
     method: "pairwise" or "moments".
-    parts: with "moments", the seeds' moments are merged within `parts` equal runs of
-      consecutive seeds first (`moment_parts`). With the batch split over devices,
-      one or more parts per device means each device merges its own seeds and the
-      devices exchange only sums of [D] vectors (all-reduce). The value is the same
-      for any number of parts; one that does not divide K is reduced to one that does.
+    parts: with "moments" in the one-read form, the seeds' moments are merged within
+      `parts` equal runs of consecutive seeds first (`moment_parts`): with the batch
+      split over devices, one part per device, so that each device merges its own
+      seeds and the devices exchange only sums of [D] vectors (all-reduce). The value
+      is the same for any number of parts; one that does not divide K is reduced to
+      one that does.
+    form: how "moments" is computed (MOMENT_FORMS, the same value and gradient):
+      "one_read" reads the activations once for the value and once more for the
+      gradient, with no per-seed array in memory; "per_seed" writes each seed's sums,
+      [K, D] float32 arrays, and reads them back (`moment_form` says which suits a
+      platform).
   """
   _check_method(method)
   b = features.shape[0]
@@ -77,24 +83,36 @@ def grouped_invariance_loss(features: jax.Array, copies: int,
                      f"({b}), got copies={copies}.")
   if parts < 1:
     raise ValueError(f"grouped_invariance_loss needs parts >= 1, got {parts}.")
-  if method == "moments":
-    return _grouped_moments(copies, math.gcd(b // copies, parts), features.reshape(b, -1))
-  return _loss_pairwise(features, jnp.repeat(jnp.arange(b // copies), copies))
+  if form not in MOMENT_FORMS:
+    raise ValueError(f"moments form {form!r} is unknown; valid forms are "
+                     f"{list(MOMENT_FORMS)}.")
+  if method == "pairwise":
+    return _loss_pairwise(features, jnp.repeat(jnp.arange(b // copies), copies))
+  flat = features.reshape(b, -1)
+  if form == "per_seed":
+    return _per_seed_moments(copies, flat)
+  return _grouped_moments(copies, math.gcd(b // copies, parts), flat)
 
 
-def moment_parts(seeds: int, devices: int = 1, platform: str = "gpu") -> int:
-  """The `parts` for grouped_invariance_loss: K seeds split over `devices`.
+MOMENT_FORMS = ("one_read", "per_seed")
 
-  One part per device on an accelerator. On a CPU, at least 4 where K allows:
-  XLA:CPU merges 4 runs of K / 4 seeds several times faster than all K at once
-  (All-CNN-C's nine sown layers, width 1/4, 16 x 8, float32: 8 ms against 27 ms for
-  value and gradient), for a few more bytes moved (3.35 x the activations against 3.08).
+
+def moment_parts(seeds: int, devices: int = 1) -> int:
+  """The `parts` for grouped_invariance_loss: K seeds split over `devices`, one part
+  per device."""
+  return max(math.gcd(seeds, devices), 1)
+
+
+def moment_form(platform: str) -> str:
+  """The moments form for a platform: "one_read", but "per_seed" on a CPU.
+
+  Inside a training step XLA:CPU fuses each layer's batch norm and ReLU into the
+  one-read form's gradient, which reads every activation M times (for its seed's
+  mean), and so computes them M times: on All-CNN-C at width 1/4 (16 x 8, float32)
+  the loss took 126 ms of a 650 ms step against 21 ms of 498 ms in the per-seed form
+  (`python -m experiments.profile_step`). Alone, the one-read form moves fewer bytes.
   """
-  parts = max(math.gcd(seeds, devices), 1)
-  if platform == "cpu":
-    while parts < 4 and seeds % (2 * parts) == 0 and seeds // (2 * parts) >= 2:
-      parts *= 2
-  return parts
+  return "per_seed" if platform == "cpu" else "one_read"
 
 
 # Eq. 4: the training loss, the cross-entropy and each layer's L_inv, weighted.
@@ -236,9 +254,10 @@ def _merge_moments(a, b):
   """Chan et al.'s merge of (count, mean, sum of squared deviations), and a plain sum."""
   na, ma, qa, sa = a
   nb, mb, qb, sb = b
-  n = jnp.maximum(na + nb, 1.0)
+  fa, fb = na.astype(jnp.float32), nb.astype(jnp.float32)
+  n = jnp.maximum(fa + fb, 1.0)
   d = mb - ma
-  return na + nb, ma + d * (nb / n), qa + qb + d * d * (na * nb / n), sa + sb
+  return na + nb, ma + d * (fb / n), qa + qb + d * d * (fa * fb / n), sa + sb
 
 
 # The train step's layout: seeds in consecutive groups of M copies (the grouped form).
@@ -313,6 +332,61 @@ def _grouped_moments_bwd(copies, parts, residuals, ct):
 
 
 _grouped_moments.defvjp(_grouped_moments_fwd, _grouped_moments_bwd)
+
+
+# The same layout, per-seed form: one variadic reduction over the copies axis gives, per
+# seed k and feature d, float32, the seed's mean c_kd (shifted by the batch's first
+# example r_0, so its size is the spread of the activations, not their offset), its sum
+# of squared deviations ss_kd (Welford's/Chan's merge of running means: free of the
+# cancellation of sum-of-squares minus squared mean at any offset or scale) and its sum
+# of squares about r_0; plain sums of these [K, D] arrays over the seeds give the rest
+# (with the seeds split over devices, one all-reduce). The gradient reads the seeds'
+# means back, so it reads each activation once.
+
+
+def _per_seed_moments_fwd(copies, x):
+  b, dim = x.shape
+  xs = (x.reshape(b // copies, copies, dim).astype(jnp.float32)
+        - x[:1].astype(jnp.float32))
+  count = jnp.int8 if copies < 128 else jnp.int32  # 1 byte per seed and feature
+  zero = jnp.float32(0)
+  _, c, ss, q0 = jax.lax.reduce(
+      (jnp.ones(xs.shape, count), xs, jnp.zeros_like(xs), xs * xs),
+      (count(0), zero, zero, zero), _merge_moments, (1,))
+  c_mean = jnp.sum(c, axis=0) * jnp.float32(copies) / b  # [D]: mu - r_0
+  pairs = jnp.float32(b * (copies - 1))
+  within_ss = jnp.sum(ss)
+  within = 2.0 * copies * within_ss / pairs / dim
+  # sum_i ||f_i - mu||^2 = sum_i ||f_i - r_0||^2 - B ||mu - r_0||^2 (r_0 is one of the
+  # examples, so mu - r_0 is of the size of the spread), and at least the within part.
+  total_ss = jnp.maximum(jnp.sum(q0) - b * jnp.sum(c_mean * c_mean), within_ss)
+  between = 2.0 * total_ss / (b - 1) / dim
+  loss = _safe_ratio(within, between)
+  return loss, (x, c, c_mean, loss, between, pairs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _per_seed_moments(copies, x):
+  """L_inv (Eq. 3) of flat activations x [B, D], seeds in consecutive groups of
+  `copies`, by the moments method's per-seed form."""
+  return _per_seed_moments_fwd(copies, x)[0]
+
+
+def _per_seed_moments_bwd(copies, residuals, ct):
+  x, c, c_mean, loss, between, pairs = residuals
+  b, dim = x.shape
+  xs = (x.reshape(b // copies, copies, dim).astype(jnp.float32)
+        - x[:1].astype(jnp.float32))  # f_i - r_0
+  a = 4.0 * copies / (pairs * dim)
+  lb = loss * 4.0 / ((b - 1) * dim)
+  ok = between > 0
+  inv = jnp.where(ok, ct / jnp.where(ok, between, 1.0), 0.0)
+  # (a - L b) (f_i - r_0) - a (mu_k - r_0) + L b (mu - r_0): the gradient above.
+  grad = inv * ((a - lb) * xs - a * c[:, None] + lb * c_mean)
+  return (grad.reshape(b, dim).astype(x.dtype),)
+
+
+_per_seed_moments.defvjp(_per_seed_moments_fwd, _per_seed_moments_bwd)
 
 
 # Seeds given by ids, in any order (invariance_loss): segment sums over seed slots.

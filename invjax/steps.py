@@ -47,8 +47,10 @@ class StepConfig:
   # Weight of the class-invariance term (Eq. 3 with classes in place of seeds), shared
   # over the layers by the same law; 0 = off.
   class_alpha: float = 0.0
-  # How many runs of consecutive seeds the moments form merges first
-  # (losses.moment_parts): one or more per device, so devices exchange only sums.
+  # How the moments method is computed (losses.MOMENT_FORMS; losses.moment_form gives
+  # the platform's), and in how many runs of consecutive seeds the one-read form
+  # merges first (losses.moment_parts: one per device, so devices exchange only sums).
+  moments_form: str = "one_read"
   loss_parts: int = 1
 
 
@@ -127,7 +129,7 @@ def make_train_step(cfg: StepConfig) -> Callable:
         feats = models.sown(updates["intermediates"])
         with jax.named_scope("invariance_loss"):
           inv = {k: losses.grouped_invariance_loss(v, cfg.copies, cfg.loss_method,
-                                                    cfg.loss_parts)
+                                                    cfg.loss_parts, cfg.moments_form)
                  for k, v in feats.items()}
       cls = {}
       if cfg.class_alpha > 0:
@@ -268,7 +270,7 @@ def make_probe_step(cfg: StepConfig, probe_copies: int) -> Callable:
     feats = features(state, x)
     feats.pop("pixels")
     return {k: losses.grouped_invariance_loss(v, probe_copies, cfg.loss_method,
-                                                cfg.loss_parts)
+                                                cfg.loss_parts, cfg.moments_form)
             for k, v in feats.items()}
 
   return probe_step

@@ -24,9 +24,10 @@ SETTINGS = settings(max_examples=25, deadline=None)
 
 # Jitted once per shape; the shapes come from small sets, so that examples share
 # compiled programs (op-by-op, every example would compile dozens of ops).
-grouped = jax.jit(losses.grouped_invariance_loss, static_argnums=(1, 2, 3))
+grouped = jax.jit(losses.grouped_invariance_loss, static_argnums=(1, 2, 3, 4))
 seed_form = jax.jit(losses.invariance_loss, static_argnums=2)
-grouped_grad = jax.jit(jax.grad(losses.grouped_invariance_loss), static_argnums=(1, 2, 3))
+grouped_grad = jax.jit(jax.grad(losses.grouped_invariance_loss),
+                       static_argnums=(1, 2, 3, 4))
 scores_of = jax.jit(analysis.invariance_scores)
 
 
@@ -61,16 +62,19 @@ def test_loss_is_finite_non_negative_and_zero_when_it_must_be(batch, parts):
   it falls back to)."""
   f, k, m, kind = batch
   ids = jnp.repeat(jnp.arange(k), m)
-  values = {}
+  values = {"per_seed": float(grouped(f, m, "moments", 1, "per_seed"))}
   for method in losses.METHODS:
-    values[method] = float(grouped(f, m, method, parts))
+    values[method] = float(grouped(f, m, method, parts, "one_read"))
     by_ids = float(seed_form(f, ids, method))
     assert np.isfinite(values[method]) and values[method] >= 0.0
     np.testing.assert_allclose(by_ids, values[method], rtol=2e-3, atol=1e-5)
   np.testing.assert_allclose(values["moments"], values["pairwise"], rtol=2e-3,
                              atol=1e-5)
+  np.testing.assert_allclose(values["per_seed"], values["moments"], rtol=2e-3,
+                             atol=1e-5)
   if kind in ("zeros", "constant", "copies"):
     assert values["moments"] == 0.0 and values["pairwise"] < 1e-5
+    assert values["per_seed"] == 0.0
 
 
 @SETTINGS
@@ -80,17 +84,19 @@ def test_loss_ignores_shift_and_positive_scale(batch, shift, scale, parts):
   f, _, m, kind = batch
   if kind == "scaled":  # values from 1e-12 to 1e12 times the scale: past float32
     f = f / jnp.maximum(jnp.max(jnp.abs(f)), 1e-30)
-  base = float(grouped(f, m, "moments", parts))
-  moved = float(grouped(scale * f + shift, m, "moments", parts))
-  np.testing.assert_allclose(moved, base, rtol=1e-2, atol=1e-4)
+  for form in losses.MOMENT_FORMS:
+    base = float(grouped(f, m, "moments", parts, form))
+    moved = float(grouped(scale * f + shift, m, "moments", parts, form))
+    np.testing.assert_allclose(moved, base, rtol=1e-2, atol=1e-4)
 
 
 @settings(max_examples=15, deadline=None)  # each example compiles a gradient: time
 @given(grouped_batches(), st.sampled_from([1, 3]))
 def test_loss_gradient_is_finite(batch, parts):
   f, _, m, _ = batch
-  for method in losses.METHODS:
-    g = grouped_grad(f, m, method, parts)
+  for method, form in [("pairwise", "one_read"), ("moments", "one_read"),
+                       ("moments", "per_seed")]:
+    g = grouped_grad(f, m, method, parts, form)
     assert np.all(np.isfinite(np.asarray(g)))
 
 
