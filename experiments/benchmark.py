@@ -17,7 +17,9 @@ backward, update), in these variants:
 and the loss alone (L_inv of every sown layer, value and gradient, on random activations
 of the step's shapes and dtype: experiments/loss_cost.py's program), the augmentation
 alone (B images from B / M seeds) and the analysis (test images scored per second: clean
-pass, 5 transformed copies, every layer; `analysis.score_dataset`). --variants picks
+pass, 5 transformed copies, every layer; `analysis.Scorer`, and its parts timed alone:
+pass 1, pass 2, the transforms, the eval forward, the scoring arithmetic, and the
+compilation in its first call). --variants picks
 which (default: all); the loss's share of a step is the invariance step's time minus the
 same batch's, beside the loss alone.
 
@@ -89,6 +91,10 @@ flags.DEFINE_integer("train_images", None, "Synthetic training set resident on t
 flags.DEFINE_integer("analysis_images", None, "Test images scored. Default: 256 on "
                      "CPU, 10,000 (CIFAR-10's) elsewhere.")
 flags.DEFINE_integer("stacked_runs", 3, "Runs in one program for the stacked variant.")
+flags.DEFINE_integer("analysis_copies_per_forward", None, "The analysis's pass 2 "
+                     "runs each batch's transformed copies through the network this "
+                     "many at a time: 1 or config.analysis.num_transforms. Default: "
+                     "analysis.Scorer's (1 on CPU, all elsewhere).")
 flags.DEFINE_float("peak_tflops", None, "The device's peak TFLOP/s for the fraction "
                    "column. Default: measured with a large matrix product.")
 flags.DEFINE_string("out", os.path.join(ROOT, "experiments", "results", "benchmark"),
@@ -328,36 +334,109 @@ def time_augmentation(config, data, repeats: int) -> dict:
           "memory_plan_bytes": _plan_bytes(compiled), "compile_s": compile_s}
 
 
-def time_analysis(config, data) -> dict:
-  """Invariance scores of every layer for the test images, 5 copies each."""
+_COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+                   "/jax/core/compile/backend_compile_duration": "xla_compile_s"}
+
+
+class _CompileClock:
+  """Seconds JAX spends tracing, lowering and compiling (XLA) inside a `with` block,
+  from jax.monitoring's events."""
+
+  def __enter__(self):
+    self.seconds = dict.fromkeys(_COMPILE_EVENTS.values(), 0.0)
+
+    def listen(event, duration, **_):
+      if event in _COMPILE_EVENTS:
+        self.seconds[_COMPILE_EVENTS[event]] += duration
+
+    self._listen = listen
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+def _timed(fn, *args):
+  """(seconds, result) of fn(*args), the device synchronised."""
+  t = time.perf_counter()
+  out = fn(*args)
+  _sync(out)
+  return time.perf_counter() - t, out
+
+
+def time_analysis(config, data, copies_per_forward: int | None = None) -> dict:
+  """Invariance scores of every layer for the test images, 5 copies each, and its
+  parts, each over the same images at the same batch size, compiled before timed:
+  pass 1 (clean forward and statistics) and pass 2 (clean forward, transforms, the
+  copies' forwards, scores) alone; within pass 2 the transforms alone, the eval
+  forward alone (its activations written out, not fetched) at the analysis batch size
+  and with all copies of an image in one forward, and the scoring arithmetic alone on
+  one batch's stored activations; and the compilation inside the first call."""
   run = build_lib.build(config, data)
   placement = placement_lib.Placement.create()
   state = build_lib.initial_state(run, placement)
   ranges = augment.AugmentRanges.from_config(config.augment)
   ac = config.analysis
+  copies = ac.num_transforms
   batch = min(ac.batch_size, len(data.x_test))
   batch -= batch % jax.device_count()
+  starts = range(0, len(data.x_test) - batch + 1, batch)
+  inputs = [placement.shard(data.x_test[s:s + batch]) for s in starts]
+  batches = lambda: iter(inputs)
+  transform = lambda key, x: augment.augment_each(key, x, ranges, scoring=True)
+  key = jax.random.key(0)
+  scorer = analysis.Scorer(steps_lib.features, copies, transform,
+                           preprocess=steps_lib.to_float, weights=state,
+                           copies_per_forward=copies_per_forward)
 
-  def batches():
-    for start in range(0, len(data.x_test) - batch + 1, batch):
-      yield placement.shard(data.x_test[start:start + batch])
+  with _CompileClock() as clock:
+    first, _ = _timed(lambda: scorer(batches, key).scores)
+  seconds, scores = _timed(lambda: scorer(batches, key).scores)
+  pass1, stats = _timed(scorer.stats, batches())
+  pass2, _ = _timed(lambda: scorer.scores(stats, batches(), key).scores)
 
-  def score():
-    return analysis.score_dataset(
-        lambda x: steps_lib.features(state, x), batches, jax.random.key(0),
-        ac.num_transforms, lambda key, x: augment.augment_each(key, x, ranges, scoring=True),
-        preprocess=steps_lib.to_float).scores
+  def over_batches(program, args_of):
+    """Seconds of `program` over every batch (compiled first, on the first), each
+    synchronised and its output dropped before the next (their activations would not
+    all fit at once)."""
+    _sync(program(*args_of(0, inputs[0])))
+    t = time.perf_counter()
+    for i, x in enumerate(inputs):
+      _sync(program(*args_of(i, x)))
+    return time.perf_counter() - t
 
-  t = time.perf_counter()
-  score()  # compiles
-  first = time.perf_counter() - t
-  t = time.perf_counter()
-  scores = score()
-  seconds = time.perf_counter() - t
+  moved = jax.jit(lambda k, x: jnp.stack(
+      [transform(jax.random.fold_in(k, c), steps_lib.to_float(x)) for c in range(copies)],
+      axis=1))
+  # The eval forward, its activations written out as pass 2 writes them.
+  forward = jax.jit(lambda st, x: steps_lib.features(st, steps_lib.to_float(x)))
+  # Each image `copies` times, side by side: the copies' forward with
+  # copies_per_forward = copies.
+  wide = [placement.shard(np.repeat(data.x_test[s:s + batch], copies, axis=0))
+          for s in starts]
+  arithmetic = jax.jit(lambda st, clean, moved: {
+      k: analysis.score_copies(st[k], v.reshape(batch, -1),
+                               moved[k].reshape(batch, copies, -1))
+      for k, v in clean.items()})
+  transforms_s = over_batches(moved, lambda i, x: (jax.random.fold_in(key, i), x))
+  forward_n = over_batches(forward, lambda i, x: (state, x))
+  forward_wide = over_batches(forward, lambda i, x: (state, wide[i]))
+  clean, copied = forward(state, inputs[0]), forward(state, wide[0])
+  parts = {"transforms_s": transforms_s,
+           "forward_batch_n_s": (copies + 1) * forward_n,
+           "forward_batch_wide_s": forward_n + forward_wide,
+           "arithmetic_s": over_batches(arithmetic,
+                                        lambda i, x, a=clean, m=copied: (stats, a, m))}
+  del clean, copied
   n = len(next(iter(scores.values())))
   return {"images": n, "seconds": seconds, "images_per_s": n / seconds,
-          "layers": len(scores), "copies": ac.num_transforms,
-          "first_call_s": first}
+          "layers": len(scores), "copies": copies, "batch": batch,
+          "copies_per_forward": scorer.copies_per_forward,
+          "first_call_s": first, "first_call_compile": clock.seconds,
+          "pass1_s": pass1, "pass2_s": pass2, **parts,
+          "device_peak_bytes": _device_peak_bytes()}
 
 
 def time_loss_alone(config, repeats: int) -> dict:
@@ -394,7 +473,8 @@ def time_loss_alone(config, repeats: int) -> dict:
 
 def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: int,
                     n_train: int, n_test: int, chosen=VARIANTS,
-                    stacked_runs: int = 3) -> dict:
+                    stacked_runs: int = 3,
+                    copies_per_forward: int | None = None) -> dict:
   config, overrides = load_config(model, size, precision)
   data = synthetic_data(config, n_train, n_test)
   m = config.copies
@@ -453,7 +533,7 @@ def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: in
     result["augmentation"] = time_augmentation(config, data, repeats)
   if "analysis" in chosen:
     print(f"  {model} {precision}: analysis ...", flush=True)
-    result["analysis"] = time_analysis(config, data)
+    result["analysis"] = time_analysis(config, data, copies_per_forward)
   base = rows.get("baseline", {}).get("step_ms")
   same = rows.get("same batch", {}).get("step_ms")
   for r in rows.values():
@@ -538,12 +618,7 @@ def format_markdown(result: dict) -> str:
           f"{a['activation_bytes'] / 1e6:,.1f} MB of sown activations "
           f"({a['bytes_accessed'] / a['activation_bytes']:.2f} x).  ")
     if "analysis" in r:
-      s = r["analysis"]
-      lines.append(
-          f"Analysis: {s['images']:,} test images x {s['copies']} transformed "
-          f"copies, {s['layers']} layers (pixels included) scored in "
-          f"{s['seconds']:.2f} s: {s['images_per_s']:,.0f} images/s "
-          f"(first call, compiling: {s['first_call_s']:.1f} s).  ")
+      lines += _analysis_lines(r["analysis"])
     for name, row in r["train_rows"].items():
       if row.get("speedup_vs_one_by_one"):
         lines.append(
@@ -561,6 +636,44 @@ def format_markdown(result: dict) -> str:
     lines += ["", f"Device peak memory in use over the whole run: "
               f"{result['device_peak_bytes'] / 2**30:.2f} GiB."]
   return "\n".join(lines) + "\n"
+
+
+def _analysis_lines(s: dict) -> list[str]:
+  c, b, k = s["copies"], s["batch"], s["copies"] + 1
+  g = s.get("copies_per_forward", 1)
+  compile_ = s.get("first_call_compile", {})
+  if "pass1_s" not in s:  # a table written before the parts were timed
+    return [f"Analysis: {s['images']:,} test images x {c} transformed copies, "
+            f"{s['layers']} layers (pixels included) scored in {s['seconds']:.2f} s "
+            f"(first call, compiling: {s['first_call_s']:.1f} s).  "]
+  rows = [
+      ("both passes, first call (compiles)", s["first_call_s"],
+       "of it tracing %.1f s, lowering %.1f s, XLA compiling (or cache loading) "
+       "%.1f s" % (
+           compile_.get("trace_s", 0), compile_.get("lower_s", 0),
+           compile_.get("xla_compile_s", 0))),
+      ("both passes, compiled", s["seconds"], f"{s['images_per_s']:,.0f} images/s"),
+      ("pass 1 alone", s["pass1_s"], f"clean forward and statistics, batch {b}"),
+      ("pass 2 alone", s["pass2_s"],
+       f"clean forward, {c} transforms, {c // g} forward(s) of {g} x {b} images, "
+       "scores"),
+      ("transforms alone", s["transforms_s"], f"{c} copies of each image"),
+      (f"eval forward alone, batch {b}", s["forward_batch_n_s"],
+       f"{k} x {s['images']:,} images, activations written out"),
+      (f"eval forward alone, batch {b} then {c * b}", s["forward_batch_wide_s"],
+       "the same, all copies of an image in one forward"),
+      ("scoring arithmetic alone", s["arithmetic_s"],
+       "every layer, on one batch's stored activations"),
+  ]
+  lines = ["", f"Analysis: {s['images']:,} test images x {c} transformed copies, "
+           f"{s['layers']} layers (pixels included), batch {b}; each part over the "
+           "same images, compiled before timed:", "",
+           "| analysis | s | |", "| --- | ---: | --- |"]
+  lines += [f"| {name} | {sec:.3f} | {note} |" for name, sec, note in rows]
+  peak = s.get("device_peak_bytes", float("nan"))
+  if peak == peak:
+    lines.append(f"\nDevice peak memory after the analysis: {peak / 2**30:.2f} GiB.  ")
+  return lines + [""]
 
 
 def write(result: dict, out: str) -> str:
@@ -607,9 +720,9 @@ def main(argv):
             "variants": chosen}
   for precision in precisions:
     for model in FLAGS.models:
-      result["models"].append(benchmark_model(model, size, precision, spd, repeats,
-                                              n_train, n_test, chosen,
-                                              FLAGS.stacked_runs))
+      result["models"].append(benchmark_model(
+          model, size, precision, spd, repeats, n_train, n_test, chosen,
+          FLAGS.stacked_runs, FLAGS.analysis_copies_per_forward))
       result["device_peak_bytes"] = _device_peak_bytes()
       write(result, FLAGS.out)  # what is finished survives a stopped run
       print(f"wrote {FLAGS.out}.md and {FLAGS.out}.json ({model}, {precision})",

@@ -109,7 +109,6 @@ def score_state(config, run, state, step: int, placement):
   images. Writes nothing."""
   ranges = augment.AugmentRanges.from_config(config.augment)
   ac = config.analysis
-  feature_fn = lambda x: steps_lib.features_and_logits(state, x)
   # Image i of a batch gets split(batch key, n)[i]: the same with or without padding.
   transform = lambda key, x: augment.augment_each(key, x, ranges, scoring=True)
   top5 = run.step_config.top5
@@ -117,12 +116,14 @@ def score_state(config, run, state, step: int, placement):
                len(run.data.x_test), ac.num_transforms, len(run.layer_shapes) + 1)
   # One clean and num_transforms transformed forward passes per image give the scores
   # and the accuracy on the clean and on exactly the scored transformed images.
+  # The state goes in as an argument (weights), not as constants of the programs.
   scores, sums = analysis.score_dataset(
-      feature_fn, batches(run.data.x_test, run.data.y_test, ac.batch_size, placement),
+      steps_lib.features_and_logits,
+      batches(run.data.x_test, run.data.y_test, ac.batch_size, placement),
       jax.random.key(ac.seed), ac.num_transforms, transform,
       preprocess=steps_lib.to_float,
       metrics_fn=lambda logits, labels, mask: steps_lib.classification_sums(
-          logits, labels, top5, mask))
+          logits, labels, top5, mask), weights=state)
   test = evaluation.rates(sums["clean"])
   passes = [evaluation.rates(s) for s in sums["transformed"]]
   robustness = {k: float(np.mean([p[k] for p in passes])) for k in passes[0]}

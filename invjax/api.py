@@ -232,15 +232,15 @@ class LoadedRun:
     x = self._images(images)
     layers = self._layers(layers, self.layers)
     num, seed, batch_size = self._scoring(num_transforms, seed, batch_size)
-    state = self.state
 
-    def feature_fn(imgs):
+    def feature_fn(state, imgs):
       feats = steps_lib.features(state, imgs)
       return {k: feats[k] for k in layers}
 
     return analysis.score_dataset(
         feature_fn, self._batches(x, batch_size), jax.random.key(seed), num,
-        transform or self._default_transform(), preprocess=self._preprocess(x)).scores
+        transform or self._default_transform(), preprocess=self._preprocess(x),
+        weights=self.state).scores
 
   def augmented_copies(self, images, copies: int, seed: int = 0) -> np.ndarray:
     """float [K, copies, H, W, C]: `copies` training-style augmentations (the run's

@@ -152,3 +152,82 @@ def test_preprocess_runs_on_device_before_features_and_transform():
 def test_shape_mismatch_rejected():
   with pytest.raises(ValueError, match="same shape"):
     analysis.invariance_scores(jnp.zeros((3, 2)), jnp.zeros((3, 3)))
+
+
+def test_score_copies_in_low_precision_is_the_float32_arithmetic():
+  """All copies of a layer scored at once from bfloat16 activations = score_batch of
+  each copy on the activations made float32 first."""
+  rng = np.random.default_rng(6)
+  clean = jnp.asarray(rng.normal(size=(30, 50)) + 3.0, jnp.bfloat16)
+  moved = jnp.asarray(rng.normal(size=(30, 4, 50)) * 0.2 + 3.0, jnp.bfloat16)
+  moved = moved.at[:, 1].set(clean)  # copy 1 identical: exactly 1
+  c32 = clean.astype(jnp.float32)
+  stats = analysis.LayerStats.of(c32)
+  got = analysis.score_copies(stats, clean, moved)
+  assert got.dtype == jnp.float32 and got.shape == (30, 4)
+  for c in range(4):
+    want = analysis.score_batch(stats, c32, moved[:, c].astype(jnp.float32))
+    np.testing.assert_allclose(got[:, c], want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(got[:, 1], 1.0)
+  assert np.all(np.asarray(got[:, [0, 2, 3]]) < 1.0)
+
+
+def _conv_net():
+  """A tiny conv net whose weights are an argument: (weights, images) -> features."""
+  def feature_fn(weights, x):
+    h = jax.nn.relu(jax.lax.conv_general_dilated(
+        x, weights["conv"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    return {"pixels": x, "conv": h, "dense": h.reshape(len(h), -1) @ weights["dense"]}
+  rng = np.random.default_rng(8)
+  weights = lambda: {"conv": jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32),
+                     "dense": jnp.asarray(rng.normal(size=(64, 5)), jnp.float32)}
+  return feature_fn, weights
+
+
+def test_scorer_compiles_once_and_takes_the_weights_as_an_argument():
+  """Weights given as an argument score as the same function closed over them; a
+  Scorer called again, with other weights or on the same batches, traces nothing new
+  and gives the scores of the weights it is given (the per-copy forward passes of
+  test_streaming_equals_direct_and_keeps_layer_order as reference)."""
+  feature_fn, new_weights = _conv_net()
+  traces = []
+  def counted(weights, x):
+    traces.append(x.shape)
+    return feature_fn(weights, x)
+  rng = np.random.default_rng(9)
+  images = jnp.asarray(rng.uniform(size=(10, 4, 4, 3)), jnp.float32)
+  batches = lambda: [images[:6], images[6:]]
+  transform = lambda key, x: x + 0.1 * jax.random.normal(key, x.shape)
+  key = jax.random.key(3)
+  w1, w2 = new_weights(), new_weights()
+  closure = analysis.score_dataset(lambda x: feature_fn(w1, x), batches, key, 4,
+                                   transform).scores
+  scorer = analysis.Scorer(counted, 4, transform, weights=w1, copies_per_forward=2)
+  first = scorer(batches, key).scores
+  traced = len(traces)  # pass 1; pass 2's clean and 2 x 2 copies; both batch shapes
+  assert traced == 8 and sorted(traces)[-1] == (12, 4, 4, 3)  # 2 copies x 6 images
+  assert scorer(batches, key).scores.keys() == first.keys()
+  scorer.weights = w2
+  second = scorer(batches, key).scores
+  assert len(traces) == traced  # nothing traced again
+  assert list(first) == ["pixels", "conv", "dense"]
+  for name in first:
+    np.testing.assert_allclose(first[name], closure[name], rtol=1e-5, atol=1e-6)
+  direct = jax.jit(lambda w, moved: {
+      k: analysis.invariance_scores(v, feature_fn(w, moved)[k])
+      for k, v in feature_fn(w, images).items()})
+  for c in range(4):
+    moved = jnp.concatenate([
+        transform(jax.random.fold_in(jax.random.fold_in(key, i), c), b)
+        for i, b in enumerate(batches())])
+    for w, got in ((w1, first), (w2, second)):
+      for name, want in direct(w, moved).items():
+        np.testing.assert_allclose(got[name][:, c], want, rtol=1e-4, atol=1e-5)
+  assert not np.allclose(first["dense"], second["dense"])
+  for g in (1, 4):  # the 4 copies in 4 forward passes or in one: the same scores
+    other = analysis.score_dataset(feature_fn, batches, key, 4, transform, weights=w1,
+                                   copies_per_forward=g).scores
+    for name in first:
+      np.testing.assert_allclose(other[name], first[name], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="copies_per_forward=3 must divide"):
+    analysis.Scorer(feature_fn, 4, transform, copies_per_forward=3)

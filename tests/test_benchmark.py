@@ -55,6 +55,10 @@ def test_benchmark_rows_come_from_the_compiled_programs():
   # 20 images in batches of 16 (analysis.batch_size): one whole batch scored
   assert scores["images"] == 16 and scores["layers"] == len(helpers.TINY_SOWN) + 1
   assert scores["copies"] == 2 and scores["images_per_s"] > 0
+  for part in ("pass1_s", "pass2_s", "transforms_s", "forward_batch_n_s",
+               "forward_batch_wide_s", "arithmetic_s"):
+    assert scores[part] > 0, part
+  assert scores["first_call_compile"]["xla_compile_s"] > 0  # it compiled the programs
   text = benchmark.format_markdown({
       "command": "c", "date": "d", "hardware": common.hardware(),
       "steps_per_dispatch": 2, "repeats": 2, "train_images": 64,
@@ -70,6 +74,7 @@ def test_benchmark_rows_come_from_the_compiled_programs():
                   "augmentation": dict(aug, vs_same_batch=0.1), "analysis": scores}]})
   assert "| invariance moments |" in text and jax.devices()[0].device_kind in text
   assert "| L_inv alone (moments" in text and "| 0.50 |" in text
+  assert "| pass 2 alone | %.3f |" % scores["pass2_s"] in text
   assert np.isfinite(row["flops_per_step"])
 
 
