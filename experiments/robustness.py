@@ -10,6 +10,8 @@ its analysis too, if that is missing. Prints the accuracies side by side and wri
 them as Markdown to --out, if given.
 """
 
+import os
+
 from absl import app
 from absl import flags
 
@@ -58,6 +60,12 @@ def main(argv):
     settings.check()
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+  for name, path in (("--out", FLAGS.out), ("--figure", FLAGS.figure)):
+    if path:  # before the attacks, which take minutes: a bad path fails now
+      try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      except OSError as e:
+        raise app.UsageError(f"{name}={path}: cannot create its directory ({e}).")
   reports = {}
   for label, workdir in common.parse_runs(FLAGS.run).items():
     if not _current(workdir, settings):
