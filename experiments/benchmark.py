@@ -555,14 +555,7 @@ def _num(value, fmt: str) -> str:
 
 
 def format_markdown(result: dict) -> str:
-  hw = result["hardware"]
-  lines = [
-      "# invjax benchmark", "",
-      f"Command: `{result['command']}`  ",
-      f"Date: {result['date']}  ",
-      f"Hardware: {hw['device']} x{hw['devices']} ({hw['platform']}), "
-      f"{hw['cpu_count']} CPU cores, {hw['machine']}; JAX {hw['jax']}, "
-      f"Python {hw['python']}  ",
+  lines = common.report_header("invjax benchmark", result) + [
       f"Steps per timed program: {result['steps_per_dispatch']}; median of "
       f"{result['repeats']} programs after 2 warm-up, synchronised after each, the "
       "variants timed in turn (round after round). "

@@ -51,6 +51,18 @@ def hardware_text() -> str:
   return f"{hw['devices']} x {hw['device']} ({hw['platform']}), {host}, jax {hw['jax']}"
 
 
+def report_header(title: str, result: dict) -> list[str]:
+  """The first Markdown lines of a timing report: its title, the command, the date
+  and the hardware (`result` holds "command", "date" and "hardware")."""
+  hw = result["hardware"]
+  return [f"# {title}", "",
+          f"Command: `{result['command']}`  ",
+          f"Date: {result['date']}  ",
+          f"Hardware: {hw['device']} x{hw['devices']} ({hw['platform']}), "
+          f"{hw['cpu_count']} CPU cores, {hw['machine']}; JAX {hw['jax']}, "
+          f"Python {hw['python']}  "]
+
+
 def cost_analysis(compiled) -> dict:
   """XLA's cost analysis of a compiled program as one dict ({} where there is none;
   some backends return a list of one)."""

@@ -424,13 +424,7 @@ def profile_variant(config, data, key: str, spd: int, programs: int, wall_repeat
 # Output ---------------------------------------------------------------------------------
 
 def format_markdown(result: dict) -> str:
-  hw = result["hardware"]
-  lines = [
-      "# invjax step profile", "",
-      f"Command: `{result['command']}`  ",
-      f"Date: {result['date']}  ",
-      f"Hardware: {hw['device']} x{hw['devices']} ({hw['platform']}), "
-      f"{hw['cpu_count']} CPU cores; JAX {hw['jax']}  ",
+  lines = common.report_header("invjax step profile", result) + [
       f"Steps per program: {result['steps_per_dispatch']}; {result['programs']} programs "
       "traced per variant after warm-up. Time per step is the kernels' (GPU) or XLA:CPU "
       "thunks' own time, summed over streams or threads (on CPU thunks run in parallel, "

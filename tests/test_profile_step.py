@@ -11,6 +11,7 @@ import os
 import pytest
 
 from experiments import benchmark
+from experiments import common
 from experiments import profile_step
 from tests import helpers
 
@@ -153,8 +154,7 @@ def test_total_is_the_traced_thunks_own_time(profiled):
 
 def test_tables_are_written(profiled, tmp_path):
   result = {"command": "test", "date": "today", "steps_per_dispatch": 1, "programs": 1,
-            "hardware": {"device": "cpu", "devices": 1, "platform": "cpu",
-                         "cpu_count": 2, "jax": "x"},
+            "hardware": common.hardware(),
             "models": [{"model": "tiny", "precision": "float32", "size": "small",
                         "overrides": {}, "batch_size": 16,
                         "variants": {r["name"]: r for r, _ in profiled.values()}}]}
