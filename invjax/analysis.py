@@ -362,40 +362,57 @@ def score_dataset(feature_fn: FeatureFn, batches: Callable[[], Iterable],
                 weights, copies_per_forward)(batches, key)
 
 
-def score_pairs(feature_fn: FeatureFn, stats: Mapping[str, LayerStats],
-                batches: Iterable, preprocess: Callable[[jax.Array], jax.Array] = lambda x: x,
-                metrics_fn: MetricsFn | None = None) -> Scored:
+class PairScorer:
   """Per-image scores (Eq. 2) against a given transformed version of each image, e.g. a
-  corruption read from disk, [N] per layer.
+  corruption read from disk, [N] per layer; its compiled program is kept, so scoring
+  many transformed sets of the same shapes (75 corruptions x severities) compiles once.
 
   Args:
     feature_fn, preprocess, metrics_fn: as for `score_dataset`.
-    stats: the clean set's statistics per layer (`accumulate_stats`); the scores come
-      back in its order.
-    batches: (clean, moved) pairs of `Batch`es (or arrays) of the same images, the
-      clean batch carrying the labels and padding mask.
-  Returns:
-    Scored(scores, the metric sums of the moved images with `metrics_fn`, else None).
+    weights: as for `Scorer`: given, feature_fn is (weights, images) -> features, and
+      the weights are an argument of the program, not constants compiled into it.
   """
-  with_logits = metrics_fn is not None
 
-  @jax.jit
-  def batch_scores(stats, batch: Batch, moved):
-    feats, _ = _split(feature_fn, with_logits, preprocess(batch.images))
-    moved_feats, logits = _split(feature_fn, with_logits, preprocess(moved))
-    mask = _mask(batch, logits if with_logits else moved)
-    scores = {k: score_batch(stats[k], _flat(v), _flat(moved_feats[k]))
-              for k, v in feats.items()}
-    return scores, (metrics_fn(logits, batch.labels, mask) if with_logits else None), mask
+  def __init__(self, feature_fn: FeatureFn,
+               preprocess: Callable[[jax.Array], jax.Array] = lambda x: x,
+               metrics_fn: MetricsFn | None = None, weights: Any = None):
+    self.weights, self.with_logits = weights, metrics_fn is not None
+    with_logits = self.with_logits
 
-  pieces, sums = [], None
-  for clean, moved in batches:
-    clean = _as_batch(clean)
-    scores, m, valid = fetch(batch_scores(stats, clean, _as_batch(moved).images))
-    pieces.append({k: v[valid > 0] for k, v in scores.items()})
-    if with_logits:
-      sums = _add(sums, {k: float(v) for k, v in m.items()})
-  if not pieces:
-    raise ValueError("no images to score")
-  scores = {k: np.concatenate([p[k] for p in pieces]) for k in stats}  # stats' order
-  return Scored(scores, sums)
+    @jax.jit
+    def batch_scores(weights, stats, batch: Batch, moved):
+      feats, _ = _split(feature_fn, with_logits, preprocess(batch.images), weights)
+      moved_feats, logits = _split(feature_fn, with_logits, preprocess(moved), weights)
+      mask = _mask(batch, logits if with_logits else moved)
+      scores = {k: score_batch(stats[k], _flat(v), _flat(moved_feats[k]))
+                for k, v in feats.items()}
+      return (scores, (metrics_fn(logits, batch.labels, mask) if with_logits else None),
+              mask)
+
+    self._batch_scores = batch_scores
+
+  def __call__(self, stats: Mapping[str, LayerStats], batches: Iterable) -> Scored:
+    """stats: the clean set's statistics per layer (`accumulate_stats`); the scores
+    come back in its order. batches: (clean, moved) pairs of `Batch`es (or arrays) of
+    the same images, the clean batch carrying the labels and padding mask. Returns
+    Scored(scores, the metric sums of the moved images with `metrics_fn`, else None)."""
+    pieces, sums = [], None
+    for clean, moved in batches:
+      clean = _as_batch(clean)
+      scores, m, valid = fetch(self._batch_scores(self.weights, stats, clean,
+                                                  _as_batch(moved).images))
+      pieces.append({k: v[valid > 0] for k, v in scores.items()})
+      if self.with_logits:
+        sums = _add(sums, {k: float(v) for k, v in m.items()})
+    if not pieces:
+      raise ValueError("no images to score")
+    scores = {k: np.concatenate([p[k] for p in pieces]) for k in stats}  # stats' order
+    return Scored(scores, sums)
+
+
+def score_pairs(feature_fn: FeatureFn, stats: Mapping[str, LayerStats],
+                batches: Iterable, preprocess: Callable[[jax.Array], jax.Array] = lambda x: x,
+                metrics_fn: MetricsFn | None = None, weights: Any = None) -> Scored:
+  """`PairScorer(feature_fn, preprocess, metrics_fn, weights)(stats, batches)`: for one
+  transformed set; keep a PairScorer to score several."""
+  return PairScorer(feature_fn, preprocess, metrics_fn, weights)(stats, batches)

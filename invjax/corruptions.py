@@ -92,8 +92,16 @@ def generated(images: np.ndarray, name: str, severity: int,
   if name not in NAMES:
     raise ValueError(f"corruption {name!r} is unknown; valid are {list(NAMES)}.")
   # corrupt-tta draws from numpy's global generator: seed it, and restore it after.
+  # Its impulse noise is scikit-image's random_noise, which draws from a generator of
+  # its own, unseeded unless given `rng`: give it one drawn from the seeded global
+  # generator, or that corruption differs on every call.
   saved = np.random.get_state()
   np.random.seed((seed * 1000 + NAMES.index(name) * 10 + severity) % 2**32)
+  module = getattr(corrupt_tta, "corruptions", None)
+  noise = getattr(module, "random_noise", None)
+  if noise is not None:
+    module.random_noise = lambda *a, **k: noise(
+        *a, **{"rng": np.random.randint(2**31 - 1), **k})
   try:
     out = np.empty_like(images)
     for i, image in enumerate(images):
@@ -104,6 +112,8 @@ def generated(images: np.ndarray, name: str, severity: int,
       out[i] = moved if image.shape[-1] == 3 else moved[..., :1]
   finally:
     np.random.set_state(saved)
+    if noise is not None:
+      module.random_noise = noise
   return out
 
 

@@ -146,15 +146,19 @@ def corruption_results(state, run, placement, settings: Settings, config
   n = settings.test_examples or len(run.data.x_test)
   x_test, y_test = run.data.x_test[:n], run.data.y_test[:n]
   batch_size = config.analysis.batch_size
-  feature_fn = lambda x: steps_lib.features_and_logits(state, x)
+  # The weights are an argument of the programs (not constants compiled into them),
+  # and one program scores every corruption and severity.
+  feature_fn = steps_lib.features_and_logits  # (state, images)
   top5 = run.step_config.top5
   metrics_fn = lambda logits, labels, mask: steps_lib.classification_sums(
       logits, labels, top5, mask)
   order: list[str] = []
   stats, _ = analysis.accumulate_stats(
       feature_fn, analyze_lib.batches(x_test, y_test, batch_size, placement)(),
-      order, steps_lib.to_float, metrics_fn)
+      order, steps_lib.to_float, metrics_fn, weights=state)
   stats = {k: stats[k] for k in order}
+  score_pairs = analysis.PairScorer(feature_fn, steps_lib.to_float, metrics_fn,
+                                    weights=state)
   accuracy: dict[str, dict[str, float]] = {}
   medians: dict[str, dict[str, dict[str, float]]] = {}
   for name in names:
@@ -165,8 +169,7 @@ def corruption_results(state, run, placement, settings: Settings, config
           source, name, severity, x_test, y_test, config.data_dir or None, settings.seed)
       pairs = zip(analyze_lib.batches(x_test, y_test, batch_size, placement)(),
                   analyze_lib.batches(moved, y_test, batch_size, placement)())
-      scores, sums = analysis.score_pairs(feature_fn, stats, pairs, steps_lib.to_float,
-                                          metrics_fn)
+      scores, sums = score_pairs(stats, pairs)
       accuracy[name][str(severity)] = evaluation.rates(sums)["accuracy"]
       medians[name][str(severity)] = {
           k: float(np.median(v[np.isfinite(v)])) for k, v in scores.items()}

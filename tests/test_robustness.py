@@ -115,6 +115,42 @@ def test_score_pairs_is_eq2_against_the_given_images():
         rtol=1e-5, atol=1e-6)
 
 
+def test_pair_scorer_compiles_once_for_every_set_and_weight():
+  """A kept PairScorer traces its program once for many transformed sets and for new
+  weights of the same shapes (robustness scores 75 corruption sets x 5 severities),
+  and gives score_pairs' scores."""
+  from invjax import analysis  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  clean = rng.uniform(size=(8, 4, 4, 3)).astype(np.float32)
+  traces = []
+
+  def feature_fn(w, x):
+    traces.append(1)
+    return {"pixels": x, "relu": jax.nn.relu(x.reshape(len(x), -1) @ w)}
+
+  weights = [jnp.asarray(rng.normal(size=(48, 5)), jnp.float32) for _ in range(2)]
+  for w in weights:
+    stats = analysis.accumulate_stats(lambda x, w=w: feature_fn(w, x), [clean])
+    scorer = analysis.PairScorer(feature_fn, weights=w)
+    for sigma in (0.05, 0.1, 0.2):
+      moved = np.clip(clean + rng.normal(0, sigma, clean.shape), 0, 1).astype(np.float32)
+      got = scorer(stats, [(clean, moved)]).scores
+      ref = analysis.score_pairs(lambda x, w=w: feature_fn(w, x), stats,
+                                 [(clean, moved)]).scores
+      for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-6, atol=1e-7)
+  kept = analysis.PairScorer(feature_fn, weights=weights[0])
+  moved = np.clip(clean + 0.1, 0, 1).astype(np.float32)
+  n0 = len(traces)
+  for w in weights:
+    kept.weights = w
+    kept(stats, [(clean, moved)])
+    kept(stats, [(clean, moved[::-1])])
+  assert len(traces) - n0 == 2  # one trace (clean and moved forward) for all four
+
+
 def test_generated_corruptions_are_seeded_uint8_and_leave_numpy_alone():
   pytest.importorskip("corrupt_tta")
   from invjax import corruptions  # pylint: disable=g-import-not-at-top
@@ -135,6 +171,13 @@ def test_generated_corruptions_are_seeded_uint8_and_leave_numpy_alone():
   with pytest.raises(ValueError, match="severities"):
     corruptions.parse("all", [0])
   assert corruptions.parse("all", ["3"]) == (corruptions.NAMES, (3,))
+  # Impulse noise (scikit-image's random_noise inside corrupt-tta) too: the same set
+  # on every call, another with another seed.
+  b = corruptions.generated(x, "impulse_noise", 3, seed=1)
+  np.testing.assert_array_equal(b, corruptions.generated(x, "impulse_noise", 3, seed=1))
+  assert np.mean(b != x) > 0.01
+  assert not np.array_equal(b, corruptions.generated(x, "impulse_noise", 3, seed=2))
+  np.testing.assert_array_equal(np.random.get_state()[1], before)
 
 
 def test_official_cifar10c_is_read_through_tfds(monkeypatch):
