@@ -15,6 +15,7 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 METHODS = ("pairwise", "moments")
@@ -90,7 +91,7 @@ def grouped_invariance_loss(features: jax.Array, copies: int,
     return _loss_pairwise(features, jnp.repeat(jnp.arange(b // copies), copies))
   flat = features.reshape(b, -1)
   if form == "per_seed":
-    return _per_seed_moments(copies, flat)
+    return _moments(copies, flat, *_NO_GROUPS)
   return _grouped_moments(copies, math.gcd(b // copies, parts), flat)
 
 
@@ -334,62 +335,17 @@ def _grouped_moments_bwd(copies, parts, residuals, ct):
 _grouped_moments.defvjp(_grouped_moments_fwd, _grouped_moments_bwd)
 
 
-# The same layout, per-seed form: one variadic reduction over the copies axis gives, per
-# seed k and feature d, float32, the seed's mean c_kd (shifted by the batch's first
-# example r_0, so its size is the spread of the activations, not their offset), its sum
-# of squared deviations ss_kd (Welford's/Chan's merge of running means: free of the
-# cancellation of sum-of-squares minus squared mean at any offset or scale) and its sum
-# of squares about r_0; plain sums of these [K, D] arrays over the seeds give the rest
-# (with the seeds split over devices, one all-reduce). The gradient reads the seeds'
-# means back, so it reads each activation once.
-
-
-def _per_seed_moments_fwd(copies, x):
-  b, dim = x.shape
-  xs = (x.reshape(b // copies, copies, dim).astype(jnp.float32)
-        - x[:1].astype(jnp.float32))
-  count = jnp.int8 if copies < 128 else jnp.int32  # 1 byte per seed and feature
-  zero = jnp.float32(0)
-  _, c, ss, q0 = jax.lax.reduce(
-      (jnp.ones(xs.shape, count), xs, jnp.zeros_like(xs), xs * xs),
-      (count(0), zero, zero, zero), _merge_moments, (1,))
-  c_mean = jnp.sum(c, axis=0) * jnp.float32(copies) / b  # [D]: mu - r_0
-  pairs = jnp.float32(b * (copies - 1))
-  within_ss = jnp.sum(ss)
-  within = 2.0 * copies * within_ss / pairs / dim
-  # sum_i ||f_i - mu||^2 = sum_i ||f_i - r_0||^2 - B ||mu - r_0||^2 (r_0 is one of the
-  # examples, so mu - r_0 is of the size of the spread), and at least the within part.
-  total_ss = jnp.maximum(jnp.sum(q0) - b * jnp.sum(c_mean * c_mean), within_ss)
-  between = 2.0 * total_ss / (b - 1) / dim
-  loss = _safe_ratio(within, between)
-  return loss, (x, c, c_mean, loss, between, pairs)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _per_seed_moments(copies, x):
-  """L_inv (Eq. 3) of flat activations x [B, D], seeds in consecutive groups of
-  `copies`, by the moments method's per-seed form."""
-  return _per_seed_moments_fwd(copies, x)[0]
-
-
-def _per_seed_moments_bwd(copies, residuals, ct):
-  x, c, c_mean, loss, between, pairs = residuals
-  b, dim = x.shape
-  xs = (x.reshape(b // copies, copies, dim).astype(jnp.float32)
-        - x[:1].astype(jnp.float32))  # f_i - r_0
-  a = 4.0 * copies / (pairs * dim)
-  lb = loss * 4.0 / ((b - 1) * dim)
-  ok = between > 0
-  inv = jnp.where(ok, ct / jnp.where(ok, between, 1.0), 0.0)
-  # (a - L b) (f_i - r_0) - a (mu_k - r_0) + L b (mu - r_0): the gradient above.
-  grad = inv * ((a - lb) * xs - a * c[:, None] + lb * c_mean)
-  return (grad.reshape(b, dim).astype(x.dtype),)
-
-
-_per_seed_moments.defvjp(_per_seed_moments_fwd, _per_seed_moments_bwd)
-
-
-# Seeds given by ids, in any order (invariance_loss): segment sums over seed slots.
+# Both layouts, per-seed form (the seed ids' form, and the grouped form's on a CPU): one
+# read of the activations, in their own dtype (bf16 stays bf16 in memory), gives per
+# seed k and feature d, in float32, the seed's mean c_kd (shifted by the batch's first
+# example r_0, so its size is the spread of the activations, not their offset), its
+# sum of squared deviations ss_kd, by Welford's (Chan's) merge of running means, and
+# its sum of squares about r_0: one variadic reduction (segment sums for seed ids), free
+# of the cancellation of sum-of-squares minus squared mean at any offset or scale
+# (1e-12 .. 1e12); copies that are equal give ss = 0 exactly. Plain sums over the seeds
+# of these [K, D] arrays (1 / M of the data each) give the rest; with the seeds split
+# over devices, those are the only values the devices exchange (one all-reduce). The
+# gradient reads the seeds' means back, so it reads each activation once.
 
 
 def _loss_moments(features, seed_ids):
@@ -397,20 +353,29 @@ def _loss_moments(features, seed_ids):
   _, first, group = jnp.unique(seed_ids, return_index=True, return_inverse=True, size=b)
   group = group.reshape(b)
   counts = jax.ops.segment_sum(jnp.ones((b,), jnp.int32), group, num_segments=b)
-  return _moments(features.reshape(b, -1), group, first, counts)
+  return _moments(0, features.reshape(b, -1), group, first, counts)
 
 
-def _seed_moments(x, group, first, counts):
+
+def _seed_moments(copies, x, group, first, counts):
   """Per seed slot k and feature d, float32, of flat activations x [B, D]:
   (c: the seed's mean - r_0, ss: its sum of squared deviations from its mean,
-   q0: its sum of squared deviations from r_0), [B, D] each (unused slots empty),
-  and its count n_k [B, 1]. r_0 is the batch's first example, so c is of the size of
-  the activations' spread, not their offset."""
-  b = x.shape[0]
-  # Segment sums of the activations shifted by each seed's first example r_k, which
-  # keeps Q - S^2 / n free of cancellation.
+   q0: its sum of squared deviations from r_0), [G, D] each, and its count n_k
+  ([G, 1], or M)."""
+  b, dim = x.shape
+  if copies:  # consecutive groups of `copies`: one reduction over the copies axis
+    xs = (x.reshape(b // copies, copies, dim).astype(jnp.float32)
+          - x[:1].astype(jnp.float32))
+    count = jnp.int8 if copies < 128 else jnp.int32  # 1 byte per seed and feature
+    zero = jnp.float32(0)
+    _, c, ss, q0 = jax.lax.reduce(
+        (jnp.ones(xs.shape, count), xs, jnp.zeros_like(xs), xs * xs),
+        (count(0), zero, zero, zero), _merge_moments, (1,))
+    return c, ss, q0, jnp.float32(copies)
+  # Seed ids (not the train step's layout): segment sums of the activations shifted by
+  # each seed's first example r_k, which keeps Q - S^2 / n free of cancellation.
   r0 = x[first[:1]].astype(jnp.float32)
-  ref = x[first].astype(jnp.float32)
+  ref = x[first].astype(jnp.float32)  # [G, D], G = B slots, unused ones empty
   g = x.astype(jnp.float32) - ref[group]
   s = jax.ops.segment_sum(g, group, num_segments=b)
   q = jax.ops.segment_sum(g * g, group, num_segments=b)
@@ -420,42 +385,69 @@ def _seed_moments(x, group, first, counts):
   return (ref - r0) + s / nn, jnp.maximum(q - s * s / nn, 0.0), q0, n
 
 
-def _moments_fwd(x, group, first, counts):
+def _moments_parts(copies, x, group, first, counts):
   """The forward pass: (L, residuals for the gradient)."""
   b, dim = x.shape
-  c, ss, q0, n = _seed_moments(x, group, first, counts)
-  c_mean = jnp.sum(n * c, axis=0) / b  # [D]: mu - r_0
-  pairs = jnp.maximum(jnp.sum(counts * (counts - 1)), 1).astype(jnp.float32)
-  within_ss = jnp.sum(ss)
-  within = jnp.sum(2.0 * n * ss) / pairs / dim
+  c, ss, q0, n = _seed_moments(copies, x, group, first, counts)
+  # The sums over seeds: plain sums of the reduction's outputs, so that XLA reads each
+  # once and, with the seeds split over devices, adds the devices' sums (all-reduce).
+  c_mean = jnp.sum(c if copies else n * c, axis=0) * (n if copies else 1.0) / b  # [D]
+  if copies:
+    pairs = jnp.float32(b * (copies - 1))
+    within_ss = jnp.sum(ss)
+    within = 2.0 * copies * within_ss / pairs / dim
+  else:
+    pairs = jnp.maximum(jnp.sum(counts * (counts - 1)), 1).astype(jnp.float32)
+    within_ss = jnp.sum(ss)
+    within = jnp.sum(2.0 * n * ss) / pairs / dim
   # sum_i ||f_i - mu||^2 = sum_i ||f_i - r_0||^2 - B ||mu - r_0||^2 (r_0 is one of the
   # examples, so mu - r_0 is of the size of the spread: no cancellation to fear), and
   # at least the within-seed part.
   total_ss = jnp.maximum(jnp.sum(q0) - b * jnp.sum(c_mean * c_mean), within_ss)
   between = 2.0 * total_ss / (b - 1) / dim
   loss = _safe_ratio(within, between)
-  return loss, (x, c, c_mean, loss, between, pairs, group, first, counts)
+  return loss, (x, c, c_mean, loss, between, pairs)
 
 
-@jax.custom_vjp
-def _moments(x, group, first, counts):
-  """L_inv (Eq. 3) of flat activations x [B, D] by the moments method: example i
-  belongs to seed slot group[i], whose first example is first[slot] and which holds
-  counts[slot] examples."""
-  return _moments_fwd(x, group, first, counts)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _moments(copies, x, group, first, counts):
+  """L_inv (Eq. 3) of flat activations x [B, D] by the moments method.
+
+  copies > 0: seeds in consecutive groups of `copies` (group, first, counts unused);
+  copies = 0: example i belongs to seed slot group[i], whose first example is
+  first[slot] and which holds counts[slot] examples.
+  """
+  return _moments_parts(copies, x, group, first, counts)[0]
 
 
-def _moments_bwd(residuals, ct):
-  x, c, c_mean, loss, between, pairs, group, first, counts = residuals
+def _moments_fwd(copies, x, group, first, counts):
+  loss, res = _moments_parts(copies, x, group, first, counts)
+  return loss, (res, group, first, counts)
+
+
+def _moments_bwd(copies, residuals, ct):
+  (x, c, c_mean, loss, between, pairs), group, first, counts = residuals
   b, dim = x.shape
-  xs = x.astype(jnp.float32) - x[first[:1]].astype(jnp.float32)  # f_i - r_0
-  a = (4.0 * counts / (pairs * dim))[group][:, None]
+  if copies:
+    xs = x.reshape(b // copies, copies, dim).astype(jnp.float32) - x[:1].astype(
+        jnp.float32)
+    mu = c[:, None]  # [K, 1, D]
+    a = 4.0 * copies / (pairs * dim)
+  else:
+    xs = x.astype(jnp.float32) - x[first[:1]].astype(jnp.float32)
+    mu = c[group]
+    a = (4.0 * counts / (pairs * dim))[group][:, None]
   ok = between > 0
   inv = jnp.where(ok, ct / jnp.where(ok, between, 1.0), 0.0)
   lb = loss * 4.0 / ((b - 1) * dim)
-  # (a - L b) (f_i - r_0) - a (mu_k - r_0) + L b (mu - r_0): the gradient above.
-  grad = inv * ((a - lb) * xs - a * c[group] + lb * c_mean)
-  return grad.astype(x.dtype), None, None, None
+  # (a - L b) (f_i - mu_k) - L b (mu_k - mu), written to read mu_k once per element
+  # (all shifted by r_0, so the terms are of the size of the activations' spread).
+  grad = inv * ((a - lb) * xs - a * mu + lb * c_mean)
+  return grad.reshape(b, dim).astype(x.dtype), None, None, None
 
 
 _moments.defvjp(_moments_fwd, _moments_bwd)
+
+
+# The grouped layout needs no seed ids.
+_NO_GROUPS = (np.zeros((0,), np.int32),) * 3
