@@ -18,7 +18,6 @@ from unittest import mock
 
 from absl import app
 from absl import flags
-import dm_pix as pix
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,15 +30,6 @@ flags.DEFINE_integer("batch_size", 128, "Augmented images per program (B).")
 flags.DEFINE_integer("copies", 8, "M: copies of each seed image.")
 flags.DEFINE_integer("image_size", 32, "Height and width.")
 flags.DEFINE_integer("repeats", 100, "Timed calls per warp (0: costs only).")
-
-
-def dm_pix_warp(images, pull):
-  """augment.warp's contract, by dm-pix's affine_transform of each image."""
-  hwc = jnp.zeros((pull.shape[0], 3, 4), jnp.float32)
-  hwc = hwc.at[:, :2, :2].set(pull[:, :, :2]).at[:, :2, 3].set(pull[:, :, 2])
-  hwc = hwc.at[:, 2, 2].set(1.0)
-  return jax.vmap(lambda x, m: pix.affine_transform(x, m, order=1, mode="nearest"))(
-      images, hwc)
 
 
 def compile_program(warp_fn, seeds, labels):
@@ -60,7 +50,8 @@ def main(argv):
   seeds = jnp.asarray(np.random.default_rng(0).integers(0, 256, (k, s, s, 3), np.uint8))
   labels = jnp.zeros((k,), jnp.int32)
   programs = {"invjax 2-D warp": compile_program(augment.warp, seeds, labels),
-              "dm-pix affine_transform": compile_program(dm_pix_warp, seeds, labels)}
+              "dm-pix affine_transform": compile_program(augment.dm_pix_warp, seeds,
+                                                                labels)}
   outs = [np.asarray(p(jax.random.key(1), seeds, labels)) for p in programs.values()]
   print(f"{jax.devices()[0].device_kind}, JAX {jax.__version__}: {FLAGS.batch_size} images "
         f"= {k} x {FLAGS.copies}, {s}x{s}x3; outputs differ by at most "

@@ -181,11 +181,23 @@ def pull_matrix(forward: jax.Array, height: int, width: int) -> jax.Array:
 def pull_matrix_hwc(forward: jax.Array, height: int, width: int) -> jax.Array:
   """`pull_matrix` as dm-pix's 3x4 matrix over (h, w, c) (the channel axis left alone):
   `pix.affine_transform(image, pull_matrix_hwc(...), order=1, mode="nearest")` is `warp`
-  of one image, the reference the tests hold it to."""
-  p = pull_matrix(forward, height, width)
-  m = jnp.zeros((*p.shape[:-2], 3, 4), p.dtype)
-  return m.at[..., :2, :2].set(p[..., :2]).at[..., :2, 3].set(p[..., 2]).at[
+  of one image (`dm_pix_warp`)."""
+  return _hwc(pull_matrix(forward, height, width))
+
+
+def _hwc(pull: jax.Array) -> jax.Array:
+  """Pull matrices [..., 2, 3] ((y, x) order) as dm-pix's [..., 3, 4] over (h, w, c)."""
+  m = jnp.zeros((*pull.shape[:-2], 3, 4), pull.dtype)
+  return m.at[..., :2, :2].set(pull[..., :2]).at[..., :2, 3].set(pull[..., 2]).at[
       ..., 2, 2].set(1.0)
+
+
+def dm_pix_warp(images: jax.Array, pull: jax.Array) -> jax.Array:
+  """`warp`'s contract by dm-pix's `affine_transform` of each image (order 1, mode
+  "nearest"): the three-dimensional interpolation `warp` replaced, the reference the
+  tests hold it to and `experiments.augment_cost` times it against."""
+  return jax.vmap(lambda x, m: pix.affine_transform(x, m, order=1, mode="nearest"))(
+      images, _hwc(pull.astype(jnp.float32)))
 
 
 def warp(images: jax.Array, pull: jax.Array) -> jax.Array:

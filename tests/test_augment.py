@@ -12,7 +12,6 @@ import math
 import jax
 import jax.numpy as jnp
 import ml_collections
-import dm_pix as pix
 import numpy as np
 import pytest
 
@@ -211,14 +210,7 @@ def test_batch_equals_per_image_application():
 _warp = jax.jit(augment.warp)
 
 
-@jax.jit
-def _pix_warp(images, pull):
-  """dm-pix's warp of each image by the (h, w, c) embedding of its pull matrix."""
-  m = jnp.zeros((pull.shape[0], 3, 4), jnp.float32)
-  m = m.at[:, :2, :2].set(pull[:, :, :2]).at[:, :2, 3].set(pull[:, :, 2])
-  m = m.at[:, 2, 2].set(1.0)
-  return jax.vmap(lambda x, a: pix.affine_transform(x, a, order=1, mode="nearest"))(
-      images, m)
+_pix_warp = jax.jit(augment.dm_pix_warp)
 
 
 def _random_pulls(rng, h, w):
@@ -302,9 +294,8 @@ def test_pull_matrix_inverts_the_forward_matrix():
 def _apply_with_pix(images, params):
   """augment.apply with dm-pix's warp in place of augment.warp."""
   _, h, w, _ = images.shape
-  pulls = augment.pull_matrix_hwc(augment.forward_matrix(params, h, w), h, w)
-  warped = jax.vmap(lambda x, m: pix.affine_transform(x, m, order=1, mode="nearest"))(
-      images, pulls)
+  warped = augment.dm_pix_warp(
+      images, augment.pull_matrix(augment.forward_matrix(params, h, w), h, w))
   identity = augment.AugmentParams.identity(images.shape[0])
   geometry = ("flip", "tx", "ty", "zx", "zy", "theta", "phi")
   return augment.apply(warped, params._replace(
