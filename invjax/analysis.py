@@ -90,11 +90,8 @@ class LayerStats(NamedTuple):
 def score_batch(stats: LayerStats, clean_flat: jax.Array,
                 transformed_flat: jax.Array) -> jax.Array:
   """Scores of a batch of images against the whole clean set summarised by `stats`."""
-  dim = clean_flat.shape[1]
   num = losses.distance(clean_flat, transformed_flat)  # Eq. 1
-  den = (jnp.sum((clean_flat - stats.mean) ** 2, axis=1)
-         + stats.m2 / stats.count) / dim
-  return _score(num, den)
+  return _score(num, mean_distances(stats, clean_flat))
 
 
 def copy_distances(clean: jax.Array, moved: jax.Array) -> jax.Array:
@@ -176,6 +173,25 @@ def _mask(batch: Batch, images):
 
 def _add(total, part):
   return part if total is None else {k: total[k] + part[k] for k in total}
+
+
+def _fetched(calls: Iterable):
+  """The results of `calls` (programs already dispatched, in order) on the host, one
+  batch behind: batch i is queued on the device while batch i - 1 comes back."""
+  pending = []
+  for call in calls:
+    pending.append(call)
+    if len(pending) > 1:
+      yield fetch(pending.pop(0))
+  for call in pending:
+    yield fetch(call)
+
+
+def _concatenated(pieces: list, order) -> dict[str, np.ndarray]:
+  """{layer: scores of every real image} from per-batch (scores, valid) pairs."""
+  if not pieces:
+    raise ValueError("no images to score")
+  return {k: np.concatenate([s[k][valid > 0] for s, valid in pieces]) for k in order}
 
 
 def _stats_program(feature_fn: FeatureFn, order: list[str] | None, preprocess,
@@ -295,22 +311,15 @@ class Scorer:
     """Pass 2: Scored({layer: [N, num_copies]}, [metric sums of copy c, ...] or None)
     of `batches` (batch i: keys from fold_in(key, i)) against `stats`, in pass 1's
     layer order (else stats' order)."""
-    done, pending = [], []
-    for i, batch in enumerate(batches):
-      pending.append(self.scores_program(self.weights, stats, _as_batch(batch),
-                                         jax.random.fold_in(key, i)))
-      if len(pending) > 1:  # batch i is queued on the device while i - 1 comes back
-        done.append(fetch(pending.pop(0)))
-    done += [fetch(p) for p in pending]
+    calls = (self.scores_program(self.weights, stats, _as_batch(batch),
+                                 jax.random.fold_in(key, i))
+             for i, batch in enumerate(batches))
     pieces, moved_sums = [], [None] * self.num_copies
-    for scores, sums, valid in done:
-      pieces.append({k: v[valid > 0] for k, v in scores.items()})
+    for scores, sums, valid in _fetched(calls):
+      pieces.append((scores, valid))
       for c, m in enumerate(sums):
         moved_sums[c] = _add(moved_sums[c], {k: float(v) for k, v in m.items()})
-    if not pieces:
-      raise ValueError("no images to score")
-    order = self.order or list(stats)
-    scores = {k: np.concatenate([p[k] for p in pieces]) for k in order}
+    scores = _concatenated(pieces, self.order or list(stats))
     return Scored(scores, moved_sums if self.with_metrics else None)
 
   def __call__(self, batches: Callable[[], Iterable], key: jax.Array) -> Scored:
@@ -396,18 +405,14 @@ class PairScorer:
     come back in its order. batches: (clean, moved) pairs of `Batch`es (or arrays) of
     the same images, the clean batch carrying the labels and padding mask. Returns
     Scored(scores, the metric sums of the moved images with `metrics_fn`, else None)."""
+    calls = (self._batch_scores(self.weights, stats, _as_batch(clean),
+                                _as_batch(moved).images) for clean, moved in batches)
     pieces, sums = [], None
-    for clean, moved in batches:
-      clean = _as_batch(clean)
-      scores, m, valid = fetch(self._batch_scores(self.weights, stats, clean,
-                                                  _as_batch(moved).images))
-      pieces.append({k: v[valid > 0] for k, v in scores.items()})
+    for scores, m, valid in _fetched(calls):
+      pieces.append((scores, valid))
       if self.with_logits:
         sums = _add(sums, {k: float(v) for k, v in m.items()})
-    if not pieces:
-      raise ValueError("no images to score")
-    scores = {k: np.concatenate([p[k] for p in pieces]) for k in stats}  # stats' order
-    return Scored(scores, sums)
+    return Scored(_concatenated(pieces, stats), sums)  # stats' order
 
 
 def score_pairs(feature_fn: FeatureFn, stats: Mapping[str, LayerStats],
