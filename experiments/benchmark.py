@@ -205,46 +205,61 @@ def _device_peak_bytes() -> float:
 class TrainingVariant:
   """One training variant, compiled and warmed up, timed a program at a time."""
 
+  runs = 1  # training runs a program steps (StackedVariant: several)
+
   def __init__(self, config, data, step_overrides: dict, steps_per_dispatch: int):
     with config.unlocked():
       config.steps_per_dispatch = steps_per_dispatch
     self.config, self.spd = config, steps_per_dispatch
     run = build_lib.build(config, data)
-    # Analytic: 2 FLOPs per multiply-accumulate, forward + backward (x 3), B images.
-    self.analytic_flops = 6.0 * config.batch_size * describe.dense_macs(
-        run.model, run.data.image_shape)
     run.step_config = dataclasses.replace(run.step_config, **step_overrides)
     placement = placement_lib.Placement.create()
     self.state = build_lib.initial_state(run, placement)
     self.programs = programs_lib.TrainPrograms(run, placement, self.state)
-    self.step, self.times, self.metrics = 0, [], None
-    for _ in range(2):  # warm-up
+    self.step = 0
+    self._ready(run)
+
+  def _ready(self, run) -> None:
+    """The step's analytic FLOPs, then two programs of warm-up."""
+    # 2 FLOPs per multiply-accumulate, forward + backward (x 3), B images per run.
+    self.analytic_flops = 6.0 * self.config.batch_size * self.runs * (
+        describe.dense_macs(run.model, run.data.image_shape))
+    self.times, self.metrics = [], None
+    for _ in range(2):
       self.run_once()
     self.times = []
 
+  def _call(self):
+    out = self.programs(self.state, self.step, self.spd)
+    self.step += self.spd
+    return out
+
+  def _costs(self) -> dict:
+    compiled = self.programs.compiled
+    # XLA's cost analysis counts a loop body once, whatever its trip count: take the
+    # FLOPs of the 1-step program.
+    return {"flops_per_step": _cost_flops(compiled[1]),
+            "memory_plan_bytes": _plan_bytes(compiled[self.spd]),
+            "compile_s": self.programs.compile_seconds[self.spd]}
+
   def run_once(self) -> None:
     t = time.perf_counter()
-    self.state, self.metrics = self.programs(self.state, self.step, self.spd)
+    self.state, self.metrics = self._call()
     _sync((self.state, self.metrics))
     self.times.append(time.perf_counter() - t)
-    self.step += self.spd
 
   def result(self) -> dict:
     seconds = float(np.median(self.times)) / self.spd
-    compiled = self.programs.compiled
     return {"step_ms": seconds * 1e3,
-            "images_per_s": self.config.batch_size / seconds,
-            # XLA's cost analysis counts a loop body once, whatever its trip count:
-            # take the FLOPs of the 1-step program.
-            "flops_per_step": _cost_flops(compiled[1]),
+            "images_per_s": self.runs * self.config.batch_size / seconds,
+            **self._costs(),
             "analytic_flops_per_step": self.analytic_flops,
-            "memory_plan_bytes": _plan_bytes(compiled[self.spd]),
-            "compile_s": self.programs.compile_seconds[self.spd],
             "steps_timed": len(self.times) * self.spd,
-            "loss_finite": bool(np.all(np.isfinite(np.asarray(self.metrics["loss"]))))}
+            "loss_finite": bool(np.all(np.isfinite(np.asarray(self.metrics["loss"])))),
+            **({"runs": self.runs} if self.runs > 1 else {})}
 
 
-class StackedVariant:
+class StackedVariant(TrainingVariant):
   """R runs of one training variant in one program: the step vmapped over R train
   states (and R augmentation keys; the seeds are shared), timed a program at a time
   like TrainingVariant. What several variants or seeds trained together would buy
@@ -255,8 +270,6 @@ class StackedVariant:
       config.steps_per_dispatch = steps_per_dispatch
     self.config, self.spd, self.runs = config, steps_per_dispatch, runs
     run = build_lib.build(config, data)
-    self.analytic_flops = 6.0 * config.batch_size * runs * describe.dense_macs(
-        run.model, run.data.image_shape)
     placement = placement_lib.Placement.create()
     state = build_lib.initial_state(run, placement)
     self.state = jax.tree.map(lambda a: jnp.stack([a] * runs), state)
@@ -275,26 +288,15 @@ class StackedVariant:
     self.compiled = jax.jit(stacked, donate_argnums=0).lower(
         self.state, *self.args).compile()
     self.compile_s = time.perf_counter() - t
-    self.times, self.metrics = [], None
-    for _ in range(2):  # warm-up
-      self.run_once()
-    self.times = []
+    self._ready(run)
 
-  def run_once(self) -> None:
-    t = time.perf_counter()
-    self.state, self.metrics = self.compiled(self.state, *self.args)
-    _sync((self.state, self.metrics))
-    self.times.append(time.perf_counter() - t)
+  def _call(self):
+    return self.compiled(self.state, *self.args)
 
-  def result(self) -> dict:
-    seconds = float(np.median(self.times)) / self.spd
-    return {"step_ms": seconds * 1e3, "runs": self.runs,
-            "images_per_s": self.runs * self.config.batch_size / seconds,
-            "flops_per_step": _cost_flops(self.compiled) / self.spd,
-            "analytic_flops_per_step": self.analytic_flops,
+  def _costs(self) -> dict:
+    return {"flops_per_step": _cost_flops(self.compiled) / self.spd,
             "memory_plan_bytes": _plan_bytes(self.compiled),
-            "compile_s": self.compile_s, "steps_timed": len(self.times) * self.spd,
-            "loss_finite": bool(np.all(np.isfinite(np.asarray(self.metrics["loss"]))))}
+            "compile_s": self.compile_s}
 
 
 def time_training(variants: dict[str, TrainingVariant], repeats: int) -> dict:
