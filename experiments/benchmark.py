@@ -67,7 +67,6 @@ from invjax import models as models_lib
 from invjax import input_pipeline
 from invjax import placement as placement_lib
 from invjax import programs as programs_lib
-from invjax import seed_order
 from invjax import steps as steps_lib
 from experiments import common
 from experiments import loss_cost
@@ -273,17 +272,13 @@ class StackedVariant(TrainingVariant):
     placement = placement_lib.Placement.create()
     state = build_lib.initial_state(run, placement)
     self.state = jax.tree.map(lambda a: jnp.stack([a] * runs), state)
-    k = config.batch_size // config.copies
-    schedule = seed_order.SeedSchedule(len(data.x_train), k, config.seed,
-                                       placement.replicated)
-    first, perms = schedule.window(0, steps_per_dispatch)
-    chunk = steps_lib.make_train_chunk(run.step_config, steps_per_dispatch, k,
-                                       placement.batch, data_on_device=True,
-                                       unroll=_on_cpu())
-    stacked = jax.vmap(chunk, in_axes=(0, None, None, None, None, None, 0))
-    self.args = (placement.replicate(data.x_train), placement.replicate(data.y_train),
-                 perms, np.int32(first), np.int32(0),
-                 jax.random.split(jax.random.key(1), runs))
+    programs = programs_lib.TrainPrograms(run, placement, state, compile_now=False)
+    # The training set on the device, shared by the runs; each run its own state and
+    # augmentation key.
+    *shared, _ = programs.args(state, 0, steps_per_dispatch)[1:]
+    self.args = (*shared, jax.random.split(jax.random.key(1), runs))
+    stacked = jax.vmap(programs.chunk(steps_per_dispatch),
+                       in_axes=(0, *[None] * len(shared), 0))
     t = time.perf_counter()
     self.compiled = jax.jit(stacked, donate_argnums=0).lower(
         self.state, *self.args).compile()

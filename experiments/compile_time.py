@@ -29,8 +29,7 @@ from invjax import build as build_lib
 from invjax import cli
 from invjax import compilation_cache
 from invjax import placement as placement_lib
-from invjax import seed_order
-from invjax import steps as steps_lib
+from invjax import programs as programs_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/densenet.py.",
@@ -56,16 +55,10 @@ def main(argv):
   run = build_lib.build(config, data)
   placement = placement_lib.Placement.create()
   state = build_lib.initial_state(run, placement)
-  k = config.batch_size // config.copies
-  schedule = seed_order.SeedSchedule(len(data.x_train), k, config.seed,
-                                    placement.replicated)
-  first, perms = schedule.window(0, steps)
-  fn = steps_lib.make_train_chunk(run.step_config, steps, k, placement.batch,
-                                  data_on_device=True,
-                                  unroll=jax.default_backend() == "cpu")
+  programs = programs_lib.TrainPrograms(run, placement, state, compile_now=False)
+  fn = programs.chunk(steps)
   jitted = jax.jit(fn, donate_argnums=0)
-  args = (state, placement.replicate(data.x_train), placement.replicate(data.y_train),
-          perms, np.int32(first), np.int32(0), jax.random.key(1))
+  args = programs.args(state, 0, steps)
   t = time.perf_counter()
   lowered = jitted.lower(*args)
   t1 = time.perf_counter()

@@ -29,9 +29,11 @@ class TrainPrograms:
   """
 
   def __init__(self, run: build_lib.Run, placement: placement_lib.Placement, state,
-               single: bool = True):
+               single: bool = True, compile_now: bool = True):
     """`single=False` leaves out the 1-step program, for runs whose every stop (log,
-    evaluation, checkpoint, end, resume point) is a multiple of steps_per_dispatch."""
+    evaluation, checkpoint, end, resume point) is a multiple of steps_per_dispatch.
+    `compile_now=False` compiles nothing (for tools that compile `chunk(size)`
+    themselves, e.g. vmapped or timed)."""
     config, data = run.config, run.data
     self.run, self.placement = run, placement
     self.k = config.batch_size // config.copies
@@ -49,21 +51,26 @@ class TrainPrograms:
       self.x_train = placement.replicate(data.x_train)
       self.y_train = placement.replicate(data.y_train)
     self.compiled, self.compile_seconds = {}, {}
-    for size in sorted({1 if single else self.steps_per_dispatch,
-                        self.steps_per_dispatch}):
-      self._compile(state, size)
+    if compile_now:
+      for size in sorted({1 if single else self.steps_per_dispatch,
+                          self.steps_per_dispatch}):
+        self._compile(state, size)
+
+  def chunk(self, size: int):
+    """The training program of `size` steps, not jitted: called with `args`."""
+    return steps_lib.make_train_chunk(self.run.step_config, size, self.k,
+                                      self.placement.batch, data_on_device=self.on_device,
+                                      unroll=jax.default_backend() == "cpu")
 
   def _compile(self, state, size: int) -> None:
     t = time.perf_counter()
-    fn = steps_lib.make_train_chunk(self.run.step_config, size, self.k,
-                                    self.placement.batch, data_on_device=self.on_device,
-                                    unroll=jax.default_backend() == "cpu")
-    jitted = jax.jit(fn, donate_argnums=0,
+    jitted = jax.jit(self.chunk(size), donate_argnums=0,
                      out_shardings=(self.placement.replicated, self.placement.replicated))
-    self.compiled[size] = jitted.lower(*self._args(state, 0, size)).compile()
+    self.compiled[size] = jitted.lower(*self.args(state, 0, size)).compile()
     self.compile_seconds[size] = time.perf_counter() - t
 
-  def _args(self, state, step0: int, size: int):
+  def args(self, state, step0: int, size: int):
+    """The arguments of `chunk(size)` for steps step0 .. step0 + size - 1."""
     if self.on_device:
       first, perms = self.schedule.window(step0, size)
       return (state, self.x_train, self.y_train, perms, np.int32(first),
@@ -86,4 +93,4 @@ class TrainPrograms:
     if size not in self.compiled:  # a stop off the multiples (not expected)
       logging.warning("compiling the %d-step program inside the loop", size)
       self._compile(state, size)
-    return self.compiled[size](*self._args(state, step0, size))
+    return self.compiled[size](*self.args(state, step0, size))
