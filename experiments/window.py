@@ -123,11 +123,9 @@ def _attack_record(committed: str, variant: str, tag: str, staging: str,
   """A finished committed record with weights and no robustness report gets one here
   (the attacks take seconds on an accelerator) and goes back into `out` as a pack;
   returns what was done, or None if nothing was to do."""
-  if not FLAGS.robustness:
+  if not FLAGS.robustness or not records_lib.attackable(committed):
     return None
   record = records_lib.load(committed)
-  if record.robustness or not record.has_weights:
-    return None
   copy = paper.record_dir(staging, FLAGS.cell, tag, variant)
   if os.path.exists(copy):
     shutil.rmtree(copy)

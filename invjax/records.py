@@ -115,6 +115,15 @@ class Record:
     return os.path.exists(os.path.join(self.path, workdirs.WEIGHTS_FILE))
 
 
+def attackable(record_dir: str) -> bool:
+  """Whether a record has its weights and no robustness report yet: what an accelerator
+  window attacks. Read from the files alone, so that a record whose large files
+  (weights, scores) were left out of a copy sent to an accelerator, to fit what a call
+  carries, reads False without being loaded."""
+  return (os.path.exists(os.path.join(record_dir, workdirs.WEIGHTS_FILE))
+          and not os.path.exists(os.path.join(record_dir, workdirs.ROBUSTNESS_FILE)))
+
+
 def load(record_dir: str) -> Record:
   """Reads a record (the analysis is None in the record of an unfinished run)."""
   import ml_collections  # pylint: disable=g-import-not-at-top

@@ -213,6 +213,19 @@ def test_pack_and_unpack_round_trip_and_refuse_other_archives(tmp_path):
     records.write(str(tmp_path / "staging"), str(tmp_path / "x"))
 
 
+def test_attackable_records_have_weights_and_no_report(tmp_path):
+  """What a window attacks, read from the files: a record copied to an accelerator
+  without its weights and scores (to fit a call's carry) is skipped, not loaded."""
+  record = str(tmp_path / "allcnn_cifar10" / "paper" / "baseline")
+  records.write(_fake_workdir(tmp_path / "run"), record)
+  assert not records.attackable(record)  # it has a robustness report
+  os.remove(os.path.join(record, "analysis", "robustness.json"))
+  assert records.attackable(record)
+  os.remove(os.path.join(record, "weights.npz"))
+  os.remove(os.path.join(record, "analysis", "scores.npz"))
+  assert not records.attackable(record)
+
+
 def test_status_marks_shortened_and_unfinished_records():
   ref = paper.cell_config("allcnn_cifar10", "invariance", paper.Scale())
   card = {"finished": True, "final_step": 136500, "total_steps": 136500}
