@@ -7,6 +7,19 @@
 #   OUT=/path bash experiments/gpu_window.sh [PHASE ...]   # default: every phase
 #
 # Phases (seconds allowed, on one H100/H200):
+#   paper     (PAPER_MINUTES x 60 + 60; not in the default list) the paper's All-CNN-C
+#                   cell at full scale: decodes the CIFAR-10 pack carried in data/
+#                   (gpu-prepare.sh without --no-data) to /tmp/cifar10.npz and runs
+#                   experiments/window.py with --budget_minutes=PAPER_MINUTES (default 6)
+#                   for the cell's variants that have no finished committed record, in
+#                   the order baseline, invariance, batchaug; packed records and
+#                   window.json in $OUT/records. WINDOW_ARGS is added to its command
+#                   (the CPU smoke test: "--epochs=1 --train_examples=512
+#                   --test_examples=256"). The pack (56 MB) and the tracked tree (17 MB)
+#                   pass the 64 MiB a call carries: delete the committed records'
+#                   weights.npz and analysis/scores.npz from the working tree before the
+#                   call (the run cards are enough to skip those variants) and restore
+#                   them after (git checkout -- experiments/results/records).
 #   env       (60)  the device, JAX and the packages
 #   loss      (60)  experiments/loss_cost.py: L_inv alone, All-CNN-C width 1, bf16,
 #                   16 x 8: XLA's bytes accessed over the activations' bytes, and time
@@ -45,6 +58,7 @@ phases=("$@")
 [ ${#phases[@]} -eq 0 ] && phases=(env loss allcnn wrn densenet)
 scale=${TIME_SCALE:-1}
 extra=${BENCH_ARGS:-}
+paper_minutes=${PAPER_MINUTES:-6}
 
 run() {  # run NAME SECONDS COMMAND...: logs to $OUT/NAME.log, notes the outcome
   local name=$1 limit=$(( $2 * scale )) t0=$SECONDS rc
@@ -67,6 +81,11 @@ bench() {  # bench NAME SECONDS BENCHMARK_ARGS...
 
 for phase in "${phases[@]}"; do
   case $phase in
+    # shellcheck disable=SC2016
+    paper) run paper $(( paper_minutes * 60 + 60 )) bash -c 'python3 data/decode.py \
+      /tmp/cifar10.npz && python3 -m experiments.window --data=/tmp/cifar10.npz \
+      --out="$1" --budget_minutes="$2" $3' paper "$OUT/records" "$paper_minutes" \
+      "${WINDOW_ARGS:-}" ;;
     env) run env 60 bash -c 'nvidia-smi -L 2>/dev/null; python3 -c "
 import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__)
 print(jax.devices())"' ;;
@@ -89,7 +108,7 @@ analysis,stacked ;;
     # shellcheck disable=SC2086
     profile) run profile 150 python3 -m experiments.profile_step --models=allcnn,wrn \
       --variants=baseline,moments,moments_per_seed $extra --out="$OUT" ;;
-    *) echo "unknown phase $phase (env loss allcnn wrn densenet augment compile profile)"
+    *) echo "unknown phase $phase (paper env loss allcnn wrn densenet augment compile profile)"
        exit 2 ;;
   esac
 done
