@@ -48,6 +48,36 @@ def _forward_again(state, cfg, seeds, labels, key):
   return logits, models.sown(upd["intermediates"]), y, ids
 
 
+def test_initial_state_is_one_program_equal_to_the_op_by_op_construction():
+  """create_train_state lowers one program (made op by op, the optimizer's buffers of
+  each distinct parameter shape lowered one each), and makes the same state."""
+  m = models.create("allcnn", 4, layers=((8, 3, 1, "SAME"), (12, 3, 2, "SAME"),
+                                         (16, 1, 1, "VALID")))
+  tx = optax.sgd(0.05, momentum=0.9, nesterov=True)
+  lowered = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+      lowered.append(event)
+
+  key = jax.random.key(3)
+  jax.clear_caches()
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    state = steps.create_train_state(key, m, SHAPE, tx)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert len(lowered) == 1
+  variables = m.init(key, jnp.zeros((1, *SHAPE)), train=False)
+  eager = steps.TrainState.create(apply_fn=m.apply, params=variables["params"],
+                                  batch_stats=variables["batch_stats"], tx=tx)
+  assert jax.tree.structure(state) == jax.tree.structure(eager)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(eager)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert int(state.step) == 0 and jnp.issubdtype(state.step.dtype, jnp.integer)
+
+
 def test_expand_seeds_layout():
   x = jnp.arange(3 * 2).reshape(3, 2)
   xb, yb, ids = steps.expand_seeds(x, jnp.array([5, 6, 7]), 4)
