@@ -96,8 +96,7 @@ def build(config, data: input_pipeline.Dataset | None = None) -> Run:
   n = len(data.x_train)
   try:
     model = create_model(config, data.num_classes)
-    layer_shapes = models.layer_shapes(model, data.image_shape)
-    param_count = models.param_count(model, data.image_shape)
+    shapes = models.shapes(model, data.image_shape)
   except ValueError as e:  # the models' own checks (e.g. depth 6n + 4)
     raise errors.ConfigError(str(e)) from e
   steps_per_epoch = n // config.batch_size
@@ -108,13 +107,13 @@ def build(config, data: input_pipeline.Dataset | None = None) -> Run:
       copies=config.copies, alpha=config.alpha, alpha_ratio=config.alpha_ratio,
       loss_method=config.loss_method,
       ranges=augment.AugmentRanges.from_config(config.augment),
-      num_layers=len(layer_shapes), top5=data.num_classes > 10,
+      num_layers=len(shapes.layers), top5=data.num_classes > 10,
       weight_law=config.layer_weight_law, class_alpha=config.class_alpha,
       moments_form=losses.moment_form(jax.default_backend()),
       loss_parts=losses.moment_parts(config.batch_size // config.copies,
                                      jax.device_count()))
   return Run(config, data, model, step_config, steps_per_epoch, total_steps, lr_fn,
-             layer_shapes, param_count)
+             shapes.layers, shapes.params)
 
 
 def initial_state(run: Run, placement: placement_lib.Placement) -> steps_lib.TrainState:

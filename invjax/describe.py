@@ -39,9 +39,9 @@ def describe(config, data=None) -> dict:
   if data is None and shape and classes:  # declared: no data needed
     config_lib.validate(config, jax.device_count())
     model = build_lib.create_model(config, classes)
+    shapes = models.shapes(model, shape)
     d = {"dataset": f"{config.dataset} (declared, not loaded)",
-         "parameters": models.param_count(model, shape),
-         "sown_layers": models.layer_shapes(model, shape)}
+         "parameters": shapes.params, "sown_layers": shapes.layers}
   else:  # learn the shape from the data (build validates and traces the model)
     run = build_lib.build(config, data)
     model, shape, classes = run.model, run.data.image_shape, run.data.num_classes

@@ -58,23 +58,35 @@ def sown(intermediates) -> dict[str, Any]:
   return {k: v[0] if isinstance(v, tuple) else v for k, v in intermediates.items()}
 
 
-def layer_shapes(model: nn.Module, image_shape) -> dict[str, tuple[int, ...]]:
-  """{sown layer: per-example activation shape}, in depth order. Compiles nothing."""
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+  """What a run needs to know of a model before anything compiles."""
+  layers: dict[str, tuple[int, ...]]  # sown layer: per-example activation shape
+  params: int  # number of parameters
+
+
+def shapes(model: nn.Module, image_shape) -> Shapes:
+  """The sown layers' shapes, in depth order, and the parameter count, from one
+  abstract trace of `model.init` (whose forward pass sows the same layers as
+  `apply(..., train=False)`). Compiles nothing."""
   order: list[str] = []
-  x = jnp.zeros((1, *image_shape))
 
   def trace():
-    variables = model.init(jax.random.key(0), x, train=False)
-    feats = sown(model.apply(variables, x, train=False,
-                             mutable=["intermediates"])[1]["intermediates"])
-    order.extend(feats)  # recorded during the trace, in sow order
-    return feats
+    variables = model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False,
+                           mutable=True)  # init leaves intermediates out by default
+    order.extend(sown(variables["intermediates"]))  # recorded in sow order
+    return variables
 
-  shapes = jax.eval_shape(trace)
-  return {k: tuple(shapes[k].shape[1:]) for k in order}
+  variables = jax.eval_shape(trace)
+  feats = sown(variables["intermediates"])
+  return Shapes({k: tuple(feats[k].shape[1:]) for k in order},
+                sum(math.prod(p.shape) for p in jax.tree.leaves(variables["params"])))
+
+
+def layer_shapes(model: nn.Module, image_shape) -> dict[str, tuple[int, ...]]:
+  """{sown layer: per-example activation shape}, in depth order. Compiles nothing."""
+  return shapes(model, image_shape).layers
 
 
 def param_count(model: nn.Module, image_shape) -> int:
-  x = jnp.zeros((1, *image_shape))
-  params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-  return sum(math.prod(p.shape) for p in jax.tree.leaves(params["params"]))
+  return shapes(model, image_shape).params
