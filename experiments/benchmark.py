@@ -212,6 +212,7 @@ class TrainingVariant:
     self.config, self.spd = config, steps_per_dispatch
     run = build_lib.build(config, data)
     run.step_config = dataclasses.replace(run.step_config, **step_overrides)
+    self.step_config = run.step_config
     placement = placement_lib.Placement.create()
     self.state = build_lib.initial_state(run, placement)
     self.programs = programs_lib.TrainPrograms(run, placement, self.state)
@@ -269,6 +270,7 @@ class StackedVariant(TrainingVariant):
       config.steps_per_dispatch = steps_per_dispatch
     self.config, self.spd, self.runs = config, steps_per_dispatch, runs
     run = build_lib.build(config, data)
+    self.step_config = run.step_config
     placement = placement_lib.Placement.create()
     state = build_lib.initial_state(run, placement)
     self.state = jax.tree.map(lambda a: jnp.stack([a] * runs), state)
@@ -501,6 +503,8 @@ def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: in
     rows = time_training(prepared, repeats)
   for name, v in prepared.items():
     rows[name]["copies"], rows[name]["alpha"] = v.config.copies, v.config.alpha
+    if v.config.alpha > 0 and v.config.loss_method == "moments":
+      rows[name]["moments_form"] = v.step_config.moments_form
   one = rows.get(f"invariance {default_method}")
   for row in rows.values():  # R runs in one program against R programs one by one
     if row.get("runs") and one:

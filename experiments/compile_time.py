@@ -3,6 +3,7 @@
   python -m experiments.compile_time --config=configs/densenet.py [--steps=10]
   XLA_FLAGS=--xla_gpu_autotune_level=0 python -m experiments.compile_time ...
   python -m experiments.compile_time --config=... --time_steps=3 --cache_dir=/tmp/c
+  python -m experiments.compile_time --config=... --jsonl=DIR/compile.jsonl
 
 Builds the run as `invjax.main` would (on synthetic data of the config's declared shape,
 so nothing is loaded) and compiles the program of --steps steps per dispatch (a loop
@@ -12,9 +13,12 @@ that many times and reports the step time (so a compile-time flag's cost in spee
 beside its saving). With --cache_dir, JAX's persistent compilation cache (with XLA's
 per-fusion autotuning cache, JAX's default with it) is used in that directory, and the
 program is compiled a second time from it after clearing JAX's in-memory caches: what
-a rerun or resume of the config pays. Without it, no persistent cache is used.
+a rerun or resume of the config pays. Without it, no persistent cache is used. With
+--jsonl, the figures are also appended to that file as one JSON line (what
+experiments/targets.py reads).
 """
 
+import json
 import os
 import time
 
@@ -39,6 +43,7 @@ flags.DEFINE_integer("steps", None, "Steps per program. Default: the config's "
 flags.DEFINE_integer("time_steps", 0, "Programs to run and time after compiling.")
 flags.DEFINE_string("cache_dir", None, "Persistent compilation cache directory: also "
                     "time a second compile from it.")
+flags.DEFINE_string("jsonl", None, "Append the figures to this file as one JSON line.")
 
 
 def main(argv):
@@ -64,16 +69,24 @@ def main(argv):
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
+  dev = jax.devices()[0]
+  record = {"model": config.model.name, "model_fields": dict(config.model),
+            "batch_size": config.batch_size,
+            "precision": "bfloat16" if config.half_precision else "float32",
+            "steps": steps, "device": dev.device_kind, "platform": dev.platform,
+            "trace_lower_s": t1 - t, "xla_compile_s": t2 - t1, "cached_compile_s": None,
+            "ms_per_step": None, "xla_flags": os.environ.get("XLA_FLAGS", "")}
   line = (f"{config.model.name} {dict(config.model)} batch {config.batch_size}, "
-          f"{'bfloat16' if config.half_precision else 'float32'}, {steps} step(s) per "
-          f"program, {jax.devices()[0].device_kind}: trace + lower {t1 - t:.1f} s, "
-          f"XLA compile {t2 - t1:.1f} s")
+          f"{record['precision']}, {steps} step(s) per program, {dev.device_kind}: "
+          f"trace + lower {t1 - t:.1f} s, XLA compile {t2 - t1:.1f} s")
   if FLAGS.cache_dir:
     jax.clear_caches()
     t = time.perf_counter()
     jitted = jax.jit(fn, donate_argnums=0)
     jitted.lower(*args).compile()
-    line += f"; again from the cache {time.perf_counter() - t:.1f} s (trace included)"
+    record["cached_compile_s"] = time.perf_counter() - t
+    line += (f"; again from the cache {record['cached_compile_s']:.1f} s "
+             "(trace included)")
   if FLAGS.time_steps:
     state, *_ = compiled(*args)  # warm-up; the state is donated, so pass the new one
     jax.block_until_ready(state)
@@ -83,8 +96,13 @@ def main(argv):
       state, *_ = compiled(state, *args[1:])
       jax.block_until_ready(state)
       times.append(time.perf_counter() - t)
-    line += f"; {1e3 * float(np.median(times)) / steps:.2f} ms per step"
-  print(f"{line}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+    record["ms_per_step"] = 1e3 * float(np.median(times)) / steps
+    line += f"; {record['ms_per_step']:.2f} ms per step"
+  print(f"{line}; XLA_FLAGS={record['xla_flags']!r}", flush=True)
+  if FLAGS.jsonl:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.jsonl)), exist_ok=True)
+    with open(FLAGS.jsonl, "a") as f:
+      f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@
 #                   XLA's GPU autotuning off (--xla_gpu_autotune_level=0), at level 1
 #                   (no checking of the candidates' outputs) and at the default level;
 #                   the last with a fresh persistent cache, compiled again from it (a
-#                   rerun's or resume's compile)
+#                   rerun's or resume's compile); each also a JSON line in
+#                   $OUT/compile.jsonl
 #   profile   (150) not in the default list: python -m experiments.profile_step, a JAX
 #                   profiler trace of All-CNN-C's and WRN-28-10's steps (baseline and
 #                   moments in both forms, bf16, paper size): device time per part of
@@ -54,6 +55,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder for the results}"
 mkdir -p "$OUT"
+export OUT
 phases=("$@")
 [ ${#phases[@]} -eq 0 ] && phases=(env loss allcnn wrn densenet)
 scale=${TIME_SCALE:-1}
@@ -100,7 +102,7 @@ analysis,stacked ;;
       --variants=same_batch,moments,loss_alone ;;
     augment) run augment 60 python3 -m experiments.augment_cost ;;
     compile) run compile 330 bash -c 'args="--config=configs/densenet.py
-      --config.half_precision=True --steps=10 --time_steps=3"
+      --config.half_precision=True --steps=10 --time_steps=3 --jsonl=$OUT/compile.jsonl"
       XLA_FLAGS=--xla_gpu_autotune_level=0 python3 -m experiments.compile_time $args
       XLA_FLAGS=--xla_gpu_autotune_level=1 python3 -m experiments.compile_time $args
       rm -rf /tmp/invjax_compile_cache

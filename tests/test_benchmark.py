@@ -4,6 +4,7 @@ Timings are printed by the benchmark, never asserted here; this checks that what
 reports is computed from the programs it claims to time.
 """
 
+import json
 import math
 import subprocess
 import sys
@@ -86,8 +87,13 @@ def test_compile_time_reports_the_cached_compile_and_the_step(tmp_path):
   done = subprocess.run(
       [sys.executable, "-m", "experiments.compile_time", "--config=tests/tiny_config.py",
        "--config.num_classes=10", "--config.image_shape=(16,16,3)", "--steps=2",
-       "--time_steps=2", f"--cache_dir={cache}"],
+       "--time_steps=2", f"--cache_dir={cache}", f"--jsonl={tmp_path / 'c.jsonl'}"],
       cwd=helpers.ROOT, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "again from the cache" in done.stdout and "ms per step" in done.stdout
   assert any(p.name.startswith("jit_chunk") for p in cache.iterdir())
+  (record,) = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
+  assert record["steps"] == 2 and record["platform"] == "cpu"
+  for key, fmt in (("trace_lower_s", ".1f"), ("xla_compile_s", ".1f"),
+                   ("cached_compile_s", ".1f"), ("ms_per_step", ".2f")):
+    assert record[key] > 0 and format(record[key], fmt) in done.stdout, key

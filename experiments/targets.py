@@ -1,0 +1,256 @@
+"""Issue 14's speed targets against a window's measurements: one table, each target met
+or its measured gap.
+
+  python -m experiments.targets DIR [--out=DIR/targets]
+
+DIR holds what experiments/gpu_window.sh writes there: benchmark_<model>.json
+(experiments/benchmark.py) and compile.jsonl (experiments/compile_time.py --jsonl). A
+target whose measurement is not in DIR is "not measured". The targets are set for an
+H100 or H200 at the paper's sizes in bfloat16; a figure from another setting (a CPU,
+--size=small, float32: the window's smoke test) is shown with its setting and judged
+"other setting", neither met nor missed.
+
+For the invariance step the moments method is measured in each form the benchmark ran
+(`losses.MOMENT_FORMS`); the verdict is on the faster one, and the table says when that
+is not the form `losses.moment_form` picks for the platform (the default to change).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from typing import Callable
+
+from absl import app
+from absl import flags
+
+from invjax import losses
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", None, "Also write OUT.md and OUT.json.")
+
+TARGET_PRECISION = "bfloat16"
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  name: str
+  model: str  # the benchmark_<model>.json it reads ("" for compile.jsonl)
+  op: str  # "<=" or ">="
+  bound: float
+  unit: str
+  measure: Callable[[dict], tuple[float, str] | None]  # (value, how) or None
+  # What else sets the measurement apart from the target's setting (None: nothing).
+  differs: Callable[[dict], str | None] = lambda m: None
+
+
+def _row(m: dict, name: str) -> dict | None:
+  return (m.get("train_rows") or {}).get(name)
+
+
+def _moment_rows(m: dict) -> dict[str, dict]:
+  """{form: its row} of the moments method's invariance step, in every form timed (the
+  plain "invariance moments" row is the platform's default form; results from before
+  the forms existed name none: "as then")."""
+  out = {}
+  for form in losses.MOMENT_FORMS:
+    row = _row(m, f"invariance moments, {form.replace('_', ' ')}")
+    if row:
+      out[form] = row
+  default = _row(m, "invariance moments")
+  if default:
+    out.setdefault(default.get("moments_form", "as then"), default)
+  return out
+
+
+def _best_form(m: dict, key: str, smaller: bool):
+  rows = {f: r[key] for f, r in _moment_rows(m).items() if r.get(key) is not None}
+  if not rows:
+    return None
+  best = (min if smaller else max)(rows, key=rows.get)
+  others = ", ".join(f"{f.replace('_', ' ')} {v:,.3f}" if smaller else
+                     f"{f.replace('_', ' ')} {v:,.0f}" for f, v in rows.items())
+  how = f"moments, {best.replace('_', ' ')} (forms: {others})"
+  if best in losses.MOMENT_FORMS and best != losses.moment_form(m["_platform"]):
+    how += f"; not the {m['_platform']} default"
+  return rows[best], how
+
+
+def _overhead(m):
+  return _best_form(m, "vs_same_batch", smaller=True)
+
+
+def _inv_throughput(m):
+  return _best_form(m, "images_per_s", smaller=False)
+
+
+def _baseline_throughput(m):
+  row = _row(m, "baseline")
+  return (row["images_per_s"], "baseline") if row else None
+
+
+def _scoring(m):
+  a = m.get("analysis")
+  if not a:
+    return None
+  return a["seconds"], (f"{a['images']:,} images x {a['copies']} copies, "
+                        f"{a['layers']} layers, both passes")
+
+
+def _not_the_test_set(m):
+  a = m.get("analysis") or {}
+  return (f"{a['images']:,} images, not 10,000" if a.get("images", 10000) != 10000
+          else None)
+
+
+def _loss_bytes(m):
+  a = m.get("loss_alone")
+  if not a or not a.get("activation_bytes"):
+    return None
+  return a["bytes_accessed"] / a["activation_bytes"], (
+      f"XLA's bytes accessed of L_inv's value and gradient ({a.get('form', '?')} form) "
+      "over the activations'")
+
+
+def _first_compile(c):
+  rows = [r for r in c if not r["xla_flags"]]  # the default autotuning level
+  if not rows:
+    return None
+  r = rows[-1]
+  return r["trace_lower_s"] + r["xla_compile_s"], (
+      f"trace + lower {r['trace_lower_s']:.1f} s, XLA {r['xla_compile_s']:.1f} s")
+
+
+def _cached_compile(c):
+  rows = [r for r in c if r.get("cached_compile_s") is not None]
+  if not rows:
+    return None
+  return rows[-1]["cached_compile_s"], "from the persistent cache, trace included"
+
+
+TARGETS = (
+    Target("All-CNN-C: invariance step / same batch", "allcnn", "<=", 1.05, "x",
+           _overhead),
+    Target("WRN-28-10: invariance step / same batch", "wrn", "<=", 1.02, "x", _overhead),
+    Target("DenseNet-BC: invariance step / same batch", "densenet", "<=", 1.03, "x",
+           _overhead),
+    Target("WRN-28-10 baseline", "wrn", ">=", 11000, "img/s", _baseline_throughput),
+    Target("WRN-28-10 invariance", "wrn", ">=", 10800, "img/s", _inv_throughput),
+    Target("All-CNN-C invariance", "allcnn", ">=", 100000, "img/s", _inv_throughput),
+    Target("DenseNet-BC invariance", "densenet", ">=", 25000, "img/s", _inv_throughput),
+    Target("DenseNet-BC training program compiled", "", "<=", 30, "s", _first_compile),
+    Target("a rerun's compile (DenseNet-BC)", "", "<=", 5, "s", _cached_compile),
+    Target("scoring CIFAR-10 x 5 copies, every WRN-28-10 layer", "wrn", "<=", 5, "s",
+           _scoring, _not_the_test_set),
+    Target("L_inv bytes over its activations' (All-CNN-C)", "allcnn", "<=", 4, "x",
+           _loss_bytes),
+)
+
+
+def load(folder: str) -> tuple[dict[str, dict], list[dict]]:
+  """({model: its benchmark result, with "_platform" and "_setting"}, compile records)
+  from a results folder."""
+  models = {}
+  for path in sorted(glob.glob(os.path.join(folder, "benchmark_*.json"))):
+    with open(path) as f:
+      result = json.load(f)
+    for m in result["models"]:
+      m["_platform"] = result["hardware"]["platform"]
+      m["_device"] = result["hardware"]["device"]
+      models[m["model"]] = m
+  compiles = []
+  path = os.path.join(folder, "compile.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      compiles = [json.loads(line) for line in f if line.strip()]
+  return models, compiles
+
+
+def _setting(m: dict) -> str | None:
+  """None for the targets' setting (an accelerator, the paper's size, bfloat16), else
+  what differs."""
+  off = [f"{m['_device']} ({m['_platform']})"] if m["_platform"] == "cpu" else []
+  if m.get("size") not in (None, "paper"):
+    off.append(f"size {m['size']}")
+  if m.get("precision") != TARGET_PRECISION:
+    off.append(m.get("precision", "?"))
+  return ", ".join(off) or None
+
+
+def _compile_setting(r: dict) -> str | None:
+  off = [f"{r['device']} ({r['platform']})"] if r["platform"] == "cpu" else []
+  if r["precision"] != TARGET_PRECISION:
+    off.append(r["precision"])
+  return ", ".join(off) or None
+
+
+def evaluate(models: dict[str, dict], compiles: list[dict]) -> list[dict]:
+  rows = []
+  for t in TARGETS:
+    row = {"target": t.name, "required": f"{t.op} {t.bound:,g} {t.unit}",
+           "measured": None, "how": "", "verdict": "not measured", "setting": None}
+    if t.model:
+      source, setting = models.get(t.model), None
+      if source is not None:
+        setting = ", ".join(filter(None, (_setting(source), t.differs(source)))) or None
+    else:
+      dense = [r for r in compiles if r["model"] == "densenet"]
+      source = dense or None
+      setting = _compile_setting(dense[-1]) if dense else None
+    got = t.measure(source) if source is not None else None
+    if got is not None:
+      value, how = got
+      row.update(measured=value, how=how, setting=setting)
+      ok = value <= t.bound if t.op == "<=" else value >= t.bound
+      if setting:
+        row["verdict"] = "other setting"
+      elif ok:
+        row["verdict"] = "met"
+      else:
+        gap = value - t.bound if t.op == "<=" else t.bound - value
+        row["verdict"] = (f"gap {_fmt(gap, t.unit)} {t.unit} "
+                          f"({abs(value / t.bound - 1):.1%} {'over' if t.op == '<=' else 'under'})")
+    rows.append(row)
+  return rows
+
+
+def _fmt(value: float | None, unit: str) -> str:
+  if value is None:
+    return ""
+  return f"{value:,.0f}" if unit == "img/s" else f"{value:,.3g}"
+
+
+def format_markdown(rows: list[dict], folder: str) -> str:
+  lines = [f"# Issue 14's targets, from {folder}", "",
+           "| target | required | measured | verdict | how | setting |",
+           "| --- | --- | ---: | --- | --- | --- |"]
+  for r, t in zip(rows, TARGETS):
+    lines.append(f"| {r['target']} | {r['required']} | {_fmt(r['measured'], t.unit)} | "
+                 f"{r['verdict']} | {r['how']} | {r['setting'] or 'the targets'} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  if len(argv) != 2:
+    raise app.UsageError("usage: python -m experiments.targets RESULTS_DIR [--out=PATH]")
+  folder = argv[1]
+  if not os.path.isdir(folder):
+    raise app.UsageError(f"{folder} is not a folder of window results.")
+  models, compiles = load(folder)
+  if not models and not compiles:
+    raise app.UsageError(f"{folder} holds no benchmark_*.json and no compile.jsonl.")
+  rows = evaluate(models, compiles)
+  text = format_markdown(rows, folder)
+  print(text, end="")
+  if FLAGS.out:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    with open(FLAGS.out + ".md", "w") as f:
+      f.write(text)
+    with open(FLAGS.out + ".json", "w") as f:
+      json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)

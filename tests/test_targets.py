@@ -1,0 +1,83 @@
+"""experiments/targets.py: issue 14's targets judged from a window's result files."""
+
+import json
+
+import pytest
+
+from experiments import targets
+
+
+def _bench(platform="gpu", size="paper", precision="bfloat16", **models):
+  return {"hardware": {"platform": platform, "device": "NVIDIA H200"},
+          "models": [dict(m, model=name, size=size, precision=precision)
+                     for name, m in models.items()]}
+
+
+def _write(folder, benchmarks, compiles=()):
+  for i, b in enumerate(benchmarks):
+    (folder / f"benchmark_{i}.json").write_text(json.dumps(b))
+  if compiles:
+    (folder / "compile.jsonl").write_text("".join(json.dumps(c) + "\n" for c in compiles))
+  return targets.evaluate(*targets.load(str(folder)))
+
+
+def _by_name(rows):
+  return {r["target"]: r for r in rows}
+
+
+ALLCNN = {"train_rows": {
+    "same batch": {"vs_same_batch": 1.0, "images_per_s": 95000.0},
+    "invariance moments": {"vs_same_batch": 1.04, "images_per_s": 90000.0,
+                           "moments_form": "one_read"},
+    "invariance moments, per seed": {"vs_same_batch": 1.10, "images_per_s": 85000.0,
+                                     "moments_form": "per_seed"}},
+    "loss_alone": {"bytes_accessed": 3.2e8, "activation_bytes": 1e8, "form": "one_read"}}
+WRN = {"train_rows": {"baseline": {"images_per_s": 11500.0, "vs_same_batch": 1.0}},
+       "analysis": {"seconds": 6.0, "images": 10000, "copies": 5, "layers": 13}}
+DENSE = {"model": "densenet", "precision": "bfloat16", "device": "NVIDIA H200",
+         "platform": "gpu", "trace_lower_s": 5.0, "xla_compile_s": 20.0,
+         "cached_compile_s": None, "xla_flags": ""}
+
+
+def test_each_target_is_met_or_its_gap_is_measured(tmp_path):
+  rows = _by_name(_write(tmp_path, [_bench(allcnn=ALLCNN, wrn=WRN)], [
+      dict(DENSE, xla_flags="--xla_gpu_autotune_level=0", xla_compile_s=1.0),
+      dict(DENSE, cached_compile_s=7.0)]))
+  overhead = rows["All-CNN-C: invariance step / same batch"]
+  assert overhead["verdict"] == "met" and overhead["measured"] == 1.04
+  assert overhead["how"].startswith("moments, one read")
+  assert "not the gpu default" not in overhead["how"]
+  inv = rows["All-CNN-C invariance"]
+  assert inv["measured"] == 90000.0 and inv["verdict"] == "gap 10,000 img/s (10.0% under)"
+  assert rows["WRN-28-10 baseline"]["verdict"] == "met"
+  assert rows["scoring CIFAR-10 x 5 copies, every WRN-28-10 layer"]["verdict"].startswith(
+      "gap 1 s")
+  assert rows["L_inv bytes over its activations' (All-CNN-C)"]["verdict"] == "met"
+  # The default autotuning level's compile (not the level-0 one), and the cached one.
+  assert rows["DenseNet-BC training program compiled"]["measured"] == 25.0
+  assert rows["DenseNet-BC training program compiled"]["verdict"] == "met"
+  assert rows["a rerun's compile (DenseNet-BC)"]["verdict"].startswith("gap 2 s")
+  for name in ("DenseNet-BC invariance", "WRN-28-10 invariance",
+               "DenseNet-BC: invariance step / same batch"):
+    assert rows[name]["verdict"] == "not measured" and rows[name]["measured"] is None
+
+
+def test_the_faster_form_is_judged_and_named_when_not_the_default(tmp_path):
+  fast = json.loads(json.dumps(ALLCNN))
+  fast["train_rows"]["invariance moments, per seed"]["vs_same_batch"] = 1.01
+  row = _by_name(_write(tmp_path, [_bench(allcnn=fast)]))[
+      "All-CNN-C: invariance step / same batch"]
+  assert row["measured"] == 1.01 and row["verdict"] == "met"
+  assert "per seed" in row["how"] and "not the gpu default" in row["how"]
+
+
+@pytest.mark.parametrize("setting", [{"platform": "cpu"}, {"size": "small"},
+                                     {"precision": "float32"}])
+def test_figures_from_another_setting_are_neither_met_nor_missed(tmp_path, setting):
+  rows = _by_name(_write(tmp_path, [_bench(allcnn=ALLCNN, wrn=WRN, **setting)]))
+  for name in ("All-CNN-C invariance", "WRN-28-10 baseline"):
+    assert rows[name]["verdict"] == "other setting" and rows[name]["setting"]
+  small = dict(WRN, analysis=dict(WRN["analysis"], images=512))
+  row = _by_name(_write(tmp_path, [_bench(wrn=small)]))[
+      "scoring CIFAR-10 x 5 copies, every WRN-28-10 layer"]
+  assert row["verdict"] == "other setting" and "512 images" in row["setting"]
