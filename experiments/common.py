@@ -3,6 +3,7 @@ repository root, e.g. python -m experiments.quickstart)."""
 
 import os
 import platform
+import re
 
 from absl import app
 from absl import flags
@@ -69,3 +70,11 @@ def cost_analysis(compiled) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return cost or {}
+
+
+def convolutions(stablehlo: str) -> tuple[int, int]:
+  """(convolutions, distinct ones) in a lowered program's text: XLA autotunes each
+  distinct convolution (operands, attributes and types) once on a GPU."""
+  convs = [line.split("=", 1)[1] for line in stablehlo.splitlines()
+           if "stablehlo.convolution" in line]
+  return len(convs), len({re.sub(r"%[\w#.]+", "", c).strip() for c in convs})

@@ -29,6 +29,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from experiments import benchmark
+from experiments import common
 from invjax import build as build_lib
 from invjax import cli
 from invjax import compilation_cache
@@ -76,9 +77,12 @@ def main(argv):
             "steps": steps, "device": dev.device_kind, "platform": dev.platform,
             "trace_lower_s": t1 - t, "xla_compile_s": t2 - t1, "cached_compile_s": None,
             "ms_per_step": None, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  record["convolutions"], record["distinct_convolutions"] = common.convolutions(
+      lowered.as_text())
   line = (f"{config.model.name} {dict(config.model)} batch {config.batch_size}, "
           f"{record['precision']}, {steps} step(s) per program, {dev.device_kind}: "
-          f"trace + lower {t1 - t:.1f} s, XLA compile {t2 - t1:.1f} s")
+          f"{record['convolutions']} convolutions ({record['distinct_convolutions']} "
+          f"distinct), trace + lower {t1 - t:.1f} s, XLA compile {t2 - t1:.1f} s")
   if FLAGS.cache_dir:
     jax.clear_caches()
     t = time.perf_counter()

@@ -21,6 +21,25 @@ from invjax import models
 from tests import helpers
 
 
+def test_convolutions_are_counted_and_told_apart_by_shape():
+  conv = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def f(x, k3, k1):
+    y = conv(x, k3)  # 3x3, 3 -> 4 channels
+    return conv(conv(y, k1), k1)  # twice the same 1x1, 4 -> 4
+
+  text = jax.jit(f).lower(np.zeros((2, 8, 8, 3), np.float32),
+                          np.zeros((3, 3, 3, 4), np.float32),
+                          np.zeros((1, 1, 4, 4), np.float32)).as_text()
+  assert common.convolutions(text) == (3, 2)
+  grad = jax.jit(jax.grad(lambda *a: f(*a).sum(), argnums=(1, 2))).lower(
+      np.zeros((2, 8, 8, 3), np.float32), np.zeros((3, 3, 3, 4), np.float32),
+      np.zeros((1, 1, 4, 4), np.float32)).as_text()
+  total, distinct = common.convolutions(grad)
+  assert total > 3 and 2 < distinct < total  # the backward's convolutions too
+
+
 @pytest.mark.slow  # ~16 s of compiling; the benchmark is a script, not the library
 def test_benchmark_rows_come_from_the_compiled_programs():
   config = helpers.tiny_config("unused", "batchaug", num_epochs=1.0, lr_boundaries=())
@@ -94,6 +113,7 @@ def test_compile_time_reports_the_cached_compile_and_the_step(tmp_path):
   assert any(p.name.startswith("jit_chunk") for p in cache.iterdir())
   (record,) = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
   assert record["steps"] == 2 and record["platform"] == "cpu"
+  assert record["convolutions"] >= record["distinct_convolutions"] > 0
   for key, fmt in (("trace_lower_s", ".1f"), ("xla_compile_s", ".1f"),
                    ("cached_compile_s", ".1f"), ("ms_per_step", ".2f")):
     assert record[key] > 0 and format(record[key], fmt) in done.stdout, key
