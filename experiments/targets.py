@@ -1,7 +1,7 @@
 """Issue 14's speed targets against a window's measurements: one table, each target met
 or its measured gap.
 
-  python -m experiments.targets DIR [--out=DIR/targets]
+  python -m experiments.targets DIR [--table=DIR/targets]
 
 DIR holds what experiments/gpu_window.sh writes there: benchmark_<model>.json
 (experiments/benchmark.py) and compile.jsonl (experiments/compile_time.py --jsonl). A
@@ -29,7 +29,7 @@ from absl import flags
 from invjax import losses
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", None, "Also write OUT.md and OUT.json.")
+flags.DEFINE_string("table", None, "Also write TABLE.md and TABLE.json.")
 
 TARGET_PRECISION = "bfloat16"
 
@@ -234,7 +234,7 @@ def format_markdown(rows: list[dict], folder: str) -> str:
 
 def main(argv):
   if len(argv) != 2:
-    raise app.UsageError("usage: python -m experiments.targets RESULTS_DIR [--out=PATH]")
+    raise app.UsageError("usage: python -m experiments.targets RESULTS_DIR [--table=PATH]")
   folder = argv[1]
   if not os.path.isdir(folder):
     raise app.UsageError(f"{folder} is not a folder of window results.")
@@ -244,11 +244,11 @@ def main(argv):
   rows = evaluate(models, compiles)
   text = format_markdown(rows, folder)
   print(text, end="")
-  if FLAGS.out:
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out + ".md", "w") as f:
+  if FLAGS.table:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.table)), exist_ok=True)
+    with open(FLAGS.table + ".md", "w") as f:
       f.write(text)
-    with open(FLAGS.out + ".json", "w") as f:
+    with open(FLAGS.table + ".json", "w") as f:
       json.dump(rows, f, indent=2)
 
 
