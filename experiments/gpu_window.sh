@@ -10,16 +10,17 @@
 #   paper     (PAPER_MINUTES x 60 + 60; not in the default list) the paper's All-CNN-C
 #                   cell at full scale: decodes the CIFAR-10 pack carried in data/
 #                   (gpu-prepare.sh without --no-data) to /tmp/cifar10.npz and runs
-#                   experiments/window.py with --budget_minutes=PAPER_MINUTES (default 6)
-#                   for the cell's variants that have no finished committed record, in
-#                   the order baseline, invariance, batchaug; packed records and
-#                   window.json in $OUT/records. WINDOW_ARGS is added to its command
-#                   (the CPU smoke test: "--epochs=1 --train_examples=512
-#                   --test_examples=256"). The pack (56 MB) and the tracked tree (17 MB)
-#                   pass the 64 MiB a call carries: delete the committed records'
-#                   weights.npz and analysis/scores.npz from the working tree before the
-#                   call (the run cards are enough to skip those variants) and restore
-#                   them after (git checkout -- experiments/results/records).
+#                   experiments/window.py with --budget_minutes=PAPER_MINUTES (default
+#                   6, fractions allowed) for the cell's variants that have no finished
+#                   committed record, in the order baseline, invariance, batchaug;
+#                   packed records and window.json in $OUT/records. WINDOW_ARGS is
+#                   added to its command (the CPU smoke test: "--epochs=1
+#                   --train_examples=512 --test_examples=256"). The pack (56 MB) and
+#                   the tracked tree (17 MB) pass the 64 MiB a call carries: delete the
+#                   committed records' weights.npz and analysis/scores.npz from the
+#                   working tree before the call (the run cards are enough to skip
+#                   those variants) and restore them after (git checkout --
+#                   experiments/results/records); gpu_rehearsal.sh does the same.
 #   env       (60)  the device, JAX and the packages
 #   loss      (60)  experiments/loss_cost.py: L_inv alone, All-CNN-C width 1, bf16,
 #                   16 x 8: XLA's bytes accessed over the activations' bytes, and time
@@ -84,7 +85,7 @@ bench() {  # bench NAME SECONDS BENCHMARK_ARGS...
 for phase in "${phases[@]}"; do
   case $phase in
     # shellcheck disable=SC2016
-    paper) run paper $(( paper_minutes * 60 + 60 )) bash -c 'python3 data/decode.py \
+    paper) run paper "$(awk "BEGIN { print int($paper_minutes * 60 + 60) }")" bash -c 'python3 data/decode.py \
       /tmp/cifar10.npz && python3 -m experiments.window --data=/tmp/cifar10.npz \
       --out="$1" --budget_minutes="$2" $3' paper "$OUT/records" "$paper_minutes" \
       "${WINDOW_ARGS:-}" ;;
