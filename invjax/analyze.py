@@ -162,8 +162,8 @@ def restore(config, workdir: str, data=None, run=None):
     return run, placement, state, step
   ckpts = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
   try:
-    state, step = workdirs.restore_latest(
-        ckpts, build_lib.initial_state(run, placement), config, workdir)
+    state, step = workdirs.restore_latest(ckpts, build_lib.restore_target(
+        run, placement, bool(ckpts.manager.all_steps())), config, workdir)
   finally:
     ckpts.close()
   return run, placement, state, step

@@ -359,10 +359,7 @@ def load_run(workdir: str, step: int | None = None,
         steps_lib.create_learning_rate_fn(config.learning_rate, config.lr_boundaries,
                                           config.lr_decay, 1),
         config.momentum, config.nesterov)
-    abstract = jax.eval_shape(lambda: steps_lib.create_train_state(
-        jax.random.key(0), model, image_shape, tx))
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-        a.shape, a.dtype, sharding=placement.replicated), abstract)
+    target = steps_lib.train_state_shapes(model, image_shape, tx, placement.replicated)
     try:
       state = ckpts.restore(target, step)
     except Exception as e:  # pylint: disable=broad-except

@@ -116,9 +116,24 @@ def build(config, data: input_pipeline.Dataset | None = None) -> Run:
              shapes.layers, shapes.params)
 
 
+def _optimizer(run: Run):
+  return steps_lib.create_optimizer(run.lr_fn, run.config.momentum, run.config.nesterov)
+
+
 def initial_state(run: Run, placement: placement_lib.Placement) -> steps_lib.TrainState:
-  tx = steps_lib.create_optimizer(run.lr_fn, run.config.momentum, run.config.nesterov)
   key = jax.random.fold_in(jax.random.key(run.config.seed), 0)
-  state = steps_lib.create_train_state(key, run.model, run.data.image_shape, tx)
+  state = steps_lib.create_train_state(key, run.model, run.data.image_shape,
+                                       _optimizer(run))
   return placement.replicate(state)
+
+
+def restore_target(run: Run, placement: placement_lib.Placement,
+                   has_checkpoints: bool):
+  """What `workdirs.restore_latest` restores into: with checkpoints, the state's shapes
+  alone (a resume computes no initial state, nor loads its program); without, the
+  initial state, which it returns as the state at step 0."""
+  if has_checkpoints:
+    return steps_lib.train_state_shapes(run.model, run.data.image_shape,
+                                        _optimizer(run), placement.replicated)
+  return initial_state(run, placement)
 

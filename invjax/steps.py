@@ -81,6 +81,16 @@ def create_train_state(key: jax.Array, model: nn.Module, image_shape,
   return jax.jit(create)(key)
 
 
+def train_state_shapes(model: nn.Module, image_shape, tx: optax.GradientTransformation,
+                       sharding) -> TrainState:
+  """The initial state's shapes and dtypes (jax.ShapeDtypeStruct leaves, placed by
+  `sharding`), traced but not computed: what a checkpoint restores into."""
+  shapes = jax.eval_shape(lambda: create_train_state(jax.random.key(0), model,
+                                                     image_shape, tx))
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding,
+                                                     weak_type=a.weak_type), shapes)
+
+
 def to_float(images: jax.Array) -> jax.Array:
   """uint8 [0, 255] -> float32 [0, 1]."""
   return images.astype(jnp.float32) / 255.0

@@ -122,9 +122,9 @@ def _start(config, workdir, allow_config_change, data):
                run.total_steps,
                run.steps_per_epoch, jax.device_count())
 
-  state = build_lib.initial_state(run, placement)
   ckpts = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
-  state, start = workdirs.restore_latest(ckpts, state, config, workdir)
+  target = build_lib.restore_target(run, placement, bool(ckpts.manager.all_steps()))
+  state, start = workdirs.restore_latest(ckpts, target, config, workdir)
   if start:
     logging.info("resumed from step %d", start)
   workdirs.save_config(config, workdir)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from invjax import analyze
+from invjax import build as build_lib
 from invjax import checkpoints
 from invjax import config_lib
 from invjax import deadline as deadline_lib
@@ -100,13 +101,18 @@ def test_time_limit_stops_with_a_checkpoint_weights_and_a_run_card(stopped_run):
 
 @pytest.mark.slow  # ~30 s: an uninterrupted run and its analysis, and a resume
 def test_a_rerun_after_a_time_limit_resumes_to_the_uninterrupted_run(
-    npz, full_run, tmp_path):
+    npz, full_run, tmp_path, monkeypatch):
   config, full_dir, _, _ = full_run
   workdir = str(tmp_path / "run")
   limited = helpers.tiny_config(npz, time_limit_minutes=1e-4)
   assert train.train_and_evaluate(limited, workdir, tensorboard=False)["step"] == 1
   # A rerun without the limit (a performance field: allowed) resumes and finishes
-  # with the uninterrupted run's weights.
+  # with the uninterrupted run's weights. It restores into the state's shapes: it
+  # computes no initial state.
+  def no_initial_state(*args):
+    raise AssertionError("the resume computed an initial state")
+
+  monkeypatch.setattr(build_lib, "initial_state", no_initial_state)
   result = train.train_and_evaluate(config, workdir, tensorboard=False)
   assert result["finished"] and result["step"] == 8
   card = run_card.read(workdir)
