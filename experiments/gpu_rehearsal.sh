@@ -24,12 +24,18 @@ scratch=${REHEARSAL_DIR:-/tmp/invjax_rehearsal}
 out=${REHEARSAL_OUT:-$scratch/out}
 phases=("$@")
 [ ${#phases[@]} -eq 0 ] && phases=(paper env loss allcnn wrn profile augment)
-python312=${PYTHON312:-$(command -v python3.12 || ls /root/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | head -1 || true)}
+python312=${PYTHON312:-}
+if [ -z "$python312" ]; then  # the first that runs (a pyenv shim may exist and fail)
+  for p in python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12; do
+    if "$p" --version > /dev/null 2>&1; then python312=$p; break; fi
+  done
+fi
 if [ ! -x "$venv/bin/python3" ]; then
-  [ -n "$python312" ] || { echo "no python3.12 found: set PYTHON312" >&2; exit 2; }
+  [ -n "$python312" ] || { echo "no working python3.12 found: set PYTHON312" >&2; exit 2; }
   "$python312" -m venv "$venv"
   "$venv/bin/pip" install -q jax==0.11.2 jaxlib==0.11.2 flax==0.12.10 optax==0.2.8 \
-    orbax-checkpoint==0.12.4 chex numpy scikit-learn matplotlib pillow tensorboard
+    orbax-checkpoint==0.12.4 chex numpy scikit-learn matplotlib pillow tensorboard \
+    2> >(grep -v '^WARNING: Location' >&2)
 fi
 rm -rf "$scratch/p" "$out" "$scratch/site"
 mkdir -p "$scratch"
