@@ -136,4 +136,3 @@ def restore_target(run: Run, placement: placement_lib.Placement,
     return steps_lib.train_state_shapes(run.model, run.data.image_shape,
                                         _optimizer(run), placement.replicated)
   return initial_state(run, placement)
-
