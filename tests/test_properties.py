@@ -15,7 +15,7 @@ Documented behaviour checked here (losses.py, analysis.py):
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from invjax import analysis
 from invjax import losses
@@ -77,16 +77,40 @@ def test_loss_is_finite_non_negative_and_zero_when_it_must_be(batch, parts):
     assert values["per_seed"] == 0.0
 
 
+def _exact_loss(f, m):
+  """Eq. 3 in float64 over every pair (0 for a constant batch), of f as given."""
+  x = np.asarray(f, np.float64).reshape(f.shape[0], -1)
+  d = np.mean((x[:, None] - x[None]) ** 2, axis=-1)
+  ids = np.arange(len(x)) // m
+  off = ~np.eye(len(x), dtype=bool)
+  same = (ids[:, None] == ids[None]) & off
+  between = d[off].mean()
+  return d[same].mean() / between if between > 0 else 0.0
+
+
 @SETTINGS
 @given(grouped_batches(max_abs=10.0), st.floats(-100.0, 100.0),
        st.floats(1e-3, 1e3), st.sampled_from([1, 2]))
+@example(batch=(jnp.asarray([[0.12573022], [-0.13210486], [0.64042264], [0.10490011]],
+                            jnp.float32), 2, 2, "normal"),
+         shift=64.0, scale=0.001, parts=1)  # moved 1.7 % by float32's rounding alone
 def test_loss_ignores_shift_and_positive_scale(batch, shift, scale, parts):
+  """L_inv of shifted and scaled activations is that of the activations, up to what
+  float32 keeps of them: the shifted copy is itself rounded (a spread of 1e-3 at an
+  offset of 64 keeps about 260 steps of float32), so each value is checked against the
+  exact (float64) loss of the float32 values it was given."""
   f, _, m, kind = batch
   if kind == "scaled":  # values from 1e-12 to 1e12 times the scale: past float32
     f = f / jnp.maximum(jnp.max(jnp.abs(f)), 1e-30)
+  moved_f = scale * f + shift
   for form in losses.MOMENT_FORMS:
     base = float(grouped(f, m, "moments", parts, form))
-    moved = float(grouped(scale * f + shift, m, "moments", parts, form))
+    moved = float(grouped(moved_f, m, "moments", parts, form))
+    np.testing.assert_allclose(base, _exact_loss(f, m), rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(moved, _exact_loss(moved_f, m), rtol=1e-2, atol=1e-4)
+  # Where the shift leaves float32 enough steps of the spread, the values agree.
+  spread = float(jnp.max(f) - jnp.min(f)) * scale
+  if spread > 1e4 * np.spacing(np.float32(abs(shift) + scale * 10.0)):
     np.testing.assert_allclose(moved, base, rtol=1e-2, atol=1e-4)
 
 
