@@ -6,7 +6,8 @@ Documented behaviour checked here (losses.py, analysis.py):
     magnitude from 1e-12 to 1e12 (and zeros); L_inv is 0 when the
     copies of every seed are identical or the whole batch is constant (dead layer), the
     same by both methods and in both layouts, and unchanged by a shift or a positive
-    scale of the activations (within float32's normal range).
+    scale of the activations beyond what float32's rounding of the moved activations
+    changes (checked against the exact float64 loss).
   - The score is <= 1, 1 where an image's transformed activations equal its clean
     ones, finite unless the clean set is constant and the transformed copy is not
     (then -inf), and the same streamed over any batch split.
