@@ -168,22 +168,28 @@ def load(folder: str) -> tuple[dict[str, dict], list[dict]]:
   return models, compiles
 
 
+def _off_setting(platform: str, device: str, precision: str | None,
+                 *other: str | None) -> str | None:
+  """None for the targets' setting (an accelerator, bfloat16, and nothing in `other`),
+  else what differs."""
+  off = [f"{device} ({platform})"] if platform == "cpu" else []
+  if precision != TARGET_PRECISION:
+    off.append(precision or "?")
+  return ", ".join(off + [o for o in other if o]) or None
+
+
 def _setting(m: dict) -> str | None:
-  """None for the targets' setting (an accelerator, the paper's size, bfloat16), else
-  what differs."""
-  off = [f"{m['_device']} ({m['_platform']})"] if m["_platform"] == "cpu" else []
-  if m.get("size") not in (None, "paper"):
-    off.append(f"size {m['size']}")
-  if m.get("precision") != TARGET_PRECISION:
-    off.append(m.get("precision", "?"))
-  return ", ".join(off) or None
+  """Of a benchmark result: the paper's size too."""
+  size = m.get("size")
+  return _off_setting(m["_platform"], m["_device"], m.get("precision"),
+                      f"size {size}" if size not in (None, "paper") else None)
 
 
 def _compile_setting(r: dict) -> str | None:
-  off = [f"{r['device']} ({r['platform']})"] if r["platform"] == "cpu" else []
-  if r["precision"] != TARGET_PRECISION:
-    off.append(r["precision"])
-  return ", ".join(off) or None
+  """Of a compile record: DenseNet-BC-100, the target's model, too."""
+  depth = r.get("model_fields", {}).get("depth")
+  return _off_setting(r["platform"], r["device"], r["precision"],
+                      f"depth {depth}" if depth != 100 else None)
 
 
 def evaluate(models: dict[str, dict], compiles: list[dict]) -> list[dict]:

@@ -34,8 +34,9 @@ ALLCNN = {"train_rows": {
     "loss_alone": {"bytes_accessed": 3.2e8, "activation_bytes": 1e8, "form": "one_read"}}
 WRN = {"train_rows": {"baseline": {"images_per_s": 11500.0, "vs_same_batch": 1.0}},
        "analysis": {"seconds": 6.0, "images": 10000, "copies": 5, "layers": 13}}
-DENSE = {"model": "densenet", "precision": "bfloat16", "device": "NVIDIA H200",
-         "platform": "gpu", "trace_lower_s": 5.0, "xla_compile_s": 20.0,
+DENSE = {"model": "densenet", "model_fields": {"depth": 100}, "precision": "bfloat16",
+         "device": "NVIDIA H200", "platform": "gpu", "trace_lower_s": 5.0,
+         "xla_compile_s": 20.0,
          "cached_compile_s": None, "xla_flags": ""}
 
 
@@ -77,6 +78,12 @@ def test_figures_from_another_setting_are_neither_met_nor_missed(tmp_path, setti
   rows = _by_name(_write(tmp_path, [_bench(allcnn=ALLCNN, wrn=WRN, **setting)]))
   for name in ("All-CNN-C invariance", "WRN-28-10 baseline"):
     assert rows[name]["verdict"] == "other setting" and rows[name]["setting"]
+  compiled = _by_name(_write(tmp_path, [], [dict(DENSE, **setting)]))[
+      "DenseNet-BC training program compiled"]
+  assert compiled["verdict"] == ("met" if "size" in setting else "other setting")
+  shallow = _by_name(_write(tmp_path, [], [dict(DENSE, model_fields={"depth": 40})]))[
+      "DenseNet-BC training program compiled"]
+  assert shallow["verdict"] == "other setting" and shallow["setting"] == "depth 40"
   small = dict(WRN, analysis=dict(WRN["analysis"], images=512))
   row = _by_name(_write(tmp_path, [_bench(wrn=small)]))[
       "scoring CIFAR-10 x 5 copies, every WRN-28-10 layer"]
