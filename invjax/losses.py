@@ -356,7 +356,6 @@ def _loss_moments(features, seed_ids):
   return _moments(0, features.reshape(b, -1), group, first, counts)
 
 
-
 def _seed_moments(copies, x, group, first, counts):
   """Per seed slot k and feature d, float32, of flat activations x [B, D]:
   (c: the seed's mean - r_0, ss: its sum of squared deviations from its mean,
