@@ -305,32 +305,54 @@ def time_training(variants: dict[str, TrainingVariant], repeats: int) -> dict:
   return {name: v.result() for name, v in variants.items()}
 
 
-def time_augmentation(config, data, repeats: int) -> dict:
-  """The augmentation alone: B augmented float images from B / M uint8 seeds."""
+def _looped(fn, calls: int):
+  """jit of `calls` calls of fn(i, *args), i = 0 .. calls - 1, in one program: a loop
+  whose carry is each call's output (so no call is skipped), returning the last. Timed
+  per call like a training step at --steps_per_dispatch, so a part timed alone carries
+  the same share of the dispatch as the step it is compared with."""
+  if calls == 1:
+    return jax.jit(lambda *args: fn(0, *args))
+
+  def run(*args):
+    init = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                        jax.eval_shape(lambda: fn(0, *args)))
+    return jax.lax.fori_loop(0, calls, lambda i, _: fn(i, *args), init)
+  return jax.jit(run)
+
+
+def _time_per_call(compiled, args, calls: int, programs: int) -> float:
+  """Median seconds of one of the `calls` calls a compiled `_looped` program makes."""
+  _sync(compiled(*args))
+  times = []
+  for _ in range(programs):
+    t = time.perf_counter()
+    _sync(compiled(*args))
+    times.append(time.perf_counter() - t)
+  return float(np.median(times)) / calls
+
+
+def time_augmentation(config, data, repeats: int, calls: int = 1) -> dict:
+  """The augmentation alone: B augmented float images from B / M uint8 seeds, `calls`
+  augmentations (each its own key) per timed program."""
   k = config.batch_size // config.copies
   ranges = augment.AugmentRanges.from_config(config.augment)
   placement = placement_lib.Placement.create()
   seeds = placement.shard(data.x_train[:k])
   labels = placement.shard(data.y_train[:k])
 
-  @jax.jit
-  def aug(key, seeds, labels):
+  def aug(i, key, seeds, labels):
     x, _, _ = steps_lib.expand_seeds(seeds, labels, config.copies)
-    return augment.augment(key, steps_lib.to_float(x), ranges)
+    return augment.augment(jax.random.fold_in(key, i), steps_lib.to_float(x), ranges)
 
+  args = (jax.random.key(0), seeds, labels)
   t = time.perf_counter()
-  compiled = aug.lower(jax.random.key(0), seeds, labels).compile()
+  compiled = _looped(aug, calls).lower(*args).compile()
   compile_s = time.perf_counter() - t
-  _sync(compiled(jax.random.key(0), seeds, labels))
-  times = []
-  for i in range(repeats * 5):
-    t = time.perf_counter()
-    _sync(compiled(jax.random.key(i), seeds, labels))
-    times.append(time.perf_counter() - t)
-  seconds = float(np.median(times))
+  one = compiled if calls == 1 else _looped(aug, 1).lower(*args).compile()
+  seconds = _time_per_call(compiled, args, calls, repeats * 5)
   return {"step_ms": seconds * 1e3, "images_per_s": config.batch_size / seconds,
-          "flops_per_step": _cost_flops(compiled),
-          "memory_plan_bytes": _plan_bytes(compiled), "compile_s": compile_s}
+          "calls_per_program": calls, "flops_per_step": _cost_flops(one),
+          "memory_plan_bytes": _plan_bytes(one), "compile_s": compile_s}
 
 
 _COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
@@ -438,9 +460,10 @@ def time_analysis(config, data, copies_per_forward: int | None = None) -> dict:
           "device_peak_bytes": _device_peak_bytes()}
 
 
-def time_loss_alone(config, repeats: int) -> dict:
+def time_loss_alone(config, repeats: int, calls: int = 1) -> dict:
   """L_inv of every sown layer, value and gradient, on random post-ReLU activations of
-  the step's shapes and compute dtype, weighted as Eq. 4 weighs them."""
+  the step's shapes and compute dtype, weighted as Eq. 4 weighs them; `calls` per timed
+  program, call i on the activations x (1 + i 2^-20) (a value the loop cannot hoist)."""
   model = build_lib.create_model(config, config.num_classes)
   shapes = models_lib.layer_shapes(model, tuple(config.image_shape))
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
@@ -449,25 +472,26 @@ def time_loss_alone(config, repeats: int) -> dict:
                                             (config.batch_size, *s), dtype), 0)
            for i, (k, s) in enumerate(shapes.items())}
   weights = losses.layer_weights(len(shapes), config.alpha, config.alpha_ratio)
-  t = time.perf_counter()
   form = losses.moment_form(jax.default_backend())
-  compiled = loss_cost.loss_program(weights, config.copies, config.loss_method,
-                                    1, form).lower(feats).compile()
+  program = loss_cost.loss_program(weights, config.copies, config.loss_method, 1, form)
+
+  def loss(i, fs):
+    scale = (1.0 + jnp.asarray(i, jnp.float32) * 2.0 ** -20).astype(dtype)
+    return program(jax.tree.map(lambda v: v * scale, fs))
+
+  t = time.perf_counter()
+  compiled = _looped(loss, calls).lower(feats).compile()
   compile_s = time.perf_counter() - t
-  _sync(compiled(feats))
-  times = []
-  for _ in range(repeats * 3):
-    t = time.perf_counter()
-    _sync(compiled(feats))
-    times.append(time.perf_counter() - t)
+  one = program.lower(feats).compile()  # what XLA's cost analysis counts: one call
+  seconds = _time_per_call(compiled, (feats,), calls, repeats * 3)
   nbytes = sum(v.size * v.dtype.itemsize for v in feats.values())
-  cost = loss_cost.cost(compiled)
-  return {"step_ms": float(np.median(times)) * 1e3, "method": config.loss_method,
-          "form": form,
+  cost = loss_cost.cost(one)
+  return {"step_ms": seconds * 1e3, "method": config.loss_method,
+          "form": form, "calls_per_program": calls,
           "activation_bytes": nbytes, "layers": len(shapes),
           "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
           "flops_per_step": float(cost.get("flops", float("nan"))),
-          "memory_plan_bytes": _plan_bytes(compiled), "compile_s": compile_s}
+          "memory_plan_bytes": _plan_bytes(one), "compile_s": compile_s}
 
 
 def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: int,
@@ -528,10 +552,10 @@ def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: in
     with c.unlocked():
       c.loss_method = default_method
     print(f"  {model} {precision}: the loss alone ...", flush=True)
-    result["loss_alone"] = time_loss_alone(c, repeats)
+    result["loss_alone"] = time_loss_alone(c, repeats, spd)
   if "augmentation" in chosen:
     print(f"  {model} {precision}: augmentation ...", flush=True)
-    result["augmentation"] = time_augmentation(config, data, repeats)
+    result["augmentation"] = time_augmentation(config, data, repeats, spd)
   if "analysis" in chosen:
     print(f"  {model} {precision}: analysis ...", flush=True)
     result["analysis"] = time_analysis(config, data, copies_per_forward)
@@ -561,7 +585,9 @@ def format_markdown(result: dict) -> str:
       f"{result['repeats']} programs after 2 warm-up, synchronised after each, the "
       "variants timed in turn (round after round). "
       f"Synthetic training set of {result['train_images']:,} images resident on the "
-      "device; the step gathers, augments, runs forward and backward and updates.  ",
+      "device; the step gathers, augments, runs forward and backward and updates. "
+      "The parts timed alone (L_inv, the augmentation) run as many calls per program "
+      "as a program has steps, per call.  ",
       "GFLOP/step: analytic (every kernel tap, 2 per multiply-accumulate, x 3 for "
       "forward and backward; TFLOP/s and the fraction of peak are of this count) and "
       "XLA's cost analysis (on a GPU without the convolutions cuDNN runs). "

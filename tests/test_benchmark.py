@@ -40,6 +40,23 @@ def test_convolutions_are_counted_and_told_apart_by_shape():
   assert total > 3 and 2 < distinct < total  # the backward's convolutions too
 
 
+def test_a_part_timed_alone_runs_every_call_of_its_program():
+  """`_looped` makes the calls of one timed program: each runs (none hoisted or skipped
+  as dead), with its own i, and the program returns the last call's output."""
+  seen = []
+
+  def fn(i, x):
+    jax.debug.callback(lambda j: seen.append(int(j)), i)
+    return x * (i + 1)
+
+  x = np.arange(3.0, dtype=np.float32)
+  out = benchmark._looped(fn, 4)(x)
+  jax.effects_barrier()
+  assert sorted(seen) == [0, 1, 2, 3]
+  np.testing.assert_array_equal(out, x * 4)
+  np.testing.assert_array_equal(benchmark._looped(fn, 1)(x), x)
+
+
 @pytest.mark.slow  # ~16 s of compiling; the benchmark is a script, not the library
 def test_benchmark_rows_come_from_the_compiled_programs():
   config = helpers.tiny_config("unused", "batchaug", num_epochs=1.0, lr_boundaries=())
@@ -65,12 +82,14 @@ def test_benchmark_rows_come_from_the_compiled_programs():
   # Two runs, one program: each its own augmentation key, so their weights part.
   w = jax.tree.leaves(stacked.state.params)[0]
   assert w.shape[0] == 2 and not np.allclose(w[0], w[1])
-  alone = benchmark.time_loss_alone(config.copy_and_resolve_references(), repeats=1)
+  alone = benchmark.time_loss_alone(config.copy_and_resolve_references(), repeats=1,
+                                    calls=2)
+  assert alone["calls_per_program"] == 2 and alone["bytes_accessed"] > 0
   assert alone["layers"] == len(helpers.TINY_SOWN) and alone["step_ms"] > 0
   assert alone["activation_bytes"] == 16 * 4 * sum(
       math.prod(v) for v in models.layer_shapes(model, (16, 16, 3)).values())
-  aug = benchmark.time_augmentation(config, data, repeats=1)
-  assert aug["step_ms"] > 0 and aug["flops_per_step"] > 0
+  aug = benchmark.time_augmentation(config, data, repeats=1, calls=2)
+  assert aug["calls_per_program"] == 2 and aug["step_ms"] > 0 and aug["flops_per_step"] > 0
   scores = benchmark.time_analysis(config, data)
   # 20 images in batches of 16 (analysis.batch_size): one whole batch scored
   assert scores["images"] == 16 and scores["layers"] == len(helpers.TINY_SOWN) + 1
