@@ -21,6 +21,12 @@
 #                   working tree before the call (the run cards are enough to skip
 #                   those variants) and restore them after (git checkout --
 #                   experiments/results/records); gpu_rehearsal.sh does the same.
+#                   PAPER_DATA (default data) is the folder of the pack and its
+#                   decode.py: a window that only attacks the committed records (each
+#                   finished one with weights and no robustness report, on every test
+#                   image) carries the records whole and workdirs/attack_data from
+#                   `python -m experiments.attack_pack` (the test set and 2,000
+#                   training images, 11 MB) instead of data/.
 #   env       (60)  the device, JAX and the packages
 #   loss      (60)  experiments/loss_cost.py: L_inv alone, All-CNN-C width 1, bf16,
 #                   16 x 8: XLA's bytes accessed over the activations' bytes, and time
@@ -85,10 +91,10 @@ bench() {  # bench NAME SECONDS BENCHMARK_ARGS...
 for phase in "${phases[@]}"; do
   case $phase in
     # shellcheck disable=SC2016
-    paper) run paper "$(awk "BEGIN { print int($paper_minutes * 60 + 60) }")" bash -c 'python3 data/decode.py \
+    paper) run paper "$(awk "BEGIN { print int($paper_minutes * 60 + 60) }")" bash -c 'python3 "$4/decode.py" \
       /tmp/cifar10.npz && python3 -m experiments.window --data=/tmp/cifar10.npz \
       --out="$1" --budget_minutes="$2" $3' paper "$OUT/records" "$paper_minutes" \
-      "${WINDOW_ARGS:-}" ;;
+      "${WINDOW_ARGS:-}" "${PAPER_DATA:-data}" ;;
     env) run env 60 bash -c 'nvidia-smi -L 2>/dev/null; python3 -c "
 import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__)
 print(jax.devices())"' ;;
