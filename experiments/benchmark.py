@@ -460,10 +460,11 @@ def time_analysis(config, data, copies_per_forward: int | None = None) -> dict:
           "device_peak_bytes": _device_peak_bytes()}
 
 
-def time_loss_alone(config, repeats: int, calls: int = 1) -> dict:
+def time_loss_alone(config, repeats: int, calls: int = 1, form: str | None = None) -> dict:
   """L_inv of every sown layer, value and gradient, on random post-ReLU activations of
   the step's shapes and compute dtype, weighted as Eq. 4 weighs them; `calls` per timed
-  program, call i on the activations x (1 + i 2^-20) (a value the loop cannot hoist)."""
+  program, call i on the activations x (1 + i 2^-20) (a value the loop cannot hoist).
+  The moments method in `form` (default: the platform's, `losses.moment_form`)."""
   model = build_lib.create_model(config, config.num_classes)
   shapes = models_lib.layer_shapes(model, tuple(config.image_shape))
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
@@ -472,7 +473,7 @@ def time_loss_alone(config, repeats: int, calls: int = 1) -> dict:
                                             (config.batch_size, *s), dtype), 0)
            for i, (k, s) in enumerate(shapes.items())}
   weights = losses.layer_weights(len(shapes), config.alpha, config.alpha_ratio)
-  form = losses.moment_form(jax.default_backend())
+  form = form or losses.moment_form(jax.default_backend())
   program = loss_cost.loss_program(weights, config.copies, config.loss_method, 1, form)
 
   def loss(i, fs):
@@ -553,6 +554,10 @@ def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: in
       c.loss_method = default_method
     print(f"  {model} {precision}: the loss alone ...", flush=True)
     result["loss_alone"] = time_loss_alone(c, repeats, spd)
+    if default_method == "moments":  # and in the other forms, for their bytes
+      result["loss_alone_forms"] = {
+          f: (result["loss_alone"] if f == result["loss_alone"]["form"]
+              else time_loss_alone(c, repeats, spd, f)) for f in losses.MOMENT_FORMS}
   if "augmentation" in chosen:
     print(f"  {model} {precision}: augmentation ...", flush=True)
     result["augmentation"] = time_augmentation(config, data, repeats, spd)
@@ -577,6 +582,13 @@ def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: in
 
 def _num(value, fmt: str) -> str:
   return "" if value is None else format(value, fmt)
+
+
+def _loss_alone_rows(r: dict) -> list[dict]:
+  """The loss alone in every form timed (the default form alone before they were)."""
+  if "loss_alone_forms" in r:
+    return list(r["loss_alone_forms"].values())
+  return [r["loss_alone"]] if "loss_alone" in r else []
 
 
 def format_markdown(result: dict) -> str:
@@ -617,12 +629,12 @@ def format_markdown(result: dict) -> str:
           f"{_num(share, '.2f')} | {flops / 1e9:,.1f} | "
           f"{row['flops_per_step'] / 1e9:,.1f} | {tflops:.3f} | {tflops / peak:.1%} | "
           f"{row['memory_plan_bytes'] / 2**20:,.0f} | {row['compile_s']:.1f} |")
-    if "loss_alone" in r:
-      a = r["loss_alone"]
+    for a in _loss_alone_rows(r):
+      form = f" {a['form'].replace('_', ' ')}" if "loss_alone_forms" in r else ""
       lines.append(
-          f"| L_inv alone ({a['method']}, value and gradient, {a['layers']} layers) | "
-          f"{a['step_ms']:.2f} | | | | | | {a['flops_per_step'] / 1e9:,.2f} | | | "
-          f"{a['memory_plan_bytes'] / 2**20:,.0f} | {a['compile_s']:.1f} |")
+          f"| L_inv alone ({a['method']}{form}, value and gradient, {a['layers']} "
+          f"layers) | {a['step_ms']:.2f} | | | | | | {a['flops_per_step'] / 1e9:,.2f} "
+          f"| | | {a['memory_plan_bytes'] / 2**20:,.0f} | {a['compile_s']:.1f} |")
     if "augmentation" in r:
       a = r["augmentation"]
       lines.append(
@@ -631,11 +643,11 @@ def format_markdown(result: dict) -> str:
           f"{a['flops_per_step'] / 1e9:,.2f} | | | "
           f"{a['memory_plan_bytes'] / 2**20:,.0f} | {a['compile_s']:.1f} |")
     lines.append("")
-    if "loss_alone" in r:
-      a = r["loss_alone"]
+    for a in _loss_alone_rows(r):
+      form = f" ({a['form'].replace('_', ' ')})" if "loss_alone_forms" in r else ""
       lines.append(
-          f"L_inv alone: XLA's bytes accessed {a['bytes_accessed'] / 1e6:,.1f} MB for "
-          f"{a['activation_bytes'] / 1e6:,.1f} MB of sown activations "
+          f"L_inv alone{form}: XLA's bytes accessed {a['bytes_accessed'] / 1e6:,.1f} MB "
+          f"for {a['activation_bytes'] / 1e6:,.1f} MB of sown activations "
           f"({a['bytes_accessed'] / a['activation_bytes']:.2f} x).  ")
     if "analysis" in r:
       lines += _analysis_lines(r["analysis"])

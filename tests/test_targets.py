@@ -53,7 +53,10 @@ def test_each_target_is_met_or_its_gap_is_measured(tmp_path):
   assert rows["WRN-28-10 baseline"]["verdict"] == "met"
   assert rows["scoring CIFAR-10 x 5 copies, every WRN-28-10 layer"]["verdict"].startswith(
       "gap 1 s")
-  assert rows["L_inv bytes over its activations' (All-CNN-C)"]["verdict"] == "met"
+  # XLA:GPU's count for a target set on XLA:CPU's: shown, not judged.
+  loss_bytes = rows["L_inv bytes over its activations' (All-CNN-C, XLA:CPU)"]
+  assert loss_bytes["verdict"] == "other setting" and loss_bytes["measured"] == 3.2
+  assert "the target is XLA:CPU's" in loss_bytes["setting"]
   # The default autotuning level's compile (not the level-0 one), and the cached one.
   assert rows["DenseNet-BC training program compiled"]["measured"] == 25.0
   assert rows["DenseNet-BC training program compiled"]["verdict"] == "met"
@@ -88,3 +91,33 @@ def test_figures_from_another_setting_are_neither_met_nor_missed(tmp_path, setti
   row = _by_name(_write(tmp_path, [_bench(wrn=small)]))[
       "scoring CIFAR-10 x 5 copies, every WRN-28-10 layer"]
   assert row["verdict"] == "other setting" and "512 images" in row["setting"]
+
+
+def test_each_target_is_judged_on_the_folder_in_its_setting(tmp_path):
+  """A window's GPU folder and a CPU folder together: the step targets from the GPU,
+  the bytes target from the CPU's count (met there, 'other setting' from the GPU), in
+  either order of the folders."""
+  gpu, cpu = tmp_path / "gpu", tmp_path / "cpu"
+  gpu.mkdir()
+  cpu.mkdir()
+  _write(gpu, [_bench(allcnn=ALLCNN)])
+  per_seed = {"bytes_accessed": 4.9e8, "activation_bytes": 1e8, "form": "per_seed"}
+  cpu_allcnn = {"loss_alone": per_seed,  # the CPU's default form, and both forms:
+                "loss_alone_forms": {"one_read": {"bytes_accessed": 3.9e8,
+                                                  "activation_bytes": 1e8,
+                                                  "form": "one_read"},
+                                     "per_seed": per_seed},
+                "train_rows": {"invariance moments": {"vs_same_batch": 1.5,
+                                                      "images_per_s": 400.0}}}
+  _write(cpu, [_bench(platform="cpu", allcnn=cpu_allcnn)])
+  for order in ((gpu, cpu), (cpu, gpu)):
+    rows = _by_name(targets.evaluate(*targets.load(*map(str, order))))
+    loss_bytes = rows["L_inv bytes over its activations' (All-CNN-C, XLA:CPU)"]
+    assert loss_bytes["measured"] == 3.9 and loss_bytes["verdict"] == "met"
+    assert "(one_read form)" in loss_bytes["how"] and "not the cpu default" in loss_bytes["how"]
+    overhead = rows["All-CNN-C: invariance step / same batch"]
+    assert overhead["measured"] == 1.04 and overhead["verdict"] == "met"
+  # Only the CPU's figure of a GPU target: shown from it, as another setting.
+  rows = _by_name(targets.evaluate(*targets.load(str(cpu))))
+  overhead = rows["All-CNN-C: invariance step / same batch"]
+  assert overhead["measured"] == 1.5 and overhead["verdict"] == "other setting"
