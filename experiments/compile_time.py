@@ -56,9 +56,9 @@ def main(argv):
   config = cli.config_flag("config")
   if config is None:
     raise app.UsageError("--config is required (e.g. --config=configs/densenet.py).")
-  steps = FLAGS.steps or int(config.steps_per_dispatch)
   data = benchmark.synthetic_data(config, 256, 32)
   run = build_lib.build(config, data)
+  steps = FLAGS.steps or run.steps_per_dispatch
   placement = placement_lib.Placement.create()
   state = build_lib.initial_state(run, placement)
   programs = programs_lib.TrainPrograms(run, placement, state, compile_now=False)

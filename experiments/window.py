@@ -43,6 +43,7 @@ from absl import logging
 
 from experiments import paper
 from invjax import analyze as analyze_lib
+from invjax import build as build_lib
 from invjax import input_pipeline
 from invjax import records as records_lib
 from invjax import robustness as robustness_lib
@@ -69,8 +70,9 @@ flags.DEFINE_string("workdir", os.path.join(paper.ROOT, "workdirs", "window"),
 flags.DEFINE_string("records", paper.RECORDS, "Committed records: variants with a "
                     "finished record here are skipped.")
 flags.DEFINE_bool("half_precision", True, "bfloat16 activations and matmuls.")
-flags.DEFINE_integer("steps_per_dispatch", 0, "0: the largest divisor of an epoch's steps "
-                     "up to 100 on an accelerator, 1 on a CPU.")
+flags.DEFINE_integer("steps_per_dispatch", 0, "0: automatic (build.dispatch_steps): "
+                     "with the window's cadence the largest divisor of an epoch's "
+                     "steps up to 100 on an accelerator, 1 on a CPU.")
 flags.DEFINE_float("eval_every_epochs", 10.0, "Test evaluation every N epochs (and at "
                    "the end).")
 flags.DEFINE_integer("checkpoint_every_epochs", 25, "Checkpoint every N epochs (and at "
@@ -81,22 +83,15 @@ flags.DEFINE_integer("test_examples", 0, "Use the first N test images (0: all)."
 flags.DEFINE_multi_string("set", [], "FIELD=VALUE config override for every run.")
 
 
-def _largest_divisor(n: int, at_most: int) -> int:
-  return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
-
-
 def variant_config(variant: str, scale: paper.Scale, data_path: str,
                    steps_per_epoch: int):
   """The cell's config for one variant at `scale`, on `data_path`, with the window's
   cadence (which changes nothing that is computed)."""
-  import jax  # pylint: disable=g-import-not-at-top
   config = paper.cell_config(FLAGS.cell, variant, scale)
-  spd = FLAGS.steps_per_dispatch or (
-      1 if jax.default_backend() == "cpu" else _largest_divisor(steps_per_epoch, 100))
   with config.unlocked():
     config.dataset = data_path
     config.half_precision = FLAGS.half_precision
-    config.steps_per_dispatch = spd
+    config.steps_per_dispatch = FLAGS.steps_per_dispatch
     config.log_every_steps = steps_per_epoch
     config.eval_every_epochs = FLAGS.eval_every_epochs
     config.checkpoint_every_steps = FLAGS.checkpoint_every_epochs * steps_per_epoch
@@ -185,8 +180,9 @@ def run_window(out: str, t0: float | None = None) -> dict:
     with config.unlocked():
       config.time_limit_minutes = round(limit, 3)
     workdir = os.path.join(FLAGS.workdir, FLAGS.cell, tag, variant)
+    spd = build_lib.build(config, data(config)).steps_per_dispatch
     print(f"{variant}: training in {workdir}, time limit {limit:.2f} min, "
-          f"{config.steps_per_dispatch} steps per dispatch", flush=True)
+          f"{spd} steps per dispatch", flush=True)
     result = train.train_and_evaluate(config, workdir, data=data(config),
                                       tensorboard=False)
     entry = {"variant": variant, "step": result["step"], "finished": result["finished"]}

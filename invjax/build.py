@@ -35,6 +35,7 @@ class Run:
   lr_fn: Any
   layer_shapes: dict[str, tuple[int, ...]]  # sown layers in depth order, per example
   param_count: int
+  steps_per_dispatch: int  # config.steps_per_dispatch, resolved (`dispatch_steps`)
 
 
 def create_model(config, num_classes: int):
@@ -43,6 +44,56 @@ def create_model(config, num_classes: int):
       config.model.name, num_classes,
       dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
       **{k: v for k, v in config.model.items() if k != "name"})
+
+
+def stop_intervals(config, steps_per_epoch: int) -> tuple[int, int, int]:
+  """Steps between the training loop's checkpoints, evaluations and logs."""
+  return (config.checkpoint_every_steps or steps_per_epoch,
+          max(1, int(round(config.eval_every_epochs * steps_per_epoch))),
+          config.log_every_steps)
+
+
+AUTO_DISPATCH_MAX = 100  # the most steps the automatic choice puts in one program
+AUTO_DISPATCH_ENOUGH = 10  # a common divisor of the stops this large is taken as is
+
+
+def _programs(steps: int, intervals: tuple[int, ...], total: int) -> int:
+  """Programs the loop dispatches over `total` steps at `steps` per program: whole
+  programs between consecutive stops (multiples of each interval, and the end), the
+  rest 1-step programs (`TrainPrograms.chunk_size`)."""
+  stops = {total}
+  for every in intervals:
+    stops.update(range(every, total, every))
+  gaps = np.diff(np.array([0] + sorted(stops)))
+  return int(np.sum(gaps // steps + gaps % steps))
+
+
+def dispatch_steps(config, steps_per_epoch: int, train_images: int, total_steps: int,
+                   platform: str | None = None) -> int:
+  """Steps per dispatched training program: config.steps_per_dispatch, or where it is 0
+  (automatic, the default) 1 on a CPU, where XLA runs a step inside a loop slower, and
+  elsewhere, up to AUTO_DISPATCH_MAX and within one pass over the training images: the
+  largest number of steps that lands on every stop of the loop (`stop_intervals`: logs,
+  evaluations, checkpoints), so that one program serves the whole run; where that is
+  under AUTO_DISPATCH_ENOUGH, the number that dispatches the fewest programs over the
+  run, a 1-step program filling the gaps (a second program to compile).
+
+  A step shorter than its dispatch then does not wait on Python: on an H200, All-CNN-C's
+  invariance step (bfloat16, batch 128) took 2.63 ms at 1 step per program, 1.90 ms at
+  10 and 1.74 ms at 78. What a run computes does not depend on it.
+  """
+  if config.steps_per_dispatch:
+    return int(config.steps_per_dispatch)
+  if (platform or jax.default_backend()) == "cpu":
+    return 1
+  intervals = stop_intervals(config, steps_per_epoch)
+  seeds = config.batch_size // max(config.copies, 1)
+  sizes = range(1, max(1, min(AUTO_DISPATCH_MAX, train_images // max(seeds, 1))) + 1)
+  common = max(d for d in sizes if all(every % d == 0 for every in intervals))
+  if common >= AUTO_DISPATCH_ENOUGH:
+    return common
+  counts = {d: _programs(d, intervals, total_steps) for d in sizes}
+  return min(sizes, key=lambda d: (counts[d], -d))
 
 
 def check_data(config, data: input_pipeline.Dataset) -> None:
@@ -77,7 +128,7 @@ def check_data(config, data: input_pipeline.Dataset) -> None:
     problems.append(f"config.batch_size={config.batch_size} exceeds the "
                   f"{len(data.x_train)} training images of {data.name}.")
   seeds = config.batch_size // max(config.copies, 1)
-  spd = config.steps_per_dispatch
+  spd = config.steps_per_dispatch  # 0, automatic, is chosen to fit
   if spd * seeds > len(data.x_train):
     problems.append(f"config.steps_per_dispatch={spd} steps of {seeds} seed images "
                   f"read more than the {len(data.x_train)} training images of "
@@ -113,7 +164,8 @@ def build(config, data: input_pipeline.Dataset | None = None) -> Run:
       loss_parts=losses.moment_parts(config.batch_size // config.copies,
                                      jax.device_count()))
   return Run(config, data, model, step_config, steps_per_epoch, total_steps, lr_fn,
-             shapes.layers, shapes.params)
+             shapes.layers, shapes.params,
+             dispatch_steps(config, steps_per_epoch, n, total_steps))
 
 
 def _optimizer(run: Run):

@@ -89,9 +89,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Performance (results do not depend on these): the training set kept on the device,
   # where each step gathers its seeds (the host then does nothing inside the step
   # loop; falls back to host batches if it takes over half a device's memory), and
-  # the number of steps run by one dispatched program.
+  # the number of steps run by one dispatched program (0: automatic, build.dispatch_steps:
+  # 1 on a CPU; elsewhere up to 100, as many as fit between logs, evaluations and
+  # checkpoints).
   c.data_on_device = True
-  c.steps_per_dispatch = 1
+  c.steps_per_dispatch = 0
   c.log_every_steps = 50
   c.eval_every_epochs = 1.0
   c.checkpoint_every_steps = 0  # 0: once per epoch (and always at the end)
@@ -307,7 +309,7 @@ FIELDS: dict[str, Rule] = {
     "half_precision": _BOOL,
     "seed": _int(0),
     "data_on_device": _BOOL,
-    "steps_per_dispatch": _int(1),
+    "steps_per_dispatch": _int(0, note=" (0: automatic)"),
     "log_every_steps": _int(1),
     "eval_every_epochs": _num(0, lo_open=True),
     "checkpoint_every_steps": _int(0, note=" (0: once per epoch)"),

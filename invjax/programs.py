@@ -17,7 +17,7 @@ from invjax import steps as steps_lib
 class TrainPrograms:
   """The run's training programs, compiled ahead of time, and how to call them.
 
-  A program runs S steps (`config.steps_per_dispatch`) in one dispatch; a 1-step
+  A program runs S steps (`run.steps_per_dispatch`) in one dispatch; a 1-step
   program fills the gaps up to log, evaluation and checkpoint steps. Both are compiled
   before the first step (`compiled[S]`; `compile_seconds[S]` says how long) and called as
   compiled executables, which refuse arguments of other shapes or shardings rather
@@ -37,7 +37,7 @@ class TrainPrograms:
     config, data = run.config, run.data
     self.run, self.placement = run, placement
     self.k = config.batch_size // config.copies
-    self.steps_per_dispatch = int(config.steps_per_dispatch)
+    self.steps_per_dispatch = run.steps_per_dispatch
     self.on_device = bool(config.data_on_device)
     if self.on_device and not placement_lib.data_fits_on_device(data):
       logging.warning("the training set (%.1f GB) takes over half of a device's "

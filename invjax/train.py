@@ -83,7 +83,7 @@ def _train_locked(config, workdir, allow_config_change, data, preempt, tensorboa
                                 tensorboard=tensorboard)
     progress = metrics_io.Progress(run.total_steps, log)
   every = _Every.of(config, run)
-  spd = int(config.steps_per_dispatch)
+  spd = run.steps_per_dispatch
   programs = programs_lib.TrainPrograms(run, placement, state, single=any(
       n % spd for n in (start, run.total_steps, every.ckpt, every.eval, every.log)))
   timer.add("compile", sum(programs.compile_seconds.values()))
@@ -140,9 +140,7 @@ class _Every:
 
   @classmethod
   def of(cls, config, run: build_lib.Run) -> "_Every":
-    return cls(config.checkpoint_every_steps or run.steps_per_epoch,
-               max(1, int(round(config.eval_every_epochs * run.steps_per_epoch))),
-               config.log_every_steps)
+    return cls(*build_lib.stop_intervals(config, run.steps_per_epoch))
 
 
 @dataclasses.dataclass

@@ -67,7 +67,7 @@ ROWS = {
     "half_precision": ([0, "False"], [True, False]),
     "seed": ([-1, 0.5], [0, 12345]),
     "data_on_device": ([1], [True, False]),
-    "steps_per_dispatch": ([0, 2.0], [1, 8]),
+    "steps_per_dispatch": ([-1, 2.0], [0, 1, 8]),
     "log_every_steps": ([0, -1], [1, 50]),
     "eval_every_epochs": ([0.0, -1.0, INF], [0.5, 5.0]),
     "checkpoint_every_steps": ([-1, 1.5], [0, 100]),

@@ -22,7 +22,7 @@ BAD = [
     ({"num_epochs": 0.0}, "num_epochs=0.0"),
     ({"image_shape": (32, 32)}, r"config.image_shape=\(32, 32\) must be \(height, "),
     ({"num_classes": -1}, "config.num_classes=-1 must be an integer >= 2, or 0"),
-    ({"steps_per_dispatch": 0}, "config.steps_per_dispatch=0 must be an integer >= 1"),
+    ({"steps_per_dispatch": -1}, r"config.steps_per_dispatch=-1 must be an integer >= 0 \(0: automatic\)"),
     ({"batch_size": 24, "copies": 8, "_devices": 2},
      "gives 3 seed images per batch, not a multiple of the 2 devices"),
 ]
