@@ -39,7 +39,7 @@ def hardware() -> dict:
   return {"device": dev.device_kind, "platform": dev.platform,
           "devices": jax.device_count(), "cpu_count": os.cpu_count(),
           "machine": platform.machine(), "python": platform.python_version(),
-          "jax": jax.__version__}
+          "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def hardware_text() -> str:
@@ -61,7 +61,8 @@ def report_header(title: str, result: dict) -> list[str]:
           f"Date: {result['date']}  ",
           f"Hardware: {hw['device']} x{hw['devices']} ({hw['platform']}), "
           f"{hw['cpu_count']} CPU cores, {hw['machine']}; JAX {hw['jax']}, "
-          f"Python {hw['python']}  "]
+          f"Python {hw['python']}  "] + (
+              [f"XLA_FLAGS: `{hw['xla_flags']}`  "] if hw.get("xla_flags") else [])
 
 
 def cost_analysis(compiled) -> dict:

@@ -45,6 +45,14 @@
 #                   the last with a fresh persistent cache, compiled again from it (a
 #                   rerun's or resume's compile); each also a JSON line in
 #                   $OUT/compile.jsonl
+#   xla       (3 x 75) not in the default list: All-CNN-C's same batch, moments and
+#                   1-step-program steps under three XLA_FLAGS settings, each its own
+#                   process and folder $OUT/xla_<name>/: the defaults, CUDA-graph
+#                   command buffers off, and command buffers for every command type
+#                   (loops and conditionals included) from the first execution. The
+#                   step is bound by launching its kernels (1 step a program: 2.63 ms,
+#                   10 steps: 1.90 ms on the H200); this says whether XLA's command
+#                   buffers move that, i.e. whether a flag is worth setting by default
 #   profile   (150) not in the default list: python -m experiments.profile_step, a JAX
 #                   profiler trace of All-CNN-C's and WRN-28-10's steps (baseline and
 #                   moments in both forms, bf16, paper size): device time per part of
@@ -108,6 +116,15 @@ analysis,stacked ;;
     densenet) bench densenet 330 --models=densenet --repeats=10 \
       --variants=same_batch,moments,loss_alone ;;
     augment) run augment 60 python3 -m experiments.augment_cost ;;
+    xla) for setting in "default|" "nocmdbuf|--xla_gpu_enable_command_buffer=" \
+        "allcmdbuf|--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"; do
+        name=${setting%%|*}
+        mkdir -p "$OUT/xla_$name"
+        # shellcheck disable=SC2086
+        run "xla_$name" 75 env XLA_FLAGS="${setting#*|}" python3 -m experiments.benchmark \
+          --models=allcnn --repeats=10 --variants=same_batch,moments,dispatch1 $extra \
+          --out="$OUT/xla_$name/benchmark_allcnn"
+      done ;;
     compile) run compile 330 bash -c 'args="--config=configs/densenet.py
       --config.half_precision=True --steps=10 --time_steps=3 --jsonl=$OUT/compile.jsonl"
       XLA_FLAGS=--xla_gpu_autotune_level=0 python3 -m experiments.compile_time $args
@@ -117,7 +134,7 @@ analysis,stacked ;;
     # shellcheck disable=SC2086
     profile) run profile 150 python3 -m experiments.profile_step --models=allcnn,wrn \
       --variants=baseline,moments,moments_per_seed $extra --out="$OUT" ;;
-    *) echo "unknown phase $phase (paper env loss allcnn wrn densenet augment compile profile)"
+    *) echo "unknown phase $phase (paper env loss allcnn wrn densenet augment compile profile xla)"
        exit 2 ;;
   esac
 done

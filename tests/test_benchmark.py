@@ -136,3 +136,12 @@ def test_compile_time_reports_the_cached_compile_and_the_step(tmp_path):
   for key, fmt in (("trace_lower_s", ".1f"), ("xla_compile_s", ".1f"),
                    ("cached_compile_s", ".1f"), ("ms_per_step", ".2f")):
     assert record[key] > 0 and format(record[key], fmt) in done.stdout, key
+
+
+def test_a_report_names_the_xla_flags_it_ran_under(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=0")
+  result = {"command": "c", "date": "d", "hardware": common.hardware()}
+  assert "XLA_FLAGS: `--xla_gpu_autotune_level=0`  " in common.report_header("t", result)
+  monkeypatch.delenv("XLA_FLAGS")
+  result = {"command": "c", "date": "d", "hardware": common.hardware()}
+  assert not any("XLA_FLAGS" in line for line in common.report_header("t", result))
