@@ -53,7 +53,7 @@
 #                   step is bound by launching its kernels (1 step a program: 2.63 ms,
 #                   10 steps: 1.90 ms on the H200); this says whether XLA's command
 #                   buffers move that, i.e. whether a flag is worth setting by default
-#   profile   (150) not in the default list: python -m experiments.profile_step, a JAX
+#   profile   (200) not in the default list: python -m experiments.profile_step, a JAX
 #                   profiler trace of All-CNN-C's and WRN-28-10's steps (baseline and
 #                   moments in both forms, bf16, paper size): device time per part of
 #                   the step
@@ -132,7 +132,7 @@ analysis,stacked ;;
       rm -rf /tmp/invjax_compile_cache
       python3 -m experiments.compile_time $args --cache_dir=/tmp/invjax_compile_cache' ;;
     # shellcheck disable=SC2086
-    profile) run profile 150 python3 -m experiments.profile_step --models=allcnn,wrn \
+    profile) run profile 200 python3 -m experiments.profile_step --models=allcnn,wrn \
       --variants=baseline,moments,moments_per_seed $extra --out="$OUT" ;;
     *) echo "unknown phase $phase (paper env loss allcnn wrn densenet augment compile profile xla)"
        exit 2 ;;
