@@ -25,7 +25,7 @@ import numpy as np
 FLAGS = flags.FLAGS
 flags.DEFINE_string("pack", "data/cifar10_jpeg.npz", "The full JPEG pack "
                     "(../shared/tools/gpu-prepare.sh puts it in data/).")
-flags.DEFINE_string("out", "workdirs/attack_data", "Folder for the small pack "
+flags.DEFINE_string("attack_data", "workdirs/attack_data", "Folder for the small pack "
                     "(cifar10_jpeg.npz) and decode.py: the path to carry.")
 flags.DEFINE_integer("train", 2000, "Training images kept (the first ones).")
 
@@ -60,14 +60,14 @@ def main(argv):
       arrays = subset(pack, FLAGS.train)
     except ValueError as e:
       raise app.UsageError(str(e)) from e
-  os.makedirs(FLAGS.out, exist_ok=True)
-  out = os.path.join(FLAGS.out, "cifar10_jpeg.npz")
+  os.makedirs(FLAGS.attack_data, exist_ok=True)
+  out = os.path.join(FLAGS.attack_data, "cifar10_jpeg.npz")
   np.savez(out, **arrays)
-  shutil.copy(decoder, os.path.join(FLAGS.out, "decode.py"))
+  shutil.copy(decoder, os.path.join(FLAGS.attack_data, "decode.py"))
   print(f"{out}: {len(arrays['train_labels']):,} training and "
         f"{len(arrays['test_labels']):,} test images, {os.path.getsize(out) / 2**20:.1f} "
-        f"MiB; carry {FLAGS.out!r} (with '.whl') and run the window's paper phase with "
-        f"PAPER_DATA={FLAGS.out}.")
+        f"MiB; carry {FLAGS.attack_data!r} (with '.whl') and run the window's paper "
+        f"phase with PAPER_DATA={FLAGS.attack_data}.")
 
 
 if __name__ == "__main__":
