@@ -77,8 +77,18 @@ def grouped_invariance_loss(features: jax.Array, copies: int,
       [K, D] float32 arrays, and reads them back (`moment_form` says which suits a
       platform).
   """
-  _check_method(method)
   b = features.shape[0]
+  _check_grouped(b, copies, method, parts, form)
+  if method == "pairwise":
+    return _loss_pairwise(features, jnp.repeat(jnp.arange(b // copies), copies))
+  flat = features.reshape(b, -1)
+  if form == "per_seed":
+    return _moments(copies, flat, *_NO_GROUPS)
+  return _grouped_moments(copies, math.gcd(b // copies, parts), flat)
+
+
+def _check_grouped(b: int, copies: int, method: str, parts: int, form: str) -> None:
+  _check_method(method)
   if copies < 2 or b % copies:
     raise ValueError(f"grouped_invariance_loss needs copies >= 2 dividing the batch "
                      f"({b}), got copies={copies}.")
@@ -87,12 +97,6 @@ def grouped_invariance_loss(features: jax.Array, copies: int,
   if form not in MOMENT_FORMS:
     raise ValueError(f"moments form {form!r} is unknown; valid forms are "
                      f"{list(MOMENT_FORMS)}.")
-  if method == "pairwise":
-    return _loss_pairwise(features, jnp.repeat(jnp.arange(b // copies), copies))
-  flat = features.reshape(b, -1)
-  if form == "per_seed":
-    return _moments(copies, flat, *_NO_GROUPS)
-  return _grouped_moments(copies, math.gcd(b // copies, parts), flat)
 
 
 MOMENT_FORMS = ("one_read", "per_seed")
@@ -263,28 +267,46 @@ def _merge_moments(a, b):
 
 # The train step's layout: seeds in consecutive groups of M copies (the grouped form).
 #
-# Forward, one read of the activations in their own dtype (bf16 stays bf16 in memory)
-# and one variadic reduction, all in float32:
-#   - per seed k and feature d, from its M copies at once: the deviations from the seed's
-#     first copy, e_i = f_i - f_0 (exactly 0 when the copies are equal, at any offset),
-#     the seed's mean f_0 + sum e / M and ss_kd = sum e^2 - (sum e)^2 / M;
-#   - Chan's merge of (M, mu_kd, ss_kd) over the seeds of each of P parts (runs of K / P
-#     consecutive seeds; one or more per device) gives the part's mean and total sum of
-#     squares per feature, and a plain sum its within-seed one: [P, D] vectors;
-#   - the parts' vectors, shifted by the first part's mean, are added (plain sums: the
-#     only values devices exchange, by all-reduce).
+# Written for the fewest kernels as well as the fewest bytes: a GPU step of a small
+# network is bound by launching its kernels (on an H200 each kernel the loss added cost
+# 3.4-4 us of step time), and XLA makes each reduction it cannot fuse, and each scalar
+# division, a kernel of its own. For an H100 (`python -m experiments.kernel_census`)
+# the loss adds 54 kernels to All-CNN-C's step and 72 to WRN-28-10's, where its former
+# version of this form added 87 and 132.
+#
+# Forward, one read of the activations in their own dtype (bf16 stays bf16 in memory),
+# everything in float32, in P parts of K / P consecutive seeds (one or more per device):
+#   - per seed k and feature d, from its M copies at once and in registers: the
+#     deviations from the seed's first copy, e_i = f_i - f_0 (exactly 0 when the copies
+#     are equal, at any offset), the seed's mean f_0 + sum e / M and ss_kd = sum e^2 -
+#     (sum e)^2 / M;
+#   - Chan's merge of (M, mu_kd, ss_kd) over the seeds of each part (one reduction)
+#     gives the part's mean and total sum of squares per feature, and a plain sum its
+#     within-seed one: [P, D] vectors; the parts' are merged with their means shifted
+#     by the first part's (with the batch split over devices, the only values devices
+#     exchange);
+#   - one reduction of two [D] vectors gives the two scalar sums, and the loss and the
+#     gradient's two coefficients are made here, so that the backward pass divides by
+#     nothing.
 # So no [K, D] array is written: the program touches the activations three times in
 # all (this read; the gradient's read of them and its write).
 # Backward, one elementwise pass: mu_k is recomputed from the M copies where the
-# gradient is written; only the batch mean mu [D] is kept from the forward pass.
+# gradient is written; the batch mean mu [D] and two scalars are kept from the forward
+# pass.
 
 
-def _grouped_moments_fwd(copies, parts, x):
-  """The forward pass of the grouped form: (L, residuals for the gradient)."""
+def _add(a, b):
+  return tuple(u + v for u, v in zip(a, b))
+
+
+def _layer_sums(copies, parts, x):
+  """Of one layer's flat activations x [B, D]: (per feature d, float32, [D] each) the
+  sum over seeds of the within-seed squared deviations, the batch's sum of squared
+  deviations from its mean, and that mean."""
   b, dim = x.shape
   k = b // copies
   xg = x.reshape(parts, k // parts, copies, dim)
-  first = xg[:, :, 0].astype(jnp.float32)  # [parts, K / parts, D]
+  first = xg[:, :, 0].astype(jnp.float32)  # [P, K / P, D]
   e = [xg[:, :, i].astype(jnp.float32) - first for i in range(1, copies)]
   e_sum = sum(e)
   ss = jnp.maximum(sum(v * v for v in e) - e_sum * e_sum / copies, 0.0)
@@ -292,20 +314,34 @@ def _grouped_moments_fwd(copies, parts, x):
     mean, m2, within = (first + e_sum / copies)[:, 0], ss[:, 0], ss[:, 0]
   else:
     zero = jnp.float32(0)
-    _, mean, m2, within = jax.lax.reduce(  # [parts, D] each
+    _, mean, m2, within = jax.lax.reduce(  # [P, D] each
         (jnp.full(ss.shape, copies, jnp.float32), first + e_sum / copies, ss, ss),
         (zero,) * 4, _merge_moments, (1,))
+  if parts == 1:
+    return within[0], m2[0], mean[0]
   n = b / parts
   dm = mean - mean[:1]  # shifted by the first part's mean: of the size of the spread
   dm_sum = jnp.sum(dm, axis=0)
-  mu = mean[0] + dm_sum / parts
-  within_ss = jnp.sum(within)
-  total = jnp.sum(m2) + n * (jnp.sum(dm * dm) - jnp.sum(dm_sum * dm_sum) / parts)
+  total = jnp.sum(m2 + n * dm * dm, axis=0) - n * dm_sum * dm_sum / parts
+  return jnp.sum(within, axis=0), total, mean[0] + dm_sum / parts
+
+
+def _grouped_moments_fwd(copies, parts, x):
+  """The forward pass of the grouped form: (L, residuals for the gradient)."""
+  b, dim = x.shape
+  within_d, total_d, mu = _layer_sums(copies, parts, x)
+  zero = jnp.float32(0)
+  within_ss, total = jax.lax.reduce((within_d, total_d), (zero, zero), _add, (0,))
   pairs = jnp.float32(b * (copies - 1))
   within = 2.0 * copies * within_ss / pairs / dim
   between = 2.0 * jnp.maximum(total, within_ss) / (b - 1) / dim
   loss = _safe_ratio(within, between)
-  return loss, (x, mu, loss, between, pairs)
+  # dL/df_i = [(a - L b) (f_i - mu) - a (mu_k - mu)] / between = c1 (f_i - mu) -
+  # c2 (mu_k - mu), its two scalars made here.
+  a = 4.0 * copies / (pairs * dim)
+  inv = _safe_ratio(jnp.float32(1.0), between)
+  c1, c2 = (a - loss * 4.0 / ((b - 1) * dim)) * inv, a * inv
+  return loss, (x, mu, c1, c2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -317,18 +353,15 @@ def _grouped_moments(copies, parts, x):
 
 def _grouped_moments_bwd(copies, parts, residuals, ct):
   del parts
-  x, mu, loss, between, pairs = residuals
+  x, mu, c1, c2 = residuals
   b, dim = x.shape
   f = x.reshape(b // copies, copies, dim).astype(jnp.float32) - mu  # f_i - mu
   mu_k = (sum(f[:, i] for i in range(copies)) / copies)[:, None]  # mu_k - mu
-  a = 4.0 * copies / (pairs * dim)
-  lb = loss * 4.0 / ((b - 1) * dim)
-  ok = between > 0
-  inv = jnp.where(ok, ct / jnp.where(ok, between, 1.0), 0.0)
-  # Written (a - L b) f - a mu_k rather than a (f - mu_k) - L b f: XLA then fuses the
+  # Written c1 f - c2 mu_k rather than c2 (f - mu_k) + (c1 - c2) f: XLA then fuses the
   # whole gradient into one pass over the activations (on CPU, the other form makes it
   # write a float32 copy of them first).
-  grad = inv * ((a - lb) * f - a * mu_k)
+  # ct multiplies inside the pass: (ct * c1) would be a kernel of its own on a GPU.
+  grad = ct * (c1 * f - c2 * mu_k)
   return (grad.reshape(b, dim).astype(x.dtype),)
 
 

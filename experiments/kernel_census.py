@@ -1,0 +1,176 @@
+"""How many kernels a training step launches on a GPU, by part, compiled without a GPU.
+
+  pip install jax-cuda12-plugin==$(python -c 'import jaxlib; print(jaxlib.__version__)') \
+      jax-cuda12-pjrt==$(python -c 'import jaxlib; print(jaxlib.__version__)')
+  python -m experiments.kernel_census --models=allcnn --variants=same_batch,moments
+
+A step of a small network on a fast GPU is bound by launching its kernels, not by its
+FLOPs or bytes: on an H200, All-CNN-C's step of about 200 kernels took 1.55 ms, and the
+invariance loss added 0.34-0.36 ms in either moments form although one read of its
+activations takes about 21 us there. XLA's GPU compiler decides which operations share
+a kernel (its fusions), and it can compile for a described GPU without one: this
+compiles the benchmark's training program (experiments/benchmark.py, one step in a
+loop, bfloat16, the paper's sizes) for the GPU in experiments/gpu_targets/<target>.txtpb
+and counts, in the optimised program's executed computations (the entry and its loops'
+bodies), the instructions that launch a kernel: fusions, cuDNN and cuBLAS calls,
+copies and the rest, everything but tuples, bitcasts, parameters, constants and control
+flow. Each kernel is put in a part of the step by the named scopes invjax/steps.py sets
+(experiments/profile_step.py's attribution; a fusion that mixes parts is split among
+them).
+
+Counts, not times: what a change to the loss or the step does to the kernels it
+launches, checked on a CPU before a GPU window times it. Autotuning needs the device,
+so convolutions get XLA's default algorithms here; the fusions do not depend on them.
+The JAX here may differ from the GPU machine's (the window's image: 0.11.2).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no CUDA libraries needed
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import benchmark
+from experiments import profile_step
+from invjax import build as build_lib
+from invjax import placement as placement_lib
+from invjax import steps as steps_lib
+
+FLAGS = flags.FLAGS
+# --models and --variants are experiments/benchmark.py's (defined there, on import),
+# with these defaults here:
+FLAGS.set_default("models", ["allcnn"])
+FLAGS.set_default("variants", ["same_batch", "moments_one_read", "moments_per_seed"])
+flags.DEFINE_string("target", "h100", "A GPU described in experiments/gpu_targets/ "
+                    "(h100, h200).")
+
+TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_targets")
+# Instructions that launch nothing: the rest of an executed computation is a kernel each.
+_NO_KERNEL = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while",
+              "conditional", "call", "after-all", "add-dependency", "opt-barrier",
+              "partition-id", "replica-id"}
+
+
+def kernels(index: profile_step.HloIndex, entry: str) -> list[str]:
+  """The kernel-launching instructions of the computations a program executes: its
+  entry computation and, from there, the bodies, conditions and branches of its loops
+  and conditionals (fusions' computations are the kernels' insides, not visited)."""
+  out, todo, seen = [], [entry], set()
+  while todo:
+    comp = todo.pop(0)
+    if comp in seen:
+      continue
+    seen.add(comp)
+    for name in index.computations.get(comp, ()):
+      ins = index.instrs[name]
+      if ins["opcode"] in ("while", "conditional", "call"):
+        todo += ins["calls"]
+      elif ins["opcode"] not in _NO_KERNEL:
+        out.append(name)
+  return out
+
+
+def census(text: str) -> dict:
+  """{"kernels": n, "parts": {part: kernels (a mixed fusion split among its parts)},
+  "kinds": {fusion | cuDNN / cuBLAS target | opcode: n}} of an optimised HLO module."""
+  index = profile_step.HloIndex(text)
+  entry = next(line.split()[1].lstrip("%") for line in text.splitlines()
+               if line.startswith("ENTRY "))
+  names = kernels(index, entry)
+  parts, kinds = collections.Counter(), collections.Counter()
+  for name in names:
+    for (part, _), share in index.split(name).items():
+      parts[part] += share
+    ins = index.instrs[name]
+    kinds[ins["target"] or ins["opcode"]] += 1
+  return {"kernels": len(names), "parts": dict(parts), "kinds": dict(kinds)}
+
+
+def gpu_placement(target: str) -> placement_lib.Placement:
+  """A one-device mesh of a compile-only GPU described by gpu_targets/<target>.txtpb."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  path = os.path.join(TARGETS, f"{target}.txtpb")
+  if not os.path.exists(path):
+    raise app.UsageError(f"--target={target}: no {path}; valid: "
+                         f"{sorted(os.path.splitext(f)[0] for f in os.listdir(TARGETS))}.")
+  with open(path) as f:
+    description = f.read()
+  try:
+    topology = topologies.get_topology_desc("", platform="cuda", topology="1x1x1",
+                                            target_config=description)
+  except (NotImplementedError, RuntimeError) as e:
+    import jaxlib  # pylint: disable=g-import-not-at-top
+    v = jaxlib.__version__
+    raise app.UsageError(
+        f"compiling for a GPU without one needs JAX's CUDA plugin ({e}): pip install "
+        f"jax-cuda12-plugin=={v} jax-cuda12-pjrt=={v}") from e
+  return placement_lib.Placement(jax.sharding.Mesh(
+      np.array(topology.devices[:1]), ("data",),
+      axis_types=(jax.sharding.AxisType.Auto,)))
+
+
+def step_hlo(model: str, key: str, placement: placement_lib.Placement) -> str:
+  """XLA:GPU's optimised HLO of one variant's training program (one step, in a loop as
+  on an accelerator; the moments form the variant names, else the accelerators')."""
+  _, fields, overrides = benchmark.TRAIN_VARIANTS[key]
+  config, _ = benchmark.load_config(model, "paper", "bfloat16")
+  with config.unlocked():
+    for k, v in fields.items():
+      config[k] = v
+    config.steps_per_dispatch = 1
+  data = benchmark.synthetic_data(config, 2048, 32)
+  run = build_lib.build(config, data)
+  run.step_config = dataclasses.replace(
+      run.step_config, **{"moments_form": "one_read", **overrides})
+  chunk = steps_lib.make_train_chunk(run.step_config, 1, config.batch_size // config.copies,
+                                     placement.batch, data_on_device=True, unroll=False)
+  state = jax.eval_shape(lambda: build_lib.initial_state(run, placement_lib.Placement.create()))
+  on_gpu = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
+                                                     sharding=placement.replicated)
+  n = len(data.x_train)
+  args = (jax.tree.map(lambda a: on_gpu(a.shape, a.dtype), state),
+          on_gpu(data.x_train.shape, data.x_train.dtype),
+          on_gpu(data.y_train.shape, data.y_train.dtype), on_gpu((2, n), jnp.int32),
+          on_gpu((), jnp.int32), on_gpu((), jnp.int32),
+          on_gpu((), jax.random.key(0).dtype))
+  return jax.jit(chunk, donate_argnums=0).lower(*args).compile().as_text()
+
+
+def format_markdown(rows: dict[str, dict], target: str) -> str:
+  parts = [p for p in profile_step.PARTS if any(p in r["parts"] for r in rows.values())]
+  lines = [f"Kernels a training step launches, compiled for an {target.upper()} without "
+           "one (`python -m experiments.kernel_census`):", "",
+           "| step | kernels | " + " | ".join(parts) + " |",
+           "| --- | ---: | " + " | ".join("---:" for _ in parts) + " |"]
+  for name, r in rows.items():
+    lines.append(f"| {name} | {r['kernels']} | " + " | ".join(
+        f"{r['parts'].get(p, 0):.0f}" for p in parts) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  del argv
+  bad = sorted(set(FLAGS.variants) - set(benchmark.TRAIN_VARIANTS))
+  if bad:
+    raise app.UsageError(f"--variants: unknown {bad}; valid: "
+                         f"{list(benchmark.TRAIN_VARIANTS)}.")
+  placement = gpu_placement(FLAGS.target)
+  for model in FLAGS.models:
+    rows = {}
+    for key in FLAGS.variants:
+      name = f"{model}: {benchmark.TRAIN_VARIANTS[key][0]}"
+      rows[name] = census(step_hlo(model, key, placement))
+      print(f"{name}: {rows[name]['kernels']} kernels", flush=True)
+    print(format_markdown(rows, FLAGS.target))
+
+
+if __name__ == "__main__":
+  app.run(main)

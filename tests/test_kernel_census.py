@@ -1,0 +1,73 @@
+"""experiments/kernel_census.py: the kernels of an optimised HLO module's executed
+computations, by part (the GPU compile itself needs JAX's CUDA plugin, not here)."""
+
+import jax
+import jax.numpy as jnp
+
+from experiments import kernel_census
+
+MODULE = """HloModule m
+
+%fused_neg (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %n = f32[4]{0} negate(%p), metadata={op_name="jit(f)/while/body/jvp(invariance_loss)/neg"}
+}
+
+%body (t: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %t = (s32[], f32[4]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %x = f32[4]{0} get-tuple-element(%t), index=1
+  %f = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused_neg, metadata={op_name="jit(f)/while/body/jvp(invariance_loss)/neg"}
+  %c = f32[4]{0} custom-call(%f), custom_call_target="__cudnn$convForward", metadata={op_name="jit(f)/while/body/conv_general_dilated"}
+  ROOT %r = (s32[], f32[4]{0}) tuple(%i, %c)
+}
+
+%cond (t: (s32[], f32[4])) -> pred[] {
+  %t = (s32[], f32[4]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %k = s32[] constant(3)
+  ROOT %lt = pred[] compare(%i, %k), direction=LT
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %a = f32[4]{0} parameter(0)
+  %z = s32[] constant(0)
+  %t = (s32[], f32[4]{0}) tuple(%z, %a)
+  %w = (s32[], f32[4]{0}) while(%t), condition=%cond, body=%body
+  %o = f32[4]{0} get-tuple-element(%w), index=1
+  ROOT %cp = f32[4]{0} copy(%o)
+}
+"""
+
+
+def test_kernels_are_the_launching_instructions_of_the_executed_computations():
+  """The entry's copy, the loop body's fusion and cuDNN call and its condition's
+  compare: not the fusion's inside, nor tuples, parameters, constants or the loop."""
+  got = kernel_census.census(MODULE)
+  assert got["kernels"] == 4
+  assert got["kinds"] == {"copy": 1, "fusion": 1, "__cudnn$convForward": 1, "compare": 1}
+  assert got["parts"]["invariance loss"] == 1
+  assert got["parts"]["network: convolutions and matmuls"] == 1
+  assert sum(got["parts"].values()) == 4
+
+
+def test_a_compiled_program_is_read_whole():
+  """On a program XLA compiled here (a loop of two reductions): every loop iteration's
+  kernels are in the body, counted once, and there are some."""
+  def f(x):
+    return jax.lax.fori_loop(0, 3, lambda i, x: x - jnp.mean(x) / jnp.max(x), x)
+  text = jax.jit(f).lower(jnp.ones((64, 64))).compile().as_text()
+  got = kernel_census.census(text)
+  assert got["kernels"] >= 1 and sum(got["kinds"].values()) == got["kernels"]
+  assert abs(sum(got["parts"].values()) - got["kernels"]) < 1e-9
+
+
+def test_without_the_cuda_plugin_it_says_what_to_install():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  with pytest.raises(app.UsageError, match="--target=a100: no .*valid: \\['h100', 'h200'\\]"):
+    kernel_census.gpu_placement("a100")
+  if importlib.util.find_spec("jax_plugins") is None:  # JAX's CUDA plugin is absent
+    with pytest.raises(app.UsageError, match="pip install jax-cuda12-plugin=="):
+      kernel_census.gpu_placement("h100")
