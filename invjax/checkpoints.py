@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 
 from invjax import distributed
 from invjax import errors
+from invjax import steps as steps_lib
 
 # Orbax's own log records (a dozen INFO lines per save; on a failed restore or save,
 # warnings and errors with tracebacks, of faults invjax handles and reports in one line
@@ -37,6 +38,42 @@ logging.get_absl_handler().addFilter(_QuietOrbax())
 DIRECTORY = "checkpoints"  # in the workdir
 
 
+# A train state's optimizer state is kept per parameter in a checkpoint, as optax.sgd
+# lays it out, whatever the layout it trains in (steps.create_optimizer: one vector).
+
+
+def _has_opt_state(state) -> bool:
+  return hasattr(state, "opt_state") and hasattr(state, "params")
+
+
+def _sharding(state):
+  """The state's sharding (it is replicated): its first parameter's."""
+  return jax.tree.leaves(state.params)[0].sharding
+
+
+def _per_param(state):
+  return state.replace(opt_state=steps_lib.opt_state_per_param(state.opt_state,
+                                                                state.params))
+
+
+def _stored_shapes(abstract):
+  """The layout a checkpoint holds of a target's ShapeDtypeStructs."""
+  if not _has_opt_state(abstract):
+    return abstract
+  sharding = _sharding(abstract)
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                      jax.eval_shape(_per_param, abstract))
+
+
+def _training_layout(stored, target):
+  """A restored state in the layout of `target` (ShapeDtypeStructs)."""
+  if not _has_opt_state(stored) or (jax.tree.structure(stored.opt_state) ==
+                                    jax.tree.structure(target.opt_state)):
+    return stored
+  flat = lambda s: s.replace(opt_state=steps_lib.opt_state_flat(s.opt_state, s.params))
+  return jax.jit(flat, out_shardings=_sharding(target))(stored)
+
+
 class Checkpoints:
   """Saves and restores a TrainState; every process of a run calls every method.
 
@@ -54,6 +91,21 @@ class Checkpoints:
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep or None,
                                              create=True))
 
+  def prepare(self, state) -> None:
+    """Compiles, before the training loop, the program that puts a state in the
+    layout checkpoints keep (one vector of the optimizer state unraveled per
+    parameter), so that no save compiles inside the loop."""
+    if _has_opt_state(state):
+      self._to_stored = jax.jit(_per_param, out_shardings=_sharding(state)).lower(
+          state).compile()
+
+  def _stored(self, state):
+    if not _has_opt_state(state):
+      return state
+    if getattr(self, "_to_stored", None) is None:
+      self.prepare(state)
+    return self._to_stored(state)
+
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
@@ -61,6 +113,7 @@ class Checkpoints:
     """Starts saving `step` (Orbax writes in the background; a write that failed
     surfaces here at the next save or at `close`, as DiskFullError when the disk is
     full, after the incomplete checkpoint's temporary directory is removed)."""
+    state = self._stored(state)
     with self._write_errors(step):
       self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
@@ -110,7 +163,9 @@ class Checkpoints:
     step = self.latest_step() if step is None else step
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     logging.info("restoring checkpoint %d from %s", step, self.directory)
-    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    stored = self.manager.restore(step, args=ocp.args.StandardRestore(
+        _stored_shapes(abstract)))
+    return _training_layout(stored, abstract)
 
   def restore_latest(self, target):
     """(state, step) from the newest checkpoint that restores; (target, 0) if none.

@@ -95,6 +95,7 @@ def _train_locked(config, workdir, allow_config_change, data, preempt, tensorboa
   with timer.section("compile"):
     eval_step, probe_step = _compile_eval_and_probe(run, placement, state,
                                                     test_batches, probe)
+    ckpts.prepare(state)  # a checkpoint's layout of the state
   logging.info("compiled the training program%s in %.1f s; training set %s",
                f" ({programs.steps_per_dispatch} steps per dispatch)"
                if programs.steps_per_dispatch > 1 else "",
