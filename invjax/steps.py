@@ -63,16 +63,28 @@ def create_learning_rate_fn(base: float, boundaries_epochs, decay: float,
       base, {int(round(b * steps_per_epoch)): decay for b in boundaries_epochs})
 
 
+FLAT_UPDATE_MOST_TENSORS = 128
+
+
 def create_optimizer(lr_fn: optax.Schedule, momentum: float = 0.9,
                      nesterov: bool = True) -> optax.GradientTransformation:
   """SGD with Nesterov momentum; no weight decay (the paper uses none).
 
-  On one vector of every parameter (optax.flatten): an elementwise update over P
-  tensors is P sets of kernels on a GPU, over one vector a few (a deviceless compile for
-  an H100 counted 21 and 58 optimizer kernels in All-CNN-C's and WRN-28-10's steps, 204
-  in DenseNet-BC-100's). The same arithmetic on the same numbers, so the same results.
-  Checkpoints keep the state per parameter (`opt_state_per_param`)."""
-  return optax.flatten(optax.sgd(lr_fn, momentum=momentum, nesterov=nesterov))
+  For a model of at most FLAT_UPDATE_MOST_TENSORS parameter tensors, on one vector of
+  every parameter (optax.flatten): an elementwise update over P tensors is P sets of
+  kernels on a GPU, over one vector a few. A deviceless compile for an H100/H200
+  (experiments/kernel_census.py) counted All-CNN-C's step (27 tensors) 199 -> 181
+  kernels and WRN-28-10's (80) 536 -> 500; DenseNet-BC-100's (299) launched as many
+  either way (XLA splits a concatenation of that many) and compiled 16 s longer, so it
+  keeps the update per tensor. The same arithmetic on the same numbers either way, so
+  the same results. Checkpoints keep the state per parameter (`opt_state_per_param`)."""
+  per_tensor = optax.sgd(lr_fn, momentum=momentum, nesterov=nesterov)
+  flat = optax.flatten(per_tensor)
+  pick = lambda tree: (flat if len(jax.tree.leaves(tree)) <= FLAT_UPDATE_MOST_TENSORS
+                       else per_tensor)
+  return optax.GradientTransformation(
+      lambda params: pick(params).init(params),
+      lambda updates, state, params=None: pick(updates).update(updates, state, params))
 
 
 def opt_state_per_param(opt_state, params):

@@ -75,3 +75,21 @@ def test_checkpoints_keep_the_state_per_parameter_both_ways(tmp_path):
     assert jax.tree.structure(restored) == jax.tree.structure(flat_state)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(flat_state)):
       np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_a_model_of_many_tensors_keeps_its_update_per_tensor(monkeypatch):
+  """Above FLAT_UPDATE_MOST_TENSORS the state is optax.sgd's own, per parameter, and
+  the steps the same."""
+  monkeypatch.setattr(steps, "FLAT_UPDATE_MOST_TENSORS", 2)
+  lr = lambda step: 0.1
+  tx, ref = steps.create_optimizer(lr), optax.sgd(lr, 0.9, nesterov=True)
+  params = _tree(jax.random.key(0))  # 3 tensors
+  state = tx.init(params)
+  assert jax.tree.structure(state) == jax.tree.structure(ref.init(params))
+  grads = _tree(jax.random.key(1))
+  u1, _ = tx.update(grads, state, params)
+  u2, _ = ref.update(grads, ref.init(params), params)
+  for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+    np.testing.assert_array_equal(a, b)
+  monkeypatch.setattr(steps, "FLAT_UPDATE_MOST_TENSORS", 3)
+  assert jax.tree.structure(tx.init(params)) != jax.tree.structure(ref.init(params))
