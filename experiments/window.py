@@ -43,7 +43,6 @@ from absl import logging
 
 from experiments import paper
 from invjax import analyze as analyze_lib
-from invjax import build as build_lib
 from invjax import input_pipeline
 from invjax import records as records_lib
 from invjax import robustness as robustness_lib
@@ -180,9 +179,9 @@ def run_window(out: str, t0: float | None = None) -> dict:
     with config.unlocked():
       config.time_limit_minutes = round(limit, 3)
     workdir = os.path.join(FLAGS.workdir, FLAGS.cell, tag, variant)
-    spd = build_lib.build(config, data(config)).steps_per_dispatch
+    # (The training's log names the steps per dispatch it chose, when automatic.)
     print(f"{variant}: training in {workdir}, time limit {limit:.2f} min, "
-          f"{spd} steps per dispatch", flush=True)
+          f"{config.steps_per_dispatch or 'automatic'} steps per dispatch", flush=True)
     result = train.train_and_evaluate(config, workdir, data=data(config),
                                       tensorboard=False)
     entry = {"variant": variant, "step": result["step"], "finished": result["finished"]}
