@@ -90,21 +90,26 @@ class Checkpoints:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep or None,
                                              create=True))
+    self._prepared, self._to_stored = False, None  # `prepare`
 
   def prepare(self, state) -> None:
-    """Compiles, before the training loop, the program that puts a state in the
-    layout checkpoints keep (one vector of the optimizer state unraveled per
-    parameter), so that no save compiles inside the loop."""
-    if _has_opt_state(state):
-      self._to_stored = jax.jit(_per_param, out_shardings=_sharding(state)).lower(
-          state).compile()
+    """Compiles, before the training loop, the program that puts a state's optimizer
+    state in the layout checkpoints keep (each vector of every parameter unraveled per
+    parameter), so that no save compiles inside the loop; nothing for a state already
+    in that layout."""
+    self._prepared = True
+    if _has_opt_state(state) and (jax.tree.structure(jax.eval_shape(_per_param, state))
+                                  != jax.tree.structure(state)):
+      self._to_stored = jax.jit(steps_lib.opt_state_per_param,
+                                out_shardings=_sharding(state)).lower(
+                                    state.opt_state, state.params).compile()
 
   def _stored(self, state):
-    if not _has_opt_state(state):
-      return state
-    if getattr(self, "_to_stored", None) is None:
+    if not self._prepared:
       self.prepare(state)
-    return self._to_stored(state)
+    if self._to_stored is None:
+      return state
+    return state.replace(opt_state=self._to_stored(state.opt_state, state.params))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

@@ -77,18 +77,8 @@ def grouped_invariance_loss(features: jax.Array, copies: int,
       [K, D] float32 arrays, and reads them back (`moment_form` says which suits a
       platform).
   """
-  b = features.shape[0]
-  _check_grouped(b, copies, method, parts, form)
-  if method == "pairwise":
-    return _loss_pairwise(features, jnp.repeat(jnp.arange(b // copies), copies))
-  flat = features.reshape(b, -1)
-  if form == "per_seed":
-    return _moments(copies, flat, *_NO_GROUPS)
-  return _grouped_moments(copies, math.gcd(b // copies, parts), flat)
-
-
-def _check_grouped(b: int, copies: int, method: str, parts: int, form: str) -> None:
   _check_method(method)
+  b = features.shape[0]
   if copies < 2 or b % copies:
     raise ValueError(f"grouped_invariance_loss needs copies >= 2 dividing the batch "
                      f"({b}), got copies={copies}.")
@@ -97,6 +87,12 @@ def _check_grouped(b: int, copies: int, method: str, parts: int, form: str) -> N
   if form not in MOMENT_FORMS:
     raise ValueError(f"moments form {form!r} is unknown; valid forms are "
                      f"{list(MOMENT_FORMS)}.")
+  if method == "pairwise":
+    return _loss_pairwise(features, jnp.repeat(jnp.arange(b // copies), copies))
+  flat = features.reshape(b, -1)
+  if form == "per_seed":
+    return _moments(copies, flat, *_NO_GROUPS)
+  return _grouped_moments(copies, math.gcd(b // copies, parts), flat)
 
 
 MOMENT_FORMS = ("one_read", "per_seed")
