@@ -104,6 +104,8 @@ flags.DEFINE_list("variants", None, "What to time, from " + ", ".join(
         "pairwise": "invariance, pairwise", "moments": "invariance, moments",
         "moments_one_read": "moments, one-read form",
         "moments_per_seed": "moments, per-seed form",
+        "same_batch_flax_bn": "same batch with flax's batch norm",
+        "moments_flax_bn": "invariance, moments, with flax's batch norm",
         "dispatch1": "default method, 1 step per dispatch, if steps_per_dispatch > 1",
         "loss_alone": "L_inv value and gradient alone",
         "augmentation": "augmentation alone", "analysis": "scoring",
@@ -119,8 +121,8 @@ SMALL = {
 }
 METHODS = ("pairwise", "moments")
 VARIANTS = ("baseline", "same_batch", "pairwise", "moments", "moments_one_read",
-            "moments_per_seed", "dispatch1", "loss_alone", "augmentation", "analysis",
-            "stacked")
+            "moments_per_seed", "same_batch_flax_bn", "moments_flax_bn", "dispatch1",
+            "loss_alone", "augmentation", "analysis", "stacked")
 # The training variants: key -> (row name, config fields, StepConfig overrides).
 TRAIN_VARIANTS = {
     "baseline": ("baseline", {"copies": 1, "alpha": 0.0}, {}),
@@ -131,6 +133,12 @@ TRAIN_VARIANTS = {
     **{f"moments_{form}": (f"invariance moments, {form.replace('_', ' ')}",
                            {"loss_method": "moments"}, {"moments_form": form})
        for form in losses.MOMENT_FORMS},
+    # flax's batch norm where config.batch_norm = "auto" picks the fused one (off a
+    # CPU): what the fused layer buys, side by side.
+    "same_batch_flax_bn": ("same batch, flax batch norm",
+                           {"alpha": 0.0, "batch_norm": "flax"}, {"measure_inv": False}),
+    "moments_flax_bn": ("invariance moments, flax batch norm",
+                        {"loss_method": "moments", "batch_norm": "flax"}, {}),
 }
 
 
@@ -213,6 +221,7 @@ class TrainingVariant:
     run = build_lib.build(config, data)
     run.step_config = dataclasses.replace(run.step_config, **step_overrides)
     self.step_config = run.step_config
+    self.batch_norm = run.model.batch_norm
     placement = placement_lib.Placement.create()
     self.state = build_lib.initial_state(run, placement)
     self.programs = programs_lib.TrainPrograms(run, placement, self.state)
@@ -271,6 +280,7 @@ class StackedVariant(TrainingVariant):
     self.config, self.spd, self.runs = config, steps_per_dispatch, runs
     run = build_lib.build(config, data)
     self.step_config = run.step_config
+    self.batch_norm = run.model.batch_norm
     placement = placement_lib.Placement.create()
     state = build_lib.initial_state(run, placement)
     self.state = jax.tree.map(lambda a: jnp.stack([a] * runs), state)
@@ -528,6 +538,7 @@ def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: in
     rows = time_training(prepared, repeats)
   for name, v in prepared.items():
     rows[name]["copies"], rows[name]["alpha"] = v.config.copies, v.config.alpha
+    rows[name]["batch_norm"] = v.batch_norm
     if v.config.alpha > 0 and v.config.loss_method == "moments":
       rows[name]["moments_form"] = v.step_config.moments_form
   one = rows.get(f"invariance {default_method}")

@@ -38,11 +38,14 @@ class Run:
   steps_per_dispatch: int  # config.steps_per_dispatch, resolved (`dispatch_steps`)
 
 
-def create_model(config, num_classes: int):
-  """The model the config names, for `num_classes` classes."""
+def create_model(config, num_classes: int, platform: str | None = None):
+  """The model the config names, for `num_classes` classes, with the batch norm that
+  config.batch_norm means on `platform` (default: JAX's default backend)."""
   return models.create(
       config.model.name, num_classes,
       dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
+      batch_norm_impl=models.batch_norm.implementation(
+          config.get("batch_norm", "auto"), platform or jax.default_backend()),
       **{k: v for k, v in config.model.items() if k != "name"})
 
 

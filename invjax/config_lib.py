@@ -85,6 +85,12 @@ def base_config() -> ml_collections.ConfigDict:
   # bfloat16 activations and matmuls (TPU, recent GPUs); parameters, batch-norm
   # statistics, the cross-entropy and the invariance loss stay float32.
   c.half_precision = False
+  # Which batch norm the models use (invjax/models/batch_norm.py): "flax"
+  # (flax.linen.BatchNorm), "fused" (one pass for the statistics and a written backward:
+  # fewer GPU kernels), or "auto": flax's on a CPU, the fused one elsewhere. The same
+  # function and variables, so results differ by rounding only and a run may resume
+  # with another choice.
+  c.batch_norm = "auto"
   c.seed = 0  # initialisation, seed order and augmentation all follow from it
   # Performance (results do not depend on these): the training set kept on the device,
   # where each step gathers its seeds (the host then does nothing inside the step
@@ -307,6 +313,7 @@ FIELDS: dict[str, Rule] = {
                            "image side)"),
     "augment_preset": _choice(lambda: augment.PRESETS),
     "half_precision": _BOOL,
+    "batch_norm": _choice(lambda: models.batch_norm.CHOICES),
     "seed": _int(0),
     "data_on_device": _BOOL,
     "steps_per_dispatch": _int(0, note=" (0: automatic)"),
@@ -380,8 +387,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
                   f"but config.copies={c.copies}; set copies >= 2 or alpha=0.")
   model_fields = {k for k in c.model.keys() if k != "name"}
   cls = models._REGISTRY[c.model.name]  # pylint: disable=protected-access
-  valid = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "num_classes",
-                                                       "dtype"}
+  valid = {f.name for f in dataclasses.fields(cls)} - models.NOT_CONFIG_FIELDS
   if model_fields - valid:
     errors.append(f"config.model has field(s) {sorted(model_fields - valid)} that model "
                   f"{c.model.name!r} does not take; its fields are {sorted(valid)}.")

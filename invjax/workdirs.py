@@ -62,7 +62,8 @@ def _default_fields():
 
 # Fields that change how fast a run goes, not what it computes (tested): a run may be
 # resumed with other values, e.g. on another machine.
-PERFORMANCE_FIELDS = ("data_on_device", "steps_per_dispatch", "time_limit_minutes")
+PERFORMANCE_FIELDS = ("data_on_device", "steps_per_dispatch", "time_limit_minutes",
+                      "batch_norm")
 # Fields that say when to stop or what to keep, not what a step computes; a workdir
 # saved without them (an older run) resumes with their defaults.
 SAFETY_FIELDS = ("keep_checkpoints", "divergence_factor", "stop_dead_network")

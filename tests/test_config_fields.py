@@ -65,6 +65,7 @@ ROWS = {
     "augment.cutout": ([1.5, -0.1, NAN], [0.0, 0.5, 1.0]),
     "augment_preset": (["strong", ""], ["heavier", "light", "cutout"]),
     "half_precision": ([0, "False"], [True, False]),
+    "batch_norm": (["cudnn", 1], ["auto", "flax", "fused"]),
     "seed": ([-1, 0.5], [0, 12345]),
     "data_on_device": ([1], [True, False]),
     "steps_per_dispatch": ([-1, 2.0], [0, 1, 8]),
@@ -89,7 +90,7 @@ def _model_fields():
   for name in models.names():
     cls = models._REGISTRY[name]  # pylint: disable=protected-access
     out |= {f"model.{f.name}" for f in dataclasses.fields(cls)
-            if f.name not in ("parent", "name", "num_classes", "dtype")}
+            if f.name not in models.NOT_CONFIG_FIELDS}
   return out
 
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from invjax.models import allcnn
+from invjax.models import batch_norm
 from invjax.models import densenet
 from invjax.models import wrn
 
@@ -28,24 +29,32 @@ _REGISTRY: dict[str, type[nn.Module]] = {
 }
 
 
+# Model fields set by `create`'s arguments (from config.half_precision and
+# config.batch_norm), not by config.model.
+NOT_CONFIG_FIELDS = frozenset({"parent", "name", "num_classes", "dtype", "batch_norm"})
+
+
 def names() -> list[str]:
   return sorted(_REGISTRY)
 
 
 def create(name: str, num_classes: int, dtype: Any = jnp.float32,
-           **fields) -> nn.Module:
-  """Builds model `name` with the given fields (e.g. `width`)."""
+           batch_norm_impl: str = "flax", **fields) -> nn.Module:
+  """Builds model `name` with the given fields (e.g. `width`), its batch norm of
+  implementation `batch_norm_impl` (batch_norm.IMPLEMENTATIONS)."""
   if name not in _REGISTRY:
     raise ValueError(f"config.model.name={name!r} is not a known model; "
                      f"valid names are {names()}.")
   cls = _REGISTRY[name]
-  valid = {f.name for f in dataclasses.fields(cls)} - {"parent", "name",
-                                                        "num_classes", "dtype"}
+  valid = {f.name for f in dataclasses.fields(cls)} - NOT_CONFIG_FIELDS
   unknown = sorted(set(fields) - valid)
   if unknown:
     raise ValueError(f"config.model has field(s) {unknown} that model {name!r} does "
                      f"not take; its fields are {sorted(valid)}.")
-  return cls(num_classes=num_classes, dtype=dtype, **fields)
+  if batch_norm_impl not in batch_norm.IMPLEMENTATIONS:
+    raise ValueError(f"batch norm {batch_norm_impl!r} is not one of "
+                     f"{list(batch_norm.IMPLEMENTATIONS)}.")
+  return cls(num_classes=num_classes, dtype=dtype, batch_norm=batch_norm_impl, **fields)
 
 
 def sown(intermediates) -> dict[str, Any]:

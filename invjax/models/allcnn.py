@@ -23,6 +23,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from invjax.models import batch_norm as batch_norm_lib
+
 # Hidden layers as (features, kernel, stride, padding); the class layer is added.
 LAYER_SETS = {
     "cifar": (  # All-CNN-C, 32x32 inputs
@@ -69,19 +71,19 @@ class AllCNN(nn.Module):
   width: float = 1.0
   layers: str | Sequence[tuple[int, int, int, str]] = "cifar"
   dtype: Any = jnp.float32
+  batch_norm: str = "flax"  # batch_norm_lib.IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     conv = lambda f, k, s, p: nn.Conv(
         f, (k, k), strides=(s, s), padding=p, use_bias=False, dtype=self.dtype,
         kernel_init=nn.initializers.he_normal())
-    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                                epsilon=1e-5, dtype=self.dtype)
+    norm_relu = batch_norm_lib.norm_relu(self.batch_norm, train, self.dtype)
     x = x.astype(self.dtype)
     specs = [(max(1, round(f * self.width)), k, s, p)
              for f, k, s, p in layer_specs(self.layers)]
     specs.append((self.num_classes, 1, 1, "VALID"))  # class scores, not scaled
     for i, spec in enumerate(specs, start=1):
-      x = nn.relu(norm()(conv(*spec)(x)))
+      x = norm_relu(conv(*spec)(x))
       self.sow("intermediates", f"conv{i}", x)
     return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)

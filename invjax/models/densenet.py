@@ -16,6 +16,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from invjax.models import batch_norm as batch_norm_lib
+
 
 class DenseNetBC(nn.Module):
   num_classes: int
@@ -24,6 +26,7 @@ class DenseNetBC(nn.Module):
   compression: float = 0.5
   num_blocks: int = 3
   dtype: Any = jnp.float32
+  batch_norm: str = "flax"  # batch_norm_lib.IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -34,19 +37,18 @@ class DenseNetBC(nn.Module):
     conv = lambda f, k: nn.Conv(
         f, (k, k), padding="SAME", use_bias=False, dtype=self.dtype,
         kernel_init=nn.initializers.he_normal())
-    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                                epsilon=1e-5, dtype=self.dtype)
+    norm_relu = batch_norm_lib.norm_relu(self.batch_norm, train, self.dtype)
     x = conv(2 * self.growth, 3)(x.astype(self.dtype))
     self.sow("intermediates", "stem", x)
     for block in range(self.num_blocks):
       for _ in range(per_block):
-        y = conv(4 * self.growth, 1)(nn.relu(norm()(x)))
-        y = conv(self.growth, 3)(nn.relu(norm()(y)))
+        y = conv(4 * self.growth, 1)(norm_relu(x))
+        y = conv(self.growth, 3)(norm_relu(y))
         x = jnp.concatenate([x, y], axis=-1)
       self.sow("intermediates", f"dense{block + 1}", x)
       if block < self.num_blocks - 1:
-        x = conv(math.floor(x.shape[-1] * self.compression), 1)(nn.relu(norm()(x)))
+        x = conv(math.floor(x.shape[-1] * self.compression), 1)(norm_relu(x))
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
-    x = nn.relu(norm()(x))
+    x = norm_relu(x)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)

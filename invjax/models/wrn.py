@@ -15,6 +15,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from invjax.models import batch_norm as batch_norm_lib
+
 
 class WideResNet(nn.Module):
   num_classes: int
@@ -22,6 +24,7 @@ class WideResNet(nn.Module):
   widen: int = 10
   strides: tuple[int, int, int] = (1, 2, 2)
   dtype: Any = jnp.float32
+  batch_norm: str = "flax"  # batch_norm_lib.IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -32,23 +35,22 @@ class WideResNet(nn.Module):
     conv = lambda f, k, s=1: nn.Conv(
         f, (k, k), strides=(s, s), padding="SAME", use_bias=False, dtype=self.dtype,
         kernel_init=nn.initializers.he_normal())
-    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                                epsilon=1e-5, dtype=self.dtype)
+    norm_relu = batch_norm_lib.norm_relu(self.batch_norm, train, self.dtype)
     x = conv(16, 3)(x.astype(self.dtype))
     index = 0
     for group, stride in enumerate(self.strides):
       width = 16 * self.widen * 2 ** group
       for b in range(blocks_per_group):
         s = stride if b == 0 else 1
-        pre = nn.relu(norm()(x))
+        pre = norm_relu(x)
         shortcut = x
         if s != 1 or x.shape[-1] != width:
           shortcut = conv(width, 1, s)(pre)
         y = conv(width, 3, s)(pre)
-        y = conv(width, 3)(nn.relu(norm()(y)))
+        y = conv(width, 3)(norm_relu(y))
         x = y + shortcut
         index += 1
         self.sow("intermediates", f"block{index}", x)
-    x = nn.relu(norm()(x))
+    x = norm_relu(x)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
