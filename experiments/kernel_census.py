@@ -41,6 +41,7 @@ import numpy as np
 from experiments import benchmark
 from experiments import profile_step
 from invjax import build as build_lib
+from invjax import models
 from invjax import placement as placement_lib
 from invjax import steps as steps_lib
 
@@ -51,6 +52,11 @@ FLAGS.set_default("models", ["allcnn"])
 FLAGS.set_default("variants", ["same_batch", "moments_one_read", "moments_per_seed"])
 flags.DEFINE_string("target", "h100", "A GPU described in experiments/gpu_targets/ "
                     "(h100, h200).")
+flags.DEFINE_enum("batch_norm", "auto", models.batch_norm.CHOICES,
+                  "config.batch_norm of the counted steps (auto: what a GPU gets).")
+flags.DEFINE_integer("steps", 10, "Steps in the compiled program (a loop; at least 2). "
+                     "Kernels are counted per step; those outside the loop, once per "
+                     "program, are shown apart.")
 
 TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_targets")
 # Instructions that launch nothing: the rest of an executed computation is a kernel each.
@@ -59,39 +65,51 @@ _NO_KERNEL = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", 
               "partition-id", "replica-id"}
 
 
-def kernels(index: profile_step.HloIndex, entry: str) -> list[str]:
-  """The kernel-launching instructions of the computations a program executes: its
-  entry computation and, from there, the bodies, conditions and branches of its loops
-  and conditionals (fusions' computations are the kernels' insides, not visited)."""
-  out, todo, seen = [], [entry], set()
+def kernels(index: profile_step.HloIndex, entry: str) -> list[tuple[str, bool]]:
+  """(instruction, in a loop) of each kernel-launching instruction of the computations
+  a program executes: its entry computation and, from there, the bodies, conditions
+  and branches of its loops and conditionals (fusions' computations are the kernels'
+  insides, not visited). `in a loop`: launched at each iteration of a loop (a step of
+  the training program), not once per program."""
+  out, todo, seen = [], [(entry, False)], set()
   while todo:
-    comp = todo.pop(0)
+    comp, looped = todo.pop(0)
     if comp in seen:
       continue
     seen.add(comp)
     for name in index.computations.get(comp, ()):
       ins = index.instrs[name]
       if ins["opcode"] in ("while", "conditional", "call"):
-        todo += ins["calls"]
+        todo += [(c, looped or ins["opcode"] == "while") for c in ins["calls"]]
       elif ins["opcode"] not in _NO_KERNEL:
-        out.append(name)
+        out.append((name, looped))
   return out
 
 
 def census(text: str) -> dict:
   """{"kernels": n, "parts": {part: kernels (a mixed fusion split among its parts)},
-  "kinds": {fusion | cuDNN / cuBLAS target | opcode: n}} of an optimised HLO module."""
+  "kinds": {fusion | cuDNN / cuBLAS target | opcode: n}} of the kernels an optimised
+  HLO module launches at each step (in its loops), or of all of them if it has no
+  loop; "per_program": {"kernels", "parts", "kinds"} of those launched once per program
+  outside its loops."""
   index = profile_step.HloIndex(text)
   entry = next(line.split()[1].lstrip("%") for line in text.splitlines()
                if line.startswith("ENTRY "))
-  names = kernels(index, entry)
-  parts, kinds = collections.Counter(), collections.Counter()
-  for name in names:
-    for (part, _), share in index.split(name).items():
-      parts[part] += share
-    ins = index.instrs[name]
-    kinds[ins["target"] or ins["opcode"]] += 1
-  return {"kernels": len(names), "parts": dict(parts), "kinds": dict(kinds)}
+  found = kernels(index, entry)
+  has_loop = any(looped for _, looped in found)
+
+  def count(names):
+    parts, kinds = collections.Counter(), collections.Counter()
+    for name in names:
+      for (part, _), share in index.split(name).items():
+        parts[part] += share
+      ins = index.instrs[name]
+      kinds[ins["target"] or ins["opcode"]] += 1
+    return {"kernels": len(names), "parts": dict(parts), "kinds": dict(kinds)}
+
+  step = count([n for n, looped in found if looped or not has_loop])
+  step["per_program"] = count([n for n, looped in found if has_loop and not looped])
+  return step
 
 
 def gpu_placement(target: str) -> placement_lib.Placement:
@@ -117,12 +135,17 @@ def gpu_placement(target: str) -> placement_lib.Placement:
       axis_types=(jax.sharding.AxisType.Auto,)))
 
 
-def step_hlo(model: str, key: str, placement: placement_lib.Placement) -> str:
-  """XLA:GPU's optimised HLO of one variant's training program (one step, in a loop as
-  on an accelerator; the moments form the variant names, else the accelerators')."""
+def step_hlo(model: str, key: str, placement: placement_lib.Placement,
+             batch_norm: str = "auto", steps: int = 10) -> str:
+  """XLA:GPU's optimised HLO of one variant's training program of `steps` steps in a
+  loop, as on an accelerator (XLA removes a loop of one step, and with it the layouts
+  of the state inside the loop that differ from those outside: count with 2 or more);
+  the moments form the variant names, else the accelerators'; the batch norm
+  `batch_norm` means on a GPU, unless the variant names one."""
   _, fields, overrides = benchmark.TRAIN_VARIANTS[key]
   config, _ = benchmark.load_config(model, "paper", "bfloat16")
   with config.unlocked():
+    config.batch_norm = models.batch_norm.implementation(batch_norm, "gpu")
     for k, v in fields.items():
       config[k] = v
     config.steps_per_dispatch = 1
@@ -130,7 +153,8 @@ def step_hlo(model: str, key: str, placement: placement_lib.Placement) -> str:
   run = build_lib.build(config, data)
   run.step_config = dataclasses.replace(
       run.step_config, **{"moments_form": "one_read", **overrides})
-  chunk = steps_lib.make_train_chunk(run.step_config, 1, config.batch_size // config.copies,
+  chunk = steps_lib.make_train_chunk(run.step_config, steps,
+                                     config.batch_size // config.copies,
                                      placement.batch, data_on_device=True, unroll=False)
   state = jax.eval_shape(lambda: build_lib.initial_state(run, placement_lib.Placement.create()))
   on_gpu = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
@@ -148,11 +172,12 @@ def format_markdown(rows: dict[str, dict], target: str) -> str:
   parts = [p for p in profile_step.PARTS if any(p in r["parts"] for r in rows.values())]
   lines = [f"Kernels a training step launches, compiled for an {target.upper()} without "
            "one (`python -m experiments.kernel_census`):", "",
-           "| step | kernels | " + " | ".join(parts) + " |",
-           "| --- | ---: | " + " | ".join("---:" for _ in parts) + " |"]
+           "| step | kernels a step | " + " | ".join(parts) + " | once a program |",
+           "| --- | ---: | " + " | ".join("---:" for _ in parts) + " | ---: |"]
   for name, r in rows.items():
     lines.append(f"| {name} | {r['kernels']} | " + " | ".join(
-        f"{r['parts'].get(p, 0):.0f}" for p in parts) + " |")
+        f"{r['parts'].get(p, 0):.0f}" for p in parts) +
+                 f" | {r.get('per_program', {}).get('kernels', 0)} |")
   return "\n".join(lines) + "\n"
 
 
@@ -162,13 +187,17 @@ def main(argv):
   if bad:
     raise app.UsageError(f"--variants: unknown {bad}; valid: "
                          f"{list(benchmark.TRAIN_VARIANTS)}.")
+  if FLAGS.steps < 2:
+    raise app.UsageError(f"--steps={FLAGS.steps}: count with 2 or more (XLA removes a "
+                         "loop of one step, unlike the training program's).")
   placement = gpu_placement(FLAGS.target)
   for model in FLAGS.models:
     rows = {}
     for key in FLAGS.variants:
       name = f"{model}: {benchmark.TRAIN_VARIANTS[key][0]}"
-      rows[name] = census(step_hlo(model, key, placement))
-      print(f"{name}: {rows[name]['kernels']} kernels", flush=True)
+      rows[name] = census(step_hlo(model, key, placement, FLAGS.batch_norm, FLAGS.steps))
+      print(f"{name}: {rows[name]['kernels']} kernels a step, "
+            f"{rows[name]['per_program']['kernels']} a program", flush=True)
     print(format_markdown(rows, FLAGS.target))
 
 

@@ -41,14 +41,26 @@ ENTRY %main (a: f32[4]) -> f32[4] {
 
 
 def test_kernels_are_the_launching_instructions_of_the_executed_computations():
-  """The entry's copy, the loop body's fusion and cuDNN call and its condition's
-  compare: not the fusion's inside, nor tuples, parameters, constants or the loop."""
+  """A step: the loop body's fusion and cuDNN call and its condition's compare; once a
+  program: the entry's copy. Not the fusion's inside, nor tuples, parameters,
+  constants or the loop."""
   got = kernel_census.census(MODULE)
-  assert got["kernels"] == 4
-  assert got["kinds"] == {"copy": 1, "fusion": 1, "__cudnn$convForward": 1, "compare": 1}
+  assert got["kernels"] == 3
+  assert got["kinds"] == {"fusion": 1, "__cudnn$convForward": 1, "compare": 1}
   assert got["parts"]["invariance loss"] == 1
   assert got["parts"]["network: convolutions and matmuls"] == 1
-  assert sum(got["parts"].values()) == 4
+  assert sum(got["parts"].values()) == 3
+  assert got["per_program"]["kernels"] == 1
+  assert got["per_program"]["kinds"] == {"copy": 1}
+
+
+def test_a_program_without_a_loop_is_all_one_step():
+  loopless = MODULE.replace(
+      "  %w = (s32[], f32[4]{0}) while(%t), condition=%cond, body=%body\n"
+      "  %o = f32[4]{0} get-tuple-element(%w), index=1\n", "  %o = f32[4]{0} negate(%a)\n")
+  got = kernel_census.census(loopless)
+  assert got["kinds"] == {"negate": 1, "copy": 1}
+  assert got["per_program"]["kernels"] == 0
 
 
 def test_a_compiled_program_is_read_whole():
@@ -60,6 +72,7 @@ def test_a_compiled_program_is_read_whole():
   got = kernel_census.census(text)
   assert got["kernels"] >= 1 and sum(got["kinds"].values()) == got["kernels"]
   assert abs(sum(got["parts"].values()) - got["kernels"]) < 1e-9
+  assert got["kernels"] > got["per_program"]["kernels"]  # the loop's body is the step
 
 
 def test_without_the_cuda_plugin_it_says_what_to_install():
