@@ -171,11 +171,11 @@ def test_chunk_of_steps_equals_single_steps(data_on_device, unroll):
                      jnp.arange(12, dtype=jnp.int32)])
   key = jax.random.key(9)
   single = jax.jit(steps.make_train_step(cfg))
-  expected, losses_ = state, []
+  expected, singles = state, []
   for s in range(2, 5):  # steps 2, 3, 4 take positions 8..19: across the pass end
     idx = seed_order.seed_indices(np.asarray(perms), 0, s, 1, 4)[0]
     expected, m = single(expected, x[idx], y[idx], jax.random.fold_in(key, s))
-    losses_.append(float(m["loss"]))
+    singles.append(m)
   chunk = jax.jit(steps.make_train_chunk(cfg, 3, 4, data_on_device=data_on_device,
                                          unroll=unroll))
   if data_on_device:
@@ -183,7 +183,11 @@ def test_chunk_of_steps_equals_single_steps(data_on_device, unroll):
   else:
     idx = seed_order.seed_indices(np.asarray(perms), 0, 2, 3, 4)
     got, metrics = chunk(state, x[idx], y[idx], 2, key)
-  np.testing.assert_allclose(metrics["loss"], losses_, rtol=1e-5)
+  # Every metric, in its dtype (a loop carries them packed in one vector).
+  assert set(metrics) == set(singles[0]) and len(metrics) > 3
+  for k, v in metrics.items():
+    assert v.shape == (3,) and v.dtype == singles[0][k].dtype, (k, v.shape, v.dtype)
+    np.testing.assert_allclose(v, [m[k] for m in singles], rtol=1e-5, err_msg=k)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                got.params, expected.params)
   assert int(got.step) == 3
