@@ -9,18 +9,20 @@ FLOPs or bytes: on an H200, All-CNN-C's step of about 200 kernels took 1.55 ms, 
 invariance loss added 0.34-0.36 ms in either moments form although one read of its
 activations takes about 21 us there. XLA's GPU compiler decides which operations share
 a kernel (its fusions), and it can compile for a described GPU without one: this
-compiles the benchmark's training program (experiments/benchmark.py, one step in a
-loop, bfloat16, the paper's sizes) for the GPU in experiments/gpu_targets/<target>.txtpb
+compiles the benchmark's training program (experiments/benchmark.py, --steps steps in
+a loop, bfloat16, the paper's sizes) for the GPU in experiments/gpu_targets/<target>.txtpb
 and counts, in the optimised program's executed computations (the entry and its loops'
 bodies), the instructions that launch a kernel: fusions, cuDNN and cuBLAS calls,
 copies and the rest, everything but tuples, bitcasts, parameters, constants and control
-flow. Each kernel is put in a part of the step by the named scopes invjax/steps.py sets
+flow; those in the loop are a step's, the rest once a program. Each kernel is put in a part of the step by the named scopes invjax/steps.py sets
 (experiments/profile_step.py's attribution; a fusion that mixes parts is split among
 them).
 
 Counts, not times: what a change to the loss or the step does to the kernels it
 launches, checked on a CPU before a GPU window times it. Autotuning needs the device,
 so convolutions get XLA's default algorithms here; the fusions do not depend on them.
+The compile column is this machine's tracing, lowering and XLA compiling of the
+program, without that autotuning.
 The JAX here may differ from the GPU machine's (the window's image: 0.11.2).
 """
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import time
 
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no CUDA libraries needed
 
@@ -172,12 +175,14 @@ def format_markdown(rows: dict[str, dict], target: str) -> str:
   parts = [p for p in profile_step.PARTS if any(p in r["parts"] for r in rows.values())]
   lines = [f"Kernels a training step launches, compiled for an {target.upper()} without "
            "one (`python -m experiments.kernel_census`):", "",
-           "| step | kernels a step | " + " | ".join(parts) + " | once a program |",
-           "| --- | ---: | " + " | ".join("---:" for _ in parts) + " | ---: |"]
+           "| step | kernels a step | " + " | ".join(parts) +
+           " | once a program | compile, s |",
+           "| --- | ---: | " + " | ".join("---:" for _ in parts) + " | ---: | ---: |"]
   for name, r in rows.items():
     lines.append(f"| {name} | {r['kernels']} | " + " | ".join(
         f"{r['parts'].get(p, 0):.0f}" for p in parts) +
-                 f" | {r.get('per_program', {}).get('kernels', 0)} |")
+                 f" | {r.get('per_program', {}).get('kernels', 0)} | "
+                 f"{r.get('compile_s', float('nan')):.1f} |")
   return "\n".join(lines) + "\n"
 
 
@@ -195,9 +200,12 @@ def main(argv):
     rows = {}
     for key in FLAGS.variants:
       name = f"{model}: {benchmark.TRAIN_VARIANTS[key][0]}"
-      rows[name] = census(step_hlo(model, key, placement, FLAGS.batch_norm, FLAGS.steps))
+      t = time.perf_counter()
+      text = step_hlo(model, key, placement, FLAGS.batch_norm, FLAGS.steps)
+      rows[name] = {**census(text), "compile_s": time.perf_counter() - t}
       print(f"{name}: {rows[name]['kernels']} kernels a step, "
-            f"{rows[name]['per_program']['kernels']} a program", flush=True)
+            f"{rows[name]['per_program']['kernels']} a program; traced, lowered and "
+            f"compiled in {rows[name]['compile_s']:.1f} s", flush=True)
     print(format_markdown(rows, FLAGS.target))
 
 

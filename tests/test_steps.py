@@ -20,8 +20,9 @@ from tests import helpers
 SHAPE = (16, 16, 3)
 
 
-def _setup(copies, alpha, method="pairwise", classes=4):
-  m = models.create("allcnn", classes, layers=helpers.TINY_LAYERS)
+def _setup(copies, alpha, method="pairwise", classes=4, batch_norm="flax"):
+  m = models.create("allcnn", classes, layers=helpers.TINY_LAYERS,
+                    batch_norm_impl=batch_norm)
   layers = list(models.layer_shapes(m, SHAPE))
   cfg = steps.StepConfig(copies=copies, alpha=alpha, alpha_ratio=10.0,
                          loss_method=method, ranges=augment.AugmentRanges(),
@@ -161,11 +162,14 @@ def test_same_batch_step_without_measuring_inv_loss():
   assert "inv_loss/conv1" in m
 
 
-@pytest.mark.parametrize("data_on_device,unroll", [(True, False), (False, True)])
-def test_chunk_of_steps_equals_single_steps(data_on_device, unroll):
-  """3 steps in one program (looped or unrolled; seeds gathered on device or given)
-  = the same 3 steps one by one."""
-  _, cfg, state, _ = _setup(copies=4, alpha=0.3, method="moments")
+@pytest.mark.parametrize("data_on_device,unroll,batch_norm", [
+    (True, False, "fused"), (False, True, "flax")])
+def test_chunk_of_steps_equals_single_steps(data_on_device, unroll, batch_norm):
+  """3 steps in one program (looped as on an accelerator, with its fused batch norm,
+  or unrolled as on a CPU; seeds gathered on device or given) = the same 3 steps one
+  by one."""
+  _, cfg, state, _ = _setup(copies=4, alpha=0.3, method="moments",
+                            batch_norm=batch_norm)
   x, y = _seeds(12, seed=1)
   perms = jnp.stack([jnp.arange(12, dtype=jnp.int32)[::-1],
                      jnp.arange(12, dtype=jnp.int32)])
