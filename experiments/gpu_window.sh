@@ -31,11 +31,13 @@
 #   loss      (60)  experiments/loss_cost.py: L_inv alone, All-CNN-C width 1, bf16,
 #                   16 x 8: XLA's bytes accessed over the activations' bytes, and time
 #   allcnn    (240) every training variant (the moments method in the accelerators'
-#                   one-read form and in the per-seed form), 3 runs in one program,
-#                   the loss alone, augmentation, analysis
-#   wrn       (270) baseline, same batch, moments in both forms, the loss alone,
-#                   analysis
-#   densenet  (330) same batch, moments, the loss alone (each compile ~2 min on H200)
+#                   one-read form and in the per-seed form; the same batch and moments
+#                   with flax's batch norm beside the fused one), 3 runs in one
+#                   program, the loss alone, augmentation, analysis
+#   wrn       (300) baseline, same batch (also with flax's batch norm), moments in both
+#                   forms, the loss alone, analysis
+#   densenet  (330) same batch, moments, the loss alone (each compile ~2 min on H200
+#                   with flax's batch norm; the fused one compiled 27 % faster here)
 #   augment   (60)  not in the default list: python -m experiments.augment_cost, the augmentation
 #                   alone with invjax's 2-D warp and dm-pix's, side by side
 #   compile   (330) not in the default list: DenseNet-BC-100's training program (bf16,
@@ -109,10 +111,10 @@ print(jax.devices())"' ;;
     loss) run loss 60 python3 -m experiments.loss_cost --width=1 --dtype=bfloat16 \
       --repeats=20 ;;
     allcnn) bench allcnn 240 --models=allcnn --repeats=15 --variants=baseline,\
-same_batch,pairwise,moments,moments_per_seed,dispatch1,loss_alone,augmentation,\
-analysis,stacked ;;
-    wrn) bench wrn 270 --models=wrn --repeats=15 \
-      --variants=baseline,same_batch,moments,moments_per_seed,loss_alone,analysis ;;
+same_batch,pairwise,moments,moments_per_seed,same_batch_flax_bn,moments_flax_bn,\
+dispatch1,loss_alone,augmentation,analysis,stacked ;;
+    wrn) bench wrn 300 --models=wrn --repeats=15 --variants=baseline,same_batch,\
+moments,moments_per_seed,same_batch_flax_bn,loss_alone,analysis ;;
     densenet) bench densenet 330 --models=densenet --repeats=10 \
       --variants=same_batch,moments,loss_alone ;;
     augment) run augment 60 python3 -m experiments.augment_cost ;;
