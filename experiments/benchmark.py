@@ -12,6 +12,9 @@ backward, update), in these variants:
   baseline          M = 1, alpha = 0: B distinct images per step
   same batch        M copies of B / M seeds, alpha = 0, L_inv not computed
   invariance <m>    M copies, alpha = 0.1, L_inv by method <m> (pairwise, moments)
+  ..., flax batch norm   the same batch or moments with flax's batch norm, where the
+                    platform's default (config.batch_norm = "auto") is the fused one:
+                    compared with the same batch with flax's
   ... 1 step/dispatch   the default invariance step, synchronised after every step
 
 and the loss alone (L_inv of every sown layer, value and gradient, on random activations
@@ -575,20 +578,28 @@ def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: in
   if "analysis" in chosen:
     print(f"  {model} {precision}: analysis ...", flush=True)
     result["analysis"] = time_analysis(config, data, copies_per_forward)
-  base = rows.get("baseline", {}).get("step_ms")
+  add_ratios(rows)
   same = rows.get("same batch", {}).get("step_ms")
-  for r in rows.values():
-    if r.get("runs"):  # several runs a step: see speedup_vs_one_by_one
-      r["vs_same_batch"] = r["vs_baseline"] = None
-    else:
-      r["vs_same_batch"] = r["step_ms"] / same if same else None
-      r["vs_baseline"] = r["step_ms"] / base if base else None
-    # The loss's share of the step: the step minus the same batch without the loss.
-    r["loss_share_ms"] = r["step_ms"] - same if same and not r.get("runs") else None
   if "augmentation" in result:
     result["augmentation"]["vs_same_batch"] = (
         result["augmentation"]["step_ms"] / same if same else None)
   return result
+
+
+def add_ratios(rows: dict[str, dict]) -> None:
+  """Each row's vs_same_batch, vs_baseline and loss_share_ms (the step minus the same
+  batch's without the loss). A row with flax's batch norm, where the same batch has
+  the fused one (the default off a CPU), is compared with the same batch with flax's."""
+  base = rows.get("baseline", {}).get("step_ms")
+  same = rows.get("same batch", {}).get("step_ms")
+  same_flax = rows.get(TRAIN_VARIANTS["same_batch_flax_bn"][0], {}).get("step_ms")
+  default_bn = rows.get("same batch", {}).get("batch_norm")
+  for r in rows.values():
+    ref = same_flax if r.get("batch_norm") == "flax" != default_bn else same
+    several = r.get("runs")  # several runs a step: see speedup_vs_one_by_one
+    r["vs_same_batch"] = r["step_ms"] / ref if ref and not several else None
+    r["vs_baseline"] = r["step_ms"] / base if base and not several else None
+    r["loss_share_ms"] = r["step_ms"] - ref if ref and not several else None
 
 
 def _num(value, fmt: str) -> str:

@@ -145,3 +145,26 @@ def test_a_report_names_the_xla_flags_it_ran_under(monkeypatch):
   monkeypatch.delenv("XLA_FLAGS")
   result = {"command": "c", "date": "d", "hardware": common.hardware()}
   assert not any("XLA_FLAGS" in line for line in common.report_header("t", result))
+
+
+def test_a_flax_batch_norm_row_is_compared_with_the_same_batch_with_flax_batch_norm():
+  rows = {"baseline": {"step_ms": 1.0, "batch_norm": "fused"},
+          "same batch": {"step_ms": 2.0, "batch_norm": "fused"},
+          "invariance moments": {"step_ms": 2.5, "batch_norm": "fused"},
+          "same batch, flax batch norm": {"step_ms": 3.0, "batch_norm": "flax"},
+          "invariance moments, flax batch norm": {"step_ms": 3.3, "batch_norm": "flax"},
+          "3 x invariance moments, one program": {"step_ms": 6.0, "runs": 3,
+                                                  "batch_norm": "fused"}}
+  benchmark.add_ratios(rows)
+  assert rows["invariance moments"]["vs_same_batch"] == 1.25
+  assert rows["invariance moments"]["loss_share_ms"] == 0.5
+  assert abs(rows["invariance moments, flax batch norm"]["vs_same_batch"] - 1.1) < 1e-12
+  assert abs(rows["invariance moments, flax batch norm"]["loss_share_ms"] - 0.3) < 1e-12
+  assert rows["same batch, flax batch norm"]["vs_same_batch"] == 1.0
+  assert rows["same batch, flax batch norm"]["vs_baseline"] == 3.0
+  assert rows["3 x invariance moments, one program"]["vs_same_batch"] is None
+  # On a CPU every row has flax's: all are compared with the same batch.
+  cpu = {"same batch": {"step_ms": 2.0, "batch_norm": "flax"},
+         "invariance moments": {"step_ms": 2.2, "batch_norm": "flax"}}
+  benchmark.add_ratios(cpu)
+  assert abs(cpu["invariance moments"]["vs_same_batch"] - 1.1) < 1e-12
