@@ -84,22 +84,25 @@ def _train_locked(config, workdir, allow_config_change, data, preempt, tensorboa
     progress = metrics_io.Progress(run.total_steps, log)
   every = _Every.of(config, run)
   spd = run.steps_per_dispatch
-  programs = programs_lib.TrainPrograms(run, placement, state, single=any(
-      n % spd for n in (start, run.total_steps, every.ckpt, every.eval, every.log)))
-  timer.add("compile", sum(programs.compile_seconds.values()))
   with timer.section("startup"):
+    programs = programs_lib.TrainPrograms(run, placement, state, compile_now=False)
     test_batches = placement_lib.TestBatches(
         run.data.x_test, run.data.y_test, config.eval_batch_size, placement,
         on_device=programs.on_device)
     probe = _Probe.create(config, run.data, placement)
   with timer.section("compile"):
-    eval_step, probe_step = _compile_eval_and_probe(run, placement, state,
-                                                    test_batches, probe)
+    single = any(n % spd for n in (start, run.total_steps, every.ckpt, every.eval,
+                                   every.log))
+    programs.compile(state, single, _lower_eval_and_probe(run, placement, state,
+                                                          test_batches, probe))
+    eval_step, probe_step = programs.alongside["eval"], programs.alongside["probe"]
     ckpts.prepare(state)  # a checkpoint's layout of the state
-  logging.info("compiled the training program%s in %.1f s; training set %s",
+  logging.info("compiled the training program%s in %.1f s (%.1f s with the evaluation "
+               "and probe programs, compiled beside it); training set %s",
                f" ({programs.steps_per_dispatch} steps per dispatch)"
                if programs.steps_per_dispatch > 1 else "",
-               sum(programs.compile_seconds.values()),
+               programs.compile_seconds[programs.steps_per_dispatch],
+               programs.wall_seconds,
                "on the device" if programs.on_device else "read from the host")
   loop = _Loop(config, workdir, run, placement, state, start, started, ckpts, log,
                timer)
@@ -163,17 +166,18 @@ class _Probe:
     return cls(seeds, key)
 
 
-def _compile_eval_and_probe(run, placement, state, test_batches, probe):
-  """(eval_step, probe_step), compiled. Sums and scalars come back replicated: every
-  process can read them."""
-  eval_step = jax.jit(steps_lib.make_eval_step(run.step_config.top5),
+def _lower_eval_and_probe(run, placement, state, test_batches, probe):
+  """{"eval": the eval step, "probe": the probe step}, lowered (compiled beside the
+  training programs). Sums and scalars come back replicated: every process can read
+  them."""
+  return {
+      "eval": jax.jit(steps_lib.make_eval_step(run.step_config.top5),
                       out_shardings=placement.replicated).lower(
-                          state, *next(iter(test_batches))).compile()
-  probe_step = jax.jit(steps_lib.make_probe_step(run.step_config,
+                          state, *next(iter(test_batches))),
+      "probe": jax.jit(steps_lib.make_probe_step(run.step_config,
                                                  run.config.probe_copies),
                        out_shardings=placement.replicated).lower(
-                           state, probe.seeds, probe.key).compile()
-  return eval_step, probe_step
+                           state, probe.seeds, probe.key)}
 
 
 class _Loop:
