@@ -41,12 +41,12 @@
 #   augment   (60)  not in the default list: python -m experiments.augment_cost, the augmentation
 #                   alone with invjax's 2-D warp and dm-pix's, side by side
 #   compile   (330) not in the default list: DenseNet-BC-100's training program (bf16,
-#                   10 steps), trace + lower and XLA compile, then 3 timed programs, with
-#                   XLA's GPU autotuning off (--xla_gpu_autotune_level=0), at level 1
-#                   (no checking of the candidates' outputs) and at the default level;
-#                   the last with a fresh persistent cache, compiled again from it (a
-#                   rerun's or resume's compile); each also a JSON line in
-#                   $OUT/compile.jsonl
+#                   10 steps), trace + lower and XLA compile, then 3 timed programs: first
+#                   at the default level of XLA's GPU autotuning with a fresh persistent
+#                   cache, compiled again from it (a rerun's or resume's compile: the
+#                   targets' figures), then with autotuning off
+#                   (--xla_gpu_autotune_level=0) and at level 1 (no checking of the
+#                   candidates' outputs); each also a JSON line in $OUT/compile.jsonl
 #   xla       (3 x 75) not in the default list: All-CNN-C's same batch, moments and
 #                   1-step-program steps under three XLA_FLAGS settings, each its own
 #                   process and folder $OUT/xla_<name>/: the defaults, CUDA-graph
@@ -129,10 +129,10 @@ moments,moments_per_seed,same_batch_flax_bn,loss_alone,analysis ;;
       done ;;
     compile) run compile 330 bash -c 'args="--config=configs/densenet.py
       --config.half_precision=True --steps=10 --time_steps=3 --jsonl=$OUT/compile.jsonl"
-      XLA_FLAGS=--xla_gpu_autotune_level=0 python3 -m experiments.compile_time $args
-      XLA_FLAGS=--xla_gpu_autotune_level=1 python3 -m experiments.compile_time $args
       rm -rf /tmp/invjax_compile_cache
-      python3 -m experiments.compile_time $args --cache_dir=/tmp/invjax_compile_cache' ;;
+      python3 -m experiments.compile_time $args --cache_dir=/tmp/invjax_compile_cache
+      XLA_FLAGS=--xla_gpu_autotune_level=0 python3 -m experiments.compile_time $args
+      XLA_FLAGS=--xla_gpu_autotune_level=1 python3 -m experiments.compile_time $args' ;;
     # shellcheck disable=SC2086
     profile) run profile 200 python3 -m experiments.profile_step --models=allcnn,wrn \
       --variants=baseline,moments,moments_per_seed $extra --out="$OUT" ;;
