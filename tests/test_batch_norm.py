@@ -1,6 +1,11 @@
 """The fused batch norm (invjax/models/batch_norm.py) against flax's and a naive
 definition: outputs, gradients, running statistics, variables; and how a config picks it."""
 
+import json
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,6 +18,7 @@ from invjax import errors
 from invjax import models
 from invjax import workdirs
 from invjax.models import batch_norm
+from tests import helpers
 
 
 def _naive(x, scale, bias, eps=1e-5):
@@ -177,3 +183,36 @@ def test_a_run_resumes_with_another_choice(tmp_path):
   config.batch_norm = "fused"
   assert workdirs.config_diff(config, str(tmp_path)) == {}
   workdirs.check_config(config, str(tmp_path))  # no error
+
+
+SPLIT_OVER_DEVICES = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tests import test_batch_norm as t
+x, scale, bias, w = t._inputs((16, 3, 3, 5), jnp.float32, seed=7)
+one = t._train("fused", x, scale, bias, w, jnp.float32)
+mesh = jax.make_mesh((4,), ("data",))
+split = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))
+many = t._train("fused", split(x), scale, bias, split(w), jnp.float32)
+leaves = lambda r: [np.asarray(a).ravel().tolist() for a in jax.tree.leaves(r)]
+print(json.dumps([jax.device_count(), len(many[0].sharding.device_set),
+                  leaves(one), leaves(many)]))
+"""
+
+
+def test_the_fused_statistics_are_over_the_whole_batch_split_over_devices():
+  """The batch split over 4 devices (one jit, as the data-parallel step runs): the
+  same outputs, running statistics and gradients as on one device."""
+  env = dict(os.environ, XLA_FLAGS=" ".join([os.environ.get("XLA_FLAGS", ""),
+                                             "--xla_force_host_platform_device_count=4"]))
+  out = subprocess.run([sys.executable, "-c", SPLIT_OVER_DEVICES, helpers.ROOT],
+                       capture_output=True, text=True, env=env, timeout=300,
+                       cwd=helpers.ROOT)
+  assert out.returncode == 0, out.stderr[-2000:]
+  devices, used, one, many = json.loads(out.stdout.strip().splitlines()[-1])
+  assert devices == 4 and used == 4
+  assert len(one) == len(many) == 6  # y, mean, var, dx, dscale, dbias
+  for a, b in zip(one, many):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
