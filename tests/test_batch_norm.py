@@ -216,3 +216,26 @@ def test_the_fused_statistics_are_over_the_whole_batch_split_over_devices():
   assert len(one) == len(many) == 6  # y, mean, var, dx, dscale, dbias
   for a, b in zip(one, many):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_the_fused_layer_vmaps_as_several_runs_in_one_program():
+  """benchmark's stacked runs vmap the step over train states: each run's batch norm
+  is its own (statistics, running averages, gradients)."""
+  net = _layer("fused", True, jnp.float32)
+  xs = jax.random.normal(jax.random.key(4), (3, 8, 4, 4, 6)) * jnp.arange(1.0, 4.0)[
+      :, None, None, None, None]
+  params = {"BatchNorm_0": {"scale": jnp.ones(6), "bias": jnp.zeros(6)}}
+  stats = {"BatchNorm_0": {"mean": jnp.zeros(6), "var": jnp.ones(6)}}
+
+  def run(x):
+    def loss(p):
+      y, new = net.apply({"params": p, "batch_stats": stats}, x, mutable=["batch_stats"])
+      return jnp.sum(jnp.sin(y)), new
+    (_, new), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return new, grads
+
+  stacked = jax.jit(jax.vmap(run))(xs)
+  for i in range(3):
+    alone = jax.jit(run)(xs[i])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6),
+                 stacked, alone)
