@@ -308,3 +308,50 @@ def test_class_invariance_term_is_eq3_over_classes(method):
     assert float(metrics[f"class_inv_loss/{l}"]) == pytest.approx(float(v), rel=1e-5)
     assert 0 < float(v) < 2
 
+
+
+@pytest.mark.parametrize("most_tensors", [0, 1000])  # per tensor / optax.flatten
+def test_flat_parameters_give_back_the_state_as_it_was(most_tensors, monkeypatch):
+  """The step loop's one-vector state (steps.flat_parameters) and back: the same
+  parameters and optimizer state in the same layout, bit for bit; the model run on
+  the vector gives the same logits."""
+  monkeypatch.setattr(steps, "FLAT_UPDATE_MOST_TENSORS", most_tensors)
+  m = models.create("allcnn", 4, layers=helpers.TINY_LAYERS)
+  tx = steps.create_optimizer(optax.constant_schedule(0.1))
+  state = steps.create_train_state(jax.random.key(0), m, SHAPE, tx)
+  state = state.replace(opt_state=jax.tree.map(  # momentum buffers that are not zeros
+      lambda a: a + 0.5 if a.ndim else a, state.opt_state))
+  flat, back = steps.flat_parameters(state)
+  n = sum(p.size for p in jax.tree.leaves(state.params))
+  assert flat.params["vector"].shape == (n,)
+  assert all(a.ndim in (0, 1) for a in jax.tree.leaves(flat.opt_state))
+  again = back(flat)
+  assert jax.tree.structure(again.opt_state) == jax.tree.structure(state.opt_state)
+  jax.tree.map(np.testing.assert_array_equal, again.params, state.params)
+  jax.tree.map(np.testing.assert_array_equal, again.opt_state, state.opt_state)
+  x = jax.random.uniform(jax.random.key(1), (2, *SHAPE))
+  logits = lambda s: s.apply_fn({"params": s.params, "batch_stats": s.batch_stats}, x)
+  np.testing.assert_array_equal(logits(flat), logits(state))
+
+
+def test_a_loop_of_per_tensor_updates_equals_single_steps(monkeypatch):
+  """create_optimizer's per-tensor update (a model of many tensors), looped on one
+  vector, = the same steps one by one on the tree."""
+  monkeypatch.setattr(steps, "FLAT_UPDATE_MOST_TENSORS", 0)
+  m, cfg, _, _ = _setup(copies=4, alpha=0.3, method="moments")
+  tx = steps.create_optimizer(optax.constant_schedule(0.05))
+  state = steps.create_train_state(jax.random.key(0), m, SHAPE, tx)
+  assert len(jax.tree.leaves(state.opt_state)) > 2  # per tensor
+  x, y = _seeds(8, seed=2)
+  perms = jnp.stack([jnp.arange(8, dtype=jnp.int32)] * 2)
+  key = jax.random.key(5)
+  single = jax.jit(steps.make_train_step(cfg))
+  expected = state
+  for s in range(2):
+    idx = seed_order.seed_indices(np.asarray(perms), 0, s, 1, 4)[0]
+    expected, _ = single(expected, x[idx], y[idx], jax.random.fold_in(key, s))
+  chunk = jax.jit(steps.make_train_chunk(cfg, 2, 4, unroll=False))
+  got, _ = chunk(state, x, y, perms, 0, 0, key)
+  assert jax.tree.structure(got.opt_state) == jax.tree.structure(expected.opt_state)
+  for a, b in ((got.params, expected.params), (got.opt_state, expected.opt_state)):
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6), a, b)
