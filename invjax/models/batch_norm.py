@@ -2,7 +2,7 @@
 "fused" one that launches fewer kernels on a GPU.
 
 On an H200 a step of All-CNN-C or WRN-28-10 is bound by the kernels it launches (about
-3.4-4 us each, experiments/kernel_census.py), and flax.linen.BatchNorm is half of them:
+3.4-4 us each, experiments/kernel_census.py), and flax.linen.BatchNorm is over half:
 its statistics are two reductions, and its backward pass, made by autodiff through the
 mean and the variance, several more. The fused layer computes both statistics in one
 variadic reduction and has a written backward pass: one reduction for the two sums the
