@@ -216,7 +216,27 @@ def make_train_step(cfg: StepConfig) -> Callable:
 
 # Several steps per program: the data on device ---------------------------------------
 
-def flat_parameters(state: TrainState) -> tuple[TrainState, Callable]:
+# A convolution kernel's axes (H, W, in, out) -> (out, H, W, in), and back: the filter
+# layout of cuDNN's NHWC convolutions, which XLA:GPU otherwise transposes to and from.
+_OUT_FIRST, _OUT_LAST = (3, 0, 1, 2), (1, 2, 3, 0)
+
+
+def filters_out_first(platform: str) -> bool:
+  """Whether the step loop's vector keeps each convolution kernel with its output axis
+  first on `platform`: on a GPU. A filter gradient then goes into the vector as cuDNN
+  wrote it, where in the parameters' own layout XLA transposes each one at every step.
+  Compiled for an H200 without one (bfloat16, kernels a step): All-CNN-C 133 -> 124,
+  WRN-28-10 358 -> 327, DenseNet-BC-100 1,232 -> 1,132; the state going in and out
+  of that layout costs 29, 86 and 198 more once a program."""
+  return platform in ("gpu", "cuda", "rocm")
+
+
+def _filters(tree, axes):
+  return jax.tree.map(lambda a: jnp.transpose(a, axes) if a.ndim == 4 else a, tree)
+
+
+def flat_parameters(state: TrainState, out_first: bool = False
+                    ) -> tuple[TrainState, Callable]:
   """(the state with its parameters, and its optimizer's per-parameter buffers, each in
   one vector; the function that gives the state back as it was), for a loop of steps.
 
@@ -226,15 +246,27 @@ def flat_parameters(state: TrainState) -> tuple[TrainState, Callable]:
   DenseNet-BC-100's step (299 tensors, compiled for an H200 without one) launched
   1,218 kernels against 1,422, and 1 outside its loop against 397. The model sees
   the parameters' tree (`apply_fn` unravels the vector); the gradient is the
-  vector's; the SGD arithmetic is the same on the same numbers."""
-  flat, unravel = jax.flatten_util.ravel_pytree(state.params)
+  vector's; the SGD arithmetic is the same on the same numbers, in any order.
+  `out_first`: every 4-D parameter (a convolution's kernel) lies in the vector with
+  its output axis first (`filters_out_first`)."""
+  to_loop = (lambda t: _filters(t, _OUT_FIRST)) if out_first else (lambda t: t)
+  from_loop = (lambda t: _filters(t, _OUT_LAST)) if out_first else (lambda t: t)
+  flat, unravel_loop = jax.flatten_util.ravel_pytree(to_loop(state.params))
+  unravel = lambda v: from_loop(unravel_loop(v))
   # A dict of one vector, not the bare vector: flax's apply_gradients looks into it.
   params = {"vector": flat}
   apply_fn = state.apply_fn
-  # The optimizer state: every per-parameter tree raveled (a flat layout keeps its
-  # vectors), its leaves then in the layout the optimizer makes for one vector.
+  # The optimizer state: every per-parameter tree in the loop's layout and raveled
+  # (a flat layout keeps its vectors where the loop's is the parameters' own), its
+  # leaves then in the layout the optimizer makes for one vector.
+  like_params = lambda t: jax.tree.structure(t) == jax.tree.structure(state.params)
+  in_loop = lambda t, f: jax.tree.map(lambda u: f(u) if like_params(u) else u, t,
+                                      is_leaf=like_params)
   raveled = opt_state_flat(state.opt_state, state.params)
   was_flat = jax.tree.structure(raveled) == jax.tree.structure(state.opt_state)
+  if out_first:
+    raveled = opt_state_flat(in_loop(opt_state_per_param(state.opt_state, state.params),
+                                     to_loop), state.params)
   wanted = jax.eval_shape(state.tx.init, params)
   shapes = lambda t: [(a.shape, a.dtype) for a in jax.tree.leaves(t)]
   if shapes(wanted) != shapes(raveled):  # an optimizer not elementwise: as it is
@@ -247,16 +279,27 @@ def flat_parameters(state: TrainState) -> tuple[TrainState, Callable]:
   def back(s: TrainState) -> TrainState:
     tree = unravel(s.params["vector"])
     opt = jax.tree.unflatten(jax.tree.structure(raveled), jax.tree.leaves(s.opt_state))
-    return s.replace(params=tree, apply_fn=apply_fn, opt_state=(
-        opt if was_flat else opt_state_per_param(opt, tree)))
+    if out_first:  # each vector back in the parameters' layout, as the state had it
+      opt = in_loop(opt_state_per_param(opt, unravel_loop(s.params["vector"])), from_loop)
+      opt = opt_state_flat(opt, tree) if was_flat else opt
+    elif not was_flat:
+      opt = opt_state_per_param(opt, tree)
+    return s.replace(params=tree, apply_fn=apply_fn, opt_state=opt)
 
   opt_state = jax.tree.unflatten(jax.tree.structure(wanted), jax.tree.leaves(raveled))
   return state.replace(params=params, opt_state=opt_state, apply_fn=apply_flat), back
 
 
+def _platform(sharding) -> str:
+  """The platform of `sharding`'s devices (JAX's default backend without one)."""
+  if sharding is None:
+    return jax.default_backend()
+  return next(iter(sharding.device_set)).platform
+
+
 def make_train_chunk(cfg: StepConfig, num_steps: int, seeds_per_step: int,
                      batch_sharding=None, data_on_device: bool = True,
-                     unroll: bool = True) -> Callable:
+                     unroll: bool = True, platform: str | None = None) -> Callable:
   """`num_steps` training steps in one program (lax.scan over `make_train_step`).
 
   Step s augments with key fold_in(key, s), so a chunk of S steps gives the same result
@@ -278,8 +321,10 @@ def make_train_chunk(cfg: StepConfig, num_steps: int, seeds_per_step: int,
   body. XLA:CPU runs a train step inside a loop about 15 times slower than outside one
   (measured: All-CNN-C at width 1/4, batch 128), so on CPU unroll; elsewhere a loop
   keeps the compile time from growing with S. The loop carries the parameters and the
-  optimizer's buffers as one vector each (`flat_parameters`) and its metrics as one
-  vector a step; the state comes out as it went in.
+  optimizer's buffers as one vector each (`flat_parameters`; on a GPU, `platform` or
+  else the devices of `batch_sharding` or JAX's default, with the convolution kernels
+  in cuDNN's layout) and its metrics as one vector a step; the state comes out as it
+  went in.
   """
   step_fn = make_train_step(cfg)
 
@@ -302,7 +347,8 @@ def make_train_chunk(cfg: StepConfig, num_steps: int, seeds_per_step: int,
         names[:], dtypes[:] = list(m), [jnp.result_type(v) for v in m.values()]
         return state, jnp.stack([jnp.asarray(v, jnp.float32) for v in m.values()])
 
-      flat, back = flat_parameters(state)
+      flat, back = flat_parameters(state, filters_out_first(platform or _platform(
+          batch_sharding)))
       flat, rows = jax.lax.scan(packed, flat, jnp.arange(num_steps))
       return back(flat), {k: rows[:, j].astype(d)
                           for j, (k, d) in enumerate(zip(names, dtypes))}

@@ -165,9 +165,9 @@ def test_same_batch_step_without_measuring_inv_loss():
 @pytest.mark.parametrize("data_on_device,unroll,batch_norm", [
     (True, False, "fused"), (False, True, "flax")])
 def test_chunk_of_steps_equals_single_steps(data_on_device, unroll, batch_norm):
-  """3 steps in one program (looped as on an accelerator, with its fused batch norm,
-  or unrolled as on a CPU; seeds gathered on device or given) = the same 3 steps one
-  by one."""
+  """3 steps in one program (looped as on a GPU, with its fused batch norm and the
+  kernels in cuDNN's layout in the loop, or unrolled as on a CPU; seeds gathered on
+  device or given) = the same 3 steps one by one."""
   _, cfg, state, _ = _setup(copies=4, alpha=0.3, method="moments",
                             batch_norm=batch_norm)
   x, y = _seeds(12, seed=1)
@@ -181,7 +181,7 @@ def test_chunk_of_steps_equals_single_steps(data_on_device, unroll, batch_norm):
     expected, m = single(expected, x[idx], y[idx], jax.random.fold_in(key, s))
     singles.append(m)
   chunk = jax.jit(steps.make_train_chunk(cfg, 3, 4, data_on_device=data_on_device,
-                                         unroll=unroll))
+                                         unroll=unroll, platform="gpu"))
   if data_on_device:
     got, metrics = chunk(state, x, y, perms, 0, 2, key)
   else:
@@ -192,8 +192,9 @@ def test_chunk_of_steps_equals_single_steps(data_on_device, unroll, batch_norm):
   for k, v in metrics.items():
     assert v.shape == (3,) and v.dtype == singles[0][k].dtype, (k, v.shape, v.dtype)
     np.testing.assert_allclose(v, [m[k] for m in singles], rtol=1e-5, err_msg=k)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               got.params, expected.params)
+  for a, b in ((got.params, expected.params), (got.opt_state, expected.opt_state)):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6), a, b)
   assert int(got.step) == 3
 
 
@@ -310,21 +311,49 @@ def test_class_invariance_term_is_eq3_over_classes(method):
 
 
 
+def test_kernels_lie_out_first_in_the_loop_on_a_gpu_only():
+  """cuDNN's filter layout in the loop's vector on a GPU, the parameters' own elsewhere
+  (a TPU's convolutions read another), as a chunk's devices say."""
+  assert [steps.filters_out_first(p) for p in ("gpu", "cuda", "rocm", "cpu", "tpu")] == [
+      True, True, True, False, False]
+  mesh = jax.make_mesh((1,), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  assert steps._platform(sharding) == steps._platform(None) == "cpu"
+
+
+@pytest.mark.parametrize("out_first", [False, True])
 @pytest.mark.parametrize("most_tensors", [0, 1000])  # per tensor / optax.flatten
-def test_flat_parameters_give_back_the_state_as_it_was(most_tensors, monkeypatch):
+def test_flat_parameters_give_back_the_state_as_it_was(most_tensors, out_first,
+                                                       monkeypatch):
   """The step loop's one-vector state (steps.flat_parameters) and back: the same
   parameters and optimizer state in the same layout, bit for bit; the model run on
-  the vector gives the same logits."""
+  the vector gives the same logits. With `out_first`, a convolution's kernel and its
+  momentum lie in the vectors with the output axis first."""
   monkeypatch.setattr(steps, "FLAT_UPDATE_MOST_TENSORS", most_tensors)
   m = models.create("allcnn", 4, layers=helpers.TINY_LAYERS)
   tx = steps.create_optimizer(optax.constant_schedule(0.1))
   state = steps.create_train_state(jax.random.key(0), m, SHAPE, tx)
   state = state.replace(opt_state=jax.tree.map(  # momentum buffers that are not zeros
-      lambda a: a + 0.5 if a.ndim else a, state.opt_state))
-  flat, back = steps.flat_parameters(state)
+      lambda a: a + 0.5 + jnp.arange(a.size).reshape(a.shape) / a.size if a.ndim else a,
+      state.opt_state))
+  flat, back = steps.flat_parameters(state, out_first)
   n = sum(p.size for p in jax.tree.leaves(state.params))
   assert flat.params["vector"].shape == (n,)
   assert all(a.ndim in (0, 1) for a in jax.tree.leaves(flat.opt_state))
+  # Where the first convolution's kernel and its momentum lie in the vectors.
+  kernel = state.params["Conv_0"]["kernel"]
+  trace = steps.opt_state_per_param(state.opt_state, state.params)[0].trace
+  paths = [jax.tree_util.keystr(k) for k, _ in
+           jax.tree_util.tree_leaves_with_path(state.params)]
+  before = paths.index("['Conv_0']['kernel']")
+  start = sum(p.size for p in jax.tree.leaves(state.params)[:before])
+  order = (3, 0, 1, 2) if out_first else (0, 1, 2, 3)
+  momentum = flat.opt_state[0].trace  # the vector, or optax.sgd's {"vector": vector}
+  momentum = momentum["vector"] if isinstance(momentum, dict) else momentum
+  for vector, tensor in ((flat.params["vector"], kernel),
+                         (momentum, trace["Conv_0"]["kernel"])):
+    np.testing.assert_array_equal(vector[start:start + kernel.size],
+                                  jnp.transpose(tensor, order).ravel())
   again = back(flat)
   assert jax.tree.structure(again.opt_state) == jax.tree.structure(state.opt_state)
   jax.tree.map(np.testing.assert_array_equal, again.params, state.params)
@@ -334,7 +363,8 @@ def test_flat_parameters_give_back_the_state_as_it_was(most_tensors, monkeypatch
   np.testing.assert_array_equal(logits(flat), logits(state))
 
 
-def test_a_loop_of_per_tensor_updates_equals_single_steps(monkeypatch):
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])  # the kernels' layout in the loop
+def test_a_loop_of_per_tensor_updates_equals_single_steps(platform, monkeypatch):
   """create_optimizer's per-tensor update (a model of many tensors), looped on one
   vector, = the same steps one by one on the tree."""
   monkeypatch.setattr(steps, "FLAT_UPDATE_MOST_TENSORS", 0)
@@ -350,7 +380,7 @@ def test_a_loop_of_per_tensor_updates_equals_single_steps(monkeypatch):
   for s in range(2):
     idx = seed_order.seed_indices(np.asarray(perms), 0, s, 1, 4)[0]
     expected, _ = single(expected, x[idx], y[idx], jax.random.fold_in(key, s))
-  chunk = jax.jit(steps.make_train_chunk(cfg, 2, 4, unroll=False))
+  chunk = jax.jit(steps.make_train_chunk(cfg, 2, 4, unroll=False, platform=platform))
   got, _ = chunk(state, x, y, perms, 0, 0, key)
   assert jax.tree.structure(got.opt_state) == jax.tree.structure(expected.opt_state)
   for a, b in ((got.params, expected.params), (got.opt_state, expected.opt_state)):
