@@ -68,7 +68,8 @@ def main(argv):
   t = time.perf_counter()
   lowered = jitted.lower(*args)
   t1 = time.perf_counter()
-  compiled = lowered.compile()
+  options = placement.compiler_options or None  # as invjax.main compiles it
+  compiled = lowered.compile(compiler_options=options)
   t2 = time.perf_counter()
   dev = jax.devices()[0]
   record = {"model": config.model.name, "model_fields": dict(config.model),
@@ -76,7 +77,8 @@ def main(argv):
             "precision": "bfloat16" if config.half_precision else "float32",
             "steps": steps, "device": dev.device_kind, "platform": dev.platform,
             "trace_lower_s": t1 - t, "xla_compile_s": t2 - t1, "cached_compile_s": None,
-            "ms_per_step": None, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "ms_per_step": None, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "compiler_options": options or {}}
   record["convolutions"], record["distinct_convolutions"] = common.convolutions(
       lowered.as_text())
   line = (f"{config.model.name} {dict(config.model)} batch {config.batch_size}, "
@@ -87,7 +89,7 @@ def main(argv):
     jax.clear_caches()
     t = time.perf_counter()
     jitted = jax.jit(fn, donate_argnums=0)
-    jitted.lower(*args).compile()
+    jitted.lower(*args).compile(compiler_options=options)
     record["cached_compile_s"] = time.perf_counter() - t
     line += (f"; again from the cache {record['cached_compile_s']:.1f} s "
              "(trace included)")

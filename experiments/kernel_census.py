@@ -22,7 +22,8 @@ Counts, not times: what a change to the loss or the step does to the kernels it
 launches, checked on a CPU before a GPU window times it. Autotuning needs the device,
 so convolutions get XLA's default algorithms here; the fusions do not depend on them.
 The compile column is this machine's tracing, lowering and XLA compiling of the
-program, without that autotuning.
+program, without that autotuning, with the XLA options invjax compiles it with on one
+GPU (`placement.compiler_options`).
 The JAX here may differ from the GPU machine's (the window's image: 0.11.2).
 """
 
@@ -168,7 +169,8 @@ def step_hlo(model: str, key: str, placement: placement_lib.Placement,
           on_gpu(data.y_train.shape, data.y_train.dtype), on_gpu((2, n), jnp.int32),
           on_gpu((), jnp.int32), on_gpu((), jnp.int32),
           on_gpu((), jax.random.key(0).dtype))
-  return jax.jit(chunk, donate_argnums=0).lower(*args).compile().as_text()
+  return jax.jit(chunk, donate_argnums=0).lower(*args).compile(
+      compiler_options=placement.compiler_options or None).as_text()
 
 
 def format_markdown(rows: dict[str, dict], target: str) -> str:

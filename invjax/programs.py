@@ -16,16 +16,19 @@ from invjax import seed_order
 from invjax import steps as steps_lib
 
 
-def compile_concurrently(lowered: Mapping[str, Any]) -> dict[str, tuple[Any, float]]:
+def compile_concurrently(lowered: Mapping[str, Any], options: Mapping[str, Any] | None = None
+                         ) -> dict[str, tuple[Any, float]]:
   """{name: (compiled, seconds)} of lowered programs compiled at the same time, each
   in a thread of its own: XLA compiles a program on about one core and lets go of
   Python's lock meanwhile (two of All-CNN-C's training programs compiled for an H200
-  without one, on a 2-core CPU: 17.8 s at once against 27.9 s one after the other)."""
+  without one, on a 2-core CPU: 17.8 s at once against 27.9 s one after the other).
+  `options`: XLA's compiler options for each (`placement.compiler_options`)."""
   def one(item):
     name, program = item
     t = time.perf_counter()
     try:
-      return name, (program.compile(), time.perf_counter() - t)
+      return name, (program.compile(compiler_options=dict(options) if options else None),
+                    time.perf_counter() - t)
     except Exception as e:
       raise RuntimeError(f"compiling the {name} program failed: {e}") from e
   if len(lowered) < 2:
@@ -45,7 +48,9 @@ class TrainPrograms:
   compiled first, alone (on a GPU, XLA times candidate convolution algorithms on the
   device as it compiles; the 1-step program then finds them cached), then the 1-step
   program and the run's other programs (`alongside`: {name: lowered}, e.g. the eval
-  step) at the same time (`compile_concurrently`); `wall_seconds` is the whole.
+  step) at the same time (`compile_concurrently`); `wall_seconds` is the whole. Each
+  with the mesh's XLA options (`placement.compiler_options`: on one GPU, no
+  latency-hiding scheduler).
 
   With the training set on the device (`config.data_on_device`, the default where it
   fits), each step gathers its seeds there from the epoch's permutation; otherwise the
@@ -90,7 +95,8 @@ class TrainPrograms:
     rest = dict(alongside or {})
     if single and self.steps_per_dispatch > 1:
       rest[1] = self._lower(state, 1)
-    for name, (compiled, seconds) in compile_concurrently(rest).items():
+    for name, (compiled, seconds) in compile_concurrently(
+        rest, self.placement.compiler_options).items():
       if name == 1:
         self.compiled[1], self.compile_seconds[1] = compiled, seconds
       else:
@@ -110,7 +116,8 @@ class TrainPrograms:
 
   def _compile(self, state, size: int) -> None:
     t = time.perf_counter()
-    self.compiled[size] = self._lower(state, size).compile()
+    self.compiled[size] = self._lower(state, size).compile(
+        compiler_options=self.placement.compiler_options or None)
     self.compile_seconds[size] = time.perf_counter() - t
 
   def args(self, state, step0: int, size: int):
