@@ -296,7 +296,8 @@ class StackedVariant(TrainingVariant):
                        in_axes=(0, *[None] * len(shared), 0))
     t = time.perf_counter()
     self.compiled = jax.jit(stacked, donate_argnums=0).lower(
-        self.state, *self.args).compile(compiler_options=placement.compiler_options or None)
+        self.state, *self.args).compile(
+            compiler_options=placement.compiler_options or None)
     self.compile_s = time.perf_counter() - t
     self._ready(run)
 

@@ -16,7 +16,8 @@ from invjax import seed_order
 from invjax import steps as steps_lib
 
 
-def compile_concurrently(lowered: Mapping[str, Any], options: Mapping[str, Any] | None = None
+def compile_concurrently(lowered: Mapping[str, Any],
+                         options: Mapping[str, Any] | None = None
                          ) -> dict[str, tuple[Any, float]]:
   """{name: (compiled, seconds)} of lowered programs compiled at the same time, each
   in a thread of its own: XLA compiles a program on about one core and lets go of

@@ -280,7 +280,8 @@ def flat_parameters(state: TrainState, out_first: bool = False
     tree = unravel(s.params["vector"])
     opt = jax.tree.unflatten(jax.tree.structure(raveled), jax.tree.leaves(s.opt_state))
     if out_first:  # each vector back in the parameters' layout, as the state had it
-      opt = in_loop(opt_state_per_param(opt, unravel_loop(s.params["vector"])), from_loop)
+      per_param = opt_state_per_param(opt, unravel_loop(s.params["vector"]))
+      opt = in_loop(per_param, from_loop)
       opt = opt_state_flat(opt, tree) if was_flat else opt
     elif not was_flat:
       opt = opt_state_per_param(opt, tree)
