@@ -20,10 +20,15 @@ import numpy as np
 ONE_GPU_COMPILER_OPTIONS = {"xla_gpu_enable_latency_hiding_scheduler": False}
 
 
+def is_gpu(platform: str) -> bool:
+  """Whether `platform` (a device's, or a backend's name) is a GPU's."""
+  return platform in ("gpu", "cuda", "rocm")
+
+
 def compiler_options(platform: str, devices: int, xla_flags: str = "") -> dict:
   """XLA options for programs over `devices` devices of `platform`: on one GPU
   ONE_GPU_COMPILER_OPTIONS, less any option XLA_FLAGS (`xla_flags`) sets itself."""
-  if platform not in ("gpu", "cuda", "rocm") or devices != 1:
+  if not is_gpu(platform) or devices != 1:
     return {}
   return {k: v for k, v in ONE_GPU_COMPILER_OPTIONS.items() if f"--{k}" not in xla_flags}
 

@@ -25,6 +25,7 @@ import optax
 from invjax import augment
 from invjax import losses
 from invjax import models
+from invjax import placement
 from invjax import seed_order
 
 
@@ -228,7 +229,7 @@ def filters_out_first(platform: str) -> bool:
   Compiled for an H200 without one (bfloat16, kernels a step): All-CNN-C 133 -> 124,
   WRN-28-10 358 -> 327, DenseNet-BC-100 1,232 -> 1,132; the state going in and out
   of that layout costs 29, 86 and 198 more once a program."""
-  return platform in ("gpu", "cuda", "rocm")
+  return placement.is_gpu(platform)
 
 
 def _filters(tree, axes):
@@ -277,14 +278,12 @@ def flat_parameters(state: TrainState, out_first: bool = False
                     *args, **kwargs)
 
   def back(s: TrainState) -> TrainState:
-    tree = unravel(s.params["vector"])
+    loop_tree = unravel_loop(s.params["vector"])
+    tree = from_loop(loop_tree)
     opt = jax.tree.unflatten(jax.tree.structure(raveled), jax.tree.leaves(s.opt_state))
-    if out_first:  # each vector back in the parameters' layout, as the state had it
-      per_param = opt_state_per_param(opt, unravel_loop(s.params["vector"]))
-      opt = in_loop(per_param, from_loop)
+    if out_first or not was_flat:  # each vector back in the layout the state had
+      opt = in_loop(opt_state_per_param(opt, loop_tree), from_loop)
       opt = opt_state_flat(opt, tree) if was_flat else opt
-    elif not was_flat:
-      opt = opt_state_per_param(opt, tree)
     return s.replace(params=tree, apply_fn=apply_fn, opt_state=opt)
 
   opt_state = jax.tree.unflatten(jax.tree.structure(wanted), jax.tree.leaves(raveled))

@@ -72,16 +72,16 @@ def _coefficients(total, squares, count, epsilon):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _train_norm(x, scale, bias, epsilon, relu):
-  """(y, sum x, sum x^2) with y = ReLU(BN(x)) if relu else BN(x). Only y is
-  differentiated: the sums feed the running averages, which are not (the backward
-  pass ignores their cotangents)."""
+  """(y, batch mean, batch variance) with y = ReLU(BN(x)) if relu else BN(x). Only y
+  is differentiated: the statistics feed the running averages, which are not (the
+  backward pass ignores their cotangents)."""
   return _train_norm_fwd(x, scale, bias, epsilon, relu)[0]
 
 
 def _train_norm_fwd(x, scale, bias, epsilon, relu):
   x32 = x.astype(jnp.float32)
   total, squares = _two_sums(x32, x32 * x32, tuple(range(x.ndim - 1)))
-  mean, _, inv = _coefficients(total, squares, x.size // x.shape[-1], epsilon)
+  mean, var, inv = _coefficients(total, squares, x.size // x.shape[-1], epsilon)
   # y = x * a + b, a and b per channel: the parameters then meet only per-channel
   # arithmetic, which XLA puts in the one small kernel that computes the statistics'
   # coefficients, and the backward pass reads a, not the scale. Where the pass over x
@@ -91,7 +91,7 @@ def _train_norm_fwd(x, scale, bias, epsilon, relu):
   b = bias - mean * a
   y = x32 * a + b
   y = (jnp.maximum(y, 0.0) if relu else y).astype(x.dtype)
-  return (y, total, squares), (x, y if relu else None, mean, inv, a)
+  return (y, mean, var), (x, y if relu else None, mean, inv, a)
 
 
 def _train_norm_bwd(epsilon, relu, residuals, cotangents):
@@ -134,11 +134,9 @@ class BatchNorm(nn.Module):
       y = x - ra_mean.value
       y = y * (jax.lax.rsqrt(ra_var.value + self.epsilon) * scale) + bias
       return jax.nn.relu(y.astype(dtype)) if self.relu else y.astype(dtype)
-    y, total, squares = _train_norm(x, scale, bias, self.epsilon, self.relu)
+    y, mean, var = _train_norm(x, scale, bias, self.epsilon, self.relu)
     if not self.is_initializing():
-      mean, var, _ = _coefficients(jax.lax.stop_gradient(total),
-                                   jax.lax.stop_gradient(squares),
-                                   x.size // x.shape[-1], self.epsilon)
+      mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
       m = self.momentum
       ra_mean.value = m * ra_mean.value + (1 - m) * mean
       ra_var.value = m * ra_var.value + (1 - m) * var
