@@ -14,9 +14,9 @@ a loop, bfloat16, the paper's sizes) for the GPU in experiments/gpu_targets/<tar
 and counts, in the optimised program's executed computations (the entry and its loops'
 bodies), the instructions that launch a kernel: fusions, cuDNN and cuBLAS calls,
 copies and the rest, everything but tuples, bitcasts, parameters, constants and control
-flow; those in the loop are a step's, the rest once a program. Each kernel is put in a part of the step by the named scopes invjax/steps.py sets
-(experiments/profile_step.py's attribution; a fusion that mixes parts is split among
-them).
+flow; those in the loop are a step's, the rest once a program. Each kernel is put in
+a part of the step by the named scopes invjax/steps.py sets (experiments/
+profile_step.py's attribution; a fusion that mixes parts is split among them).
 
 Counts, not times: what a change to the loss or the step does to the kernels it
 launches, checked on a CPU before a GPU window times it. Autotuning needs the device,
