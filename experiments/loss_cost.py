@@ -50,11 +50,11 @@ cost = common.cost_analysis
 
 def loss_program(weights, copies: int, method: str, parts: int = 1,
                  form: str = "one_read"):
-  """jit(value_and_grad) of sum_l w_l L_inv_l over a dict of activations."""
+  """jit(value_and_grad) of sum_l w_l L_inv_l over a dict of activations, every layer's
+  L_inv made at once as the train step makes them (`losses.grouped_invariance_losses`)."""
   def total(fs):
-    return jnp.sum(weights * jnp.stack([
-        losses.grouped_invariance_loss(v, copies, method, parts, form)
-        for v in fs.values()]))
+    return jnp.sum(weights * jnp.stack(list(
+        losses.grouped_invariance_losses(fs, copies, method, parts, form).values())))
   return jax.jit(jax.value_and_grad(total))
 
 

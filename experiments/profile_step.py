@@ -19,7 +19,7 @@ every executed kernel (GPU) or thunk (XLA:CPU) to a part of the step:
   network: batch norm                 flax BatchNorm_* scopes, forward and backward
   network: other    the rest under the forward pass and its transpose: ReLU, pooling,
                     the classifier's cross-entropy
-  invariance loss   losses.grouped_invariance_loss, forward and backward
+  invariance loss   losses.grouped_invariance_losses, forward and backward
   optimizer update  TrainState.apply_gradients
   other (in the step program)        no scope: RNG key folding, metrics, loop control
   other (unattributed)               kernels whose HLO instruction is not in the

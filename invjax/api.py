@@ -267,8 +267,7 @@ class LoadedRun:
     layers = self._layers(layers, self.layer_shapes)
     acts = self._forward(c.reshape(k * m, *c.shape[2:]), layers, False, batch_size)[0]
     method = method or self.config.loss_method
-    inv = jax.jit(lambda feats: {name: losses.grouped_invariance_loss(a, m, method)
-                                 for name, a in feats.items()})(acts)
+    inv = jax.jit(lambda feats: losses.grouped_invariance_losses(feats, m, method))(acts)
     return {name: float(inv[name]) for name in layers}
 
   # Export ---------------------------------------------------------------------------

@@ -59,7 +59,8 @@ def grouped_invariance_loss(features: jax.Array, copies: int,
   """L_inv for a batch laid out as consecutive groups: examples k*M .. k*M + M - 1 are
   the copies of seed k. Equal to `invariance_loss(features, repeat(arange(K), M))`.
 
-  This is the form the train step uses, and it needs no seed ids.
+  It needs no seed ids. The train step computes every layer's at once
+  (`grouped_invariance_losses`).
 
   Args:
     features: [B, ...] activations of one layer, B = K * copies.
@@ -77,8 +78,45 @@ def grouped_invariance_loss(features: jax.Array, copies: int,
       [K, D] float32 arrays, and reads them back (`moment_form` says which suits a
       platform).
   """
-  _check_method(method)
+  _check_grouped(features.shape[0], copies, method, parts, form)
   b = features.shape[0]
+  if method == "pairwise":
+    return _loss_pairwise(features, jnp.repeat(jnp.arange(b // copies), copies))
+  flat = features.reshape(b, -1)
+  if form == "per_seed":
+    return _moments(copies, flat, *_NO_GROUPS)
+  return _grouped_moments(copies, math.gcd(b // copies, parts), (flat,))[0]
+
+
+def grouped_invariance_losses(features: Mapping[str, jax.Array], copies: int,
+                              method: str = "pairwise", parts: int = 1,
+                              form: str = "one_read") -> dict[str, jax.Array]:
+  """{layer: L_inv} of every layer of one batch, {layer: [B, ...]}: for each layer what
+  `grouped_invariance_loss` gives, with the same arguments.
+
+  In the one-read moments form, the layers' losses are made together: each layer's
+  activations are read once as there, and then one reduction and one pass of scalar
+  arithmetic serve every layer, where layer by layer each takes kernels of its own on
+  a GPU (the step's form; see "The train step's layout" below).
+  """
+  if not features:
+    return {}
+  sizes = {k: v.shape[0] for k, v in features.items()}
+  if len(set(sizes.values())) > 1:
+    raise ValueError(f"grouped_invariance_losses needs one batch size for every layer, "
+                     f"got {sizes}.")
+  b = next(iter(sizes.values()))
+  _check_grouped(b, copies, method, parts, form)
+  if method == "moments" and form == "one_read":
+    flat = tuple(v.reshape(b, -1) for v in features.values())
+    values = _grouped_moments(copies, math.gcd(b // copies, parts), flat)
+    return {k: values[i] for i, k in enumerate(features)}
+  return {k: grouped_invariance_loss(v, copies, method, parts, form)
+          for k, v in features.items()}
+
+
+def _check_grouped(b: int, copies: int, method: str, parts: int, form: str) -> None:
+  _check_method(method)
   if copies < 2 or b % copies:
     raise ValueError(f"grouped_invariance_loss needs copies >= 2 dividing the batch "
                      f"({b}), got copies={copies}.")
@@ -87,12 +125,6 @@ def grouped_invariance_loss(features: jax.Array, copies: int,
   if form not in MOMENT_FORMS:
     raise ValueError(f"moments form {form!r} is unknown; valid forms are "
                      f"{list(MOMENT_FORMS)}.")
-  if method == "pairwise":
-    return _loss_pairwise(features, jnp.repeat(jnp.arange(b // copies), copies))
-  flat = features.reshape(b, -1)
-  if form == "per_seed":
-    return _moments(copies, flat, *_NO_GROUPS)
-  return _grouped_moments(copies, math.gcd(b // copies, parts), flat)
 
 
 MOMENT_FORMS = ("one_read", "per_seed")
@@ -266,12 +298,14 @@ def _merge_moments(a, b):
 # Written for the fewest kernels as well as the fewest bytes: a GPU step of a small
 # network is bound by launching its kernels (on an H200 each kernel the loss added cost
 # 3.4-4 us of step time), and XLA makes each reduction it cannot fuse, and each scalar
-# division, a kernel of its own. For an H100 (`python -m experiments.kernel_census`)
-# the loss adds 54 kernels to All-CNN-C's step and 72 to WRN-28-10's, where its former
-# version of this form added 87 and 132.
+# division, a kernel of its own. Compiled for an H200 (`python -m
+# experiments.kernel_census`, bfloat16), the loss adds 32 kernels to All-CNN-C's step
+# (9 layers) and 18 to WRN-28-10's; made layer by layer, it added 50 and 60 (and its
+# first version 87 and 132, for an H100).
 #
-# Forward, one read of the activations in their own dtype (bf16 stays bf16 in memory),
-# everything in float32, in P parts of K / P consecutive seeds (one or more per device):
+# Forward, one read of each layer's activations in their own dtype (bf16 stays bf16 in
+# memory), everything in float32, in P parts of K / P consecutive seeds (one or more
+# per device):
 #   - per seed k and feature d, from its M copies at once and in registers: the
 #     deviations from the seed's first copy, e_i = f_i - f_0 (exactly 0 when the copies
 #     are equal, at any offset), the seed's mean f_0 + sum e / M and ss_kd = sum e^2 -
@@ -281,14 +315,14 @@ def _merge_moments(a, b):
 #     within-seed one: [P, D] vectors; the parts' are merged with their means shifted
 #     by the first part's (with the batch split over devices, the only values devices
 #     exchange);
-#   - one reduction of two [D] vectors gives the two scalar sums, and the loss and the
-#     gradient's two coefficients are made here, so that the backward pass divides by
-#     nothing.
+#   - one reduction of every layer's two [D] vectors gives each layer's two scalar
+#     sums, and one pass of arithmetic every layer's loss and the two coefficients of
+#     its gradient, so that the backward pass divides by nothing.
 # So no [K, D] array is written: the program touches the activations three times in
 # all (this read; the gradient's read of them and its write).
-# Backward, one elementwise pass: mu_k is recomputed from the M copies where the
-# gradient is written; the batch mean mu [D] and two scalars are kept from the forward
-# pass.
+# Backward, one elementwise pass per layer: mu_k is recomputed from the M copies where
+# the gradient is written; the batch mean mu [D] and two scalars are kept from the
+# forward pass.
 
 
 def _add(a, b):
@@ -322,12 +356,20 @@ def _layer_sums(copies, parts, x):
   return jnp.sum(within, axis=0), total, mean[0] + dm_sum / parts
 
 
-def _grouped_moments_fwd(copies, parts, x):
-  """The forward pass of the grouped form: (L, residuals for the gradient)."""
-  b, dim = x.shape
-  within_d, total_d, mu = _layer_sums(copies, parts, x)
+def _grouped_moments_fwd(copies, parts, xs):
+  """The forward pass of the grouped form, every layer at once: (L [layers],
+  residuals for the gradient)."""
+  b = xs[0].shape[0]
+  sums = [_layer_sums(copies, parts, x) for x in xs]
+  # The layers' two [D] vectors, zero-padded to the longest, reduced in one reduction
+  # (XLA pads them in its input, writing nothing): [layers] each.
+  longest = max(x.shape[1] for x in xs)
+  pad = lambda v: jnp.pad(v, (0, longest - v.shape[0]))
   zero = jnp.float32(0)
-  within_ss, total = jax.lax.reduce((within_d, total_d), (zero, zero), _add, (0,))
+  within_ss, total = jax.lax.reduce(
+      (jnp.stack([pad(w) for w, _, _ in sums]), jnp.stack([pad(t) for _, t, _ in sums])),
+      (zero, zero), _add, (1,))
+  dim = jnp.asarray([x.shape[1] for x in xs], jnp.float32)
   pairs = jnp.float32(b * (copies - 1))
   within = 2.0 * copies * within_ss / pairs / dim
   between = 2.0 * jnp.maximum(total, within_ss) / (b - 1) / dim
@@ -335,30 +377,34 @@ def _grouped_moments_fwd(copies, parts, x):
   # dL/df_i = [(a - L b) (f_i - mu) - a (mu_k - mu)] / between = c1 (f_i - mu) -
   # c2 (mu_k - mu), its two scalars made here.
   a = 4.0 * copies / (pairs * dim)
-  inv = _safe_ratio(jnp.float32(1.0), between)
+  inv = _safe_ratio(jnp.ones_like(between), between)
   c1, c2 = (a - loss * 4.0 / ((b - 1) * dim)) * inv, a * inv
-  return loss, (x, mu, c1, c2)
+  return loss, (xs, tuple(mu for _, _, mu in sums), c1, c2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _grouped_moments(copies, parts, x):
-  """L_inv (Eq. 3) of flat activations x [B, D], seeds in consecutive groups of
-  `copies`, by the moments method, its sums merged in `parts` equal parts first."""
-  return _grouped_moments_fwd(copies, parts, x)[0]
+def _grouped_moments(copies, parts, xs):
+  """L_inv (Eq. 3) of each layer's flat activations in `xs` ([B, D_l] each, seeds in
+  consecutive groups of `copies`), [layers], by the moments method, each layer's sums
+  merged in `parts` equal parts first."""
+  return _grouped_moments_fwd(copies, parts, xs)[0]
 
 
 def _grouped_moments_bwd(copies, parts, residuals, ct):
   del parts
-  x, mu, c1, c2 = residuals
-  b, dim = x.shape
-  f = x.reshape(b // copies, copies, dim).astype(jnp.float32) - mu  # f_i - mu
-  mu_k = (sum(f[:, i] for i in range(copies)) / copies)[:, None]  # mu_k - mu
-  # Written c1 f - c2 mu_k rather than c2 (f - mu_k) + (c1 - c2) f: XLA then fuses the
-  # whole gradient into one pass over the activations (on CPU, the other form makes it
-  # write a float32 copy of them first).
-  # ct multiplies inside the pass: (ct * c1) would be a kernel of its own on a GPU.
-  grad = ct * (c1 * f - c2 * mu_k)
-  return (grad.reshape(b, dim).astype(x.dtype),)
+  xs, mus, c1, c2 = residuals
+  grads = []
+  for layer, (x, mu) in enumerate(zip(xs, mus)):
+    b, dim = x.shape
+    f = x.reshape(b // copies, copies, dim).astype(jnp.float32) - mu  # f_i - mu
+    mu_k = (sum(f[:, i] for i in range(copies)) / copies)[:, None]  # mu_k - mu
+    # Written c1 f - c2 mu_k rather than c2 (f - mu_k) + (c1 - c2) f: XLA then fuses
+    # the whole gradient into one pass over the activations (on CPU, the other form
+    # makes it write a float32 copy of them first). ct multiplies inside the pass:
+    # (ct * c1) would be a kernel of its own on a GPU.
+    grad = ct[layer] * (c1[layer] * f - c2[layer] * mu_k)
+    grads.append(grad.reshape(b, dim).astype(x.dtype))
+  return (tuple(grads),)
 
 
 _grouped_moments.defvjp(_grouped_moments_fwd, _grouped_moments_bwd)

@@ -188,9 +188,8 @@ def make_train_step(cfg: StepConfig) -> Callable:
       if measure_inv:
         feats = models.sown(updates["intermediates"])
         with jax.named_scope("invariance_loss"):
-          inv = {k: losses.grouped_invariance_loss(v, cfg.copies, cfg.loss_method,
-                                                    cfg.loss_parts, cfg.moments_form)
-                 for k, v in feats.items()}
+          inv = losses.grouped_invariance_losses(feats, cfg.copies, cfg.loss_method,
+                                                 cfg.loss_parts, cfg.moments_form)
       cls = {}
       if cfg.class_alpha > 0:
         with jax.named_scope("invariance_loss"):
@@ -427,8 +426,7 @@ def make_probe_step(cfg: StepConfig, probe_copies: int) -> Callable:
     x = augment.augment(key, to_float(x), cfg.ranges)
     feats = features(state, x)
     feats.pop("pixels")
-    return {k: losses.grouped_invariance_loss(v, probe_copies, cfg.loss_method,
-                                                cfg.loss_parts, cfg.moments_form)
-            for k, v in feats.items()}
+    return losses.grouped_invariance_losses(feats, probe_copies, cfg.loss_method,
+                                            cfg.loss_parts, cfg.moments_form)
 
   return probe_step

@@ -331,3 +331,57 @@ def test_moment_parts_and_form():
   assert losses.moment_parts(6, 4) == 2
   assert losses.moment_form("cpu") == "per_seed"
   assert losses.moment_form("gpu") == losses.moment_form("tpu") == "one_read"
+
+
+@pytest.mark.parametrize("method,form,parts", [("moments", "one_read", 1),
+                                               ("moments", "one_read", 2),
+                                               ("moments", "per_seed", 1),
+                                               ("pairwise", "one_read", 1)])
+def test_every_layer_at_once_matches_each_layer_alone(method, form, parts):
+  """`grouped_invariance_losses` (the train step's: in the one-read form one reduction
+  and one pass of arithmetic for every layer) against the pair loop, layer by layer:
+  layers of different sizes (so padded to the longest) and scales (1e-12 .. 1e12, an
+  offset 100 x the spread), bf16 and float32, the value and the gradient of a
+  weighted sum of the losses with respect to each layer."""
+  rng = np.random.default_rng(parts + len(form))
+  k, m = 4, 4
+  ids = jnp.repeat(jnp.arange(k), m)
+  shapes = {"a": ((3, 5), 1e-12, jnp.float32), "b": ((7,), 1.0, jnp.bfloat16),
+            "c": ((2, 2, 3), 1e12, jnp.float32), "d": ((1,), 1e3, jnp.float32)}
+  feats = {name: jnp.asarray(scale * (rng.normal(size=(k * m, *shape))
+                                      + 100.0 * rng.normal(size=(1, *shape))), dtype)
+           for name, (shape, scale, dtype) in shapes.items()}
+  weights = {name: float(w) for name, w in zip(feats, rng.uniform(0.5, 2.0, len(feats)))}
+
+  def weighted(fs):
+    got = losses.grouped_invariance_losses(fs, m, method, parts, form)
+    assert list(got) == list(fs)
+    return sum(weights[n] * v for n, v in got.items()), got
+
+  (_, got), grads = jax.jit(jax.value_and_grad(weighted, has_aux=True))(feats)
+  for name, f in feats.items():
+    exact = np.asarray(f.astype(jnp.float32), np.float64)
+    assert got[name].dtype == jnp.float32 and grads[name].dtype == f.dtype
+    np.testing.assert_allclose(got[name], naive_loss(exact, np.asarray(ids)), rtol=2e-4,
+                               err_msg=name)
+    # The pair loop's gradient, at unit scale (L_inv's gradient scales as 1 / scale).
+    scale = float(jnp.max(jnp.abs(f.astype(jnp.float32))))
+    unit = f.astype(jnp.float32) / scale
+    ref = weights[name] * jax.grad(helpers.naive_invariance_loss)(unit, ids) / scale
+    g = np.asarray(grads[name], np.float32)
+    assert np.all(np.isfinite(g)), name
+    tol = 2e-2 if f.dtype == jnp.bfloat16 else 2e-3
+    np.testing.assert_allclose(g * scale, ref * scale, rtol=tol,
+                               atol=tol * float(jnp.max(jnp.abs(ref * scale))),
+                               err_msg=name)
+
+
+def test_every_layer_at_once_checks_its_input():
+  f = jnp.zeros((8, 3))
+  assert losses.grouped_invariance_losses({}, 4, "moments") == {}
+  with pytest.raises(ValueError, match="one batch size"):
+    losses.grouped_invariance_losses({"a": f, "b": jnp.zeros((4, 3))}, 4, "moments")
+  with pytest.raises(ValueError, match="copies >= 2 dividing"):
+    losses.grouped_invariance_losses({"a": f}, 3, "moments")
+  with pytest.raises(ValueError, match="valid methods"):
+    losses.grouped_invariance_losses({"a": f}, 4, "cosine")
