@@ -226,8 +226,9 @@ class TrainingVariant:
     self.step_config = run.step_config
     self.batch_norm = run.model.batch_norm
     placement = placement_lib.Placement.create()
-    self.state = build_lib.initial_state(run, placement)
-    self.programs = programs_lib.TrainPrograms(run, placement, self.state)
+    state = build_lib.initial_state(run, placement)
+    self.programs = programs_lib.TrainPrograms(run, placement, state)
+    self.state = self.programs.enter(state)  # the loop's layout, as training keeps it
     self.step = 0
     self._ready(run)
 
@@ -286,8 +287,9 @@ class StackedVariant(TrainingVariant):
     self.batch_norm = run.model.batch_norm
     placement = placement_lib.Placement.create()
     state = build_lib.initial_state(run, placement)
-    self.state = jax.tree.map(lambda a: jnp.stack([a] * runs), state)
     programs = programs_lib.TrainPrograms(run, placement, state, compile_now=False)
+    self.state = jax.vmap(programs.layout[0])(
+        jax.tree.map(lambda a: jnp.stack([a] * runs), state))  # the loop's layout
     # The training set on the device, shared by the runs; each run its own state and
     # augmentation key.
     *shared, _ = programs.args(state, 0, steps_per_dispatch)[1:]

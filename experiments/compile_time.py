@@ -64,7 +64,7 @@ def main(argv):
   programs = programs_lib.TrainPrograms(run, placement, state, compile_now=False)
   fn = programs.chunk(steps)
   jitted = jax.jit(fn, donate_argnums=0)
-  args = programs.args(state, 0, steps)
+  args = programs.args(programs.enter(state), 0, steps)  # the loop's layout
   t = time.perf_counter()
   lowered = jitted.lower(*args)
   t1 = time.perf_counter()

@@ -159,8 +159,11 @@ def step_hlo(model: str, key: str, placement: placement_lib.Placement,
       run.step_config, **{"moments_form": "one_read", **overrides})
   chunk = steps_lib.make_train_chunk(run.step_config, steps,
                                      config.batch_size // config.copies,
-                                     placement.batch, data_on_device=True, unroll=False)
+                                     placement.batch, data_on_device=True, unroll=False,
+                                     loop_state=True)
   state = jax.eval_shape(lambda: build_lib.initial_state(run, placement_lib.Placement.create()))
+  # in the loop's layout, as a run keeps it between programs (programs.TrainPrograms)
+  state = jax.eval_shape(steps_lib.loop_layout(state, "gpu")[0], state)
   on_gpu = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
                                                      sharding=placement.replicated)
   n = len(data.x_train)

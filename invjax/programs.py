@@ -38,6 +38,12 @@ def compile_concurrently(lowered: Mapping[str, Any],
     return dict(pool.map(one, lowered.items()))
 
 
+def unrolled_by_default() -> bool:
+  """Whether a program's steps are straight-line code here: on a CPU, where XLA runs a
+  step inside a loop about 15 times slower (`steps.make_train_chunk`)."""
+  return jax.default_backend() == "cpu"
+
+
 class TrainPrograms:
   """The run's training programs, compiled ahead of time, and how to call them.
 
@@ -56,16 +62,26 @@ class TrainPrograms:
   With the training set on the device (`config.data_on_device`, the default where it
   fits), each step gathers its seeds there from the epoch's permutation; otherwise the
   host gathers each program's batches and sends them.
+
+  Where the steps run in a loop (off a CPU), the programs take and return the state in
+  the loop's layout (`steps.loop_layout`: parameters and momentum one vector each, on a
+  GPU the convolution kernels in cuDNN's layout): `enter(state)` puts a train state
+  into it before the first program, `leave(loop_state)` takes it back out for a
+  checkpoint or the weights, both compiled beside the 1-step program. Elsewhere both
+  are the identity. The eval-mode programs (evaluation, probe) read either layout.
   """
 
   def __init__(self, run: build_lib.Run, placement: placement_lib.Placement, state,
                single: bool = True, compile_now: bool = True,
-               alongside: Mapping[str, Any] | None = None):
+               alongside: Mapping[str, Any] | None = None,
+               unroll: bool | None = None):
     """`single=False` leaves out the 1-step program, for runs whose every stop (log,
     evaluation, checkpoint, end, resume point) is a multiple of steps_per_dispatch.
     `compile_now=False` compiles nothing (for tools that compile `chunk(size)`
     themselves, e.g. vmapped or timed). `alongside`: other lowered programs to compile
-    with the 1-step program; compiled, they are in `self.alongside`."""
+    with the 1-step program; compiled, they are in `self.alongside`. `unroll`: the
+    steps of a program as straight-line code (default: on a CPU), else a loop whose
+    state is kept in the loop's layout between programs."""
     config, data = run.config, run.data
     self.run, self.placement = run, placement
     self.k = config.batch_size // config.copies
@@ -82,33 +98,64 @@ class TrainPrograms:
     if self.on_device:
       self.x_train = placement.replicate(data.x_train)
       self.y_train = placement.replicate(data.y_train)
+    self.unroll = unrolled_by_default() if unroll is None else unroll
+    # (enter, leave) as functions of arrays, not compiled (e.g. to vmap)
+    self.layout = ((lambda s: s, lambda s: s) if self.unroll else steps_lib.loop_layout(
+        state, steps_lib.platform_of(placement.batch)))
     self.compiled, self.compile_seconds, self.alongside = {}, {}, {}
+    self._converters = {}
     self.wall_seconds = 0.0
     if compile_now:
       self.compile(state, single, alongside)
 
   def compile(self, state, single: bool = True,
               alongside: Mapping[str, Any] | None = None) -> None:
-    """Compiles the S-step program, then the 1-step one (with `single`, where S > 1)
-    and `alongside` at once (see the class)."""
+    """Compiles the S-step program, then the 1-step one (with `single`, where S > 1),
+    `enter`, `leave` and `alongside` at once (see the class). `state`: a train state
+    (or its shapes) in the parameters' own layout."""
     t = time.perf_counter()
-    self._compile(state, self.steps_per_dispatch)
+    loop = self.loop_shapes(state)
+    self._compile(loop, self.steps_per_dispatch)
     rest = dict(alongside or {})
     if single and self.steps_per_dispatch > 1:
-      rest[1] = self._lower(state, 1)
+      rest[1] = self._lower(loop, 1)
+    if not self.unroll:
+      rest["enter"] = self._jit(self.layout[0]).lower(state)
+      rest["leave"] = self._jit(self.layout[1]).lower(loop)
     for name, (compiled, seconds) in compile_concurrently(
         rest, self.placement.compiler_options).items():
       if name == 1:
         self.compiled[1], self.compile_seconds[1] = compiled, seconds
+      elif name in ("enter", "leave"):
+        self._converters[name] = compiled
       else:
         self.alongside[name] = compiled
     self.wall_seconds = time.perf_counter() - t
 
+  def _jit(self, fn):
+    return jax.jit(fn, out_shardings=self.placement.replicated)
+
+  def loop_shapes(self, state):
+    """The shapes (ShapeDtypeStructs, placed) of `state` in the loop's layout: what
+    the training programs and, lowered for them, the eval-mode programs take."""
+    shapes = jax.eval_shape(self.layout[0], state)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+        a.shape, a.dtype, sharding=self.placement.replicated), shapes)
+
+  def enter(self, state):
+    """The train state in the loop's layout (the identity where steps are unrolled)."""
+    return self._converters.get("enter", self._jit(self.layout[0]))(state)
+
+  def leave(self, loop_state):
+    """The train state in the parameters' own layout, from the loop's."""
+    return self._converters.get("leave", self._jit(self.layout[1]))(loop_state)
+
   def chunk(self, size: int):
-    """The training program of `size` steps, not jitted: called with `args`."""
+    """The training program of `size` steps, not jitted: called with `args` (the state
+    in the loop's layout: `enter`)."""
     return steps_lib.make_train_chunk(self.run.step_config, size, self.k,
                                       self.placement.batch, data_on_device=self.on_device,
-                                      unroll=jax.default_backend() == "cpu")
+                                      unroll=self.unroll, loop_state=not self.unroll)
 
   def _lower(self, state, size: int):
     jitted = jax.jit(self.chunk(size), donate_argnums=0,
@@ -141,7 +188,8 @@ class TrainPrograms:
     return self.steps_per_dispatch if done + self.steps_per_dispatch <= next_stop else 1
 
   def __call__(self, state, step0: int, size: int):
-    """(state after steps step0 .. step0 + size - 1, their metrics [size])."""
+    """(state after steps step0 .. step0 + size - 1, their metrics [size]); the state
+    in the loop's layout, in and out (`enter`, `leave`)."""
     if size not in self.compiled:  # a stop off the multiples (not expected)
       logging.warning("compiling the %d-step program inside the loop", size)
       self._compile(state, size)

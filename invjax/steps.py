@@ -259,7 +259,8 @@ def flat_parameters(state: TrainState, out_first: bool = False
   # The optimizer state: every per-parameter tree in the loop's layout and raveled
   # (a flat layout keeps its vectors where the loop's is the parameters' own), its
   # leaves then in the layout the optimizer makes for one vector.
-  like_params = lambda t: jax.tree.structure(t) == jax.tree.structure(state.params)
+  params_def = jax.tree.structure(state.params)
+  like_params = lambda t: jax.tree.structure(t) == params_def
   in_loop = lambda t, f: jax.tree.map(lambda u: f(u) if like_params(u) else u, t,
                                       is_leaf=like_params)
   raveled = opt_state_flat(state.opt_state, state.params)
@@ -267,6 +268,7 @@ def flat_parameters(state: TrainState, out_first: bool = False
   if out_first:
     raveled = opt_state_flat(in_loop(opt_state_per_param(state.opt_state, state.params),
                                      to_loop), state.params)
+  raveled_def = jax.tree.structure(raveled)
   wanted = jax.eval_shape(state.tx.init, params)
   shapes = lambda t: [(a.shape, a.dtype) for a in jax.tree.leaves(t)]
   if shapes(wanted) != shapes(raveled):  # an optimizer not elementwise: as it is
@@ -279,7 +281,7 @@ def flat_parameters(state: TrainState, out_first: bool = False
   def back(s: TrainState) -> TrainState:
     loop_tree = unravel_loop(s.params["vector"])
     tree = from_loop(loop_tree)
-    opt = jax.tree.unflatten(jax.tree.structure(raveled), jax.tree.leaves(s.opt_state))
+    opt = jax.tree.unflatten(raveled_def, jax.tree.leaves(s.opt_state))
     if out_first or not was_flat:  # each vector back in the layout the state had
       opt = in_loop(opt_state_per_param(opt, loop_tree), from_loop)
       opt = opt_state_flat(opt, tree) if was_flat else opt
@@ -289,7 +291,24 @@ def flat_parameters(state: TrainState, out_first: bool = False
   return state.replace(params=params, opt_state=opt_state, apply_fn=apply_flat), back
 
 
-def _platform(sharding) -> str:
+def loop_layout(state, platform: str) -> tuple[Callable, Callable]:
+  """(enter, leave): functions of arrays (jit them) that put a train state shaped like
+  `state` (arrays or ShapeDtypeStructs) into the step loop's layout on `platform`
+  (`flat_parameters`, `filters_out_first`) and take it back out, bit for bit.
+
+  A run keeps its state in the loop's layout between programs (`make_train_chunk`
+  with loop_state=True), so that no training program converts it: on a GPU the
+  conversion is a transpose per convolution kernel and per momentum buffer and a
+  copy per tensor, each way (DenseNet-BC-100: 810 kernels a program). The state in
+  that layout serves every eval-mode forward pass as it is (its `apply_fn` unravels
+  the vector); checkpoints and weights take it back out."""
+  out_first = filters_out_first(platform)
+  leave = []
+  jax.eval_shape(lambda s: leave.append(flat_parameters(s, out_first)[1]), state)
+  return (lambda s: flat_parameters(s, out_first)[0]), leave[0]
+
+
+def platform_of(sharding) -> str:
   """The platform of `sharding`'s devices (JAX's default backend without one)."""
   if sharding is None:
     return jax.default_backend()
@@ -298,7 +317,8 @@ def _platform(sharding) -> str:
 
 def make_train_chunk(cfg: StepConfig, num_steps: int, seeds_per_step: int,
                      batch_sharding=None, data_on_device: bool = True,
-                     unroll: bool = True, platform: str | None = None) -> Callable:
+                     unroll: bool = True, platform: str | None = None,
+                     loop_state: bool = False) -> Callable:
   """`num_steps` training steps in one program (lax.scan over `make_train_step`).
 
   Step s augments with key fold_in(key, s), so a chunk of S steps gives the same result
@@ -323,7 +343,8 @@ def make_train_chunk(cfg: StepConfig, num_steps: int, seeds_per_step: int,
   optimizer's buffers as one vector each (`flat_parameters`; on a GPU, `platform` or
   else the devices of `batch_sharding` or JAX's default, with the convolution kernels
   in cuDNN's layout) and its metrics as one vector a step; the state comes out as it
-  went in.
+  went in. `loop_state=True` (with unroll=False): the state goes in and comes out
+  already in that layout (`loop_layout`), so the program converts nothing.
   """
   step_fn = make_train_step(cfg)
 
@@ -346,8 +367,11 @@ def make_train_chunk(cfg: StepConfig, num_steps: int, seeds_per_step: int,
         names[:], dtypes[:] = list(m), [jnp.result_type(v) for v in m.values()]
         return state, jnp.stack([jnp.asarray(v, jnp.float32) for v in m.values()])
 
-      flat, back = flat_parameters(state, filters_out_first(platform or _platform(
-          batch_sharding)))
+      if loop_state:
+        flat, back = state, lambda s: s
+      else:
+        flat, back = flat_parameters(state, filters_out_first(platform or platform_of(
+            batch_sharding)))
       flat, rows = jax.lax.scan(packed, flat, jnp.arange(num_steps))
       return back(flat), {k: rows[:, j].astype(d)
                           for j, (k, d) in enumerate(zip(names, dtypes))}

@@ -93,8 +93,8 @@ def _train_locked(config, workdir, allow_config_change, data, preempt, tensorboa
   with timer.section("compile"):
     single = any(n % spd for n in (start, run.total_steps, every.ckpt, every.eval,
                                    every.log))
-    programs.compile(state, single, _lower_eval_and_probe(run, placement, state,
-                                                          test_batches, probe))
+    programs.compile(state, single, _lower_eval_and_probe(
+        run, placement, programs.loop_shapes(state), test_batches, probe))
     eval_step, probe_step = programs.alongside["eval"], programs.alongside["probe"]
     ckpts.prepare(state)  # a checkpoint's layout of the state
   logging.info("compiled the training program%s in %.1f s (%.1f s with the evaluation "
@@ -104,8 +104,11 @@ def _train_locked(config, workdir, allow_config_change, data, preempt, tensorboa
                programs.compile_seconds[programs.steps_per_dispatch],
                programs.wall_seconds,
                "on the device" if programs.on_device else "read from the host")
-  loop = _Loop(config, workdir, run, placement, state, start, started, ckpts, log,
-               timer)
+  # From here the state is in the step loop's layout (programs.enter), until a
+  # checkpoint or the weights take it out (programs.leave).
+  loop = _Loop(config, workdir, run, placement, programs, programs.enter(state), start,
+               started, ckpts, log, timer)
+  del state
   return loop.train(programs, every, progress, preempt, test_batches, eval_step,
                     probe_step, probe)
 
@@ -168,8 +171,8 @@ class _Probe:
 
 def _lower_eval_and_probe(run, placement, state, test_batches, probe):
   """{"eval": the eval step, "probe": the probe step}, lowered (compiled beside the
-  training programs). Sums and scalars come back replicated: every process can read
-  them."""
+  training programs) for `state`'s shapes (the loop's layout). Sums and scalars come
+  back replicated: every process can read them."""
   return {
       "eval": jax.jit(steps_lib.make_eval_step(run.step_config.top5),
                       out_shardings=placement.replicated).lower(
@@ -181,13 +184,14 @@ def _lower_eval_and_probe(run, placement, state, test_batches, probe):
 
 
 class _Loop:
-  """The step loop of one session and what it keeps between steps: the state, the
-  log points not yet written, the last checkpoint."""
+  """The step loop of one session and what it keeps between steps: the state (in the
+  loop's layout: `programs.enter`), the log points not yet written, the last
+  checkpoint."""
 
-  def __init__(self, config, workdir, run, placement, state, start, started, ckpts,
-               log, timer):
+  def __init__(self, config, workdir, run, placement, programs, state, start, started,
+               ckpts, log, timer):
     self.config, self.workdir, self.run = config, workdir, run
-    self.placement, self.state = placement, state
+    self.placement, self.state, self.leave = placement, state, programs.leave
     self.start, self.started = start, started
     self.ckpts, self.log, self.timer = ckpts, log, timer
     self.spe = run.steps_per_epoch
@@ -251,7 +255,7 @@ class _Loop:
             f"the train state became non-finite at or before step {step} (the "
             "losses were finite): not checkpointed; the last good checkpoint is "
             "kept. Lower config.learning_rate.")
-      self.ckpts.save(step, self.state, force=True)
+      self.ckpts.save(step, self.leave(self.state), force=True)
       self.last_saved = step
       self.deadline.observe_save(time.perf_counter() - t)
 
@@ -362,7 +366,9 @@ class _Loop:
     timer.add("train", max(0.0, loop - sum(timer.seconds[k] for k in
                                            ("evaluation", "log", "checkpoint"))))
     if distributed.is_primary():
-      workdirs.finish_session(self.workdir, self.run, self.config, self.state, timer,
-                      self.started, self.start, end, stopped)
+      # (after an error the weights are not written, and the state may be gone)
+      state = self.leave(self.state) if stopped != "error" else None
+      workdirs.finish_session(self.workdir, self.run, self.config, state, timer,
+                              self.started, self.start, end, stopped)
     if close_error is not None:
       raise close_error

@@ -8,6 +8,7 @@ import pytest
 from invjax import build as build_lib
 from invjax import placement as placement_lib
 from invjax import programs as programs_lib
+from invjax import steps as steps_lib
 from tests import helpers
 
 
@@ -83,3 +84,41 @@ def test_every_program_of_a_run_compiles_with_the_mesh_xla_options(npz, monkeypa
   extra = {"eval": jax.jit(lambda s: s.step + 1).lower(state)}
   programs_lib.TrainPrograms(run, placement, state, single=True, alongside=extra)
   assert seen == [options] * 3  # the 2-step, 1-step and eval programs
+
+
+def test_the_state_kept_in_the_loop_layout_between_programs(npz, monkeypatch):
+  """Programs that loop over their steps take and return the state in the loop's
+  layout (here cuDNN's filter layout, as on a GPU): entered once, run as two programs,
+  taken out, it is the state the unrolled programs give, and it goes in and out bit
+  for bit. The eval-mode programs read it as they read the state itself."""
+  monkeypatch.setattr(steps_lib, "filters_out_first", lambda platform: True)
+  config = helpers.tiny_config(str(npz), num_epochs=1.0, lr_boundaries=())
+  config.steps_per_dispatch = 2
+  run = build_lib.build(config)
+  placement = placement_lib.Placement.create()
+  state = build_lib.initial_state(run, placement)
+  copy = lambda s: jax.tree.map(jnp.copy, s)
+  loop = programs_lib.TrainPrograms(run, placement, state, unroll=False)
+  assert set(loop.compiled) == {1, 2}
+  entered = loop.enter(state)
+  assert set(entered.params) == {"vector"}
+  jax.tree.map(np.testing.assert_array_equal, loop.leave(entered), state)
+  images, labels = run.data.x_test[:8], run.data.y_test[:8]
+  eval_step = jax.jit(steps_lib.make_eval_step(False))
+  mask = jnp.ones(8)
+  jax.tree.map(np.testing.assert_array_equal, eval_step(entered, images, labels, mask),
+               eval_step(state, images, labels, mask))
+  s, m1 = loop(entered, 0, 2)
+  s, m2 = loop(s, 2, 1)
+  got = loop.leave(s)
+  unrolled = programs_lib.TrainPrograms(run, placement, state, unroll=True)
+  t, n1 = unrolled(copy(state), 0, 2)
+  t, n2 = unrolled(t, 2, 1)
+  assert int(got.step) == int(t.step) == 3
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  jax.tree.map(close, (got.params, got.opt_state, got.batch_stats),
+               (t.params, t.opt_state, t.batch_stats))
+  jax.tree.map(close, (m1, m2), (n1, n2))
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), got.params,
+                       state.params)
+  assert max(jax.tree.leaves(moved)) > 1e-4  # the steps did something

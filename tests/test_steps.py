@@ -318,7 +318,7 @@ def test_kernels_lie_out_first_in_the_loop_on_a_gpu_only():
       True, True, True, False, False]
   mesh = jax.make_mesh((1,), ("data",))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  assert steps._platform(sharding) == steps._platform(None) == "cpu"
+  assert steps.platform_of(sharding) == steps.platform_of(None) == "cpu"
 
 
 @pytest.mark.parametrize("out_first", [False, True])

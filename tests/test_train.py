@@ -17,6 +17,8 @@ from invjax import build as build_lib
 from invjax import checkpoints
 from invjax import metrics_io
 from invjax import placement as placement_lib
+from invjax import programs as programs_lib
+from invjax import steps as steps_lib
 from invjax import train
 from invjax import workdirs
 from tests import helpers
@@ -139,21 +141,32 @@ def _restored_params(workdir):
   return params
 
 
-def test_steps_per_dispatch_and_data_placement_do_not_change_the_run(npz, tmp_path):
+def test_steps_per_dispatch_and_data_placement_do_not_change_the_run(npz, tmp_path,
+                                                                    monkeypatch):
   """3 steps per program (with 1-step programs up to the log, eval and checkpoint
   steps) and batches gathered on the host: the run of single steps on device data.
-  (tests/test_steps.py compares each change alone at the step level.)"""
-  runs = {"one": {}, "host": {"steps_per_dispatch": 3, "data_on_device": False}}
+  So is a run whose programs loop over their steps as on an accelerator, with the
+  state kept in the loop's layout between programs (cuDNN's filter layout, as on a
+  GPU) and taken out for its checkpoints. (tests/test_steps.py compares each change
+  alone at the step level.)"""
+  runs = {"one": {}, "host": {"steps_per_dispatch": 3, "data_on_device": False},
+          "loop": {"steps_per_dispatch": 3}}
   losses = {}
   for name, fields in runs.items():
     config = helpers.tiny_config(npz, num_epochs=3.0, lr_boundaries=(2,),
                                  log_every_steps=5, **fields)
-    train.train_and_evaluate(config, str(tmp_path / name))
+    with monkeypatch.context() as mp:
+      if name == "loop":
+        mp.setattr(programs_lib, "unrolled_by_default", lambda: False)
+        mp.setattr(steps_lib, "filters_out_first", lambda platform: True)
+      train.train_and_evaluate(config, str(tmp_path / name))
     losses[name] = metrics_io.series(metrics_io.read(str(tmp_path / name)),
                                      "train/loss")
   np.testing.assert_array_equal(losses["one"][0], [4, 5, 8, 10, 12])
   params = {name: _restored_params(str(tmp_path / name)) for name in runs}
-  for name in ("host",):
+  weights = checkpoints.load_weights(str(tmp_path / "loop" / workdirs.WEIGHTS_FILE))[0]
+  jax.tree.map(np.testing.assert_array_equal, weights, params["loop"])
+  for name in ("host", "loop"):
     np.testing.assert_allclose(losses[name][1], losses["one"][1], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  params[name], params["one"])
@@ -164,9 +177,14 @@ def test_steps_per_dispatch_and_data_placement_do_not_change_the_run(npz, tmp_pa
   assert max(jax.tree.leaves(moved)) > 1e-3
 
 
-def test_nothing_compiles_inside_the_step_loop(npz, tmp_path, monkeypatch):
+@pytest.mark.parametrize("layout", ["unrolled", "loop"])
+def test_nothing_compiles_inside_the_step_loop(npz, tmp_path, monkeypatch, layout):
   """After the first evaluation, hundreds of steps across passes, logs, evaluations,
-  probes and checkpoints lower and compile nothing more."""
+  probes and checkpoints lower and compile nothing more; also with the steps in a
+  loop and the state kept in its layout (as on an accelerator), whose checkpoints
+  take it out."""
+  if layout == "loop":
+    monkeypatch.setattr(programs_lib, "unrolled_by_default", lambda: False)
   events = []
   watched = ("/jax/core/compile/jaxpr_to_mlir_module_duration",
              "/jax/core/compile/backend_compile_duration")
