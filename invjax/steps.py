@@ -79,10 +79,9 @@ def create_optimizer(lr_fn: optax.Schedule, momentum: float = 0.9,
   either way (XLA splits a concatenation of that many) and compiled 16 s longer, so it
   keeps the update per tensor. The same arithmetic on the same numbers either way, so
   the same results. Checkpoints keep the state per parameter (`opt_state_per_param`).
-  Inside the step loop every model's update is now on one vector (`flat_parameters`);
-  a state kept flat outside it spares each program unraveling and raveling it (plain
-  optax.sgd there: All-CNN-C 64 kernels once a program against 36, WRN-28-10 170
-  against 89, the same kernels a step)."""
+  Inside the step loop every model's update is now on one vector (`flat_parameters`),
+  and off a CPU a run keeps its state in that layout between programs (`loop_layout`).
+  """
   per_tensor = optax.sgd(lr_fn, momentum=momentum, nesterov=nesterov)
   flat = optax.flatten(per_tensor)
   pick = lambda tree: (flat if len(jax.tree.leaves(tree)) <= FLAT_UPDATE_MOST_TENSORS
@@ -226,8 +225,9 @@ def filters_out_first(platform: str) -> bool:
   first on `platform`: on a GPU. A filter gradient then goes into the vector as cuDNN
   wrote it, where in the parameters' own layout XLA transposes each one at every step.
   Compiled for an H200 without one (bfloat16, kernels a step): All-CNN-C 133 -> 124,
-  WRN-28-10 358 -> 327, DenseNet-BC-100 1,232 -> 1,132; the state going in and out
-  of that layout costs 29, 86 and 198 more once a program."""
+  WRN-28-10 358 -> 327, DenseNet-BC-100 1,232 -> 1,132. The state goes in and out
+  of that layout once a run and at checkpoints (`loop_layout`), not in the training
+  programs."""
   return placement.is_gpu(platform)
 
 
