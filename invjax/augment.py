@@ -130,8 +130,12 @@ def sample_params(key: jax.Array, n: int, ranges: AugmentRanges) -> AugmentParam
   # std = (max - min) / 4 = half / 2, truncated at +-2 std = the range.
   z = jax.random.truncated_normal(key, -2.0, 2.0, (len(centres), n), jnp.float32)
   values = [c + (h / 2.0) * z[i] for i, (c, h) in enumerate(zip(centres, halves))]
-  # From a key of its own, so that the other parameters' draws do not depend on it.
-  cy, cx = jax.random.uniform(jax.random.fold_in(flip_key, 1), (2, n))
+  # From a key of its own, so that the other parameters' draws do not depend on it;
+  # drawn only where there is a square to cut (on a GPU each draw is a kernel).
+  if ranges.cutout > 0:
+    cy, cx = jax.random.uniform(jax.random.fold_in(flip_key, 1), (2, n))
+  else:
+    cy = cx = jnp.full((n,), 0.5, jnp.float32)
   return AugmentParams(flip, *values, jnp.full((n,), ranges.cutout, jnp.float32), cy, cx)
 
 
@@ -240,8 +244,11 @@ def warp(images: jax.Array, pull: jax.Array) -> jax.Array:
   return out.astype(images.dtype)
 
 
-def apply(images: jax.Array, params: AugmentParams) -> jax.Array:
-  """Augments a batch [N, H, W, C] in [0, 1] with per-image parameters."""
+def apply(images: jax.Array, params: AugmentParams, cutout: bool = True) -> jax.Array:
+  """Augments a batch [N, H, W, C] in [0, 1] with per-image parameters. `cutout=False`
+  leaves the cut-out out of the program, for parameters whose squares are all empty
+  (`params.cut` 0): the same images without computing each image's mean colour (on a
+  GPU, a reduction kernel a step)."""
   _, h, w, _ = images.shape
   warped = warp(images, pull_matrix(forward_matrix(params, h, w), h, w))
 
@@ -249,6 +256,8 @@ def apply(images: jax.Array, params: AugmentParams) -> jax.Array:
     out = pix.adjust_contrast(out, gamma)
     out = pix.adjust_brightness(out, delta)
     out = jnp.clip(out, 0.0, 1.0)
+    if not cutout:
+      return out
     # Cutout: rows top .. top + side - 1 and the same for columns, clipped by the
     # border; an empty square (side 0) leaves the image exactly as it is.
     side = jnp.round(cut * min(h, w))
@@ -266,7 +275,8 @@ def augment(key: jax.Array, images: jax.Array, ranges: AugmentRanges,
             scoring: bool = False) -> jax.Array:
   """Draws per-image parameters and applies them."""
   sampler = sample_scoring_params if scoring else sample_params
-  return apply(images, sampler(key, images.shape[0], ranges))
+  return apply(images, sampler(key, images.shape[0], ranges),
+               cutout=not scoring and ranges.cutout > 0)
 
 
 def augment_each(key: jax.Array, images: jax.Array, ranges: AugmentRanges,
@@ -277,4 +287,5 @@ def augment_each(key: jax.Array, images: jax.Array, ranges: AugmentRanges,
   sampler = sample_scoring_params if scoring else sample_params
   keys = jax.random.split(key, images.shape[0])
   params = jax.vmap(lambda k: sampler(k, 1, ranges))(keys)
-  return apply(images, jax.tree.map(lambda a: a[:, 0], params))
+  return apply(images, jax.tree.map(lambda a: a[:, 0], params),
+               cutout=not scoring and ranges.cutout > 0)

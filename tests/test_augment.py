@@ -541,11 +541,17 @@ def test_cutout_matches_reference(cut, cy, cx):
 
 
 def test_cutout_draws_leave_the_other_parameters_unchanged_and_scoring_never_cuts():
+  """The cut-out's draws (its centre, only where there is a square to cut) change no
+  other parameter; without a cut-out, augmenting leaves it out of the program and
+  gives the same images bit for bit."""
   key = jax.random.PRNGKey(4)
   plain = augment.sample_params(key, 500, augment.AugmentRanges())
   cut = augment.sample_params(key, 500, augment.AugmentRanges(cutout=0.5))
+  images = jnp.asarray(np.random.default_rng(1).uniform(size=(500, H, W, C)), jnp.float32)
+  np.testing.assert_array_equal(augment.augment(key, images, augment.AugmentRanges()),
+                                augment.apply(images, plain, cutout=True))
   for name in augment.AugmentParams._fields:
-    if name not in ("cut",):
+    if name not in ("cut", "cy", "cx"):
       np.testing.assert_array_equal(getattr(plain, name), getattr(cut, name))
   np.testing.assert_array_equal(plain.cut, 0.0)
   np.testing.assert_array_equal(cut.cut, 0.5)
