@@ -251,8 +251,11 @@ def flat_parameters(state: TrainState, out_first: bool = False
   its output axis first (`filters_out_first`)."""
   to_loop = (lambda t: _filters(t, _OUT_FIRST)) if out_first else (lambda t: t)
   from_loop = (lambda t: _filters(t, _OUT_LAST)) if out_first else (lambda t: t)
-  flat, unravel_loop = jax.flatten_util.ravel_pytree(to_loop(state.params))
-  unravel = lambda v: from_loop(unravel_loop(v))
+  loop_tree = to_loop(state.params)
+  flat, unravel_loop = jax.flatten_util.ravel_pytree(loop_tree)
+  apply_flat = _ApplyFlat(state.apply_fn, jax.tree.structure(loop_tree),
+                          tuple((a.shape, a.dtype) for a in jax.tree.leaves(loop_tree)),
+                          out_first)
   # A dict of one vector, not the bare vector: flax's apply_gradients looks into it.
   params = {"vector": flat}
   apply_fn = state.apply_fn
@@ -274,10 +277,6 @@ def flat_parameters(state: TrainState, out_first: bool = False
   if shapes(wanted) != shapes(raveled):  # an optimizer not elementwise: as it is
     return state, lambda s: s
 
-  def apply_flat(variables, *args, **kwargs):
-    return apply_fn({**variables, "params": unravel(variables["params"]["vector"])},
-                    *args, **kwargs)
-
   def back(s: TrainState) -> TrainState:
     loop_tree = unravel_loop(s.params["vector"])
     tree = from_loop(loop_tree)
@@ -289,6 +288,31 @@ def flat_parameters(state: TrainState, out_first: bool = False
 
   opt_state = jax.tree.unflatten(jax.tree.structure(wanted), jax.tree.leaves(raveled))
   return state.replace(params=params, opt_state=opt_state, apply_fn=apply_flat), back
+
+
+@dataclasses.dataclass(frozen=True)
+class _ApplyFlat:
+  """The `apply_fn` of a state in the loop's layout: unravels the vector into the
+  parameters' tree (in their own layout), then applies the model. A value, compared
+  by its fields (a state's tree structure holds it), so that states put into the
+  loop's layout by separate traces fit the same compiled programs."""
+  apply_fn: Callable
+  tree: Any  # the tree structure of the parameters in the loop's layout
+  leaves: tuple  # (shape, dtype) of each of its leaves, in order
+  out_first: bool
+
+  def unravel(self, vector: jax.Array):
+    out, start = [], 0
+    for shape, dtype in self.leaves:
+      size = math.prod(shape)
+      out.append(vector[start:start + size].reshape(shape).astype(dtype))
+      start += size
+    tree = jax.tree.unflatten(self.tree, out)
+    return _filters(tree, _OUT_LAST) if self.out_first else tree
+
+  def __call__(self, variables, *args, **kwargs):
+    return self.apply_fn({**variables, "params": self.unravel(
+        variables["params"]["vector"])}, *args, **kwargs)
 
 
 def loop_layout(state, platform: str) -> tuple[Callable, Callable]:
