@@ -177,6 +177,29 @@ def test_steps_per_dispatch_and_data_placement_do_not_change_the_run(npz, tmp_pa
   assert max(jax.tree.leaves(moved)) > 1e-3
 
 
+def test_a_run_in_the_loop_layout_resumes_as_the_same_run(npz, tmp_path, monkeypatch):
+  """Steps in a loop with the state in its layout (cuDNN's, as on a GPU): a session
+  stopped by its time limit after its first program checkpoints the state taken out
+  of that layout; the next session restores it, puts it back in and ends with the
+  weights of the same run trained at once, unrolled."""
+  fields = dict(num_epochs=3.0, lr_boundaries=(2,), log_every_steps=3,
+                steps_per_dispatch=3)
+  whole = str(tmp_path / "whole")
+  train.train_and_evaluate(helpers.tiny_config(npz, **fields), whole, tensorboard=False)
+  monkeypatch.setattr(programs_lib, "unrolled_by_default", lambda: False)
+  monkeypatch.setattr(steps_lib, "filters_out_first", lambda platform: True)
+  resumed = str(tmp_path / "resumed")
+  first = train.train_and_evaluate(
+      helpers.tiny_config(npz, time_limit_minutes=1e-4, **fields), resumed,
+      tensorboard=False)
+  assert first["stopped"] == "time_limit" and 0 < first["step"] < 12
+  second = train.train_and_evaluate(helpers.tiny_config(npz, **fields), resumed,
+                                    tensorboard=False)
+  assert second["finished"] and second["step"] == 12
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               _restored_params(resumed), _restored_params(whole))
+
+
 @pytest.mark.parametrize("layout", ["unrolled", "loop"])
 def test_nothing_compiles_inside_the_step_loop(npz, tmp_path, monkeypatch, layout):
   """After the first evaluation, hundreds of steps across passes, logs, evaluations,
