@@ -45,6 +45,7 @@ import numpy as np
 from experiments import benchmark
 from experiments import profile_step
 from invjax import build as build_lib
+from invjax import flat_state
 from invjax import models
 from invjax import placement as placement_lib
 from invjax import steps as steps_lib
@@ -163,7 +164,7 @@ def step_hlo(model: str, key: str, placement: placement_lib.Placement,
                                      loop_state=True)
   state = jax.eval_shape(lambda: build_lib.initial_state(run, placement_lib.Placement.create()))
   # in the loop's layout, as a run keeps it between programs (programs.TrainPrograms)
-  state = jax.eval_shape(steps_lib.loop_layout(state, "gpu")[0], state)
+  state = jax.eval_shape(flat_state.enter_and_leave(state, "gpu")[0], state)
   on_gpu = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
                                                      sharding=placement.replicated)
   n = len(data.x_train)

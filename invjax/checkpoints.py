@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 
 from invjax import distributed
 from invjax import errors
-from invjax import steps as steps_lib
+from invjax import flat_state
 
 # Orbax's own log records (a dozen INFO lines per save; on a failed restore or save,
 # warnings and errors with tracebacks, of faults invjax handles and reports in one line
@@ -52,7 +52,7 @@ def _sharding(state):
 
 
 def _per_param(state):
-  return state.replace(opt_state=steps_lib.opt_state_per_param(state.opt_state,
+  return state.replace(opt_state=flat_state.opt_state_per_param(state.opt_state,
                                                                 state.params))
 
 
@@ -70,7 +70,7 @@ def _training_layout(stored, target):
   if not _has_opt_state(stored) or (jax.tree.structure(stored.opt_state) ==
                                     jax.tree.structure(target.opt_state)):
     return stored
-  flat = lambda s: s.replace(opt_state=steps_lib.opt_state_flat(s.opt_state, s.params))
+  flat = lambda s: s.replace(opt_state=flat_state.opt_state_flat(s.opt_state, s.params))
   return jax.jit(flat, out_shardings=_sharding(target))(stored)
 
 
@@ -100,7 +100,7 @@ class Checkpoints:
     self._prepared = True
     if _has_opt_state(state) and (jax.tree.structure(jax.eval_shape(_per_param, state))
                                   != jax.tree.structure(state)):
-      self._to_stored = jax.jit(steps_lib.opt_state_per_param,
+      self._to_stored = jax.jit(flat_state.opt_state_per_param,
                                 out_shardings=_sharding(state)).lower(
                                     state.opt_state, state.params).compile()
 

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from invjax import build as build_lib
+from invjax import flat_state
 from invjax import placement as placement_lib
 from invjax import seed_order
 from invjax import steps as steps_lib
@@ -64,7 +65,7 @@ class TrainPrograms:
   host gathers each program's batches and sends them.
 
   Where the steps run in a loop (off a CPU), the programs take and return the state in
-  the loop's layout (`steps.loop_layout`: parameters and momentum one vector each, on a
+  the loop's layout (`flat_state.enter_and_leave`: parameters and momentum one vector each, on a
   GPU the convolution kernels in cuDNN's layout): `enter(state)` puts a train state
   into it before the first program, `leave(loop_state)` takes it back out for a
   checkpoint or the weights, both compiled beside the 1-step program. Elsewhere both
@@ -100,8 +101,9 @@ class TrainPrograms:
       self.y_train = placement.replicate(data.y_train)
     self.unroll = unrolled_by_default() if unroll is None else unroll
     # (enter, leave) as functions of arrays, not compiled (e.g. to vmap)
-    self.layout = ((lambda s: s, lambda s: s) if self.unroll else steps_lib.loop_layout(
-        state, steps_lib.platform_of(placement.batch)))
+    self.layout = ((lambda s: s, lambda s: s) if self.unroll else
+                   flat_state.enter_and_leave(state,
+                                              flat_state.platform_of(placement.batch)))
     self.compiled, self.compile_seconds, self.alongside = {}, {}, {}
     self._converters = {}
     self.wall_seconds = 0.0

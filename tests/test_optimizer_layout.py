@@ -8,6 +8,7 @@ import optax
 from flax.training import train_state
 
 from invjax import checkpoints
+from invjax import flat_state
 from invjax import steps
 
 
@@ -32,11 +33,11 @@ def test_the_flat_optimizer_takes_the_steps_of_optax_sgd():
     p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-  per_param = steps.opt_state_per_param(s1, p1)
+  per_param = flat_state.opt_state_per_param(s1, p1)
   assert jax.tree.structure(per_param) == jax.tree.structure(s2)
   for a, b in zip(jax.tree.leaves(per_param), jax.tree.leaves(s2)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-  back = steps.opt_state_flat(per_param, p1)
+  back = flat_state.opt_state_flat(per_param, p1)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(s1)):
     np.testing.assert_array_equal(a, b)
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from invjax import build as build_lib
+from invjax import flat_state
 from invjax import placement as placement_lib
 from invjax import programs as programs_lib
-from invjax import steps as steps_lib
+from invjax import steps
 from tests import helpers
 
 
@@ -91,7 +92,7 @@ def test_the_state_kept_in_the_loop_layout_between_programs(npz, monkeypatch):
   layout (here cuDNN's filter layout, as on a GPU): entered once, run as two programs,
   taken out, it is the state the unrolled programs give, and it goes in and out bit
   for bit. The eval-mode programs read it as they read the state itself."""
-  monkeypatch.setattr(steps_lib, "filters_out_first", lambda platform: True)
+  monkeypatch.setattr(flat_state, "filters_out_first", lambda platform: True)
   config = helpers.tiny_config(str(npz), num_epochs=1.0, lr_boundaries=())
   config.steps_per_dispatch = 2
   run = build_lib.build(config)
@@ -104,7 +105,7 @@ def test_the_state_kept_in_the_loop_layout_between_programs(npz, monkeypatch):
   assert set(entered.params) == {"vector"}
   jax.tree.map(np.testing.assert_array_equal, loop.leave(entered), state)
   images, labels = run.data.x_test[:8], run.data.y_test[:8]
-  eval_step = jax.jit(steps_lib.make_eval_step(False))
+  eval_step = jax.jit(steps.make_eval_step(False))
   mask = jnp.ones(8)
   jax.tree.map(np.testing.assert_array_equal, eval_step(entered, images, labels, mask),
                eval_step(state, images, labels, mask))

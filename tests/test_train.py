@@ -15,10 +15,10 @@ import pytest
 from invjax import analyze
 from invjax import build as build_lib
 from invjax import checkpoints
+from invjax import flat_state
 from invjax import metrics_io
 from invjax import placement as placement_lib
 from invjax import programs as programs_lib
-from invjax import steps as steps_lib
 from invjax import train
 from invjax import workdirs
 from tests import helpers
@@ -158,7 +158,7 @@ def test_steps_per_dispatch_and_data_placement_do_not_change_the_run(npz, tmp_pa
     with monkeypatch.context() as mp:
       if name == "loop":
         mp.setattr(programs_lib, "unrolled_by_default", lambda: False)
-        mp.setattr(steps_lib, "filters_out_first", lambda platform: True)
+        mp.setattr(flat_state, "filters_out_first", lambda platform: True)
       train.train_and_evaluate(config, str(tmp_path / name))
     losses[name] = metrics_io.series(metrics_io.read(str(tmp_path / name)),
                                      "train/loss")
@@ -187,7 +187,7 @@ def test_a_run_in_the_loop_layout_resumes_as_the_same_run(npz, tmp_path, monkeyp
   whole = str(tmp_path / "whole")
   train.train_and_evaluate(helpers.tiny_config(npz, **fields), whole, tensorboard=False)
   monkeypatch.setattr(programs_lib, "unrolled_by_default", lambda: False)
-  monkeypatch.setattr(steps_lib, "filters_out_first", lambda platform: True)
+  monkeypatch.setattr(flat_state, "filters_out_first", lambda platform: True)
   resumed = str(tmp_path / "resumed")
   first = train.train_and_evaluate(
       helpers.tiny_config(npz, time_limit_minutes=1e-4, **fields), resumed,
