@@ -33,6 +33,7 @@ tiny-scale test of this command uses them.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -212,9 +213,11 @@ def run_window(out: str, t0: float | None = None) -> dict:
       rate = card.get("steps_per_second")
       if rate:  # the steps left at the measured rate, +10 %, + a start and an analysis
         steps_left = card["total_steps"] - card["final_step"]
-        report["next_minutes"] = round(
+        # rounded up to a tenth: a short remainder (a warm compilation cache, a toy
+        # run) is never reported as 0.0 minutes
+        report["next_minutes"] = math.ceil(10 * (
             (1.1 * steps_left / rate + card["seconds"]["compile"] +
-             card["seconds"]["startup"]) / 60 + FLAGS.analysis_minutes, 1)
+             card["seconds"]["startup"]) / 60 + FLAGS.analysis_minutes)) / 10
       print(f"{variant}: stopped at step {result['step']} by the budget; rerun this "
             "command on this machine to resume it"
             + (f" (about {report['next_minutes']} min more)" if rate else ""))
