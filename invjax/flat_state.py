@@ -30,8 +30,9 @@ from invjax import placement
 
 def opt_state_per_param(opt_state, params):
   """The optimizer state with each vector of every parameter (the flat layout of
-  `create_optimizer`) unraveled into the parameters' tree: the layout checkpoints keep,
-  which optax.sgd itself has (checkpoints written before the flat update restore).
+  `steps.create_optimizer`) unraveled into the parameters' tree: the layout checkpoints
+  keep, which optax.sgd itself has (checkpoints written before the flat update
+  restore).
   Arrays in, arrays out (jax.eval_shape gives the layout of shapes)."""
   n = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
   _, unravel = jax.flatten_util.ravel_pytree(params)
