@@ -86,7 +86,7 @@ def flat_parameters(state, out_first: bool = False) -> tuple[Any, Callable]:
   to_loop = (lambda t: _filters(t, _OUT_FIRST)) if out_first else (lambda t: t)
   from_loop = (lambda t: _filters(t, _OUT_LAST)) if out_first else (lambda t: t)
   loop_tree = to_loop(state.params)
-  flat, unravel_loop = jax.flatten_util.ravel_pytree(loop_tree)
+  flat = jax.flatten_util.ravel_pytree(loop_tree)[0]
   apply_flat = _ApplyFlat(state.apply_fn, jax.tree.structure(loop_tree),
                           tuple((a.shape, a.dtype) for a in jax.tree.leaves(loop_tree)),
                           out_first)
@@ -112,7 +112,7 @@ def flat_parameters(state, out_first: bool = False) -> tuple[Any, Callable]:
     return state, lambda s: s
 
   def back(s):
-    loop_tree = unravel_loop(s.params["vector"])
+    loop_tree = apply_flat.loop_tree(s.params["vector"])
     tree = from_loop(loop_tree)
     opt = jax.tree.unflatten(raveled_def, jax.tree.leaves(s.opt_state))
     if out_first or not was_flat:  # each vector back in the layout the state had
@@ -135,14 +135,20 @@ class _ApplyFlat:
   leaves: tuple  # (shape, dtype) of each of its leaves, in order
   out_first: bool
 
-  def unravel(self, vector: jax.Array):
+  def loop_tree(self, vector: jax.Array):
+    """The vector as the parameters' tree in the loop's layout (kernels output axis
+    first where `out_first`)."""
     # One split, as jax.flatten_util.ravel_pytree's unravel (XLA groups the slices of
     # a split into fewer kernels than slices taken one by one: 1 fewer for All-CNN-C).
     ends = list(itertools.accumulate(math.prod(shape) for shape, _ in self.leaves))
     pieces = jnp.split(vector, ends[:-1])
-    tree = jax.tree.unflatten(self.tree, [
+    return jax.tree.unflatten(self.tree, [
         piece.reshape(shape).astype(dtype)
         for piece, (shape, dtype) in zip(pieces, self.leaves)])
+
+  def unravel(self, vector: jax.Array):
+    """The vector as the parameters' tree in their own layout."""
+    tree = self.loop_tree(vector)
     return _filters(tree, _OUT_LAST) if self.out_first else tree
 
   def __call__(self, variables, *args, **kwargs):
