@@ -145,12 +145,18 @@ class TrainPrograms:
         a.shape, a.dtype, sharding=self.placement.replicated), shapes)
 
   def enter(self, state):
-    """The train state in the loop's layout (the identity where steps are unrolled)."""
-    return self._converters.get("enter", self._jit(self.layout[0]))(state)
+    """The train state in the loop's layout (the state itself where steps are
+    unrolled)."""
+    return self._convert("enter", 0, state)
 
   def leave(self, loop_state):
     """The train state in the parameters' own layout, from the loop's."""
-    return self._converters.get("leave", self._jit(self.layout[1]))(loop_state)
+    return self._convert("leave", 1, loop_state)
+
+  def _convert(self, name: str, which: int, state):
+    if self.unroll:  # nothing to convert: no program, no copy
+      return state
+    return self._converters.get(name, self._jit(self.layout[which]))(state)
 
   def chunk(self, size: int):
     """The training program of `size` steps, not jitted: called with `args` (the state
