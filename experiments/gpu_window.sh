@@ -55,13 +55,17 @@
 #                   step is bound by launching its kernels (1 step a program: 2.63 ms,
 #                   10 steps: 1.90 ms on the H200); this says whether XLA's command
 #                   buffers move that, i.e. whether a flag is worth setting by default
+#   compile1  (240) not in the default list: the compile phase's first program only
+#                   (fresh persistent cache, then the rerun's compile from it), for a
+#                   window too short for the three
 #   profile   (200) not in the default list: python -m experiments.profile_step, a JAX
 #                   profiler trace of All-CNN-C's and WRN-28-10's steps (baseline and
 #                   moments in both forms, bf16, paper size): device time per part of
 #                   the step
 #                   (augmentation, seed gather, convolutions, batch norm, the loss, the
 #                   optimizer) and the top kernels, in $OUT/profile.{md,json}
-# Environment: BENCH_ARGS is added to every benchmark.py and profile_step.py command
+# Environment: ALLCNN_VARIANTS, WRN_VARIANTS, DENSENET_VARIANTS replace a model phase's
+# --variants list (a short window times only what its targets need). BENCH_ARGS is added to every benchmark.py and profile_step.py command
 # (e.g. the CPU smoke test: "--size=small --repeats=1 --train_images=256
 # --analysis_images=32");
 # TIME_SCALE multiplies every limit (default 1). PACK, if set, is a .tgz path (outside
@@ -110,13 +114,13 @@ import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__versio
 print(jax.devices())"' ;;
     loss) run loss 60 python3 -m experiments.loss_cost --width=1 --dtype=bfloat16 \
       --repeats=20 ;;
-    allcnn) bench allcnn 240 --models=allcnn --repeats=15 --variants=baseline,\
-same_batch,pairwise,moments,moments_per_seed,same_batch_flax_bn,moments_flax_bn,\
-dispatch1,loss_alone,augmentation,analysis,stacked ;;
-    wrn) bench wrn 300 --models=wrn --repeats=15 --variants=baseline,same_batch,\
-moments,moments_per_seed,same_batch_flax_bn,loss_alone,analysis ;;
+    allcnn) bench allcnn 240 --models=allcnn --repeats=15 --variants="${ALLCNN_VARIANTS:-\
+baseline,same_batch,pairwise,moments,moments_per_seed,same_batch_flax_bn,moments_flax_bn,\
+dispatch1,loss_alone,augmentation,analysis,stacked}" ;;
+    wrn) bench wrn 300 --models=wrn --repeats=15 --variants="${WRN_VARIANTS:-baseline,\
+same_batch,moments,moments_per_seed,same_batch_flax_bn,loss_alone,analysis}" ;;
     densenet) bench densenet 330 --models=densenet --repeats=10 \
-      --variants=same_batch,moments,loss_alone ;;
+      --variants="${DENSENET_VARIANTS:-same_batch,moments,loss_alone}" ;;
     augment) run augment 60 python3 -m experiments.augment_cost ;;
     xla) for setting in "default|" "nocmdbuf|--xla_gpu_enable_command_buffer=" \
         "allcmdbuf|--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"; do
@@ -133,10 +137,13 @@ moments,moments_per_seed,same_batch_flax_bn,loss_alone,analysis ;;
       python3 -m experiments.compile_time $args --cache_dir=/tmp/invjax_compile_cache
       XLA_FLAGS=--xla_gpu_autotune_level=0 python3 -m experiments.compile_time $args
       XLA_FLAGS=--xla_gpu_autotune_level=1 python3 -m experiments.compile_time $args' ;;
+    compile1) run compile1 240 python3 -m experiments.compile_time \
+      --config=configs/densenet.py --config.half_precision=True --steps=10 \
+      --time_steps=3 --jsonl="$OUT/compile.jsonl" --cache_dir=/tmp/invjax_compile_cache1 ;;
     # shellcheck disable=SC2086
     profile) run profile 200 python3 -m experiments.profile_step --models=allcnn,wrn \
       --variants=baseline,moments,moments_per_seed $extra --out="$OUT" ;;
-    *) echo "unknown phase $phase (paper env loss allcnn wrn densenet augment compile profile xla)"
+    *) echo "unknown phase $phase (paper env loss allcnn wrn densenet augment compile compile1 profile xla)"
        exit 2 ;;
   esac
 done
