@@ -274,6 +274,7 @@ FIELDS: dict[str, Rule] = {
     "model.growth": _int(1),
     "model.compression": _num(0, 1, lo_open=True),
     "model.num_blocks": _int(1),
+    "model.widen_bottlenecks": _BOOL,
     "dataset": _NAME,
     "data_dir": _STR,
     "manual_dir": _STR,

@@ -78,6 +78,43 @@ def test_densenet_bc_sows_stem_and_dense_blocks():
                     "dense2": (16, 16, 300), "dense3": (8, 8, 342)}
 
 
+@pytest.mark.parametrize("batch_norm", ["flax", "fused"])
+def test_densenet_widened_bottlenecks_are_the_same_function(batch_norm):
+  """Padding the bottlenecks' inputs and kernels with zero channels to the block's
+  width changes no parameter and, in float32, neither the logits, the sown layers,
+  the batch statistics nor the gradients beyond rounding."""
+  kw = dict(num_classes=10, depth=16, growth=6, batch_norm_impl=batch_norm)
+  plain = models.create("densenet", **kw)
+  wide = models.create("densenet", widen_bottlenecks=True, **kw)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (4, 16, 16, 3))
+  variables = plain.init(jax.random.PRNGKey(1), x, train=False)
+  wide_variables = wide.init(jax.random.PRNGKey(1), x, train=False)
+  # The same tree, shapes and (the same key) values: checkpoints load either way.
+  assert jax.tree.structure(variables) == jax.tree.structure(wide_variables)
+  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(wide_variables)):
+    np.testing.assert_array_equal(a, b)
+  convs = sorted(k for k in variables["params"] if k.startswith("Conv_"))
+  assert convs == sorted(f"Conv_{i}" for i in range(len(convs)))  # flax's own names
+  # Non-zero batch-norm offsets, so a padded channel that leaked through a ReLU shows.
+  variables = jax.tree.map(lambda v: v + 0.1 * jax.random.normal(
+      jax.random.PRNGKey(2), v.shape), variables)
+
+  def run(model, params):
+    logits, state = model.apply({**variables, "params": params}, x, train=True,
+                                mutable=["batch_stats", "intermediates"])
+    return jnp.sum(logits * jnp.arange(10.0)), (logits, state)
+
+  outs = {}
+  for name, model in (("plain", plain), ("wide", wide)):
+    outs[name] = jax.grad(run, has_aux=True, argnums=1)(model, variables["params"])
+  (g0, (l0, s0)), (g1, (l1, s1)) = outs["plain"], outs["wide"]
+  np.testing.assert_allclose(l1, l0, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(s0), jax.tree.leaves(s1)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name,depth", [("wrn", 27), ("densenet", 99)])
 def test_depth_that_does_not_fit_is_refused(name, depth):
   with pytest.raises(ValueError, match="config.model.depth"):
