@@ -11,7 +11,10 @@ from invjax import config_lib
 def get_config(variant: str = "invariance"):
   c = config_lib.base_config()
   c.model = config_lib.ml_collections.ConfigDict(
-      {"name": "densenet", "depth": 100, "growth": 12, "compression": 0.5})
+      {"name": "densenet", "depth": 100, "growth": 12, "compression": 0.5,
+       # True: one bottleneck convolution shape per block, the same function
+       # (models/densenet.py): fewer convolutions for XLA's GPU compile to autotune.
+       "widen_bottlenecks": False})
   c.dataset = "cifar10"
   c.image_shape, c.num_classes = (32, 32, 3), 10
   c.batch_size = 64

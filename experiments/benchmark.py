@@ -109,6 +109,9 @@ flags.DEFINE_list("variants", None, "What to time, from " + ", ".join(
         "moments_per_seed": "moments, per-seed form",
         "same_batch_flax_bn": "same batch with flax's batch norm",
         "moments_flax_bn": "invariance, moments, with flax's batch norm",
+        "same_batch_widened": "same batch, DenseNet-BC's bottlenecks widened "
+                              "(model.widen_bottlenecks)",
+        "moments_widened": "invariance, moments, bottlenecks widened",
         "dispatch1": "default method, 1 step per dispatch, if steps_per_dispatch > 1",
         "loss_alone": "L_inv value and gradient alone",
         "augmentation": "augmentation alone", "analysis": "scoring",
@@ -124,7 +127,8 @@ SMALL = {
 }
 METHODS = ("pairwise", "moments")
 VARIANTS = ("baseline", "same_batch", "pairwise", "moments", "moments_one_read",
-            "moments_per_seed", "same_batch_flax_bn", "moments_flax_bn", "dispatch1",
+            "moments_per_seed", "same_batch_flax_bn", "moments_flax_bn",
+            "same_batch_widened", "moments_widened", "dispatch1",
             "loss_alone", "augmentation", "analysis", "stacked")
 # The training variants: key -> (row name, config fields, StepConfig overrides).
 TRAIN_VARIANTS = {
@@ -142,7 +146,27 @@ TRAIN_VARIANTS = {
                            {"alpha": 0.0, "batch_norm": "flax"}, {"measure_inv": False}),
     "moments_flax_bn": ("invariance moments, flax batch norm",
                         {"loss_method": "moments", "batch_norm": "flax"}, {}),
+    # DenseNet-BC's bottlenecks on inputs padded to the block's width: the same
+    # function in fewer distinct convolutions (its compile), at what cost in a step.
+    "same_batch_widened": ("same batch, bottlenecks widened",
+                           {"alpha": 0.0, "model.widen_bottlenecks": True},
+                           {"measure_inv": False}),
+    "moments_widened": ("invariance moments, bottlenecks widened",
+                        {"loss_method": "moments", "model.widen_bottlenecks": True}, {}),
 }
+
+
+def variant_config(config, fields: dict):
+  """A copy of `config` with a variant's fields set (dotted paths for nested ones), or
+  None where the model has no such field (a DenseNet-only variant on another model)."""
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    for k, v in fields.items():
+      node, leaf = config_lib.field_parent(c, k)
+      if leaf not in node:
+        return None
+      config_lib.set_field(c, k, v)
+  return c
 
 
 def _on_cpu() -> bool:
@@ -524,10 +548,10 @@ def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: in
   for key, (name, fields, step_overrides) in variants.items():
     if key not in chosen:
       continue
-    c = config.copy_and_resolve_references()
-    with c.unlocked():
-      for k, v in fields.items():
-        c[k] = v
+    c = variant_config(config, fields)
+    if c is None:
+      print(f"  {model} {precision}: {name} does not apply, skipped", flush=True)
+      continue
     print(f"  {model} {precision}: compiling {name} ...", flush=True)
     prepared[name] = TrainingVariant(c, data, step_overrides, spd)
   if "stacked" in chosen and stacked_runs > 1:
@@ -545,6 +569,7 @@ def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: in
   for name, v in prepared.items():
     rows[name]["copies"], rows[name]["alpha"] = v.config.copies, v.config.alpha
     rows[name]["batch_norm"] = v.batch_norm
+    rows[name]["widened"] = bool(v.config.model.get("widen_bottlenecks", False))
     if v.config.alpha > 0 and v.config.loss_method == "moments":
       rows[name]["moments_form"] = v.step_config.moments_form
   one = rows.get(f"invariance {default_method}")
@@ -592,13 +617,19 @@ def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: in
 def add_ratios(rows: dict[str, dict]) -> None:
   """Each row's vs_same_batch, vs_baseline and loss_share_ms (the step minus the same
   batch's without the loss). A row with flax's batch norm, where the same batch has
-  the fused one (the default off a CPU), is compared with the same batch with flax's."""
+  the fused one (the default off a CPU), is compared with the same batch with flax's;
+  a row with DenseNet-BC's bottlenecks widened, with the same batch widened (and that
+  one with the plain same batch: what widening costs)."""
   base = rows.get("baseline", {}).get("step_ms")
   same = rows.get("same batch", {}).get("step_ms")
   same_flax = rows.get(TRAIN_VARIANTS["same_batch_flax_bn"][0], {}).get("step_ms")
+  same_wide = rows.get(TRAIN_VARIANTS["same_batch_widened"][0], {}).get("step_ms")
   default_bn = rows.get("same batch", {}).get("batch_norm")
-  for r in rows.values():
+  for name, r in rows.items():
     ref = same_flax if r.get("batch_norm") == "flax" != default_bn else same
+    if (r.get("widened") and not rows.get("same batch", {}).get("widened")
+        and name != TRAIN_VARIANTS["same_batch_widened"][0]):
+      ref = same_wide
     several = r.get("runs")  # several runs a step: see speedup_vs_one_by_one
     r["vs_same_batch"] = r["step_ms"] / ref if ref and not several else None
     r["vs_baseline"] = r["step_ms"] / base if base and not several else None

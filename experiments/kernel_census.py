@@ -151,8 +151,10 @@ def step_hlo(model: str, key: str, placement: placement_lib.Placement,
   config, _ = benchmark.load_config(model, "paper", "bfloat16")
   with config.unlocked():
     config.batch_norm = models.batch_norm.implementation(batch_norm, "gpu")
-    for k, v in fields.items():
-      config[k] = v
+  config = benchmark.variant_config(config, fields)
+  if config is None:
+    raise ValueError(f"variant {key} does not apply to {model}")
+  with config.unlocked():
     config.steps_per_dispatch = 1
   data = benchmark.synthetic_data(config, 2048, 32)
   run = build_lib.build(config, data)

@@ -163,6 +163,17 @@ def test_a_flax_batch_norm_row_is_compared_with_the_same_batch_with_flax_batch_n
   assert rows["same batch, flax batch norm"]["vs_same_batch"] == 1.0
   assert rows["same batch, flax batch norm"]["vs_baseline"] == 3.0
   assert rows["3 x invariance moments, one program"]["vs_same_batch"] is None
+  # DenseNet-BC's widened bottlenecks: against the same batch widened.
+  dense = {"same batch": {"step_ms": 10.0, "batch_norm": "fused"},
+           "invariance moments": {"step_ms": 10.5, "batch_norm": "fused"},
+           "same batch, bottlenecks widened": {"step_ms": 8.0, "batch_norm": "fused",
+                                               "widened": True},
+           "invariance moments, bottlenecks widened": {
+               "step_ms": 8.8, "batch_norm": "fused", "widened": True}}
+  benchmark.add_ratios(dense)
+  assert dense["invariance moments"]["vs_same_batch"] == 1.05
+  assert abs(dense["invariance moments, bottlenecks widened"]["vs_same_batch"] - 1.1) < 1e-12
+  assert dense["same batch, bottlenecks widened"]["vs_same_batch"] == 0.8
   # On a CPU every row has flax's: all are compared with the same batch.
   cpu = {"same batch": {"step_ms": 2.0, "batch_norm": "flax"},
          "invariance moments": {"step_ms": 2.2, "batch_norm": "flax"}}

@@ -66,6 +66,18 @@ def test_each_target_is_met_or_its_gap_is_measured(tmp_path):
     assert rows[name]["verdict"] == "not measured" and rows[name]["measured"] is None
 
 
+def test_the_compile_targets_judge_the_config_as_it_is_not_the_widened_bottlenecks(
+    tmp_path):
+  wide = {"model_fields": {"depth": 100, "widen_bottlenecks": True}}
+  rows = _by_name(_write(tmp_path, [], [
+      dict(DENSE, xla_compile_s=90.0, cached_compile_s=5.5),
+      dict(DENSE, **wide, trace_lower_s=4.0, xla_compile_s=21.0, cached_compile_s=4.5)]))
+  first = rows["DenseNet-BC training program compiled"]
+  assert first["measured"] == 95.0 and first["verdict"].startswith("gap")
+  assert "bottlenecks widened: 4.0 s + 21.0 s" in first["how"]
+  assert rows["a rerun's compile (DenseNet-BC)"]["measured"] == 5.5
+
+
 def test_the_faster_form_is_judged_and_named_when_not_the_default(tmp_path):
   fast = json.loads(json.dumps(ALLCNN))
   fast["train_rows"]["invariance moments, per seed"]["vs_same_batch"] = 1.01
