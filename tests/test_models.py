@@ -1,5 +1,6 @@
 """Models: published sizes, sown layers (names, shapes, depth order), the registry."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 
 from invjax import models
 from invjax.models import allcnn
+from invjax.models import layers
 
 
 def test_allcnn_c_parameter_count_matches_published():
@@ -76,6 +78,35 @@ def test_densenet_bc_sows_stem_and_dense_blocks():
   # 24 stem channels; each block adds 16 x 12; transitions halve the channels.
   assert shapes == {"stem": (32, 32, 24), "dense1": (32, 32, 216),
                     "dense2": (16, 16, 300), "dense3": (8, 8, 342)}
+
+
+@pytest.mark.parametrize("strides,padding,dtype", [
+    ((1, 1), "SAME", jnp.float32), ((2, 2), "VALID", jnp.float32),
+    ((2, 2), "SAME", jnp.bfloat16)])
+def test_conv_is_flax_conv_without_bias(strides, padding, dtype):
+  """layers.Conv: flax.linen.Conv's parameter (name, shape, value from the same key)
+  and its output, bit for bit, without tracing the initialiser at every apply."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 5))
+  ours = layers.Conv(7, (3, 3), strides=strides, padding=padding, dtype=dtype)
+  flax_conv = nn.Conv(7, (3, 3), strides=strides, padding=padding, use_bias=False,
+                      dtype=dtype, kernel_init=nn.initializers.he_normal())
+  v_ours, v_flax = ours.init(jax.random.PRNGKey(1), x), flax_conv.init(
+      jax.random.PRNGKey(1), x)
+  assert jax.tree.structure(v_ours) == jax.tree.structure(v_flax)
+  np.testing.assert_array_equal(v_ours["params"]["kernel"], v_flax["params"]["kernel"])
+  np.testing.assert_array_equal(ours.apply(v_flax, x), flax_conv.apply(v_flax, x))
+  traced = []
+  def counting_init(key, shape, dtype):
+    traced.append(shape)
+    return nn.initializers.he_normal()(key, shape, dtype)
+  counted = layers.Conv(7, (3, 3), kernel_init=counting_init)
+  variables = counted.init(jax.random.PRNGKey(1), x)
+  jax.jit(counted.apply)(variables, x)
+  assert len(traced) == 1  # at init only
+  wrong = {"params": {"kernel": jnp.zeros((3, 3, 4, 7))}}
+  with pytest.raises(ValueError, match=r"kernel has shape \(3, 3, 4, 7\) where the "
+                     r"model makes \(3, 3, 5, 7\)"):
+    ours.apply(wrong, x)
 
 
 @pytest.mark.parametrize("batch_norm", ["flax", "fused"])

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from invjax.models import batch_norm as batch_norm_lib
+from invjax.models import layers
 
 # Hidden layers as (features, kernel, stride, padding); the class layer is added.
 LAYER_SETS = {
@@ -75,9 +76,8 @@ class AllCNN(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = lambda f, k, s, p: nn.Conv(
-        f, (k, k), strides=(s, s), padding=p, use_bias=False, dtype=self.dtype,
-        kernel_init=nn.initializers.he_normal())
+    conv = lambda f, k, s, p: layers.Conv(f, (k, k), strides=(s, s), padding=p,
+                                          dtype=self.dtype)
     norm_relu = batch_norm_lib.norm_relu(self.batch_norm, train, self.dtype)
     x = x.astype(self.dtype)
     specs = [(max(1, round(f * self.width)), k, s, p)

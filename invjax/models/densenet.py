@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from invjax.models import batch_norm as batch_norm_lib
+from invjax.models import layers
 
 
 class DenseNetBC(nn.Module):
@@ -45,9 +46,8 @@ class DenseNetBC(nn.Module):
       raise ValueError(f"config.model.depth={self.depth}: DenseNet-BC with "
                        f"{self.num_blocks} blocks has depth 6n + 4 (e.g. 100, 40).")
     convs = iter(range(1 << 30))  # named as flax names them unnamed: Conv_0, Conv_1, ...
-    conv = lambda f, k: nn.Conv(
-        f, (k, k), padding="SAME", use_bias=False, dtype=self.dtype,
-        kernel_init=nn.initializers.he_normal(), name=f"Conv_{next(convs)}")
+    conv = lambda f, k: layers.Conv(f, (k, k), dtype=self.dtype,
+                                    name=f"Conv_{next(convs)}")
     norm_relu = batch_norm_lib.norm_relu(self.batch_norm, train, self.dtype)
     x = conv(2 * self.growth, 3)(x.astype(self.dtype))
     self.sow("intermediates", "stem", x)
@@ -71,7 +71,7 @@ class DenseNetBC(nn.Module):
 
 
 class _WidenedConv1x1(nn.Module):
-  """nn.Conv(features, (1, 1), use_bias=False) on x [..., C], computed on x and the
+  """layers.Conv(features, (1, 1)) on x [..., C], computed on x and the
   kernel padded with zero channels to `width` >= C: the same output and gradients as
   the unpadded convolution, and the same parameter ("kernel" [1, 1, C, features],
   He-normal by its true fan-in), in a shape that does not depend on C."""
@@ -84,8 +84,8 @@ class _WidenedConv1x1(nn.Module):
     channels = x.shape[-1]
     if channels > self.width:
       raise ValueError(f"a {channels}-channel input does not fit width {self.width}")
-    kernel = self.param("kernel", nn.initializers.he_normal(),
-                        (1, 1, channels, self.features))
+    kernel = layers.param(self, "kernel", nn.initializers.he_normal(),
+                          (1, 1, channels, self.features))
     pad = self.width - channels
     x = jnp.pad(x.astype(self.dtype), [(0, 0)] * (x.ndim - 1) + [(0, pad)])
     kernel = jnp.pad(kernel.astype(self.dtype), [(0, 0), (0, 0), (0, pad), (0, 0)])

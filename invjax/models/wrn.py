@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from invjax.models import batch_norm as batch_norm_lib
+from invjax.models import layers
 
 
 class WideResNet(nn.Module):
@@ -32,9 +33,7 @@ class WideResNet(nn.Module):
       raise ValueError(f"config.model.depth={self.depth}: a WRN has depth 6n + 4 "
                        "(e.g. 28, 16, 10).")
     blocks_per_group = (self.depth - 4) // 6
-    conv = lambda f, k, s=1: nn.Conv(
-        f, (k, k), strides=(s, s), padding="SAME", use_bias=False, dtype=self.dtype,
-        kernel_init=nn.initializers.he_normal())
+    conv = lambda f, k, s=1: layers.Conv(f, (k, k), strides=(s, s), dtype=self.dtype)
     norm_relu = batch_norm_lib.norm_relu(self.batch_norm, train, self.dtype)
     x = conv(16, 3)(x.astype(self.dtype))
     index = 0
