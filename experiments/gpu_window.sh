@@ -36,8 +36,9 @@
 #                   program, the loss alone, augmentation, analysis
 #   wrn       (300) baseline, same batch (also with flax's batch norm), moments in both
 #                   forms, the loss alone, analysis
-#   densenet  (330) same batch, moments, the loss alone (each compile ~2 min on H200
-#                   with flax's batch norm; the fused one compiled 27 % faster here)
+#   densenet  (420) same batch, moments, both again with the bottlenecks widened
+#                   (model.widen_bottlenecks), the loss alone (the first compile took
+#                   108 s on the H200 on 11-27, the second 22 s: autotuning shared)
 #   augment   (60)  not in the default list: python -m experiments.augment_cost, the augmentation
 #                   alone with invjax's 2-D warp and dm-pix's, side by side
 #   compile   (330) not in the default list: DenseNet-BC-100's training program (bf16,
@@ -55,9 +56,10 @@
 #                   step is bound by launching its kernels (1 step a program: 2.63 ms,
 #                   10 steps: 1.90 ms on the H200); this says whether XLA's command
 #                   buffers move that, i.e. whether a flag is worth setting by default
-#   compile1  (240) not in the default list: the compile phase's first program only
-#                   (fresh persistent cache, then the rerun's compile from it), for a
-#                   window too short for the three
+#   compile1  (360) not in the default list: the compile phase's first program only
+#                   (fresh persistent cache, then the rerun's compile from it), as
+#                   configured and with model.widen_bottlenecks, for a window too
+#                   short for the compile phase (97.8 s + 5.4 s on the H200, 11-27)
 #   profile   (200) not in the default list: python -m experiments.profile_step, a JAX
 #                   profiler trace of All-CNN-C's and WRN-28-10's steps (baseline and
 #                   moments in both forms, bf16, paper size): device time per part of
@@ -65,7 +67,9 @@
 #                   (augmentation, seed gather, convolutions, batch norm, the loss, the
 #                   optimizer) and the top kernels, in $OUT/profile.{md,json}
 # Environment: ALLCNN_VARIANTS, WRN_VARIANTS, DENSENET_VARIANTS replace a model phase's
-# --variants list (a short window times only what its targets need). BENCH_ARGS is added to every benchmark.py and profile_step.py command
+# --variants list (a short window times only what its targets need); PROFILE_MODELS
+# the profile phase's --models (default allcnn,wrn; DenseNet-BC's 11.5 us a kernel
+# wants densenet). BENCH_ARGS is added to every benchmark.py and profile_step.py command
 # (e.g. the CPU smoke test: "--size=small --repeats=1 --train_images=256
 # --analysis_images=32");
 # TIME_SCALE multiplies every limit (default 1). PACK, if set, is a .tgz path (outside
@@ -119,8 +123,8 @@ baseline,same_batch,pairwise,moments,moments_per_seed,same_batch_flax_bn,moments
 dispatch1,loss_alone,augmentation,analysis,stacked}" ;;
     wrn) bench wrn 300 --models=wrn --repeats=15 --variants="${WRN_VARIANTS:-baseline,\
 same_batch,moments,moments_per_seed,same_batch_flax_bn,loss_alone,analysis}" ;;
-    densenet) bench densenet 330 --models=densenet --repeats=10 \
-      --variants="${DENSENET_VARIANTS:-same_batch,moments,loss_alone}" ;;
+    densenet) bench densenet 420 --models=densenet --repeats=10 --variants="${DENSENET_VARIANTS:-\
+same_batch,moments,same_batch_widened,moments_widened,loss_alone}" ;;
     augment) run augment 60 python3 -m experiments.augment_cost ;;
     xla) for setting in "default|" "nocmdbuf|--xla_gpu_enable_command_buffer=" \
         "allcmdbuf|--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"; do
@@ -137,11 +141,14 @@ same_batch,moments,moments_per_seed,same_batch_flax_bn,loss_alone,analysis}" ;;
       python3 -m experiments.compile_time $args --cache_dir=/tmp/invjax_compile_cache
       XLA_FLAGS=--xla_gpu_autotune_level=0 python3 -m experiments.compile_time $args
       XLA_FLAGS=--xla_gpu_autotune_level=1 python3 -m experiments.compile_time $args' ;;
-    compile1) run compile1 240 python3 -m experiments.compile_time \
-      --config=configs/densenet.py --config.half_precision=True --steps=10 \
-      --time_steps=3 --jsonl="$OUT/compile.jsonl" --cache_dir=/tmp/invjax_compile_cache1 ;;
+    compile1) run compile1 360 bash -c 'for w in False True; do
+      python3 -m experiments.compile_time --config=configs/densenet.py \
+        --config.half_precision=True --config.model.widen_bottlenecks=$w --steps=10 \
+        --time_steps=3 --jsonl="$OUT/compile.jsonl" --cache_dir=/tmp/invjax_compile_$w
+      done' ;;
     # shellcheck disable=SC2086
-    profile) run profile 200 python3 -m experiments.profile_step --models=allcnn,wrn \
+    profile) run profile 200 python3 -m experiments.profile_step \
+      --models="${PROFILE_MODELS:-allcnn,wrn}" \
       --variants=baseline,moments,moments_per_seed $extra --out="$OUT" ;;
     *) echo "unknown phase $phase (paper env loss allcnn wrn densenet augment compile compile1 profile xla)"
        exit 2 ;;
