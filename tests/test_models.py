@@ -140,6 +140,8 @@ def test_densenet_widened_bottlenecks_are_the_same_function(batch_norm):
     outs[name] = jax.grad(run, has_aux=True, argnums=1)(model, variables["params"])
   (g0, (l0, s0)), (g1, (l1, s1)) = outs["plain"], outs["wide"]
   np.testing.assert_allclose(l1, l0, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(wide.apply(variables, x), plain.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)  # and with the running averages
   for a, b in zip(jax.tree.leaves(s0), jax.tree.leaves(s1)):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
