@@ -39,7 +39,8 @@ def hardware() -> dict:
   return {"device": dev.device_kind, "platform": dev.platform,
           "devices": jax.device_count(), "cpu_count": os.cpu_count(),
           "machine": platform.machine(), "python": platform.python_version(),
-          "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+          "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "compilation_cache": os.environ.get("JAX_COMPILATION_CACHE_DIR", "")}
 
 
 def hardware_text() -> str:
@@ -62,7 +63,10 @@ def report_header(title: str, result: dict) -> list[str]:
           f"Hardware: {hw['device']} x{hw['devices']} ({hw['platform']}), "
           f"{hw['cpu_count']} CPU cores, {hw['machine']}; JAX {hw['jax']}, "
           f"Python {hw['python']}  "] + (
-              [f"XLA_FLAGS: `{hw['xla_flags']}`  "] if hw.get("xla_flags") else [])
+              [f"XLA_FLAGS: `{hw['xla_flags']}`  "] if hw.get("xla_flags") else []) + (
+              [f"Persistent compilation cache: `{hw['compilation_cache']}` (a compile "
+               "time may include its hits, and XLA's autotuning results kept there by "
+               "an earlier process)  "] if hw.get("compilation_cache") else [])
 
 
 def cost_analysis(compiled) -> dict:

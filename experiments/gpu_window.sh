@@ -69,7 +69,8 @@
 # Environment: ALLCNN_VARIANTS, WRN_VARIANTS, DENSENET_VARIANTS replace a model phase's
 # --variants list (a short window times only what its targets need); PROFILE_MODELS
 # the profile phase's --models (default allcnn,wrn; DenseNet-BC's 11.5 us a kernel
-# wants densenet). BENCH_ARGS is added to every benchmark.py and profile_step.py command
+# wants densenet); WINDOW_CACHE (below) a persistent cache the benchmark and profile
+# phases share. BENCH_ARGS is added to every benchmark.py and profile_step.py command
 # (e.g. the CPU smoke test: "--size=small --repeats=1 --train_images=256
 # --analysis_images=32");
 # TIME_SCALE multiplies every limit (default 1). PACK, if set, is a .tgz path (outside
@@ -98,11 +99,18 @@ run() {  # run NAME SECONDS COMMAND...: logs to $OUT/NAME.log, notes the outcome
   if [ -n "${PACK:-}" ]; then tar czf "$PACK.part" -C "$OUT" . && mv "$PACK.part" "$PACK"; fi
 }
 
+# WINDOW_CACHE=DIR: the benchmark and profile phases share JAX's persistent cache in
+# DIR (and with it XLA's per-fusion autotuning results: a later process compiling the
+# same convolutions skips autotuning them, ~85 of DenseNet-BC's first 108 s on the
+# H200). Their reports name it; the compile phases keep their own fresh directories.
+cached=()
+[ -n "${WINDOW_CACHE:-}" ] && cached=(env "JAX_COMPILATION_CACHE_DIR=$WINDOW_CACHE")
+
 bench() {  # bench NAME SECONDS BENCHMARK_ARGS...
   local name=$1 limit=$2
   shift 2
   # shellcheck disable=SC2086
-  run "$name" "$limit" python3 -m experiments.benchmark "$@" $extra \
+  run "$name" "$limit" ${cached[@]+"${cached[@]}"} python3 -m experiments.benchmark "$@" $extra \
     --out="$OUT/benchmark_$name"
 }
 
@@ -147,7 +155,7 @@ same_batch,moments,same_batch_widened,moments_widened,loss_alone}" ;;
         --time_steps=3 --jsonl="$OUT/compile.jsonl" --cache_dir=/tmp/invjax_compile_$w
       done' ;;
     # shellcheck disable=SC2086
-    profile) run profile 200 python3 -m experiments.profile_step \
+    profile) run profile 200 ${cached[@]+"${cached[@]}"} python3 -m experiments.profile_step \
       --models="${PROFILE_MODELS:-allcnn,wrn}" \
       --variants=baseline,moments,moments_per_seed $extra --out="$OUT" ;;
     *) echo "unknown phase $phase (paper env loss allcnn wrn densenet augment compile compile1 profile xla)"

@@ -147,6 +147,16 @@ def test_a_report_names_the_xla_flags_it_ran_under(monkeypatch):
   assert not any("XLA_FLAGS" in line for line in common.report_header("t", result))
 
 
+def test_a_report_names_the_persistent_cache_its_compiles_may_have_hit(monkeypatch):
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/tmp/shared")
+  result = {"command": "c", "date": "d", "hardware": common.hardware()}
+  assert any(line.startswith("Persistent compilation cache: `/tmp/shared`")
+             for line in common.report_header("t", result))
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+  result = {"command": "c", "date": "d", "hardware": common.hardware()}
+  assert not any("compilation cache" in line for line in common.report_header("t", result))
+
+
 def test_a_flax_batch_norm_row_is_compared_with_the_same_batch_with_flax_batch_norm():
   rows = {"baseline": {"step_ms": 1.0, "batch_norm": "fused"},
           "same batch": {"step_ms": 2.0, "batch_norm": "fused"},
