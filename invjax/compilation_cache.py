@@ -8,6 +8,8 @@ By default the cache is in the user's cache directory, $XDG_CACHE_HOME/invjax/ja
 the default (JAX reads it itself). JAX writes only programs that took at least
 `jax_persistent_cache_min_compile_time_secs` (1 s by default) to compile. Entries are
 keyed by the program, the JAX version and the device, so one directory serves all runs.
+On a GPU, JAX also keeps XLA's autotuning results there, per convolution and fusion: a
+new program whose convolutions an earlier one compiled skips their autotuning.
 
 Call `configure` before anything compiles: JAX decides once, at its first compilation,
 whether a cache is in use.
