@@ -58,7 +58,8 @@
 #                   buffers move that, i.e. whether a flag is worth setting by default
 #   compile1  (360) not in the default list: the compile phase's first program only
 #                   (fresh persistent cache, then the rerun's compile from it), as
-#                   configured and with model.widen_bottlenecks, for a window too
+#                   configured and with model.widen_bottlenecks, then the widened one
+#                   with autotuning off (its compile and step time), for a window too
 #                   short for the compile phase (97.8 s + 5.4 s on the H200, 11-27)
 #   profile   (200) not in the default list: python -m experiments.profile_step, a JAX
 #                   profiler trace of All-CNN-C's and WRN-28-10's steps (baseline and
@@ -149,11 +150,14 @@ same_batch,moments,same_batch_widened,moments_widened,loss_alone}" ;;
       python3 -m experiments.compile_time $args --cache_dir=/tmp/invjax_compile_cache
       XLA_FLAGS=--xla_gpu_autotune_level=0 python3 -m experiments.compile_time $args
       XLA_FLAGS=--xla_gpu_autotune_level=1 python3 -m experiments.compile_time $args' ;;
-    compile1) run compile1 360 bash -c 'for w in False True; do
-      python3 -m experiments.compile_time --config=configs/densenet.py \
-        --config.half_precision=True --config.model.widen_bottlenecks=$w --steps=10 \
-        --time_steps=3 --jsonl="$OUT/compile.jsonl" --cache_dir=/tmp/invjax_compile_$w
-      done' ;;
+    compile1) run compile1 360 bash -c 'args="--config=configs/densenet.py
+      --config.half_precision=True --steps=10 --time_steps=3 --jsonl=$OUT/compile.jsonl"
+      for w in False True; do
+        python3 -m experiments.compile_time $args --config.model.widen_bottlenecks=$w \
+          --cache_dir=/tmp/invjax_compile_$w
+      done
+      XLA_FLAGS=--xla_gpu_autotune_level=0 python3 -m experiments.compile_time $args \
+        --config.model.widen_bottlenecks=True' ;;
     # shellcheck disable=SC2086
     profile) run profile 200 ${cached[@]+"${cached[@]}"} python3 -m experiments.profile_step \
       --models="${PROFILE_MODELS:-allcnn,wrn}" \
