@@ -23,7 +23,6 @@ import math
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from invjax.models import batch_norm as batch_norm_lib
@@ -46,20 +45,15 @@ class DenseNetBC(nn.Module):
     if rem or per_block < 1:
       raise ValueError(f"config.model.depth={self.depth}: DenseNet-BC with "
                        f"{self.num_blocks} blocks has depth 6n + 4 (e.g. 100, 40).")
-    convs = iter(range(1 << 30))  # named as flax names them unnamed: Conv_0, Conv_1, ...
-    conv = lambda f, k: layers.Conv(f, (k, k), dtype=self.dtype,
-                                    name=f"Conv_{next(convs)}")
+    conv = lambda f, k, width=None: layers.Conv(f, (k, k), dtype=self.dtype, width=width)
     norm_relu = batch_norm_lib.norm_relu(self.batch_norm, train, self.dtype)
     x = conv(2 * self.growth, 3)(x.astype(self.dtype))
     self.sow("intermediates", "stem", x)
     for block in range(self.num_blocks):
-      width = x.shape[-1] + per_block * self.growth
+      block_width = x.shape[-1] + per_block * self.growth
+      bottleneck_width = -(-block_width // 8) * 8 if self.widen_bottlenecks else None
       for _ in range(per_block):
-        if self.widen_bottlenecks:
-          y = _WidenedConv1x1(4 * self.growth, -(-width // 8) * 8, self.dtype,
-                              name=f"Conv_{next(convs)}")(norm_relu(x))
-        else:
-          y = conv(4 * self.growth, 1)(norm_relu(x))
+        y = conv(4 * self.growth, 1, bottleneck_width)(norm_relu(x))
         y = conv(self.growth, 3)(norm_relu(y))
         x = jnp.concatenate([x, y], axis=-1)
       self.sow("intermediates", f"dense{block + 1}", x)
@@ -70,25 +64,3 @@ class DenseNetBC(nn.Module):
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
-
-class _WidenedConv1x1(nn.Module):
-  """layers.Conv(features, (1, 1)) on x [..., C], computed on x and the
-  kernel padded with zero channels to `width` >= C: the same output and gradients as
-  the unpadded convolution, and the same parameter ("kernel" [1, 1, C, features],
-  He-normal by its true fan-in), in a shape that does not depend on C."""
-  features: int
-  width: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    channels = x.shape[-1]
-    if channels > self.width:
-      raise ValueError(f"a {channels}-channel input does not fit width {self.width}")
-    kernel = layers.param(self, "kernel", nn.initializers.he_normal(),
-                          (1, 1, channels, self.features))
-    pad = self.width - channels
-    x = jnp.pad(x.astype(self.dtype), [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-    kernel = jnp.pad(kernel.astype(self.dtype), [(0, 0), (0, 0), (0, pad), (0, 0)])
-    return jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))

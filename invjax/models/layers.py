@@ -9,7 +9,8 @@ run, rerun and resume, whose compile the persistent cache otherwise makes a few
 seconds. `param` makes the same parameter (the same value from the same RNG stream at
 init) and checks the stored one's shape directly; `Conv` is flax.linen.Conv without
 a bias, as the models use it, on `param`: the same parameter tree and the same
-computation (`tests/test_models.py` compares both with flax's).
+computation (`tests/test_models.py` compares both with flax's), optionally on its
+input padded with zero channels.
 """
 
 from __future__ import annotations
@@ -37,18 +38,32 @@ def param(module: nn.Module, name: str, init: Callable, shape: Sequence[int],
 
 class Conv(nn.Module):
   """flax.linen.Conv(features, kernel_size, strides, padding, use_bias=False,
-  dtype=dtype, kernel_init=kernel_init) on images [B, H, W, C]."""
+  dtype=dtype, kernel_init=kernel_init) on images [B, H, W, C].
+
+  `width` (>= C): computed on the input padded with zero channels to `width` and the
+  kernel with zero rows to match: the same output and gradients and the same
+  parameter ([kh, kw, C, features], initialised by its true fan-in), in a shape that
+  does not depend on C (DenseNet-BC's widened bottlenecks)."""
   features: int
   kernel_size: tuple[int, int]
   strides: tuple[int, int] = (1, 1)
   padding: Any = "SAME"  # as jax.lax.conv_general_dilated takes it
   dtype: Any = jnp.float32
   kernel_init: Callable = nn.initializers.he_normal()
+  width: int | None = None
 
   @nn.compact
   def __call__(self, x):
+    channels = x.shape[-1]
     kernel = param(self, "kernel", self.kernel_init,
-                   (*self.kernel_size, x.shape[-1], self.features))
+                   (*self.kernel_size, channels, self.features))
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if self.width is not None:
+      pad = self.width - channels
+      if pad < 0:
+        raise ValueError(f"a {channels}-channel input does not fit width {self.width}")
+      x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+      kernel = jnp.pad(kernel, [(0, 0), (0, 0), (0, pad), (0, 0)])
     return jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding,
+        x, kernel, self.strides, self.padding,
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
