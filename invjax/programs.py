@@ -156,7 +156,9 @@ class TrainPrograms:
   def _convert(self, name: str, which: int, state):
     if self.unroll:  # nothing to convert: no program, no copy
       return state
-    return self._converters.get(name, self._jit(self.layout[which]))(state)
+    if name not in self._converters:  # not compiled with the programs: jit it once
+      self._converters[name] = self._jit(self.layout[which])
+    return self._converters[name](state)
 
   def chunk(self, size: int):
     """The training program of `size` steps, not jitted: called with `args` (the state
