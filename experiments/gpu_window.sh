@@ -48,13 +48,17 @@
 #                   targets' figures), then with autotuning off
 #                   (--xla_gpu_autotune_level=0) and at level 1 (no checking of the
 #                   candidates' outputs); each also a JSON line in $OUT/compile.jsonl
-#   xla       (3 x 75) not in the default list: All-CNN-C's same batch, moments and
-#                   1-step-program steps under three XLA_FLAGS settings, each its own
-#                   process and folder $OUT/xla_<name>/: the defaults, CUDA-graph
+#   xla       (75 for All-CNN-C, 110 for DenseNet-BC, per model and setting) not in
+#                   the default list: the same batch and moments steps (All-CNN-C also
+#                   1 step a program) of each model of XLA_MODELS (default allcnn) under
+#                   each XLA_FLAGS setting of XLA_SETTINGS (default "default nocmdbuf
+#                   allcmdbuf"), each its own process and folder
+#                   $OUT/xla_<setting>/benchmark_<model>: the defaults, CUDA-graph
 #                   command buffers off, and command buffers for every command type
-#                   (loops and conditionals included) from the first execution. The
-#                   step is bound by launching its kernels (1 step a program: 2.63 ms,
-#                   10 steps: 1.90 ms on the H200); this says whether XLA's command
+#                   (loops and conditionals included) from the first execution.
+#                   All-CNN-C's step is bound by launching its kernels (1 step a
+#                   program: 2.63 ms, 10 steps: 1.90 ms on the H200), DenseNet-BC's
+#                   1,080 kernels take 11.5 us each: this says whether XLA's command
 #                   buffers move that, i.e. whether a flag is worth setting by default
 #   compile1  (360) not in the default list: the compile phase's first program only
 #                   (fresh persistent cache, then the rerun's compile from it), as
@@ -70,8 +74,8 @@
 # Environment: ALLCNN_VARIANTS, WRN_VARIANTS, DENSENET_VARIANTS replace a model phase's
 # --variants list (a short window times only what its targets need); PROFILE_MODELS
 # the profile phase's --models (default allcnn,wrn; DenseNet-BC's 11.5 us a kernel
-# wants densenet); WINDOW_CACHE (below) a persistent cache the benchmark and profile
-# phases share. BENCH_ARGS is added to every benchmark.py and profile_step.py command
+# wants densenet); WINDOW_CACHE (below) a persistent cache the benchmark, profile and
+# xla phases share, seeded by a compile phase before them with its autotuning results. BENCH_ARGS is added to every benchmark.py and profile_step.py command
 # (e.g. the CPU smoke test: "--size=small --repeats=1 --train_images=256
 # --analysis_images=32");
 # TIME_SCALE multiplies every limit (default 1). PACK, if set, is a .tgz path (outside
@@ -103,9 +107,22 @@ run() {  # run NAME SECONDS COMMAND...: logs to $OUT/NAME.log, notes the outcome
 # WINDOW_CACHE=DIR: the benchmark and profile phases share JAX's persistent cache in
 # DIR (and with it XLA's per-fusion autotuning results: a later process compiling the
 # same convolutions skips autotuning them, ~85 of DenseNet-BC's first 108 s on the
-# H200). Their reports name it; the compile phases keep their own fresh directories.
+# H200). Their reports name it. The compile phases time a first compile in fresh
+# directories of their own, then merge those into DIR (seed_window_cache): the
+# densenet phase after compile1 then skips the autotuning compile1 did.
 cached=()
 [ -n "${WINDOW_CACHE:-}" ] && cached=(env "JAX_COMPILATION_CACHE_DIR=$WINDOW_CACHE")
+
+seed_window_cache() {  # seed_window_cache DIR...: a compile phase's fresh caches, merged
+  # into WINDOW_CACHE after it (its timings are taken), so that the benchmark phases
+  # after it find XLA's autotuning results of the same convolutions.
+  [ -n "${WINDOW_CACHE:-}" ] || return 0
+  mkdir -p "$WINDOW_CACHE"
+  local dir
+  for dir in "$@"; do [ -d "$dir" ] && cp -a "$dir/." "$WINDOW_CACHE/"; done
+  echo "WINDOW_CACHE $WINDOW_CACHE seeded from $*: $(du -sh "$WINDOW_CACHE" | cut -f1)" \
+    | tee -a "$OUT/phases.txt"
+}
 
 bench() {  # bench NAME SECONDS BENCHMARK_ARGS...
   local name=$1 limit=$2
@@ -135,29 +152,44 @@ same_batch,moments,moments_per_seed,same_batch_flax_bn,loss_alone,analysis}" ;;
     densenet) bench densenet 420 --models=densenet --repeats=10 --variants="${DENSENET_VARIANTS:-\
 same_batch,moments,same_batch_widened,moments_widened,loss_alone}" ;;
     augment) run augment 60 python3 -m experiments.augment_cost ;;
-    xla) for setting in "default|" "nocmdbuf|--xla_gpu_enable_command_buffer=" \
-        "allcmdbuf|--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"; do
-        name=${setting%%|*}
+    xla) for name in ${XLA_SETTINGS:-default nocmdbuf allcmdbuf}; do
+        case $name in
+          default) flags= ;;
+          nocmdbuf) flags=--xla_gpu_enable_command_buffer= ;;
+          allcmdbuf) flags="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,\
+CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1" ;;
+          *) echo "unknown XLA setting $name (default nocmdbuf allcmdbuf)"; exit 2 ;;
+        esac
         mkdir -p "$OUT/xla_$name"
-        # shellcheck disable=SC2086
-        run "xla_$name" 75 env XLA_FLAGS="${setting#*|}" python3 -m experiments.benchmark \
-          --models=allcnn --repeats=10 --variants=same_batch,moments,dispatch1 $extra \
-          --out="$OUT/xla_$name/benchmark_allcnn"
+        for model in $(echo "${XLA_MODELS:-allcnn}" | tr , ' '); do
+          case $model in
+            densenet) limit=110 variants=same_batch,moments ;;
+            *) limit=75 variants=same_batch,moments,dispatch1 ;;
+          esac
+          # shellcheck disable=SC2086
+          run "xla_${name}_$model" $limit ${cached[@]+"${cached[@]}"} env XLA_FLAGS="$flags" \
+            python3 -m experiments.benchmark --models="$model" --repeats=10 \
+            --variants="${XLA_VARIANTS:-$variants}" $extra \
+            --out="$OUT/xla_$name/benchmark_$model"
+        done
       done ;;
     compile) run compile 330 bash -c 'args="--config=configs/densenet.py
       --config.half_precision=True --steps=10 --time_steps=3 --jsonl=$OUT/compile.jsonl"
       rm -rf /tmp/invjax_compile_cache
       python3 -m experiments.compile_time $args --cache_dir=/tmp/invjax_compile_cache
       XLA_FLAGS=--xla_gpu_autotune_level=0 python3 -m experiments.compile_time $args
-      XLA_FLAGS=--xla_gpu_autotune_level=1 python3 -m experiments.compile_time $args' ;;
+      XLA_FLAGS=--xla_gpu_autotune_level=1 python3 -m experiments.compile_time $args'
+      seed_window_cache /tmp/invjax_compile_cache ;;
     compile1) run compile1 360 bash -c 'args="--config=configs/densenet.py
       --config.half_precision=True --steps=10 --time_steps=3 --jsonl=$OUT/compile.jsonl"
+      rm -rf /tmp/invjax_compile_False /tmp/invjax_compile_True
       for w in False True; do
         python3 -m experiments.compile_time $args --config.model.widen_bottlenecks=$w \
           --cache_dir=/tmp/invjax_compile_$w
       done
       XLA_FLAGS=--xla_gpu_autotune_level=0 python3 -m experiments.compile_time $args \
-        --config.model.widen_bottlenecks=True' ;;
+        --config.model.widen_bottlenecks=True'
+      seed_window_cache /tmp/invjax_compile_False /tmp/invjax_compile_True ;;
     # shellcheck disable=SC2086
     profile) run profile 200 ${cached[@]+"${cached[@]}"} python3 -m experiments.profile_step \
       --models="${PROFILE_MODELS:-allcnn,wrn}" \
