@@ -37,14 +37,17 @@ streams (GPU) or the XLA threads (CPU, where thunks also run in parallel: the su
 exceed the wall time), divided by the steps traced.
 
 Writes DIR/profile.md and DIR/profile.json after every model (a stopped run keeps the
-models it finished): per variant the parts (ms per step, share, forward / backward), the
-top --top kernels by time with their part, the wall time per step with and without the
-profiler, the FLOP floor (analytic FLOPs at the matmul peak, measured as benchmark.py
-does or --peak_tflops) against the device time and the convolution kernels' time, and
-the achieved TFLOP/s inside the convolution kernels (analytic FLOPs,
-benchmark's count; where a convolution's metadata names no direction, as XLA:CPU's
-rewritten ones, its time is in the part's total but in neither the fwd nor the bwd
-column). The raw trace is deleted; --keep_trace keeps one file per variant
+models it finished): per variant the parts (ms per step, share, forward / backward),
+the top --top kernels by time with their part, the launches by duration (under 5, 10,
+20, 50 us and over: how much of the step is short kernels, bound by launching them),
+the top --top kinds of instruction (the name without XLA's number: input_reduce_fusion,
+cudnn-conv-bw-filter, ...) with their launches and mean time, the wall time per step
+with and without the profiler, the FLOP floor (analytic FLOPs at the matmul peak,
+measured as benchmark.py does or --peak_tflops) against the device time and the
+convolution kernels' time, and the achieved TFLOP/s inside the convolution kernels
+(analytic FLOPs, benchmark's count; where a convolution's metadata names no direction,
+as XLA:CPU's rewritten ones, its time is in the part's total but in neither the fwd nor
+the bwd column). The raw trace is deleted; --keep_trace keeps one file per variant
 (perfetto_trace.json.gz, for ui.perfetto.dev) if under --max_trace_mb.
 
 If most of a GPU step lands in "other (unattributed)", XLA ran kernels inside CUDA
@@ -306,16 +309,34 @@ def device_events(trace_dir: str, module: str | None):
   return out, {"source": source, "events_from": where, "other_modules_ms": other_ns / 1e6}
 
 
+# Launch durations, in microseconds: how a step's time splits between many short
+# kernels (bound by launching them) and fewer long ones.
+DURATION_BINS_US = (5, 10, 20, 50)
+
+
+def kind(op: str) -> str:
+  """An HLO instruction's kind: its name without the number XLA appends
+  ("input_reduce_fusion.12" -> "input_reduce_fusion", "cudnn-conv-bw-filter.3" ->
+  "cudnn-conv-bw-filter")."""
+  return re.sub(r"(\.\d+)+$", "", op) or op
+
+
 def attribute(events, index: HloIndex, steps: int, top: int = 15) -> dict:
-  """Per-step time of each part (and forward/backward) and the top instructions."""
+  """Per-step time of each part (and forward/backward), the top instructions, the
+  kinds of instruction by time and the launches by duration."""
   parts = {p: {"ms": 0.0, "forward_ms": 0.0, "backward_ms": 0.0} for p in PARTS}
   per_op = collections.defaultdict(lambda: {"ns": 0.0, "count": 0, "kernels": set()})
+  edges = [b * 1e3 for b in DURATION_BINS_US]  # ns
+  bins = [{"launches": 0, "ns": 0.0} for _ in range(len(edges) + 1)]
   for op, kernel, ns, *hint in events:
     o = per_op[op]
     o["ns"] += ns
     o["count"] += 1
     o["kernels"].add(kernel)
     o["hint"] = o.get("hint") or (hint[0] if hint else "")
+    b = bins[sum(ns >= e for e in edges)]
+    b["launches"] += 1
+    b["ns"] += ns
   total = 0.0
   unmatched = by_annotation = loss_ops = 0
   loss_ops_ms = 0.0  # every kernel with any instruction of the loss, whole
@@ -351,7 +372,27 @@ def attribute(events, index: HloIndex, steps: int, top: int = 15) -> dict:
                     "kernels": sorted(o["kernels"])[:2], "part": label,
                     "ms": o["ns"] / 1e6 / steps, "share": o["ns"] / 1e6 / steps / total,
                     "launches_per_step": o["count"] / steps})
+  kinds = collections.defaultdict(lambda: {"ns": 0.0, "count": 0, "instructions": 0})
+  for op, o in per_op.items():
+    (part, direction), _ = max(o["split"].items(), key=lambda kv: kv[1])
+    k = kinds[(kind(op), part + (" " + direction if direction else ""))]
+    k["ns"] += o["ns"]
+    k["count"] += o["count"]
+    k["instructions"] += 1
+  by_kind = [{"kind": name, "part": part, "instructions": k["instructions"],
+              "launches_per_step": k["count"] / steps, "ms": k["ns"] / 1e6 / steps,
+              "share": k["ns"] / 1e6 / steps / total if total else 0.0,
+              "us_per_launch": k["ns"] / 1e3 / k["count"]}
+             for (name, part), k in sorted(kinds.items(), key=lambda kv: -kv[1]["ns"])]
+  lows = (0,) + DURATION_BINS_US
+  highs = DURATION_BINS_US + (None,)
+  durations = [{"from_us": lo, "to_us": hi, "launches_per_step": b["launches"] / steps,
+                "ms": b["ns"] / 1e6 / steps,
+                "share": b["ns"] / 1e6 / steps / total if total else 0.0}
+               for lo, hi, b in zip(lows, highs, bins)]
   return {"total_ms": total, "parts": parts, "top": top_ops,
+          "kinds": by_kind[:top], "kinds_total": len(by_kind), "durations": durations,
+          "launches_per_step": sum(o["count"] for o in per_op.values()) / steps,
           "instructions": len(per_op), "unmatched_instructions": unmatched,
           "attributed_by_annotation": by_annotation,
           "loss_kernels": loss_ops, "loss_kernels_ms": loss_ops_ms}
@@ -493,6 +534,25 @@ def format_markdown(result: dict) -> str:
                    "HLO instruction of the program (on a GPU, CUDA graphs hide theirs: "
                    "rerun with XLA_FLAGS=--xla_gpu_enable_command_buffer=).  ")
     for n, v in zip(names, vs):
+      if "durations" in v:  # profiles written before these tables lack them
+        lines += ["", f"### {r['model']} {n}: {v['launches_per_step']:,.0f} launches a "
+                  f"step, by duration", "",
+                  "| launch | launches/step | ms/step | share |",
+                  "| --- | ---: | ---: | ---: |"]
+        for d in v["durations"]:
+          span = (f"{d['from_us']}-{d['to_us']} us" if d["to_us"] else
+                  f">= {d['from_us']} us")
+          lines.append(f"| {span} | {d['launches_per_step']:,.1f} | {d['ms']:.3f} | "
+                       f"{d['share']:.1%} |")
+        lines += ["", f"### {r['model']} {n}: top {len(v['kinds'])} of "
+                  f"{v['kinds_total']} kinds of instruction (the name without its "
+                  "number) by time, each in its main part", "",
+                  "| kind | part | instructions | launches/step | ms/step | share | "
+                  "us/launch |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for k in v["kinds"]:
+          lines.append(f"| {k['kind']} | {k['part']} | {k['instructions']} | "
+                       f"{k['launches_per_step']:g} | {k['ms']:.3f} | {k['share']:.1%} "
+                       f"| {k['us_per_launch']:.1f} |")
       lines += ["", f"### {r['model']} {n}: top {len(v['top'])} HLO instructions", "",
                 "| instruction | opcode | kernel | part | ms/step | share | launches/step |",
                 "| --- | --- | --- | --- | ---: | ---: | ---: |"]

@@ -103,6 +103,35 @@ def test_attribute_sums_events_per_part_and_keeps_unmatched_time():
   assert r["top"][0]["launches_per_step"] == 1 and r["top"][0]["ms"] == 4.0
 
 
+def test_kinds_and_durations_group_the_launches():
+  index = profile_step.HloIndex(HLO)
+  us = 1e3
+  # Two steps: "bn" (batch norm) and "gather" each launched once a step, 3 and 12 us;
+  # the two loss-and-network fusions of one kind ("mixed_fusion" and
+  # "mixed_fusion.1", the latter not in the HLO) once each, 60 us.
+  events = [("bn", "k", 3 * us), ("bn", "k", 3 * us),
+            ("gather", "g", 12 * us), ("gather", "g", 12 * us),
+            ("mixed_fusion", "m", 60 * us), ("mixed_fusion.1", "m", 60 * us)]
+  r = profile_step.attribute(events, index, steps=2)
+  assert r["launches_per_step"] == 3
+  assert [(k["kind"], k["part"]) for k in r["kinds"]] == [
+      ("mixed_fusion", "network: other backward"),  # its main part
+      ("mixed_fusion", "other (unattributed)"),
+      ("gather", "seed gather"), ("bn", "network: batch norm backward")]
+  bn = r["kinds"][-1]
+  assert bn["launches_per_step"] == 1 and bn["us_per_launch"] == pytest.approx(3.0)
+  assert bn["ms"] == pytest.approx(0.003) and bn["instructions"] == 1
+  assert sum(k["share"] for k in r["kinds"]) == pytest.approx(1.0)
+  assert [(d["from_us"], d["to_us"]) for d in r["durations"]] == [
+      (0, 5), (5, 10), (10, 20), (20, 50), (50, None)]
+  assert [d["launches_per_step"] for d in r["durations"]] == [1, 0, 1, 0, 1]
+  assert [d["ms"] for d in r["durations"]] == pytest.approx([0.003, 0, 0.012, 0, 0.06])
+  assert sum(d["ms"] for d in r["durations"]) == pytest.approx(r["total_ms"])
+  assert profile_step.kind("cudnn-conv-bw-filter.3") == "cudnn-conv-bw-filter"
+  assert profile_step.kind("input_reduce_fusion.1.2") == "input_reduce_fusion"
+  assert profile_step.kind("wrapped_concatenate") == "wrapped_concatenate"
+
+
 @pytest.fixture(scope="module")
 def profiled(tmp_path_factory):
   """A tiny All-CNN profiled on CPU: baseline (M = 1) and the moments loss."""
@@ -162,6 +191,7 @@ def test_tables_are_written(profiled, tmp_path):
   text = (tmp_path / "profile.md").read_text()
   assert "| invariance loss | 0.000 |" in text  # the baseline's column
   assert "invariance moments" in text and "top 5 HLO instructions" in text
+  assert "launches a step, by duration" in text and "kinds of instruction" in text
   assert json.loads((tmp_path / "profile.json").read_text())["models"][0]["variants"]
 
 
