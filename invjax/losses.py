@@ -299,7 +299,7 @@ def _merge_moments(a, b):
 # network is bound by launching its kernels (on an H200 each kernel the loss added cost
 # 3.4-4 us of step time), and XLA makes each reduction it cannot fuse, and each scalar
 # division, a kernel of its own. Compiled for an H200 (`python -m
-# experiments.kernel_census`, bfloat16), the loss adds 32 kernels to All-CNN-C's step
+# experiments.kernel_census`, bfloat16), the loss adds 29 kernels to All-CNN-C's step
 # (9 layers) and 18 to WRN-28-10's; made layer by layer, it added 50 and 60 (and its
 # first version 87 and 132, for an H100).
 #
@@ -310,16 +310,20 @@ def _merge_moments(a, b):
 #     deviations from the seed's first copy, e_i = f_i - f_0 (exactly 0 when the copies
 #     are equal, at any offset), the seed's mean f_0 + sum e / M and ss_kd = sum e^2 -
 #     (sum e)^2 / M;
-#   - Chan's merge of (M, mu_kd, ss_kd) over the seeds of each part (one reduction)
-#     gives the part's mean and total sum of squares per feature, and a plain sum its
-#     within-seed one: [P, D] vectors; the parts' are merged with their means shifted
-#     by the first part's (with the batch split over devices, the only values devices
-#     exchange);
+#   - Chan's merge of (M, mu_kd, 0) over the seeds of each part (one reduction) gives
+#     the part's mean and the sum of squares of its seeds' means about it per feature,
+#     and a plain sum of ss_kd the within-seed one; their sum is the part's total:
+#     [P, D] vectors. The parts' are merged with their means shifted by the first
+#     part's (with the batch split over devices, the only values devices exchange);
 #   - one reduction of every layer's two [D] vectors gives each layer's two scalar
 #     sums, and one pass of arithmetic every layer's loss and the two coefficients of
 #     its gradient, so that the backward pass divides by nothing.
-# So no [K, D] array is written: the program touches the activations three times in
-# all (this read; the gradient's read of them and its write).
+# Where XLA fuses the per-seed arithmetic into the reduction, no [K, D] array is
+# written: the program touches the activations three times in all (this read; the
+# gradient's read of them and its write). It does for All-CNN-C's five larger layers,
+# not for its four smallest (it prefers a thread per seed and feature there), and
+# only for two when ss_kd was also the merge's starting sum of squares (an operand
+# read twice): All-CNN-C's invariance step launched 146 kernels then, 143 now.
 # Backward, one elementwise pass per layer: mu_k is recomputed from the M copies where
 # the gradient is written; the batch mean mu [D] and two scalars are kept from the
 # forward pass.
@@ -344,9 +348,10 @@ def _layer_sums(copies, parts, x):
     mean, m2, within = (first + e_sum / copies)[:, 0], ss[:, 0], ss[:, 0]
   else:
     zero = jnp.float32(0)
-    _, mean, m2, within = jax.lax.reduce(  # [P, D] each
-        (jnp.full(ss.shape, copies, jnp.float32), first + e_sum / copies, ss, ss),
-        (zero,) * 4, _merge_moments, (1,))
+    _, mean, between, within = jax.lax.reduce(  # [P, D] each
+        (jnp.full(ss.shape, copies, jnp.float32), first + e_sum / copies,
+         jnp.zeros_like(ss), ss), (zero,) * 4, _merge_moments, (1,))
+    m2 = within + between
   if parts == 1:
     return within[0], m2[0], mean[0]
   n = b / parts
