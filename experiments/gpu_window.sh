@@ -63,8 +63,9 @@
 #   compile1  (360) not in the default list: the compile phase's first program only
 #                   (fresh persistent cache, then the rerun's compile from it), as
 #                   configured and with model.widen_bottlenecks, then the widened one
-#                   with autotuning off (its compile and step time), for a window too
-#                   short for the compile phase (97.8 s + 5.4 s on the H200, 11-27)
+#                   with autotuning off and at level 1 (each with its step time), for
+#                   a window too short for the compile phase (97.8 s + 5.4 s on the
+#                   H200, 11-27); then seeds WINDOW_CACHE with its caches
 #   profile   (200) not in the default list: python -m experiments.profile_step, a JAX
 #                   profiler trace of All-CNN-C's and WRN-28-10's steps (baseline and
 #                   moments in both forms, bf16, paper size): device time per part of
@@ -187,8 +188,10 @@ CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1" ;;
         python3 -m experiments.compile_time $args --config.model.widen_bottlenecks=$w \
           --cache_dir=/tmp/invjax_compile_$w
       done
-      XLA_FLAGS=--xla_gpu_autotune_level=0 python3 -m experiments.compile_time $args \
-        --config.model.widen_bottlenecks=True'
+      for level in 0 1; do
+        XLA_FLAGS=--xla_gpu_autotune_level=$level python3 -m experiments.compile_time \
+          $args --config.model.widen_bottlenecks=True
+      done'
       seed_window_cache /tmp/invjax_compile_False /tmp/invjax_compile_True ;;
     # shellcheck disable=SC2086
     profile) run profile 200 ${cached[@]+"${cached[@]}"} python3 -m experiments.profile_step \

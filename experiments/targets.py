@@ -145,6 +145,14 @@ def _first_compile(c):
   if wide:
     how += (f"; bottlenecks widened: {wide[-1]['trace_lower_s']:.1f} s + "
             f"{wide[-1]['xla_compile_s']:.1f} s")
+  for level in (0, 1):  # the widened run at other levels of XLA's GPU autotuning
+    flag = f"--xla_gpu_autotune_level={level}"
+    at = [r for r in c if _widened(r) and r["xla_flags"].split() == [flag]]
+    if at:
+      step = (f", {at[-1]['ms_per_step']:.2f} ms a step" if at[-1].get("ms_per_step")
+              else "")
+      how += (f"; widened, autotuning level {level}: "
+              f"{at[-1]['trace_lower_s'] + at[-1]['xla_compile_s']:.1f} s{step}")
   return r["trace_lower_s"] + r["xla_compile_s"], how
 
 

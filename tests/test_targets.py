@@ -71,10 +71,15 @@ def test_the_compile_targets_judge_the_config_as_it_is_not_the_widened_bottlenec
   wide = {"model_fields": {"depth": 100, "widen_bottlenecks": True}}
   rows = _by_name(_write(tmp_path, [], [
       dict(DENSE, xla_compile_s=90.0, cached_compile_s=5.5),
-      dict(DENSE, **wide, trace_lower_s=4.0, xla_compile_s=21.0, cached_compile_s=4.5)]))
+      dict(DENSE, **wide, trace_lower_s=4.0, xla_compile_s=21.0, cached_compile_s=4.5),
+      dict(DENSE, **wide, xla_flags="--xla_gpu_autotune_level=0", xla_compile_s=6.0,
+           ms_per_step=11.5),
+      dict(DENSE, **wide, xla_flags="--xla_gpu_autotune_level=1", xla_compile_s=12.0)]))
   first = rows["DenseNet-BC training program compiled"]
   assert first["measured"] == 95.0 and first["verdict"].startswith("gap")
   assert "bottlenecks widened: 4.0 s + 21.0 s" in first["how"]
+  assert "autotuning level 0: 11.0 s, 11.50 ms a step" in first["how"]
+  assert "autotuning level 1: 17.0 s" in first["how"]
   assert rows["a rerun's compile (DenseNet-BC)"]["measured"] == 5.5
 
 
