@@ -55,15 +55,23 @@
 #                   allcmdbuf"), each its own process and folder
 #                   $OUT/xla_<setting>/benchmark_<model>: the defaults, CUDA-graph
 #                   command buffers off, and command buffers for every command type
-#                   (loops and conditionals included) from the first execution.
+#                   (loops and conditionals included) from the first execution;
+#                   also nofusiontune (not in the default list): XLA's autotuning
+#                   between its native and Triton fusion emitters off, what its step
+#                   costs (compile1 times its compile).
 #                   All-CNN-C's step is bound by launching its kernels (1 step a
 #                   program: 2.63 ms, 10 steps: 1.90 ms on the H200), DenseNet-BC's
 #                   1,080 kernels take 11.5 us each: this says whether XLA's command
 #                   buffers move that, i.e. whether a flag is worth setting by default
-#   compile1  (360) not in the default list: the compile phase's first program only
-#                   (fresh persistent cache, then the rerun's compile from it), as
-#                   configured and with model.widen_bottlenecks, then the widened one
-#                   with autotuning off and at level 1 (each with its step time), for
+#   compile1  (400) not in the default list: DenseNet-BC's training program (bf16, 10
+#                   steps) compiled with a fresh persistent cache, then again from it
+#                   (a rerun's compile), 3 timed programs after each: as configured and
+#                   with model.widen_bottlenecks, each with XLA's defaults and with
+#                   --xla_gpu_experimental_enable_fusion_autotuner=false (XLA 0.11's
+#                   autotuner then assigns no per-fusion emitter configs: compiled
+#                   for an H200 without one, its pass took 23 of DenseNet-BC's 47.5 s
+#                   here and the program came out the same, 1,080 kernels); then the
+#                   widened one with autotuning off (--xla_gpu_autotune_level=0), for
 #                   a window too short for the compile phase (97.8 s + 5.4 s on the
 #                   H200, 11-27); then seeds WINDOW_CACHE with its caches
 #   profile   (200) not in the default list: python -m experiments.profile_step, a JAX
@@ -159,7 +167,9 @@ same_batch,moments,same_batch_widened,moments_widened,loss_alone}" ;;
           nocmdbuf) flags=--xla_gpu_enable_command_buffer= ;;
           allcmdbuf) flags="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,\
 CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1" ;;
-          *) echo "unknown XLA setting $name (default nocmdbuf allcmdbuf)"; exit 2 ;;
+          nofusiontune) flags=--xla_gpu_experimental_enable_fusion_autotuner=false ;;
+          *) echo "unknown XLA setting $name (default nocmdbuf allcmdbuf nofusiontune)"
+             exit 2 ;;
         esac
         mkdir -p "$OUT/xla_$name"
         for model in $(echo "${XLA_MODELS:-allcnn}" | tr , ' '); do
@@ -181,18 +191,18 @@ CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1" ;;
       XLA_FLAGS=--xla_gpu_autotune_level=0 python3 -m experiments.compile_time $args
       XLA_FLAGS=--xla_gpu_autotune_level=1 python3 -m experiments.compile_time $args'
       seed_window_cache /tmp/invjax_compile_cache ;;
-    compile1) run compile1 360 bash -c 'args="--config=configs/densenet.py
+    compile1) run compile1 400 bash -c 'args="--config=configs/densenet.py
       --config.half_precision=True --steps=10 --time_steps=3 --jsonl=$OUT/compile.jsonl"
-      rm -rf /tmp/invjax_compile_False /tmp/invjax_compile_True
-      for w in False True; do
-        python3 -m experiments.compile_time $args --config.model.widen_bottlenecks=$w \
-          --cache_dir=/tmp/invjax_compile_$w
+      nofa=--xla_gpu_experimental_enable_fusion_autotuner=false
+      i=0
+      for run in "False|" "False|$nofa" "True|" "True|$nofa"; do
+        i=$((i + 1)); rm -rf /tmp/invjax_compile_$i
+        XLA_FLAGS=${run#*|} python3 -m experiments.compile_time $args \
+          --config.model.widen_bottlenecks=${run%%|*} --cache_dir=/tmp/invjax_compile_$i
       done
-      for level in 0 1; do
-        XLA_FLAGS=--xla_gpu_autotune_level=$level python3 -m experiments.compile_time \
-          $args --config.model.widen_bottlenecks=True
-      done'
-      seed_window_cache /tmp/invjax_compile_False /tmp/invjax_compile_True ;;
+      XLA_FLAGS=--xla_gpu_autotune_level=0 python3 -m experiments.compile_time $args \
+        --config.model.widen_bottlenecks=True'
+      seed_window_cache /tmp/invjax_compile_[1-4] ;;
     # shellcheck disable=SC2086
     profile) run profile 200 ${cached[@]+"${cached[@]}"} python3 -m experiments.profile_step \
       --models="${PROFILE_MODELS:-allcnn,wrn}" \

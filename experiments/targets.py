@@ -133,26 +133,24 @@ def _widened(r) -> bool:
 
 
 def _first_compile(c):
-  """The config's default (XLA's default autotuning, the bottlenecks as configured);
-  a run with the bottlenecks widened is shown beside it."""
-  rows = [r for r in c if not r["xla_flags"]]
-  default = [r for r in rows if not _widened(r)]
+  """The config's default (XLA's default flags, the bottlenecks as configured); every
+  other compile measured (widened bottlenecks, other XLA flags) is shown beside it, the
+  last of each setting, with its step time where measured."""
+  default = [r for r in c if not r["xla_flags"] and not _widened(r)]
   if not default:
     return None
   r = default[-1]
   how = f"trace + lower {r['trace_lower_s']:.1f} s, XLA {r['xla_compile_s']:.1f} s"
-  wide = [r for r in rows if _widened(r)]
-  if wide:
-    how += (f"; bottlenecks widened: {wide[-1]['trace_lower_s']:.1f} s + "
-            f"{wide[-1]['xla_compile_s']:.1f} s")
-  for level in (0, 1):  # the widened run at other levels of XLA's GPU autotuning
-    flag = f"--xla_gpu_autotune_level={level}"
-    at = [r for r in c if _widened(r) and r["xla_flags"].split() == [flag]]
-    if at:
-      step = (f", {at[-1]['ms_per_step']:.2f} ms a step" if at[-1].get("ms_per_step")
-              else "")
-      how += (f"; widened, autotuning level {level}: "
-              f"{at[-1]['trace_lower_s'] + at[-1]['xla_compile_s']:.1f} s{step}")
+  if r.get("ms_per_step"):
+    how += f", {r['ms_per_step']:.2f} ms a step"
+  others = {}
+  for o in c:
+    if o["xla_flags"] or _widened(o):
+      label = ", ".join(["bottlenecks widened"] * _widened(o) + o["xla_flags"].split())
+      others[label] = o
+  for label, o in others.items():
+    step = f", {o['ms_per_step']:.2f} ms a step" if o.get("ms_per_step") else ""
+    how += f"; {label}: {o['trace_lower_s']:.1f} s + {o['xla_compile_s']:.1f} s{step}"
   return r["trace_lower_s"] + r["xla_compile_s"], how
 
 
