@@ -48,7 +48,7 @@
 #                   targets' figures), then with autotuning off
 #                   (--xla_gpu_autotune_level=0) and at level 1 (no checking of the
 #                   candidates' outputs); each also a JSON line in $OUT/compile.jsonl
-#   xla       (75 for All-CNN-C, 110 for DenseNet-BC, per model and setting) not in
+#   xla       (All-CNN-C 75, WRN-28-10 100, DenseNet-BC 110 a model and setting) not in
 #                   the default list: the same batch and moments steps (All-CNN-C also
 #                   1 step a program) of each model of XLA_MODELS (default allcnn) under
 #                   each XLA_FLAGS setting of XLA_SETTINGS (default "default nocmdbuf
@@ -175,6 +175,7 @@ CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1" ;;
         for model in $(echo "${XLA_MODELS:-allcnn}" | tr , ' '); do
           case $model in
             densenet) limit=110 variants=same_batch,moments ;;
+            wrn) limit=100 variants=same_batch,moments ;;
             *) limit=75 variants=same_batch,moments,dispatch1 ;;
           esac
           # shellcheck disable=SC2086

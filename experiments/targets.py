@@ -155,7 +155,8 @@ def _first_compile(c):
 
 
 def _cached_compile(c):
-  rows = [r for r in c if r.get("cached_compile_s") is not None and not _widened(r)]
+  rows = [r for r in c if r.get("cached_compile_s") is not None and not _widened(r)
+          and not r["xla_flags"]]
   if not rows:
     return None
   return rows[-1]["cached_compile_s"], "from the persistent cache, trace included"
