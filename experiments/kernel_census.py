@@ -206,8 +206,12 @@ def main(argv):
   placement = gpu_placement(FLAGS.target)
   for model in FLAGS.models:
     rows = {}
+    config, _ = benchmark.load_config(model, "paper", "bfloat16")
     for key in FLAGS.variants:
       name = f"{model}: {benchmark.TRAIN_VARIANTS[key][0]}"
+      if benchmark.variant_config(config, benchmark.TRAIN_VARIANTS[key][1]) is None:
+        print(f"{name}: skipped, the variant does not apply to {model}", flush=True)
+        continue
       t = time.perf_counter()
       text = step_hlo(model, key, placement, FLAGS.batch_norm, FLAGS.steps)
       rows[name] = {**census(text), "compile_s": time.perf_counter() - t}
