@@ -56,6 +56,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=$scratch/site:$PWD PYTHONUNBUFFERED=1
 OUT=$out PACK=$scratch/window.tgz TIME_SCALE=${TIME_SCALE:-5} PAPER_MINUTES=4 \
   BENCH_ARGS="--size=small --repeats=1 --train_images=256 --analysis_images=32" \
+  COMPILE_ARGS="--config.model.depth=16 --config.batch_size=16 --steps=2 --time_steps=1" \
   WINDOW_ARGS="--epochs=1 --train_examples=512 --test_examples=256 \
 --set=model.width=0.125 --nohalf_precision" \
   bash experiments/gpu_window.sh "${phases[@]}" > "$scratch/rehearsal.log" 2>&1 || true

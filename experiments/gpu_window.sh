@@ -87,6 +87,8 @@
 # xla phases share, seeded by a compile phase before them with its autotuning results. BENCH_ARGS is added to every benchmark.py and profile_step.py command
 # (e.g. the CPU smoke test: "--size=small --repeats=1 --train_images=256
 # --analysis_images=32");
+# COMPILE_ARGS is added to every compile_time.py command (the CPU smoke test: a small
+# DenseNet-BC, 2 steps a program);
 # TIME_SCALE multiplies every limit (default 1). PACK, if set, is a .tgz path (outside
 # $OUT) rewritten after every phase with all of $OUT: a window returns at most 8 files,
 # and a call killed at its limit returns only its files, so pack to one file there
@@ -100,6 +102,7 @@ phases=("$@")
 [ ${#phases[@]} -eq 0 ] && phases=(env loss allcnn wrn densenet)
 scale=${TIME_SCALE:-1}
 extra=${BENCH_ARGS:-}
+export COMPILE_ARGS=${COMPILE_ARGS:-}
 paper_minutes=${PAPER_MINUTES:-6}
 
 run() {  # run NAME SECONDS COMMAND...: logs to $OUT/NAME.log, notes the outcome
@@ -130,7 +133,7 @@ seed_window_cache() {  # seed_window_cache DIR...: a compile phase's fresh cache
   local dir
   for dir in "$@"; do [ -d "$dir" ] && cp -a "$dir/." "$WINDOW_CACHE/"; done
   echo "WINDOW_CACHE $WINDOW_CACHE seeded from $*: $(du -sh "$WINDOW_CACHE" | cut -f1)" \
-    | tee -a "$OUT/phases.txt"
+    | tee -a "$OUT/window_cache.txt"
 }
 
 bench() {  # bench NAME SECONDS BENCHMARK_ARGS...
@@ -186,14 +189,16 @@ CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1" ;;
         done
       done ;;
     compile) run compile 330 bash -c 'args="--config=configs/densenet.py
-      --config.half_precision=True --steps=10 --time_steps=3 --jsonl=$OUT/compile.jsonl"
+      --config.half_precision=True --steps=10 --time_steps=3 --jsonl=$OUT/compile.jsonl
+      $COMPILE_ARGS"
       rm -rf /tmp/invjax_compile_cache
       python3 -m experiments.compile_time $args --cache_dir=/tmp/invjax_compile_cache
       XLA_FLAGS=--xla_gpu_autotune_level=0 python3 -m experiments.compile_time $args
       XLA_FLAGS=--xla_gpu_autotune_level=1 python3 -m experiments.compile_time $args'
       seed_window_cache /tmp/invjax_compile_cache ;;
     compile1) run compile1 400 bash -c 'args="--config=configs/densenet.py
-      --config.half_precision=True --steps=10 --time_steps=3 --jsonl=$OUT/compile.jsonl"
+      --config.half_precision=True --steps=10 --time_steps=3 --jsonl=$OUT/compile.jsonl
+      $COMPILE_ARGS"
       nofa=--xla_gpu_experimental_enable_fusion_autotuner=false
       i=0
       for run in "False|" "False|$nofa" "True|" "True|$nofa"; do

@@ -150,6 +150,8 @@ def _first_compile(c):
       others[label] = o
   for label, o in others.items():
     step = f", {o['ms_per_step']:.2f} ms a step" if o.get("ms_per_step") else ""
+    if o.get("cached_compile_s") is not None:
+      step += f", rerun {o['cached_compile_s']:.1f} s"
     how += f"; {label}: {o['trace_lower_s']:.1f} s + {o['xla_compile_s']:.1f} s{step}"
   return r["trace_lower_s"] + r["xla_compile_s"], how
 
