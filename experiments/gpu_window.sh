@@ -81,12 +81,12 @@
 #                   (augmentation, seed gather, convolutions, batch norm, the loss, the
 #                   optimizer) and the top kernels, in $OUT/profile.{md,json}
 # Environment: ALLCNN_VARIANTS, WRN_VARIANTS, DENSENET_VARIANTS replace a model phase's
-# --variants list (a short window times only what its targets need); PROFILE_MODELS
-# the profile phase's --models (default allcnn,wrn; DenseNet-BC's 11.5 us a kernel
-# wants densenet); WINDOW_CACHE (below) a persistent cache the benchmark, profile and
-# xla phases share, seeded by a compile phase before them with its autotuning results. BENCH_ARGS is added to every benchmark.py and profile_step.py command
-# (e.g. the CPU smoke test: "--size=small --repeats=1 --train_images=256
-# --analysis_images=32");
+# --variants list (a short window times only what its targets need); PROFILE_MODELS the
+# profile phase's --models (default allcnn,wrn; DenseNet-BC's 11.5 us a kernel wants
+# densenet); WINDOW_CACHE (below) a persistent cache the benchmark, profile and xla
+# phases share, seeded by a compile phase before them with its autotuning results.
+# BENCH_ARGS is added to every benchmark.py and profile_step.py command (e.g. the CPU
+# smoke test: "--size=small --repeats=1 --train_images=256 --analysis_images=32");
 # COMPILE_ARGS is added to every compile_time.py command (the CPU smoke test: a small
 # DenseNet-BC, 2 steps a program);
 # TIME_SCALE multiplies every limit (default 1). PACK, if set, is a .tgz path (outside
@@ -118,8 +118,8 @@ run() {  # run NAME SECONDS COMMAND...: logs to $OUT/NAME.log, notes the outcome
 
 # WINDOW_CACHE=DIR: the benchmark and profile phases share JAX's persistent cache in
 # DIR (and with it XLA's per-fusion autotuning results: a later process compiling the
-# same convolutions skips autotuning them, ~85 of DenseNet-BC's first 108 s on the
-# H200). Their reports name it. The compile phases time a first compile in fresh
+# same convolutions and fusions skips autotuning them; DenseNet-BC's first step program
+# took 108 s on the H200, its second, in the same process, 22 s). Their reports name it. The compile phases time a first compile in fresh
 # directories of their own, then merge those into DIR (seed_window_cache): the
 # densenet phase after compile1 then skips the autotuning compile1 did.
 cached=()
@@ -127,7 +127,7 @@ cached=()
 
 seed_window_cache() {  # seed_window_cache DIR...: a compile phase's fresh caches, merged
   # into WINDOW_CACHE after it (its timings are taken), so that the benchmark phases
-  # after it find XLA's autotuning results of the same convolutions.
+  # after it find XLA's autotuning results of the same convolutions and fusions.
   [ -n "${WINDOW_CACHE:-}" ] || return 0
   mkdir -p "$WINDOW_CACHE"
   local dir
