@@ -73,7 +73,8 @@
 #                   here and the program came out the same, 1,080 kernels); then the
 #                   widened one with autotuning off (--xla_gpu_autotune_level=0), for
 #                   a window too short for the compile phase (97.8 s + 5.4 s on the
-#                   H200, 11-27); then seeds WINDOW_CACHE with its caches
+#                   H200, 11-27); then seeds WINDOW_CACHE with its caches. Its log has
+#                   XLA's "RunHloPasses" (autotuning included) and "RunBackend" times
 #   profile   (200) not in the default list: python -m experiments.profile_step, a JAX
 #                   profiler trace of All-CNN-C's and WRN-28-10's steps (baseline and
 #                   moments in both forms, bf16, paper size): device time per part of
@@ -200,6 +201,8 @@ CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1" ;;
       --config.half_precision=True --steps=10 --time_steps=3 --jsonl=$OUT/compile.jsonl
       $COMPILE_ARGS"
       nofa=--xla_gpu_experimental_enable_fusion_autotuner=false
+      # XLA logs the time of its HLO passes (autotuning included) and of its backend.
+      export TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=gpu_compiler=1
       i=0
       for run in "False|" "False|$nofa" "True|" "True|$nofa"; do
         i=$((i + 1)); rm -rf /tmp/invjax_compile_$i
