@@ -169,8 +169,9 @@ same_batch,moments,same_batch_widened,moments_widened,loss_alone}" ;;
         case $name in
           default) flags= ;;
           nocmdbuf) flags=--xla_gpu_enable_command_buffer= ;;
+          # XLA 0.11.2's default list, plus WHILE (the step loop), from one command
           allcmdbuf) flags="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,\
-CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1" ;;
+CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1" ;;
           nofusiontune) flags=--xla_gpu_experimental_enable_fusion_autotuner=false ;;
           *) echo "unknown XLA setting $name (default nocmdbuf allcmdbuf nofusiontune)"
              exit 2 ;;
