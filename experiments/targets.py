@@ -132,11 +132,16 @@ def _widened(r) -> bool:
   return bool((r.get("model_fields") or {}).get("widen_bottlenecks"))
 
 
+def _as_configured(r) -> bool:
+  """A compile of the config as it is: XLA's default flags, no widened bottlenecks."""
+  return not r["xla_flags"] and not _widened(r)
+
+
 def _first_compile(c):
   """The config's default (XLA's default flags, the bottlenecks as configured); every
   other compile measured (widened bottlenecks, other XLA flags) is shown beside it, the
   last of each setting, with its step time where measured."""
-  default = [r for r in c if not r["xla_flags"] and not _widened(r)]
+  default = [r for r in c if _as_configured(r)]
   if not default:
     return None
   r = default[-1]
@@ -145,7 +150,7 @@ def _first_compile(c):
     how += f", {r['ms_per_step']:.2f} ms a step"
   others = {}
   for o in c:
-    if o["xla_flags"] or _widened(o):
+    if not _as_configured(o):
       label = ", ".join(["bottlenecks widened"] * _widened(o) + o["xla_flags"].split())
       others[label] = o
   for label, o in others.items():
@@ -157,8 +162,7 @@ def _first_compile(c):
 
 
 def _cached_compile(c):
-  rows = [r for r in c if r.get("cached_compile_s") is not None and not _widened(r)
-          and not r["xla_flags"]]
+  rows = [r for r in c if r.get("cached_compile_s") is not None and _as_configured(r)]
   if not rows:
     return None
   return rows[-1]["cached_compile_s"], "from the persistent cache, trace included"

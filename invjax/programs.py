@@ -147,17 +147,18 @@ class TrainPrograms:
   def enter(self, state):
     """The train state in the loop's layout (the state itself where steps are
     unrolled)."""
-    return self._convert("enter", 0, state)
+    return self._convert("enter", state)
 
   def leave(self, loop_state):
     """The train state in the parameters' own layout, from the loop's."""
-    return self._convert("leave", 1, loop_state)
+    return self._convert("leave", loop_state)
 
-  def _convert(self, name: str, which: int, state):
+  def _convert(self, name: str, state):
+    """`name` ("enter" or "leave") applied to `state`: self.layout's function of it."""
     if self.unroll:  # nothing to convert: no program, no copy
       return state
     if name not in self._converters:  # not compiled with the programs: jit it once
-      self._converters[name] = self._jit(self.layout[which])
+      self._converters[name] = self._jit(self.layout[("enter", "leave").index(name)])
     return self._converters[name](state)
 
   def chunk(self, size: int):

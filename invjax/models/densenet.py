@@ -63,4 +63,3 @@ class DenseNetBC(nn.Module):
     x = norm_relu(x)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
-
