@@ -103,7 +103,9 @@ phases=("$@")
 [ ${#phases[@]} -eq 0 ] && phases=(env loss allcnn wrn densenet)
 scale=${TIME_SCALE:-1}
 extra=${BENCH_ARGS:-}
-export COMPILE_ARGS=${COMPILE_ARGS:-}
+# The compile phases' DenseNet-BC program: bf16, 10 steps, 3 timed programs after it.
+export DENSENET_COMPILE="--config=configs/densenet.py --config.half_precision=True \
+--steps=10 --time_steps=3 --jsonl=$OUT/compile.jsonl ${COMPILE_ARGS:-}"
 paper_minutes=${PAPER_MINUTES:-6}
 
 run() {  # run NAME SECONDS COMMAND...: logs to $OUT/NAME.log, notes the outcome
@@ -117,12 +119,13 @@ run() {  # run NAME SECONDS COMMAND...: logs to $OUT/NAME.log, notes the outcome
   if [ -n "${PACK:-}" ]; then tar czf "$PACK.part" -C "$OUT" . && mv "$PACK.part" "$PACK"; fi
 }
 
-# WINDOW_CACHE=DIR: the benchmark and profile phases share JAX's persistent cache in
-# DIR (and with it XLA's per-fusion autotuning results: a later process compiling the
-# same convolutions and fusions skips autotuning them; DenseNet-BC's first step program
-# took 108 s on the H200, its second, in the same process, 22 s). Their reports name it. The compile phases time a first compile in fresh
-# directories of their own, then merge those into DIR (seed_window_cache): the
-# densenet phase after compile1 then skips the autotuning compile1 did.
+# WINDOW_CACHE=DIR: the benchmark and profile phases share JAX's persistent cache in DIR
+# (and with it XLA's per-fusion autotuning results: a later process compiling the same
+# convolutions and fusions skips autotuning them; DenseNet-BC's first step program took
+# 108 s on the H200, its second, in the same process, 22 s). Their reports name it. The
+# compile phases time a first compile in fresh directories of their own, then merge
+# those into DIR (seed_window_cache): the densenet phase after compile1 then skips the
+# autotuning compile1 did.
 cached=()
 [ -n "${WINDOW_CACHE:-}" ] && cached=(env "JAX_COMPILATION_CACHE_DIR=$WINDOW_CACHE")
 
@@ -190,17 +193,13 @@ CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_gra
             --out="$OUT/xla_$name/benchmark_$model"
         done
       done ;;
-    compile) run compile 330 bash -c 'args="--config=configs/densenet.py
-      --config.half_precision=True --steps=10 --time_steps=3 --jsonl=$OUT/compile.jsonl
-      $COMPILE_ARGS"
+    compile) run compile 330 bash -c 'args=$DENSENET_COMPILE
       rm -rf /tmp/invjax_compile_cache
       python3 -m experiments.compile_time $args --cache_dir=/tmp/invjax_compile_cache
       XLA_FLAGS=--xla_gpu_autotune_level=0 python3 -m experiments.compile_time $args
       XLA_FLAGS=--xla_gpu_autotune_level=1 python3 -m experiments.compile_time $args'
       seed_window_cache /tmp/invjax_compile_cache ;;
-    compile1) run compile1 400 bash -c 'args="--config=configs/densenet.py
-      --config.half_precision=True --steps=10 --time_steps=3 --jsonl=$OUT/compile.jsonl
-      $COMPILE_ARGS"
+    compile1) run compile1 400 bash -c 'args=$DENSENET_COMPILE
       nofa=--xla_gpu_experimental_enable_fusion_autotuner=false
       # XLA logs the time of its HLO passes (autotuning included) and of its backend.
       export TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=gpu_compiler=1
