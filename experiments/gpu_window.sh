@@ -21,6 +21,10 @@
 #                   working tree before the call (the run cards are enough to skip
 #                   those variants) and restore them after (git checkout --
 #                   experiments/results/records); gpu_rehearsal.sh does the same.
+#                   Keep a stopped record's checkpoints/: window.py resumes the run
+#                   from it (WINDOW_ARGS="--cell=densenet_cifar10" for DenseNet-BC,
+#                   whose 6.1 MB checkpoint, the pack and the tree without weights
+#                   and scores come to about 63.3 MiB).
 #                   PAPER_DATA (default data) is the folder of the pack and its
 #                   decode.py: a window that only attacks the committed records (each
 #                   finished one with weights and no robustness report, on every test

@@ -17,9 +17,15 @@ run card, weights, and the analysis of a finished run) goes into --out as one
 unfinished variant. `python -m invjax.records unpack OUT/*.tar` puts them into
 experiments/results/records.
 
-Rerun on the same machine (the workdir kept), it resumes the stopped run from its
-checkpoint. On a fresh machine, a run that no finished record covers starts again from
-step 0: checkpoints do not travel back.
+A stopped run's record also holds its newest checkpoint (`records.write(...,
+checkpoint=True)`) where the pack stays under 16 MiB with it (DenseNet-BC's, about
+6 MB, does; WRN-28-10's, about 290 MB, does not). Committed, the record carries the run
+to the next window: on a fresh machine the command finds the unfinished variant's
+record with a checkpoint in --records, puts it into the variant's workdir
+(`records.seed_workdir`) and resumes the run from there, so a run longer than a window
+advances window by window. Rerun on the same machine, it resumes from the workdir's
+own checkpoint, or from the record's where that one is newer. A run whose record holds
+no checkpoint starts again from step 0 on a fresh machine.
 
 The cadence is set for a short step: metrics and the L_inv probe once per epoch, a
 test evaluation every --eval_every_epochs, a checkpoint every --checkpoint_every_epochs
@@ -44,6 +50,7 @@ from absl import logging
 
 from experiments import paper
 from invjax import analyze as analyze_lib
+from invjax import checkpoints
 from invjax import input_pipeline
 from invjax import records as records_lib
 from invjax import robustness as robustness_lib
@@ -136,6 +143,46 @@ def _attack_record(committed: str, variant: str, tag: str, staging: str,
           "bytes": os.path.getsize(packed), "attacked": True}
 
 
+def _resume_from_record(committed: str, workdir: str, variant: str) -> int | None:
+  """Puts the committed record's checkpoint into `workdir` where it is newer than
+  the workdir's own (or the workdir has none); returns its step, or None where the
+  workdir is left as it is."""
+  carried = records_lib.resumable(committed) if os.path.isdir(committed) else None
+  local = checkpoints.complete_steps(os.path.join(workdir, checkpoints.DIRECTORY))
+  if carried is None or (local and local[-1] >= carried):
+    return None
+  records_lib.seed_workdir(committed, workdir)
+  print(f"{variant}: resuming from step {carried}, the checkpoint in {committed}",
+        flush=True)
+  return carried
+
+
+def _write_and_pack(workdir: str, record: str, staging: str, packed: str,
+                    finished: bool) -> dict:
+  """Writes the run's record and packs it into `packed`, with as much as fits in
+  MAX_PACK_BYTES: the weights, and an unfinished run's checkpoint (the checkpoint
+  before the weights, which it holds too). Returns the window report's entries: an
+  unfinished run's "checkpoint" (its step, or why it was left out) and "weights" where
+  they were left out."""
+  tries = [(True, False), (False, False)]
+  if not finished:
+    tries = [(True, True), (False, True)] + tries
+  for weights, checkpoint in tries:
+    copied = records_lib.write(workdir, record, weights=weights, checkpoint=checkpoint)
+    records_lib.pack(record, staging, packed)
+    if os.path.getsize(packed) <= records_lib.MAX_PACK_BYTES:
+      break
+  left = {}
+  if not weights:
+    left["weights"] = "left out: the pack would exceed 16 MiB"
+  steps = [c for c in copied if c.startswith(checkpoints.DIRECTORY + os.sep)]
+  if not finished:
+    left["checkpoint"] = (int(os.path.basename(steps[0])) if steps else
+                          "left out: the pack would exceed 16 MiB; a fresh machine "
+                          "starts this run again")
+  return left
+
+
 def run_window(out: str, t0: float | None = None) -> dict:
   """Runs the window's variants (see the module docstring); returns what it did."""
   t0 = time.time() if t0 is None else t0
@@ -180,25 +227,24 @@ def run_window(out: str, t0: float | None = None) -> dict:
     with config.unlocked():
       config.time_limit_minutes = round(limit, 3)
     workdir = os.path.join(FLAGS.workdir, FLAGS.cell, tag, variant)
+    resumed = _resume_from_record(committed, workdir, variant)
     # (The training's log names the steps per dispatch it chose, when automatic.)
     print(f"{variant}: training in {workdir}, time limit {limit:.2f} min, "
           f"{config.steps_per_dispatch or 'automatic'} steps per dispatch", flush=True)
     result = train.train_and_evaluate(config, workdir, data=data(config),
                                       tensorboard=False)
     entry = {"variant": variant, "step": result["step"], "finished": result["finished"]}
+    if resumed is not None:
+      entry["resumed_from_record"] = resumed
     if result["finished"]:
       if analyze_lib.current_summary(workdir, result["step"]) is None:
         analyze_lib.analyze(config, workdir, data=data(config))
       if FLAGS.robustness:
         _attack(config, workdir, variant, data(config))
     record = paper.record_dir(staging, FLAGS.cell, tag, variant)
-    records_lib.write(workdir, record)
     name = _pack_name(tag, variant)
-    packed = records_lib.pack(record, staging, os.path.join(out, name))
-    if os.path.getsize(packed) > records_lib.MAX_PACK_BYTES:  # fall back to no weights
-      records_lib.write(workdir, record, weights=False)
-      records_lib.pack(record, staging, packed)
-      entry["weights"] = "left out: the pack would exceed 16 MiB"
+    packed = os.path.join(out, name)
+    entry.update(_write_and_pack(workdir, record, staging, packed, result["finished"]))
     card = run_card.read(workdir)
     entry.update(file=name, bytes=os.path.getsize(packed),
                  card=run_card.describe(card), seconds=card["seconds"],
@@ -218,8 +264,10 @@ def run_window(out: str, t0: float | None = None) -> dict:
         report["next_minutes"] = math.ceil(10 * (
             (1.1 * steps_left / rate + card["seconds"]["compile"] +
              card["seconds"]["startup"]) / 60 + FLAGS.analysis_minutes)) / 10
-      print(f"{variant}: stopped at step {result['step']} by the budget; rerun this "
-            "command on this machine to resume it"
+      where = ("rerun this command here, or commit its record and run it on another "
+               "machine, to resume it" if isinstance(entry["checkpoint"], int) else
+               "rerun this command on this machine to resume it")
+      print(f"{variant}: stopped at step {result['step']} by the budget; {where}"
             + (f" (about {report['next_minutes']} min more)" if rate else ""))
       break
   report["wall_seconds"] = round(time.time() - t0, 1)

@@ -124,9 +124,7 @@ class Checkpoints:
 
   def complete_steps(self) -> list[int]:
     """The steps whose checkpoint was written whole (finalised by Orbax's rename)."""
-    if not os.path.isdir(self.directory):
-      return []
-    return sorted(int(d) for d in os.listdir(self.directory) if d.isdigit())
+    return complete_steps(self.directory)
 
   def _remove_incomplete(self) -> list[str]:
     """Removes the temporary directories of saves that did not finish."""
@@ -221,6 +219,14 @@ class Checkpoints:
         self.manager.close()
       except Exception:  # pylint: disable=broad-except
         pass  # the wait's error (raised) says what went wrong
+
+
+def complete_steps(directory: str) -> list[int]:
+  """The steps of the checkpoints written whole in `directory` (a workdir's
+  checkpoints/: Orbax finalises a checkpoint by renaming it to its step)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
 
 
 def short_reason(e: BaseException, limit: int = 160) -> str:

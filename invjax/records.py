@@ -14,10 +14,18 @@ A record is a directory, RECORDS/<cell>/<tag>/<variant>/, holding
                          MAX_WEIGHTS_BYTES; `--mode=analyze --workdir=RECORD` or
                          `score` scores them on any machine
 
-It holds no checkpoint, so it is a few MB (All-CNN-C: about 5 MB of weights). For
-transport (e.g. back from an accelerator that returns single files) a record packs into
-one uncompressed .tar of the same paths, `<cell>/<tag>/<variant>/...`, which `unpack`
-(or `tar -xf FILE -C RECORDS`) puts in place.
+and, in the record of an unfinished run written with `checkpoint=True`,
+
+  checkpoints/<step>/    its newest checkpoint (train state and optimizer state), so
+                         that another machine resumes the run from there (`resumable`,
+                         `seed_workdir`): a run longer than one accelerator window
+                         goes on in the next one
+
+A finished run's record holds no checkpoint, so it is a few MB (All-CNN-C: about 5 MB
+of weights; DenseNet-BC's checkpoint is about 6 MB). For transport (e.g. back from an
+accelerator that returns single files) a record packs into one uncompressed .tar of
+the same paths, `<cell>/<tag>/<variant>/...`, which `unpack` (or `tar -xf FILE -C
+RECORDS`) puts in place.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from invjax import checkpoints
 from invjax import run_card
 from invjax import workdirs
 
@@ -42,10 +51,13 @@ FILES = (workdirs.CONFIG_FILE, workdirs.METRICS_FILE, workdirs.CARD_FILE,
 REQUIRED = (workdirs.CONFIG_FILE, workdirs.METRICS_FILE, workdirs.CARD_FILE)
 
 
-def write(workdir: str, record_dir: str, weights: bool = True) -> list[str]:
+def write(workdir: str, record_dir: str, weights: bool = True,
+          checkpoint: bool = False) -> list[str]:
   """Copies a run's record files from `workdir` into `record_dir` (replacing an older
-  record there); returns the files copied. The weights are left out if `weights` is
-  False or they exceed MAX_WEIGHTS_BYTES."""
+  record there); returns the files copied (a checkpoint as `checkpoints/<step>`). The
+  weights are left out if `weights` is False or they exceed MAX_WEIGHTS_BYTES; with
+  `checkpoint`, the newest checkpoint of an unfinished run goes in too (a finished
+  run's never does: its record is complete without one)."""
   missing = [f for f in REQUIRED if not os.path.exists(os.path.join(workdir, f))]
   if missing:
     raise FileNotFoundError(f"{workdir} lacks {missing}: not a trained run.")
@@ -62,7 +74,25 @@ def write(workdir: str, record_dir: str, weights: bool = True) -> list[str]:
     os.makedirs(os.path.dirname(os.path.join(record_dir, name)), exist_ok=True)
     shutil.copyfile(src, os.path.join(record_dir, name))
     copied.append(name)
+  steps = checkpoints.complete_steps(os.path.join(workdir, workdirs.CHECKPOINTS_DIR))
+  if checkpoint and steps and not run_card.read(workdir).get("finished"):
+    name = os.path.join(workdirs.CHECKPOINTS_DIR, str(steps[-1]))
+    shutil.copytree(os.path.join(workdir, name), os.path.join(record_dir, name))
+    copied.append(name)
   return copied
+
+
+def _members(record_dir: str, rel: str):
+  """(path, name in the pack) of every file of the record at `record_dir`."""
+  for name in FILES:
+    path = os.path.join(record_dir, name)
+    if os.path.exists(path):
+      yield path, f"{rel}/{name}"
+  top = os.path.join(record_dir, workdirs.CHECKPOINTS_DIR)
+  for dirpath, _, files in sorted(os.walk(top)):
+    for f in sorted(files):
+      path = os.path.join(dirpath, f)
+      yield path, f"{rel}/{os.path.relpath(path, record_dir)}"
 
 
 def pack(record_dir: str, records_root: str, out_file: str) -> str:
@@ -70,11 +100,21 @@ def pack(record_dir: str, records_root: str, out_file: str) -> str:
   member paths are relative to `records_root`."""
   rel = os.path.relpath(record_dir, records_root)
   with tarfile.open(out_file, "w") as tar:
-    for name in FILES:
-      path = os.path.join(record_dir, name)
-      if os.path.exists(path):
-        tar.add(path, arcname=f"{rel}/{name}")
+    for path, name in _members(record_dir, rel):
+      tar.add(path, arcname=name)
   return out_file
+
+
+def _record_of(name: str) -> str | None:
+  """The record directory a member of a pack belongs to, or None if the member is
+  no record file (a record file, or a file under its checkpoints/<step>/)."""
+  head, sep, tail = name.partition(f"/{workdirs.CHECKPOINTS_DIR}/")
+  if sep:
+    return head if tail.split("/")[0].isdigit() and "/" in tail else None
+  for f in FILES:
+    if name.endswith("/" + f):
+      return name[:-len(f) - 1]
+  return None
 
 
 def unpack(tar_file: str, records_root: str) -> str:
@@ -82,9 +122,10 @@ def unpack(tar_file: str, records_root: str) -> str:
   returns its directory."""
   with tarfile.open(tar_file) as tar:
     members = tar.getmembers()
-    dirs = {os.path.dirname(m.name).removesuffix("/analysis") for m in members}
-    if len(dirs) != 1 or any(m.name.startswith("/") or ".." in m.name.split("/")
-                             or not m.isfile() for m in members):
+    dirs = {_record_of(m.name) for m in members}
+    if len(dirs) != 1 or None in dirs or any(
+        m.name.startswith("/") or ".." in m.name.split("/") or not m.isfile()
+        for m in members):
       raise ValueError(f"{tar_file} is not a packed run record.")
     record_dir = os.path.join(records_root, dirs.pop())
     if os.path.exists(record_dir):
@@ -113,6 +154,33 @@ class Record:
   @property
   def has_weights(self) -> bool:
     return os.path.exists(os.path.join(self.path, workdirs.WEIGHTS_FILE))
+
+
+def resumable(record_dir: str) -> int | None:
+  """The step of the checkpoint a record holds (an unfinished run's, written with
+  `checkpoint=True`), or None."""
+  steps = checkpoints.complete_steps(os.path.join(record_dir, workdirs.CHECKPOINTS_DIR))
+  return steps[-1] if steps else None
+
+
+def seed_workdir(record_dir: str, workdir: str) -> int:
+  """Makes `workdir` the run a resumable record was written from, as far as training
+  needs: its config, metrics, run card, weights and checkpoint, so that training
+  there resumes from the record's checkpoint (on any machine). Replaces what
+  `workdir` held; returns the checkpoint's step."""
+  step = resumable(record_dir)
+  if step is None:
+    raise FileNotFoundError(f"{record_dir} holds no checkpoint: its run cannot be "
+                            "resumed from it (only a stopped run's record written "
+                            "with checkpoint=True can).")
+  if os.path.exists(workdir):
+    shutil.rmtree(workdir)
+  os.makedirs(workdir)
+  for path, name in _members(record_dir, "."):
+    dest = os.path.normpath(os.path.join(workdir, name))
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    shutil.copyfile(path, dest)
+  return step
 
 
 def attackable(record_dir: str) -> bool:

@@ -219,6 +219,60 @@ def test_pack_and_unpack_round_trip_and_refuse_other_archives(tmp_path):
     records.write(str(tmp_path / "staging"), str(tmp_path / "x"))
 
 
+def _files(top):
+  return {os.path.relpath(os.path.join(d, f), top): open(os.path.join(d, f), "rb").read()
+          for d, _, fs in os.walk(top) for f in fs}
+
+
+def test_a_stopped_runs_record_carries_its_checkpoint_and_resumes_elsewhere(
+    npz, stopped_run, tmp_path):
+  """A stopped run's record, written with its checkpoint, packed and unpacked into
+  another records tree, seeds a new workdir (another machine's) that resumes the run
+  from the checkpoint's step; a finished run's record never holds one."""
+  workdir, _ = stopped_run
+  root = tmp_path / "staging"
+  record = str(root / "allcnn_cifar10" / "paper" / "invariance")
+  assert "checkpoints/1" not in records.write(workdir, record)  # not unless asked
+  assert records.resumable(record) is None
+  assert "checkpoints/1" in records.write(workdir, record, checkpoint=True)
+  packed = records.pack(record, str(root), str(tmp_path / "r.tar"))
+  with tarfile.open(packed) as tar:
+    assert any(m.name.startswith("allcnn_cifar10/paper/invariance/checkpoints/1/")
+               for m in tar.getmembers())
+  unpacked = records.unpack(packed, str(tmp_path / "committed"))
+  assert records.resumable(unpacked) == 1
+  elsewhere = str(tmp_path / "elsewhere" / "run")
+  assert records.seed_workdir(unpacked, elsewhere) == 1
+  # The checkpoint arrives byte for byte.
+  assert os.listdir(os.path.join(elsewhere, "checkpoints")) == ["1"]
+  assert _files(os.path.join(elsewhere, "checkpoints", "1")) == _files(
+      os.path.join(workdir, "checkpoints", "1"))
+  # Training there resumes at step 1 (no initial state) and finishes.
+  result = train.train_and_evaluate(helpers.tiny_config(npz), elsewhere,
+                                    tensorboard=False)
+  assert result["finished"] and result["step"] == 8
+  card = run_card.read(elsewhere)
+  assert [s["start_step"] for s in card["sessions"]] == [0, 1]
+  # The finished run's record holds no checkpoint, even when asked for one.
+  again = str(tmp_path / "again" / "allcnn_cifar10" / "paper" / "invariance")
+  assert not any(c.startswith("checkpoints") for c in
+                 records.write(elsewhere, again, checkpoint=True))
+  assert records.resumable(again) is None
+  with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+    records.seed_workdir(again, str(tmp_path / "x"))
+  # A pack whose files are neither record files nor under checkpoints/<step>/ is
+  # refused.
+  for stray in ("allcnn_cifar10/paper/invariance/notes.txt",
+                "allcnn_cifar10/paper/invariance/checkpoints/latest/x"):
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(bad, "w") as tar:
+      tar.add(os.path.join(record, "config.json"),
+              arcname="allcnn_cifar10/paper/invariance/config.json")
+      tar.add(os.path.join(record, "config.json"), arcname=stray)
+    with pytest.raises(ValueError, match="not a packed run record"):
+      records.unpack(str(bad), str(tmp_path / "committed"))
+
+
 def test_attackable_records_have_weights_and_no_report(tmp_path):
   """What a window attacks, read from the files: a record copied to an accelerator
   without its weights and scores (to fit a call's carry) is skipped, not loaded."""
@@ -259,9 +313,9 @@ TINY_SET = ["--set", "image_shape=()", "--set", "num_classes=0",
             "--set", "probe_copies=2", "--epochs=2"]
 
 
-def _window(npz, tmp_path, *extra):
+def _window(npz, tmp_path, *extra, runs="runs"):
   args = [sys.executable, "-m", "experiments.window", f"--data={npz}",
-          f"--out={tmp_path / 'out'}", f"--workdir={tmp_path / 'runs'}",
+          f"--out={tmp_path / 'out'}", f"--workdir={tmp_path / runs}",
           f"--records={tmp_path / 'records'}", "--half_precision=false",
           "--eval_every_epochs=1", "--checkpoint_every_epochs=1", *TINY_SET, *extra]
   out = subprocess.run(args, cwd=helpers.ROOT, capture_output=True, text=True,
@@ -334,8 +388,9 @@ def test_window_baseline_record_to_table1_from_records(npz, tmp_path):
 @pytest.mark.slow  # ~1-2 min: four toy trainings, two window commands, three results
 def test_window_runs_the_next_unfinished_variants_and_stops_in_its_budget(npz, tmp_path):
   """Two variants in one command; then a budget too short to finish the third: it
-  stops with a checkpoint and a partial record, and a rerun resumes and finishes it.
-  Figures 2 and 5 come from the records alone."""
+  stops with a checkpoint and a partial record that holds it, and a rerun on another
+  machine (a fresh workdir) resumes from the record and finishes it. Figures 2 and 5
+  come from the records alone."""
   _window(npz, tmp_path, "--variants=baseline,invariance")
   for tar in os.listdir(tmp_path / "out"):
     if tar.endswith(".tar"):
@@ -361,20 +416,27 @@ def test_window_runs_the_next_unfinished_variants_and_stops_in_its_budget(npz, t
   (run,) = report["runs"]
   assert run["variant"] == "batchaug" and not run["finished"] and run["step"] < 8
   assert report["next"] == "batchaug" and report["next_minutes"] > 0
+  assert run["checkpoint"] == run["step"] and "weights" not in run
   partial = records.unpack(str(tmp_path / "out" / run["file"]), str(tmp_path / "records"))
   assert records.load(partial).summary is None
+  assert records.resumable(partial) == run["step"]
   out = _reproduce(tmp_path, "all")
   table = (tmp_path / "results" / os.listdir(tmp_path / "results")[0] / "table1.md")
   assert "| batchaug | unfinished, not analyzed |" in table.read_text()
   assert "unfinished: step" in table.read_text()
-  # Rerun on the same workdir: it resumes batchaug and finishes it.
-  _window(npz, tmp_path)
+  # Rerun on another machine (no workdir of the first): it resumes batchaug from the
+  # committed partial record's checkpoint and finishes it.
+  stopped_at = run["step"]
+  _window(npz, tmp_path, runs="other_machine")
   report = json.loads((tmp_path / "out" / "window.json").read_text())
   (run,) = report["runs"]
   assert run["variant"] == "batchaug" and run["finished"]
-  card = records.load(records.unpack(str(tmp_path / "out" / run["file"]),
-                                     str(tmp_path / "records"))).card
+  assert run["resumed_from_record"] == stopped_at and "checkpoint" not in run
+  finished = records.unpack(str(tmp_path / "out" / run["file"]), str(tmp_path / "records"))
+  card = records.load(finished).card
   assert [s["stopped"] for s in card["sessions"]] == ["time_limit", "finished"]
+  assert [s["start_step"] for s in card["sessions"]] == [0, stopped_at]
+  assert records.resumable(finished) is None  # the finished record drops it
   out = _reproduce(tmp_path, "all")
   assert "lacking records" not in out.stdout  # the window attacked each finished run
   folder = tmp_path / "results" / os.listdir(tmp_path / "results")[0]
