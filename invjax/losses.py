@@ -299,7 +299,7 @@ def _merge_moments(a, b):
 # network is bound by launching its kernels (on an H200 each kernel the loss added cost
 # 3.4-4 us of step time), and XLA makes each reduction it cannot fuse, and each scalar
 # division, a kernel of its own. Compiled for an H200 (`python -m
-# experiments.kernel_census`, bfloat16), the loss adds 29 kernels to All-CNN-C's step
+# experiments.kernel_census`, bfloat16), the loss adds 24 kernels to All-CNN-C's step
 # (9 layers) and 18 to WRN-28-10's; made layer by layer, it added 50 and 60 (and its
 # first version 87 and 132, for an H100).
 #
@@ -323,7 +323,10 @@ def _merge_moments(a, b):
 # gradient's read of them and its write). It does for All-CNN-C's five larger layers,
 # not for its four smallest (it prefers a thread per seed and feature there), and
 # only for two when ss_kd was also the merge's starting sum of squares (an operand
-# read twice): All-CNN-C's invariance step launched 146 kernels then, 143 now.
+# read twice): All-CNN-C's invariance step launched 146 kernels then, 143 after. The
+# layers of at most SMALL_LAYER features are read together, as one (`_all_layer_sums`):
+# All-CNN-C's three smallest (conv7-conv9) then take two kernels where they took two
+# each, 138 a step.
 # Backward, one elementwise pass per layer: mu_k is recomputed from the M copies where
 # the gradient is written; the batch mean mu [D] and two scalars are kept from the
 # forward pass.
@@ -361,11 +364,48 @@ def _layer_sums(copies, parts, x):
   return jnp.sum(within, axis=0), total, mean[0] + dm_sum / parts
 
 
+# Features (D) up to which layers are read together. Compiled for an H200, All-CNN-C's
+# step launches 143 kernels with none, 138 at 8,192 (conv7-conv9) and 136 at 16,384
+# (conv6 too), and the loss alone moves 404 MB either way (its kernels' operands and
+# results, counted in XLA:GPU's optimised program; the H200's cost analysis counted
+# 414 MB); but XLA:CPU, whose count the bytes target of issue 14 takes, writes the
+# joined layers out:
+# its bytes for the loss rise from 3.43 x the activations to 3.76 x at 8,192 and 4.05 x
+# at 16,384 (over the 4 x target). Every layer joined would spare WRN-28-10's step 10
+# kernels (317 -> 307) for 1 % more bytes on a GPU and 11.9 x on XLA:CPU.
+SMALL_LAYER = 8192
+
+
+def _all_layer_sums(copies, parts, xs):
+  """`_layer_sums` of every layer of `xs`. The layers of at most SMALL_LAYER features
+  are concatenated (those of one dtype together) and read in one pass: the sums are
+  per feature, so they are the same, and where XLA made two kernels for each small
+  layer (the per-seed arithmetic, then the merge over seeds) it makes two for them
+  all. XLA:GPU reads the layers where they lie (the concatenation fuses into the
+  read); XLA:CPU writes it out."""
+  sums = {}
+  groups = {}
+  for i, x in enumerate(xs):
+    if x.shape[1] <= SMALL_LAYER:
+      groups.setdefault(x.dtype, []).append(i)
+  for group in groups.values():
+    if len(group) < 2:
+      continue
+    joined = _layer_sums(copies, parts, jnp.concatenate([xs[i] for i in group], axis=1))
+    start = 0
+    for i in group:
+      d = xs[i].shape[1]
+      sums[i] = tuple(v[start:start + d] for v in joined)
+      start += d
+  return [sums[i] if i in sums else _layer_sums(copies, parts, x)
+          for i, x in enumerate(xs)]
+
+
 def _grouped_moments_fwd(copies, parts, xs):
   """The forward pass of the grouped form, every layer at once: (L [layers],
   residuals for the gradient)."""
   b = xs[0].shape[0]
-  sums = [_layer_sums(copies, parts, x) for x in xs]
+  sums = _all_layer_sums(copies, parts, xs)
   # The layers' two [D] vectors, zero-padded to the longest, reduced in one reduction
   # (XLA pads them in its input, writing nothing): [layers] each.
   longest = max(x.shape[1] for x in xs)

@@ -333,16 +333,20 @@ def test_moment_parts_and_form():
   assert losses.moment_form("gpu") == losses.moment_form("tpu") == "one_read"
 
 
-@pytest.mark.parametrize("method,form,parts", [("moments", "one_read", 1),
-                                               ("moments", "one_read", 2),
-                                               ("moments", "per_seed", 1),
-                                               ("pairwise", "one_read", 1)])
-def test_every_layer_at_once_matches_each_layer_alone(method, form, parts):
+@pytest.mark.parametrize("method,form,parts,small", [
+    ("moments", "one_read", 1, losses.SMALL_LAYER), ("moments", "one_read", 1, 12),
+    ("moments", "one_read", 2, losses.SMALL_LAYER), ("moments", "per_seed", 1, 0),
+    ("pairwise", "one_read", 1, 0)])
+def test_every_layer_at_once_matches_each_layer_alone(method, form, parts, small,
+                                                      monkeypatch):
   """`grouped_invariance_losses` (the train step's: in the one-read form one reduction
   and one pass of arithmetic for every layer) against the pair loop, layer by layer:
   layers of different sizes (so padded to the longest) and scales (1e-12 .. 1e12, an
   offset 100 x the spread), bf16 and float32, the value and the gradient of a
-  weighted sum of the losses with respect to each layer."""
+  weighted sum of the losses with respect to each layer. The one-read form reads
+  small layers of one dtype together: here the float32 layers a, c and d (15, 12
+  and 1 features), or with `small` = 12 only c and d."""
+  monkeypatch.setattr(losses, "SMALL_LAYER", small)
   rng = np.random.default_rng(parts + len(form))
   k, m = 4, 4
   ids = jnp.repeat(jnp.arange(k), m)
