@@ -15,8 +15,11 @@ and counts, in the optimised program's executed computations (the entry and its 
 bodies), the instructions that launch a kernel: fusions, cuDNN and cuBLAS calls,
 copies and the rest, everything but tuples, bitcasts, parameters, constants and control
 flow; those in the loop are a step's, the rest once a program. Each kernel is put in
-a part of the step by the named scopes invjax/steps.py sets (experiments/
-profile_step.py's attribution; a fusion that mixes parts is split among them).
+a part of the step by the named scopes invjax/steps.py sets (experiments/hlo.py, the
+profiler's attribution too; a fusion that mixes parts is split among them). "MB a
+step" is what a step's kernels move, each kernel's result and operands as XLA's cost
+analysis counts them (`hlo.kernel_bytes`; a deviceless compile has no cost analysis of
+its own): an estimate of a step's memory traffic, not a measurement.
 
 Counts, not times: what a change to the loss or the step does to the kernels it
 launches, checked on a CPU before a GPU window times it. Autotuning needs the device,
@@ -29,7 +32,6 @@ The JAX here may differ from the GPU machine's (the window's image: 0.11.2).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import os
 import time
@@ -40,10 +42,9 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from experiments import benchmark
-from experiments import profile_step
+from experiments import hlo
 from invjax import build as build_lib
 from invjax import flat_state
 from invjax import models
@@ -62,83 +63,6 @@ flags.DEFINE_enum("batch_norm", "auto", models.batch_norm.CHOICES,
 flags.DEFINE_integer("steps", 10, "Steps in the compiled program (a loop; at least 2). "
                      "Kernels are counted per step; those outside the loop, once per "
                      "program, are shown apart.")
-
-TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_targets")
-# Instructions that launch nothing: the rest of an executed computation is a kernel each.
-_NO_KERNEL = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while",
-              "conditional", "call", "after-all", "add-dependency", "opt-barrier",
-              "partition-id", "replica-id"}
-
-
-def kernels(index: profile_step.HloIndex, entry: str) -> list[tuple[str, bool]]:
-  """(instruction, in a loop) of each kernel-launching instruction of the computations
-  a program executes: its entry computation and, from there, the bodies, conditions
-  and branches of its loops and conditionals (fusions' computations are the kernels'
-  insides, not visited). `in a loop`: launched at each iteration of a loop (a step of
-  the training program), not once per program."""
-  out, todo, seen = [], [(entry, False)], set()
-  while todo:
-    comp, looped = todo.pop(0)
-    if comp in seen:
-      continue
-    seen.add(comp)
-    for name in index.computations.get(comp, ()):
-      ins = index.instrs[name]
-      if ins["opcode"] in ("while", "conditional", "call"):
-        todo += [(c, looped or ins["opcode"] == "while") for c in ins["calls"]]
-      elif ins["opcode"] not in _NO_KERNEL:
-        out.append((name, looped))
-  return out
-
-
-def census(text: str) -> dict:
-  """{"kernels": n, "parts": {part: kernels (a mixed fusion split among its parts)},
-  "kinds": {fusion | cuDNN / cuBLAS target | opcode: n}} of the kernels an optimised
-  HLO module launches at each step (in its loops), or of all of them if it has no
-  loop; "per_program": {"kernels", "parts", "kinds"} of those launched once per program
-  outside its loops."""
-  index = profile_step.HloIndex(text)
-  entry = next(line.split()[1].lstrip("%") for line in text.splitlines()
-               if line.startswith("ENTRY "))
-  found = kernels(index, entry)
-  has_loop = any(looped for _, looped in found)
-
-  def count(names):
-    parts, kinds = collections.Counter(), collections.Counter()
-    for name in names:
-      for (part, _), share in index.split(name).items():
-        parts[part] += share
-      ins = index.instrs[name]
-      kinds[ins["target"] or ins["opcode"]] += 1
-    return {"kernels": len(names), "parts": dict(parts), "kinds": dict(kinds)}
-
-  step = count([n for n, looped in found if looped or not has_loop])
-  step["per_program"] = count([n for n, looped in found if has_loop and not looped])
-  return step
-
-
-def gpu_placement(target: str) -> placement_lib.Placement:
-  """A one-device mesh of a compile-only GPU described by gpu_targets/<target>.txtpb."""
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  path = os.path.join(TARGETS, f"{target}.txtpb")
-  if not os.path.exists(path):
-    raise app.UsageError(f"--target={target}: no {path}; valid: "
-                         f"{sorted(os.path.splitext(f)[0] for f in os.listdir(TARGETS))}.")
-  with open(path) as f:
-    description = f.read()
-  try:
-    topology = topologies.get_topology_desc("", platform="cuda", topology="1x1x1",
-                                            target_config=description)
-  except (NotImplementedError, RuntimeError) as e:
-    import jaxlib  # pylint: disable=g-import-not-at-top
-    v = jaxlib.__version__
-    raise app.UsageError(
-        f"compiling for a GPU without one needs JAX's CUDA plugin ({e}): pip install "
-        f"jax-cuda12-plugin=={v} jax-cuda12-pjrt=={v}") from e
-  return placement_lib.Placement(jax.sharding.Mesh(
-      np.array(topology.devices[:1]), ("data",),
-      axis_types=(jax.sharding.AxisType.Auto,)))
-
 
 def step_hlo(model: str, key: str, placement: placement_lib.Placement,
              batch_norm: str = "auto", steps: int = 10) -> str | None:
@@ -181,15 +105,17 @@ def step_hlo(model: str, key: str, placement: placement_lib.Placement,
 
 
 def format_markdown(rows: dict[str, dict], target: str) -> str:
-  parts = [p for p in profile_step.PARTS if any(p in r["parts"] for r in rows.values())]
+  parts = [p for p in hlo.PARTS if any(p in r["parts"] for r in rows.values())]
   lines = [f"Kernels a training step launches, compiled for an {target.upper()} without "
            "one (`python -m experiments.kernel_census`):", "",
            "| step | kernels a step | " + " | ".join(parts) +
-           " | once a program | compile, s |",
-           "| --- | ---: | " + " | ".join("---:" for _ in parts) + " | ---: | ---: |"]
+           " | MB a step | once a program | compile, s |",
+           "| --- | ---: | " + " | ".join("---:" for _ in parts) +
+           " | ---: | ---: | ---: |"]
   for name, r in rows.items():
     lines.append(f"| {name} | {r['kernels']} | " + " | ".join(
         f"{r['parts'].get(p, 0):.0f}" for p in parts) +
+                 f" | {r['bytes'] / 1e6:,.0f}"
                  f" | {r.get('per_program', {}).get('kernels', 0)} | "
                  f"{r.get('compile_s', float('nan')):.1f} |")
   return "\n".join(lines) + "\n"
@@ -204,7 +130,7 @@ def main(argv):
   if FLAGS.steps < 2:
     raise app.UsageError(f"--steps={FLAGS.steps}: count with 2 or more (XLA removes a "
                          "loop of one step, unlike the training program's).")
-  placement = gpu_placement(FLAGS.target)
+  placement = hlo.gpu_placement(FLAGS.target)
   for model in FLAGS.models:
     rows = {}
     for key in FLAGS.variants:
@@ -214,8 +140,9 @@ def main(argv):
       if text is None:
         print(f"{name}: skipped, the variant does not apply to {model}", flush=True)
         continue
-      rows[name] = {**census(text), "compile_s": time.perf_counter() - t}
-      print(f"{name}: {rows[name]['kernels']} kernels a step, "
+      rows[name] = {**hlo.census(text), "compile_s": time.perf_counter() - t}
+      print(f"{name}: {rows[name]['kernels']} kernels a step moving "
+            f"{rows[name]['bytes'] / 1e6:,.0f} MB, "
             f"{rows[name]['per_program']['kernels']} a program; traced, lowered and "
             f"compiled in {rows[name]['compile_s']:.1f} s", flush=True)
     print(format_markdown(rows, FLAGS.target))

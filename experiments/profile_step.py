@@ -75,6 +75,7 @@ import numpy as np
 
 from experiments import benchmark
 from experiments import common
+from experiments.hlo import HloIndex, PARTS, UNATTRIBUTED, classify
 
 FLAGS = flags.FLAGS
 # --models, --variants, --size, --precision, --steps_per_dispatch, --repeats (programs
@@ -92,127 +93,9 @@ flags.DEFINE_bool("keep_trace", False, "Keep each variant's trace as one file, "
                   "ui.perfetto.dev), if under --max_trace_mb.")
 flags.DEFINE_float("max_trace_mb", 4.0, "Largest trace file kept by --keep_trace.")
 
-PARTS = (
-    "seed gather",
-    "seed expansion",
-    "augmentation",
-    "network: convolutions and matmuls",
-    "network: batch norm",
-    "network: other",
-    "invariance loss",
-    "optimizer update",
-    "other (in the step program)",
-    "other (unattributed)",
-)
-UNATTRIBUTED = PARTS[-1]
-# Scopes set in invjax/steps.py, in the order they are tested.
-SCOPES = (("seed_gather", "seed gather"), ("expand_seeds", "seed expansion"),
-          ("augment", "augmentation"), ("invariance_loss", "invariance loss"),
-          ("optimizer", "optimizer update"))
-# Instructions that compute nothing of their own: left out of a fusion's vote.
-_PASSIVE = {"parameter", "constant", "bitcast", "tuple", "get-tuple-element",
-            "broadcast", "reshape", "iota", "copy", "transpose", "slice"}
-_MATMUL_TARGET = re.compile(r"cudnn\$conv|cudnn\$fusion|cublas|gemm|matmul", re.I)
 # Kernel names of convolutions and products (cuDNN, cuBLAS, CUTLASS), for kernels whose
 # instruction is not in the HLO text.
 _MATMUL_KERNEL = re.compile(r"gemm|xmma|cutlass|cudnn|conv|fprop|dgrad|wgrad", re.I)
-
-
-# The program's HLO text ----------------------------------------------------------------
-
-_COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\(")
-_CALLS = re.compile(r"\b(?:calls|body|condition)=%?([\w.\-]+)")
-_BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
-_TARGET = re.compile(r'custom_call_target="([^"]*)"')
-
-
-class HloIndex:
-  """Every instruction of an optimised HLO module's text: opcode, op_name, the
-  computations it calls (fusions, loops) and its custom-call target."""
-
-  def __init__(self, text: str):
-    self.module = None
-    m = re.search(r"^HloModule\s+([\w.\-]+)", text, re.M)
-    if m:
-      self.module = m.group(1)
-    self.instrs: dict[str, dict] = {}
-    self.computations: dict[str, list[str]] = collections.defaultdict(list)
-    comp = None
-    for line in text.splitlines():
-      if not line.startswith(" "):
-        c = _COMP.match(line)
-        comp = c.group(1) if c else None
-        continue
-      i = _INSTR.match(line)
-      if not i or comp is None:
-        continue
-      name, opcode = i.group(1), i.group(3)
-      calls = _CALLS.findall(line)
-      for b in _BRANCHES.findall(line):
-        calls += [x.strip().lstrip("%") for x in b.split(",") if x.strip()]
-      op = _OP_NAME.search(line)
-      target = _TARGET.search(line)
-      self.instrs[name] = {"opcode": opcode, "op_name": op.group(1) if op else "",
-                           "calls": calls, "target": target.group(1) if target else ""}
-      self.computations[comp].append(name)
-    self._split: dict[str, dict] = {}
-
-  def _is_matmul(self, ins: dict) -> bool:
-    return ins["opcode"] in ("convolution", "dot") or (
-        ins["opcode"] == "custom-call" and bool(_MATMUL_TARGET.search(ins["target"])))
-
-  def _fused(self, name: str, depth: int = 0) -> list[dict]:
-    """The instructions inside a fusion (recursively), or [the instruction]."""
-    ins = self.instrs[name]
-    if ins["opcode"] != "fusion" or depth > 4:
-      return [ins]
-    out = []
-    for comp in ins["calls"]:
-      for sub in self.computations.get(comp, ()):
-        out += self._fused(sub, depth + 1)
-    return out or [ins]
-
-  def split(self, name: str) -> dict | None:
-    """{(part, "forward" | "backward" | ""): fraction} of the instruction's time, or
-    None if the module has no such instruction."""
-    if name in self._split:
-      return self._split[name]
-    if name not in self.instrs:
-      return None
-    inner = self._fused(name)
-    matmuls = [i for i in inner if self._is_matmul(i)]
-    if matmuls or self._is_matmul(self.instrs[name]):
-      # A fusion around a convolution or product is the product's time.
-      ins = (matmuls or [self.instrs[name]])[0]
-      votes = {classify(ins["op_name"], True): 1.0}
-    else:
-      active = [i for i in inner if i["opcode"] not in _PASSIVE and "/" in i["op_name"]]
-      active = active or [i for i in inner if "/" in i["op_name"]] or [self.instrs[name]]
-      votes = collections.Counter(classify(i["op_name"], False) for i in active)
-    total = sum(votes.values())
-    self._split[name] = {k: v / total for k, v in votes.items()}
-    return self._split[name]
-
-
-def classify(op_name: str, matmul: bool) -> tuple[str, str]:
-  """(part, direction) of an instruction from its op_name and whether it is a
-  convolution or matrix product."""
-  scopes = op_name.split("/")
-  direction = "backward" if "transpose(" in op_name else (
-      "forward" if "jvp(" in op_name else "")
-  for scope, part in SCOPES:
-    if any(s == scope or s.endswith("(" + scope + ")") or s.endswith("(" + scope + "))")
-           for s in scopes):
-      return part, direction if part == "invariance loss" else ""
-  if "BatchNorm" in op_name:
-    return "network: batch norm", direction
-  if matmul:
-    return "network: convolutions and matmuls", direction
-  if direction:
-    return "network: other", direction
-  return "other (in the step program)", ""
 
 
 # The trace's events ----------------------------------------------------------------------

@@ -1,0 +1,254 @@
+"""Reading what XLA made of a program, and compiling for a GPU that is not here.
+
+An optimised HLO module's text (`compiled.as_text()`) says which operations share a
+kernel (XLA's fusions), which computations run in loops, and, by the named scopes
+invjax/steps.py sets, which part of a training step each instruction belongs to.
+`HloIndex` reads it; `census` counts the kernels a program launches (per step, in its
+loops, and once a program), by part and kind, and the bytes they move.
+`gpu_placement` is a one-device mesh of a GPU described in gpu_targets/, for which
+XLA's GPU compiler compiles without the GPU (JAX's CUDA plugin installed, no CUDA
+libraries needed). experiments/kernel_census.py, profile_step.py and loss_cost.py use
+these; this module defines no flags, so each can import it.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import re
+
+from absl import app
+import jax
+import numpy as np
+
+from invjax import placement as placement_lib
+
+PARTS = (
+    "seed gather",
+    "seed expansion",
+    "augmentation",
+    "network: convolutions and matmuls",
+    "network: batch norm",
+    "network: other",
+    "invariance loss",
+    "optimizer update",
+    "other (in the step program)",
+    "other (unattributed)",
+)
+UNATTRIBUTED = PARTS[-1]
+# Scopes set in invjax/steps.py, in the order they are tested.
+SCOPES = (("seed_gather", "seed gather"), ("expand_seeds", "seed expansion"),
+          ("augment", "augmentation"), ("invariance_loss", "invariance loss"),
+          ("optimizer", "optimizer update"))
+# Instructions that compute nothing of their own: left out of a fusion's vote.
+_PASSIVE = {"parameter", "constant", "bitcast", "tuple", "get-tuple-element",
+            "broadcast", "reshape", "iota", "copy", "transpose", "slice"}
+_MATMUL_TARGET = re.compile(r"cudnn\$conv|cudnn\$fusion|cublas|gemm|matmul", re.I)
+
+
+# The program's HLO text ----------------------------------------------------------------
+
+_COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\(")
+_OPERAND = re.compile(r"%([\w.\-]+)")
+_CALLS = re.compile(r"\b(?:calls|body|condition)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_TARGET = re.compile(r'custom_call_target="([^"]*)"')
+
+
+class HloIndex:
+  """Every instruction of an optimised HLO module's text: opcode, op_name, the
+  computations it calls (fusions, loops) and its custom-call target."""
+
+  def __init__(self, text: str):
+    self.module = None
+    m = re.search(r"^HloModule\s+([\w.\-]+)", text, re.M)
+    if m:
+      self.module = m.group(1)
+    self.instrs: dict[str, dict] = {}
+    self.computations: dict[str, list[str]] = collections.defaultdict(list)
+    comp = None
+    for line in text.splitlines():
+      if not line.startswith(" "):
+        c = _COMP.match(line)
+        comp = c.group(1) if c else None
+        continue
+      i = _INSTR.match(line)
+      if not i or comp is None:
+        continue
+      name, opcode = i.group(1), i.group(3)
+      calls = _CALLS.findall(line)
+      for b in _BRANCHES.findall(line):
+        calls += [x.strip().lstrip("%") for x in b.split(",") if x.strip()]
+      op = _OP_NAME.search(line)
+      target = _TARGET.search(line)
+      args = line[i.end():].split(")", 1)[0]
+      self.instrs[name] = {"opcode": opcode, "op_name": op.group(1) if op else "",
+                           "calls": calls, "target": target.group(1) if target else "",
+                           "shape": i.group(2), "operands": _OPERAND.findall(args)}
+      self.computations[comp].append(name)
+    self._split: dict[str, dict] = {}
+
+  def _is_matmul(self, ins: dict) -> bool:
+    return ins["opcode"] in ("convolution", "dot") or (
+        ins["opcode"] == "custom-call" and bool(_MATMUL_TARGET.search(ins["target"])))
+
+  def _fused(self, name: str, depth: int = 0) -> list[dict]:
+    """The instructions inside a fusion (recursively), or [the instruction]."""
+    ins = self.instrs[name]
+    if ins["opcode"] != "fusion" or depth > 4:
+      return [ins]
+    out = []
+    for comp in ins["calls"]:
+      for sub in self.computations.get(comp, ()):
+        out += self._fused(sub, depth + 1)
+    return out or [ins]
+
+  def split(self, name: str) -> dict | None:
+    """{(part, "forward" | "backward" | ""): fraction} of the instruction's time, or
+    None if the module has no such instruction."""
+    if name in self._split:
+      return self._split[name]
+    if name not in self.instrs:
+      return None
+    inner = self._fused(name)
+    matmuls = [i for i in inner if self._is_matmul(i)]
+    if matmuls or self._is_matmul(self.instrs[name]):
+      # A fusion around a convolution or product is the product's time.
+      ins = (matmuls or [self.instrs[name]])[0]
+      votes = {classify(ins["op_name"], True): 1.0}
+    else:
+      active = [i for i in inner if i["opcode"] not in _PASSIVE and "/" in i["op_name"]]
+      active = active or [i for i in inner if "/" in i["op_name"]] or [self.instrs[name]]
+      votes = collections.Counter(classify(i["op_name"], False) for i in active)
+    total = sum(votes.values())
+    self._split[name] = {k: v / total for k, v in votes.items()}
+    return self._split[name]
+
+
+def classify(op_name: str, matmul: bool) -> tuple[str, str]:
+  """(part, direction) of an instruction from its op_name and whether it is a
+  convolution or matrix product."""
+  scopes = op_name.split("/")
+  direction = "backward" if "transpose(" in op_name else (
+      "forward" if "jvp(" in op_name else "")
+  for scope, part in SCOPES:
+    if any(s == scope or s.endswith("(" + scope + ")") or s.endswith("(" + scope + "))")
+           for s in scopes):
+      return part, direction if part == "invariance loss" else ""
+  if "BatchNorm" in op_name:
+    return "network: batch norm", direction
+  if matmul:
+    return "network: convolutions and matmuls", direction
+  if direction:
+    return "network: other", direction
+  return "other (in the step program)", ""
+
+
+# Kernels and their bytes ------------------------------------------------------------
+
+TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_targets")
+# Instructions that launch nothing: the rest of an executed computation is a kernel each.
+_NO_KERNEL = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while",
+              "conditional", "call", "after-all", "add-dependency", "opt-barrier",
+              "partition-id", "replica-id"}
+
+
+def kernels(index: HloIndex, entry: str) -> list[tuple[str, bool]]:
+  """(instruction, in a loop) of each kernel-launching instruction of the computations
+  a program executes: its entry computation and, from there, the bodies, conditions
+  and branches of its loops and conditionals (fusions' computations are the kernels'
+  insides, not visited). `in a loop`: launched at each iteration of a loop (a step of
+  the training program), not once per program."""
+  out, todo, seen = [], [(entry, False)], set()
+  while todo:
+    comp, looped = todo.pop(0)
+    if comp in seen:
+      continue
+    seen.add(comp)
+    for name in index.computations.get(comp, ()):
+      ins = index.instrs[name]
+      if ins["opcode"] in ("while", "conditional", "call"):
+        todo += [(c, looped or ins["opcode"] == "while") for c in ins["calls"]]
+      elif ins["opcode"] not in _NO_KERNEL:
+        out.append((name, looped))
+  return out
+
+
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+          "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
+          "c128": 16}
+_ARRAY = re.compile(r"\b([a-z]\w*)\[([\d,]*)\]")
+
+
+def shape_bytes(shape: str) -> int:
+  """The bytes of an HLO shape (an array, or a tuple of them), e.g. "f32[4,8]{1,0}"."""
+  total = 0
+  for dtype, dims in _ARRAY.findall(shape):
+    size = _BYTES.get(dtype, 1 if dtype.startswith("f8") else 0)
+    total += size * math.prod(int(d) for d in dims.split(",") if d)
+  return total
+
+
+def kernel_bytes(index: HloIndex, name: str) -> int:
+  """The bytes a kernel moves, as XLA's cost analysis counts them: its result's and
+  each operand's (equal to XLA:CPU's "bytes accessed" on programs of fusions,
+  `tests/test_kernel_census.py`; a deviceless GPU compile has no cost analysis)."""
+  ins = index.instrs[name]
+  return shape_bytes(ins["shape"]) + sum(
+      shape_bytes(index.instrs[o]["shape"]) for o in ins["operands"] if o in index.instrs)
+
+
+def census(text: str) -> dict:
+  """{"kernels": n, "parts": {part: kernels (a mixed fusion split among its parts)},
+  "kinds": {fusion | cuDNN / cuBLAS target | opcode: n}, "bytes": what they move
+  (`kernel_bytes`)} of the kernels an optimised HLO module launches at each step (in
+  its loops), or of all of them if it has no loop; "per_program": the same of those
+  launched once per program outside its loops."""
+  index = HloIndex(text)
+  entry = next(line.split()[1].lstrip("%") for line in text.splitlines()
+               if line.startswith("ENTRY "))
+  found = kernels(index, entry)
+  has_loop = any(looped for _, looped in found)
+
+  def count(names):
+    parts, kinds = collections.Counter(), collections.Counter()
+    for name in names:
+      for (part, _), share in index.split(name).items():
+        parts[part] += share
+      ins = index.instrs[name]
+      kinds[ins["target"] or ins["opcode"]] += 1
+    return {"kernels": len(names), "parts": dict(parts), "kinds": dict(kinds),
+            "bytes": sum(kernel_bytes(index, n) for n in names)}
+
+  step = count([n for n, looped in found if looped or not has_loop])
+  step["per_program"] = count([n for n, looped in found if has_loop and not looped])
+  return step
+
+
+def gpu_placement(target: str) -> placement_lib.Placement:
+  """A one-device mesh of a compile-only GPU described by gpu_targets/<target>.txtpb."""
+  # Called before JAX starts its backends, this lets the CUDA plugin start without
+  # CUDA's libraries (experiments/kernel_census.py sets it before importing JAX).
+  os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  path = os.path.join(TARGETS, f"{target}.txtpb")
+  if not os.path.exists(path):
+    raise app.UsageError(f"--target={target}: no {path}; valid: "
+                         f"{sorted(os.path.splitext(f)[0] for f in os.listdir(TARGETS))}.")
+  with open(path) as f:
+    description = f.read()
+  try:
+    topology = topologies.get_topology_desc("", platform="cuda", topology="1x1x1",
+                                            target_config=description)
+  except (NotImplementedError, RuntimeError) as e:
+    import jaxlib  # pylint: disable=g-import-not-at-top
+    v = jaxlib.__version__
+    raise app.UsageError(
+        f"compiling for a GPU without one needs JAX's CUDA plugin ({e}): pip install "
+        f"jax-cuda12-plugin=={v} jax-cuda12-pjrt=={v}") from e
+  return placement_lib.Placement(jax.sharding.Mesh(
+      np.array(topology.devices[:1]), ("data",),
+      axis_types=(jax.sharding.AxisType.Auto,)))
