@@ -367,12 +367,12 @@ def _layer_sums(copies, parts, x):
 # Features (D) up to which layers are read together. Compiled for an H200, All-CNN-C's
 # step launches 143 kernels with none, 138 at 8,192 (conv7-conv9) and 136 at 16,384
 # (conv6 too), and the loss alone moves 404 MB either way (its kernels' operands and
-# results, counted in XLA:GPU's optimised program; the H200's cost analysis counted
-# 414 MB); but XLA:CPU, whose count the bytes target of issue 14 takes, writes the
-# joined layers out:
-# its bytes for the loss rise from 3.43 x the activations to 3.76 x at 8,192 and 4.05 x
-# at 16,384 (over the 4 x target). Every layer joined would spare WRN-28-10's step 10
-# kernels (317 -> 307) for 1 % more bytes on a GPU and 11.9 x on XLA:CPU.
+# results, counted in XLA:GPU's optimised program, `python -m experiments.loss_cost
+# --target=h200`). But XLA:CPU, whose count issue 14's bytes target takes, writes the
+# joined layers out: its bytes for the loss rise from 3.43 x the activations to 3.76 x
+# at 8,192 and 4.05 x at 16,384 (over the 4 x target). Every layer joined would spare
+# WRN-28-10's step 10 kernels (317 -> 307) for 1 % more bytes on a GPU and 11.9 x on
+# XLA:CPU.
 SMALL_LAYER = 8192
 
 

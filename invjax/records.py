@@ -106,8 +106,8 @@ def pack(record_dir: str, records_root: str, out_file: str) -> str:
 
 
 def _record_of(name: str) -> str | None:
-  """The record directory a member of a pack belongs to, or None if the member is
-  no record file (a record file, or a file under its checkpoints/<step>/)."""
+  """The record directory that a member of a pack belongs to (the member being one of
+  FILES, or a file under the record's checkpoints/<step>/), or None."""
   head, sep, tail = name.partition(f"/{workdirs.CHECKPOINTS_DIR}/")
   if sep:
     return head if tail.split("/")[0].isdigit() and "/" in tail else None

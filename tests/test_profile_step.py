@@ -12,6 +12,7 @@ import pytest
 
 from experiments import benchmark
 from experiments import common
+from experiments import hlo
 from experiments import profile_step
 from tests import helpers
 
@@ -61,7 +62,7 @@ ENTRY %main (x: f32[4], y: f32[1,4,4,1]) -> f32[4] {
 
 
 def test_hlo_index_splits_fusions_by_the_scopes_of_their_instructions():
-  index = profile_step.HloIndex(HLO)
+  index = hlo.HloIndex(HLO)
   assert index.module == "jit_chunk"
   assert index.instrs["loop"]["calls"] == ["cond", "body"]
   # Two loss instructions and two network ones (the passive parameter not counted).
@@ -81,7 +82,7 @@ def test_hlo_index_splits_fusions_by_the_scopes_of_their_instructions():
 
 
 def test_attribute_sums_events_per_part_and_keeps_unmatched_time():
-  index = profile_step.HloIndex(HLO)
+  index = hlo.HloIndex(HLO)
   ns = 1e6  # 1 ms
   events = [("mixed_fusion", "k1", 4 * ns), ("mixed_fusion", "k1", 4 * ns),
             ("conv_fusion", "cudnn", 6 * ns), ("aug", "k2", 2 * ns),
@@ -104,7 +105,7 @@ def test_attribute_sums_events_per_part_and_keeps_unmatched_time():
 
 
 def test_kinds_and_durations_group_the_launches():
-  index = profile_step.HloIndex(HLO)
+  index = hlo.HloIndex(HLO)
   us = 1e3
   # Two steps: "bn" (batch norm) and "gather" each launched once a step, 3 and 12 us;
   # the two loss-and-network fusions of one kind ("mixed_fusion" and
@@ -196,7 +197,7 @@ def test_tables_are_written(profiled, tmp_path):
 
 
 def test_kernels_missing_from_the_hlo_fall_back_on_their_annotation():
-  index = profile_step.HloIndex(HLO)
+  index = hlo.HloIndex(HLO)
   ns = 1e6
   events = [("command_buffer.3", "sm90_xmma_fprop_kernel", ns,
              "jit(chunk)/jvp(Net)/Conv_0/conv_general_dilated"),
