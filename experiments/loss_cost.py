@@ -25,6 +25,7 @@ DenseNet-BC; the H200's own cost analysis gave 414 (of the code before b977db6),
 and 209 MB.
 """
 
+import math
 import time
 
 from absl import app
@@ -87,16 +88,17 @@ def main(argv):
   shapes = models.layer_shapes(model, (32, 32, 3))
   rng = np.random.default_rng(0)
   dtype = jnp.dtype(FLAGS.dtype)
-  feats = {k: jnp.asarray(np.maximum(rng.normal(size=(FLAGS.batch_size, *s)), 0), dtype)
-           for k, s in shapes.items()}
-  census, device = None, jax.devices()[0].device_kind
-  if placement:
-    census = hlo.census
-    feats = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=placement.replicated)
-             for k, v in feats.items()}
+  if placement:  # compiled only: shapes, no values
+    feats = {k: jax.ShapeDtypeStruct((FLAGS.batch_size, *s), dtype,
+                                     sharding=placement.replicated)
+             for k, s in shapes.items()}
     device = f"{FLAGS.target} (compiled without one)"
+  else:
+    feats = {k: jnp.asarray(np.maximum(rng.normal(size=(FLAGS.batch_size, *s)), 0),
+                            dtype) for k, s in shapes.items()}
+    device = jax.devices()[0].device_kind
   weights = losses.layer_weights(len(shapes), 0.1, 10.0)
-  nbytes = sum(v.size for v in feats.values()) * dtype.itemsize
+  nbytes = sum(math.prod(v.shape) for v in feats.values()) * dtype.itemsize
   seeds = FLAGS.batch_size // FLAGS.copies
   width = f" (width {FLAGS.width:g})" if FLAGS.model == "allcnn" else ""
   print(f"{FLAGS.model}{width}, batch {FLAGS.batch_size} = "
@@ -115,8 +117,8 @@ def main(argv):
   for name, method, form in programs:
     compiled = loss_program(weights, FLAGS.copies, method, FLAGS.parts, form).lower(
         feats).compile()
-    if census:
-      counted = census(compiled.as_text())
+    if placement:
+      counted = hlo.census(compiled.as_text())
       print(f"{name}: value and gradient: {counted['kernels']} kernels, moving "
             f"{counted['bytes'] / 1e6:,.1f} MB = {counted['bytes'] / nbytes:.2f} x the "
             "activations (counted in XLA:GPU's optimised program)", flush=True)

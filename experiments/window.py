@@ -147,9 +147,9 @@ def _resume_from_record(committed: str, workdir: str, variant: str) -> int | Non
   """Puts the committed record's checkpoint into `workdir` where it is newer than
   the workdir's own (or the workdir has none); returns its step, or None where the
   workdir is left as it is."""
-  carried = records_lib.resumable(committed) if os.path.isdir(committed) else None
-  local = checkpoints.complete_steps(os.path.join(workdir, checkpoints.DIRECTORY))
-  if carried is None or (local and local[-1] >= carried):
+  carried = records_lib.resumable(committed)
+  local = records_lib.resumable(workdir)
+  if carried is None or (local is not None and local >= carried):
     return None
   records_lib.seed_workdir(committed, workdir)
   print(f"{variant}: resuming from step {carried}, the checkpoint in {committed}",

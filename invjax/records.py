@@ -74,9 +74,9 @@ def write(workdir: str, record_dir: str, weights: bool = True,
     os.makedirs(os.path.dirname(os.path.join(record_dir, name)), exist_ok=True)
     shutil.copyfile(src, os.path.join(record_dir, name))
     copied.append(name)
-  steps = checkpoints.complete_steps(os.path.join(workdir, workdirs.CHECKPOINTS_DIR))
-  if checkpoint and steps and not run_card.read(workdir).get("finished"):
-    name = os.path.join(workdirs.CHECKPOINTS_DIR, str(steps[-1]))
+  step = resumable(workdir) if checkpoint else None
+  if step is not None and not run_card.read(workdir).get("finished"):
+    name = os.path.join(workdirs.CHECKPOINTS_DIR, str(step))
     shutil.copytree(os.path.join(workdir, name), os.path.join(record_dir, name))
     copied.append(name)
   return copied
@@ -157,8 +157,8 @@ class Record:
 
 
 def resumable(record_dir: str) -> int | None:
-  """The step of the checkpoint a record holds (an unfinished run's, written with
-  `checkpoint=True`), or None."""
+  """The step of the newest checkpoint a record holds (an unfinished run's, written
+  with `checkpoint=True`; of a workdir, the same), or None."""
   steps = checkpoints.complete_steps(os.path.join(record_dir, workdirs.CHECKPOINTS_DIR))
   return steps[-1] if steps else None
 
