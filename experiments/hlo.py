@@ -251,6 +251,88 @@ def census(text: str) -> dict:
   return step
 
 
+# The program's thunks, after XLA's thunk passes ----------------------------------------
+
+# A line of XLA:GPU's thunk sequence dump (`<module>.thunk_sequence_after_thunk_passes.txt`
+# under --xla_dump_to): "NNN: kKind [...] name ...", indented by its nesting; a loop's
+# parts are announced by "condition:" and "body:" lines.
+_THUNK = re.compile(r"^( *)\d+: (k\w+)")
+_SECTION = re.compile(r"^( *)(condition|body|branch[\w ]*):\s*$")
+_CONTROL = ("kWhile", "kConditional")
+
+
+def _thunk_tree(text: str) -> list[dict]:
+  """The thunks of a thunk-sequence dump as a tree: {"kind", "members" (a command
+  buffer's), "sections" ({"condition": [...], "body": [...]} of a loop)}."""
+  root: list[dict] = []
+  stack = [(-1, root)]  # (indent of the line that opened it, the list it fills)
+  controls: list[tuple[int, dict]] = []  # loops and conditionals seen, in order
+  for line in text.splitlines():
+    section = _SECTION.match(line)
+    if section:
+      indent = len(section.group(1))
+      owner = next((node for at, node in reversed(controls) if at <= indent), None)
+      if owner is None:
+        raise ValueError(f"thunk sequence: {line.strip()!r} follows no loop")
+      while stack[-1][0] >= indent:
+        stack.pop()
+      stack.append((indent, owner["sections"].setdefault(section.group(2), [])))
+      continue
+    thunk = _THUNK.match(line)
+    if not thunk:
+      continue
+    indent = len(thunk.group(1))
+    while stack[-1][0] >= indent:
+      stack.pop()
+    node = {"kind": thunk.group(2), "members": [], "sections": {}}
+    stack[-1][1].append(node)
+    if node["kind"] == "kCommandBuffer":
+      stack.append((indent, node["members"]))
+    elif node["kind"] in _CONTROL:
+      controls.append((indent, node))
+  return root
+
+
+def _leaves(nodes: list[dict]) -> int:
+  """The thunks that run work (not command buffers, loops or conditionals) under nodes."""
+  return sum(_leaves(n["members"]) + sum(_leaves(s) for s in n["sections"].values())
+             if n["kind"] == "kCommandBuffer" or n["kind"] in _CONTROL else 1
+             for n in nodes)
+
+
+def launches(text: str) -> dict:
+  """What the host launches at each step of a program's outermost loop, from XLA:GPU's
+  thunk sequence after its thunk passes (the passes that gather thunks into command
+  buffers: CUDA graphs, launched whole): {"launches": thunks and command buffers at
+  the top of the loop's body and condition, each one launch; "graphs": how many of
+  them are command buffers; "thunks": the work thunks they hold in all (kernels,
+  cuDNN and cuBLAS calls, copies); "in_graphs": those inside command buffers;
+  "loop_in_graph": whether the loop itself is a command in a command buffer (then the
+  host launches it once a program and "launches" is 0); "once": launches outside the
+  loop}. A program without a loop is all "once"."""
+  tree = _thunk_tree(text)
+
+  def find_loop(nodes, in_graph):
+    for n in nodes:
+      if n["kind"] == "kWhile":
+        return n, in_graph
+      found = find_loop(n["members"], in_graph or n["kind"] == "kCommandBuffer")
+      if found[0] is not None:
+        return found
+    return None, False
+
+  loop, loop_in_graph = find_loop(tree, False)
+  step = (loop["sections"].get("condition", []) + loop["sections"].get("body", [])
+          if loop else [])
+  graphs = [n for n in step if n["kind"] == "kCommandBuffer"]
+  return {"launches": 0 if loop_in_graph else len(step),
+          "graphs": len(graphs),
+          "thunks": _leaves(step),
+          "in_graphs": sum(_leaves(g["members"]) for g in graphs),
+          "loop_in_graph": loop_in_graph,
+          "once": len(tree) - (1 if loop and not loop_in_graph else 0)}
+
+
 def gpu_placement(target: str) -> placement_lib.Placement:
   """A one-device mesh of a compile-only GPU described by gpu_targets/<target>.txtpb."""
   # Called before JAX starts its backends, this lets the CUDA plugin start without

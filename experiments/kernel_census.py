@@ -21,6 +21,12 @@ step" is what a step's kernels move, each kernel's result and operands as XLA's 
 analysis counts them (`hlo.kernel_bytes`; a deviceless compile has no cost analysis of
 its own): an upper estimate of a step's memory traffic, not a measurement (a fusion
 that computes a slice is charged its operands whole; caches are not modelled).
+"Host launches a step" is what the host launches in the loop's body and condition,
+read from XLA's thunk sequence after its thunk passes (`hlo.launches`): a command
+buffer (a CUDA graph of kernels, launched whole) counts one. Which thunks XLA puts in
+command buffers follows XLA_FLAGS (`--xla_gpu_enable_command_buffer=...`); a loop goes
+into one only where the GPU's driver has conditional nodes, which XLA checks on the
+device, so without one the loop stays the host's.
 
 Counts, not times: what a change to the loss or the step does to the kernels it
 launches, checked on a CPU before a GPU window times it. Autotuning needs the device,
@@ -34,7 +40,9 @@ The JAX here may differ from the GPU machine's (the window's image: 0.11.2).
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
+import tempfile
 import time
 
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no CUDA libraries needed
@@ -66,13 +74,15 @@ flags.DEFINE_integer("steps", 10, "Steps in the compiled program (a loop; at lea
                      "program, are shown apart.")
 
 def step_hlo(model: str, key: str, placement: placement_lib.Placement,
-             batch_norm: str = "auto", steps: int = 10) -> str | None:
+             batch_norm: str = "auto", steps: int = 10,
+             dump_to: str | None = None) -> str | None:
   """XLA:GPU's optimised HLO of one variant's training program of `steps` steps in a
   loop, as on an accelerator (XLA removes a loop of one step, and with it the layouts
   of the state inside the loop that differ from those outside: count with 2 or more);
   the moments form the variant names, else the accelerators'; the batch norm
   `batch_norm` means on a GPU, unless the variant names one. None where the variant
-  does not apply to the model (`benchmark.variant_config`)."""
+  does not apply to the model (`benchmark.variant_config`). With `dump_to`, XLA
+  writes its dumps of the program there (the thunk sequence among them)."""
   _, fields, overrides = benchmark.TRAIN_VARIANTS[key]
   config, _ = benchmark.load_config(model, "paper", "bfloat16")
   with config.unlocked():
@@ -101,22 +111,42 @@ def step_hlo(model: str, key: str, placement: placement_lib.Placement,
           on_gpu(data.y_train.shape, data.y_train.dtype), on_gpu((2, n), jnp.int32),
           on_gpu((), jnp.int32), on_gpu((), jnp.int32),
           on_gpu((), jax.random.key(0).dtype))
+  options = dict(placement.compiler_options)
+  if dump_to:
+    options.update(xla_dump_to=dump_to, xla_dump_hlo_module_re="jit_chunk")
   return jax.jit(chunk, donate_argnums=0).lower(*args).compile(
-      compiler_options=placement.compiler_options or None).as_text()
+      compiler_options=options or None).as_text()
 
 
-def format_markdown(rows: dict[str, dict], target: str) -> str:
+def thunk_sequence(dump_dir: str) -> str:
+  """The thunk sequence, after XLA's thunk passes, of the one program dumped in
+  `dump_dir` (`step_hlo(..., dump_to=dump_dir)`)."""
+  found = glob.glob(os.path.join(dump_dir, "*.thunk_sequence_after_thunk_passes.txt"))
+  if len(found) != 1:
+    raise RuntimeError(f"expected one thunk sequence dumped in {dump_dir}, found "
+                       f"{len(found)} (this JAX's XLA may name its dumps otherwise)")
+  with open(found[0]) as f:
+    return f.read()
+
+
+def format_markdown(rows: dict[str, dict], target: str, xla_flags: str = "") -> str:
   parts = [p for p in hlo.PARTS if any(p in r["parts"] for r in rows.values())]
+  flags_said = f" with `XLA_FLAGS={xla_flags}`" if xla_flags else ""
   lines = [f"Kernels a training step launches, compiled for an {target.upper()} without "
-           "one (`python -m experiments.kernel_census`):", "",
+           f"one (`python -m experiments.kernel_census`){flags_said}:", "",
            "| step | kernels a step | " + " | ".join(parts) +
-           " | MB a step | once a program | compile, s |",
+           " | MB a step | host launches a step | of them command buffers "
+           "| kernels in them | once a program | compile, s |",
            "| --- | ---: | " + " | ".join("---:" for _ in parts) +
-           " | ---: | ---: | ---: |"]
+           " | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for name, r in rows.items():
+    launched = r.get("launched", {})
     lines.append(f"| {name} | {r['kernels']} | " + " | ".join(
         f"{r['parts'].get(p, 0):.0f}" for p in parts) +
                  f" | {r['bytes'] / 1e6:,.0f}"
+                 f" | {launched.get('launches', '')}"
+                 f"{' (the loop in a graph)' if launched.get('loop_in_graph') else ''}"
+                 f" | {launched.get('graphs', '')} | {launched.get('in_graphs', '')}"
                  f" | {r.get('per_program', {}).get('kernels', 0)} | "
                  f"{r.get('compile_s', float('nan')):.1f} |")
   return "\n".join(lines) + "\n"
@@ -137,16 +167,22 @@ def main(argv):
     for key in FLAGS.variants:
       name = f"{model}: {benchmark.TRAIN_VARIANTS[key][0]}"
       t = time.perf_counter()
-      text = step_hlo(model, key, placement, FLAGS.batch_norm, FLAGS.steps)
-      if text is None:
-        print(f"{name}: skipped, the variant does not apply to {model}", flush=True)
-        continue
-      rows[name] = {**hlo.census(text), "compile_s": time.perf_counter() - t}
+      with tempfile.TemporaryDirectory() as dump:
+        text = step_hlo(model, key, placement, FLAGS.batch_norm, FLAGS.steps, dump)
+        if text is None:
+          print(f"{name}: skipped, the variant does not apply to {model}", flush=True)
+          continue
+        compile_s = time.perf_counter() - t
+        launched = hlo.launches(thunk_sequence(dump))
+      rows[name] = {**hlo.census(text), "compile_s": compile_s, "launched": launched}
       print(f"{name}: {rows[name]['kernels']} kernels a step moving "
             f"{rows[name]['bytes'] / 1e6:,.0f} MB, "
-            f"{rows[name]['per_program']['kernels']} a program; traced, lowered and "
-            f"compiled in {rows[name]['compile_s']:.1f} s", flush=True)
-    print(format_markdown(rows, FLAGS.target))
+            f"{rows[name]['per_program']['kernels']} a program; the host launches "
+            f"{launched['launches']} a step ({launched['graphs']} command buffers "
+            f"holding {launched['in_graphs']} of its {launched['thunks']} thunks"
+            f"{', the loop inside one' if launched['loop_in_graph'] else ''}); "
+            f"traced, lowered and compiled in {compile_s:.1f} s", flush=True)
+    print(format_markdown(rows, FLAGS.target, os.environ.get("XLA_FLAGS", "")))
 
 
 if __name__ == "__main__":

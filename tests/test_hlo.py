@@ -129,3 +129,61 @@ def test_without_the_cuda_plugin_it_says_what_to_install():
   if importlib.util.find_spec("jax_plugins") is None:  # JAX's CUDA plugin is absent
     with pytest.raises(app.UsageError, match="pip install jax-cuda12-plugin=="):
       hlo.gpu_placement("h100")
+
+
+# XLA:GPU's thunk sequence after its thunk passes, as --xla_dump_to writes it (the
+# layout of jaxlib 0.11.2's dumps; names and launch dimensions shortened): a command
+# buffer and a loop whose condition is one kernel and whose body is two command
+# buffers around a cuDNN convolution and a kernel, then a kernel after the loop.
+THUNKS = """\
+000: kCommandBuffer [source       | next=004 (1)]
+    001: kCopy         [source | sink] kCopy
+    002: kCustomKernel [source | sink] loop_add_fusion grid: [1, 1, 1] threads: [1, 1, 1]
+004: kWhile         [prev=000 (1) | next=012 (1)]
+condition:
+    005: kCustomKernel [source | sink] loop_compare_fusion grid: [1, 1, 1] threads: [1, 1, 1]
+  body:
+    000: kCommandBuffer [source       | next=009 (1)]
+        006: kCustomKernel [source       | next=007 (1)] loop_gather_fusion grid: [8, 1, 1]
+        007: kCustomKernel [prev=006 (1) | next=008 (1)] input_reduce_fusion grid: [128, 1, 1]
+        008: kCustomKernel [prev=007 (1) | sink        ] loop_convert_fusion grid: [768, 1, 1]
+    009: kConvolution   [prev=000 (1) | next=010 (1)] kConvolution
+    010: kCustomKernel  [prev=009 (1) | next=000 (1)] input_reduce_fusion_1 grid: [512, 1, 1]
+    000: kCommandBuffer [prev=010 (1) | sink        ]
+        011: kCustomKernel [source | sink] loop_add_fusion_1 grid: [2, 1, 1]
+012: kCustomKernel  [prev=004 (1) | sink        ] wrapped_slice grid: [1, 1, 1]
+"""
+
+
+def test_launches_count_a_command_buffer_as_one():
+  """A step launches its condition's kernel and its body's four top-level thunks (two
+  command buffers, the convolution, the kernel between): 5, of 7 work thunks, 4 of
+  them in the command buffers. Once a program: the first command buffer and the last
+  kernel."""
+  assert hlo.launches(THUNKS) == {"launches": 5, "graphs": 2, "thunks": 7,
+                                  "in_graphs": 4, "loop_in_graph": False, "once": 2}
+
+
+def test_a_loop_inside_a_command_buffer_launches_nothing_a_step():
+  """With loops among the command types (WHILE) and a body of commands only, the loop
+  is itself a command of a command buffer: the host launches it once a program."""
+  captured = """\
+000: kCommandBuffer [source | sink]
+    001: kCopy [source | next=002 (1)] kCopy
+    002: kWhile [prev=001 (1) | sink]
+    condition:
+        003: kCustomKernel [source | sink] loop_compare_fusion grid: [1, 1, 1]
+      body:
+        004: kCustomKernel [source | next=005 (1)] loop_gather_fusion grid: [8, 1, 1]
+        005: kCuDnn [prev=004 (1) | sink] conv_fusion
+"""
+  assert hlo.launches(captured) == {"launches": 0, "graphs": 0, "thunks": 3,
+                                    "in_graphs": 0, "loop_in_graph": True, "once": 1}
+
+
+def test_launches_without_a_loop_and_a_stray_section():
+  assert hlo.launches(THUNKS.split("004: kWhile")[0]) == {
+      "launches": 0, "graphs": 0, "thunks": 0, "in_graphs": 0, "loop_in_graph": False,
+      "once": 1}
+  with pytest.raises(ValueError, match="'body:' follows no loop"):
+    hlo.launches("  body:\n    001: kCustomKernel [source | sink] f\n")
