@@ -62,7 +62,11 @@
 #                   (loops and conditionals included) from the first execution;
 #                   also nofusiontune (not in the default list): XLA's autotuning
 #                   between its native and Triton fusion emitters off, what its step
-#                   costs (compile1 times its compile).
+#                   costs (compile1 times its compile); and convgraph (not in the
+#                   default list): allcmdbuf with the convolutions as cuDNN fusions,
+#                   which command buffers can hold (XLA's convolution thunks end
+#                   them), with the fusion autotuner off: the whole step one CUDA
+#                   graph, the loop too where the driver has conditional nodes.
 #                   All-CNN-C's step is bound by launching its kernels (1 step a
 #                   program: 2.63 ms, 10 steps: 1.90 ms on the H200), DenseNet-BC's
 #                   1,080 kernels take 11.5 us each: this says whether XLA's command
@@ -180,7 +184,17 @@ same_batch,moments,same_batch_widened,moments_widened,loss_alone}" ;;
           allcmdbuf) flags="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,\
 CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1" ;;
           nofusiontune) flags=--xla_gpu_experimental_enable_fusion_autotuner=false ;;
-          *) echo "unknown XLA setting $name (default nocmdbuf allcmdbuf nofusiontune)"
+          # allcmdbuf, and the convolutions as cuDNN fusions (cuDNN's graph API), which
+          # are commands, where XLA's convolution thunks are not: compiled for an H200
+          # without one, the step's command buffers end at each convolution under
+          # allcmdbuf (DenseNet-BC: 496 launches a step) and hold the whole body with
+          # these (2). The fusion autotuner off, so that XLA assigns the fusions to
+          # cuDNN rather than timing its own emitters against it
+          convgraph) flags="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,\
+CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1 \
+--xla_gpu_experimental_enable_conv_fusion=true \
+--xla_gpu_experimental_enable_fusion_autotuner=false" ;;
+          *) echo "unknown XLA setting $name (default nocmdbuf allcmdbuf nofusiontune convgraph)"
              exit 2 ;;
         esac
         mkdir -p "$OUT/xla_$name"

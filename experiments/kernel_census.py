@@ -24,9 +24,10 @@ that computes a slice is charged its operands whole; caches are not modelled).
 "Host launches a step" is what the host launches in the loop's body and condition,
 read from XLA's thunk sequence after its thunk passes (`hlo.launches`): a command
 buffer (a CUDA graph of kernels, launched whole) counts one. Which thunks XLA puts in
-command buffers follows XLA_FLAGS (`--xla_gpu_enable_command_buffer=...`); a loop goes
-into one only where the GPU's driver has conditional nodes, which XLA checks on the
-device, so without one the loop stays the host's.
+command buffers follows XLA_FLAGS (`--xla_gpu_enable_command_buffer=...`). Compiled
+without a GPU, XLA never put the loop itself into one (WHILE), even with its body one
+command buffer: presumably it asks the device's driver for conditional nodes, so on
+a GPU a loop may launch once a program where this counts its body each step.
 
 Counts, not times: what a change to the loss or the step does to the kernels it
 launches, checked on a CPU before a GPU window times it. Autotuning needs the device,
