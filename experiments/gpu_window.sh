@@ -56,7 +56,8 @@
 #                   the default list: the same batch and moments steps (All-CNN-C also
 #                   1 step a program) of each model of XLA_MODELS (default allcnn) under
 #                   each XLA_FLAGS setting of XLA_SETTINGS (default "default nocmdbuf
-#                   allcmdbuf"), each its own process and folder
+#                   allcmdbuf"), each its own process and folder, each limited to
+#                   the seconds above or XLA_LIMIT
 #                   $OUT/xla_<setting>/benchmark_<model>: the defaults, CUDA-graph
 #                   command buffers off, and command buffers for every command type
 #                   (loops and conditionals included) from the first execution;
@@ -204,6 +205,7 @@ CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_gra
             wrn) limit=100 variants=same_batch,moments ;;
             *) limit=75 variants=same_batch,moments,dispatch1 ;;
           esac
+          limit=${XLA_LIMIT:-$limit}  # seconds a model and setting, if set
           # shellcheck disable=SC2086
           run "xla_${name}_$model" $limit ${cached[@]+"${cached[@]}"} env XLA_FLAGS="$flags" \
             python3 -m experiments.benchmark --models="$model" --repeats=10 \
