@@ -68,6 +68,9 @@
 #                   which command buffers can hold (XLA's convolution thunks end
 #                   them), with the fusion autotuner off: the whole step one CUDA
 #                   graph, the loop too where the driver has conditional nodes.
+#                   Each model and setting also writes launches_<model>.md: the host's
+#                   launches a step of each training program, from the thunk
+#                   sequences XLA dumped (experiments/launches.py; XLA_LAUNCHES=0: not)
 #                   All-CNN-C's step is bound by launching its kernels (1 step a
 #                   program: 2.63 ms, 10 steps: 1.90 ms on the H200), DenseNet-BC's
 #                   1,080 kernels take 11.5 us each: this says whether XLA's command
@@ -206,11 +209,24 @@ CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_gra
             *) limit=75 variants=same_batch,moments,dispatch1 ;;
           esac
           limit=${XLA_LIMIT:-$limit}  # seconds a model and setting, if set
+          # XLA dumps the training programs' thunk sequences (not with XLA_LAUNCHES=0),
+          # read afterwards into launches_<model>.md: what the host launched a step, as
+          # XLA decided with the device's driver at hand (the loop in a CUDA graph or not)
+          dump=/tmp/invjax_xla_dump_${name}_$model dumping=
+          rm -rf "$dump"
+          [ "${XLA_LAUNCHES:-1}" = 1 ] && dumping="--xla_dump_to=$dump \
+--xla_dump_hlo_module_re=jit_chunk"
           # shellcheck disable=SC2086
-          run "xla_${name}_$model" $limit ${cached[@]+"${cached[@]}"} env XLA_FLAGS="$flags" \
+          run "xla_${name}_$model" $limit ${cached[@]+"${cached[@]}"} \
+            env XLA_FLAGS="$flags $dumping" \
             python3 -m experiments.benchmark --models="$model" --repeats=10 \
             --variants="${XLA_VARIANTS:-$variants}" $extra \
             --out="$OUT/xla_$name/benchmark_$model"
+          if [ -n "$dumping" ]; then
+            python3 -m experiments.launches "$dump" \
+              --out="$OUT/xla_$name/launches_$model.md" > /dev/null 2>> "$OUT/phases.txt"
+            rm -rf "$dump"
+          fi
         done
       done ;;
     compile) run compile 330 bash -c 'args=$DENSENET_COMPILE

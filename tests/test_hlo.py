@@ -181,6 +181,27 @@ def test_a_loop_inside_a_command_buffer_launches_nothing_a_step():
                                     "in_graphs": 0, "loop_in_graph": True, "once": 1}
 
 
+def test_the_launches_of_each_dumped_program(tmp_path, capsys):
+  """experiments/launches.py reads every thunk sequence XLA dumped, in XLA's order,
+  and says what is wrong with a folder that has none."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from experiments import launches  # pylint: disable=g-import-not-at-top
+  (tmp_path / "module_0012.jit_chunk.thunk_sequence_after_thunk_passes.txt").write_text(
+      THUNKS)
+  (tmp_path / "module_0003.jit_chunk.thunk_sequence_after_thunk_passes.txt").write_text(
+      THUNKS.split("004: kWhile")[0])
+  (tmp_path / "module_0012.jit_chunk.thunk_sequence.txt").write_text("not read")
+  rows = launches.read_dump(str(tmp_path))
+  assert [r["program"] for r in rows] == ["module_0003.jit_chunk",
+                                          "module_0012.jit_chunk"]
+  assert rows[1]["launches"] == 5 and rows[1]["graphs"] == 2 and rows[0]["once"] == 1
+  launches.FLAGS(["launches"])
+  launches.main(["launches", str(tmp_path)])
+  assert "| module_0012.jit_chunk | 5 | 2 | 7 | 4 | no | 2 |" in capsys.readouterr().out
+  with pytest.raises(app.UsageError, match="no .*thunk_sequence_after_thunk_passes"):
+    launches.main(["launches", str(tmp_path / "module_0012.jit_chunk.thunk_sequence.txt")])
+
+
 def test_launches_without_a_loop_and_a_stray_section():
   assert hlo.launches(THUNKS.split("004: kWhile")[0]) == {
       "launches": 0, "graphs": 0, "thunks": 0, "in_graphs": 0, "loop_in_graph": False,
