@@ -128,6 +128,10 @@ run() {  # run NAME SECONDS COMMAND...: logs to $OUT/NAME.log, notes the outcome
   rc=$?
   echo "$name: rc=$rc after $(( SECONDS - t0 )) s" | tee -a "$OUT/phases.txt"
   tail -n 3 "$OUT/$name.log"
+  pack
+}
+
+pack() {  # $OUT as it stands into $PACK, if set
   if [ -n "${PACK:-}" ]; then tar czf "$PACK.part" -C "$OUT" . && mv "$PACK.part" "$PACK"; fi
 }
 
@@ -226,6 +230,7 @@ CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_gra
             python3 -m experiments.launches "$dump" \
               --out="$OUT/xla_$name/launches_$model.md" > /dev/null 2>> "$OUT/phases.txt"
             rm -rf "$dump"
+            pack
           fi
         done
       done ;;

@@ -70,11 +70,12 @@ def main(argv):
                          "dumped into: XLA_FLAGS=--xla_dump_to=DIR)")
   folder = argv[1]
   rows = read_dump(folder)
-  if not rows:
-    raise app.UsageError(
+  if not rows:  # a message alone, not the flags' help (the window logs it)
+    raise SystemExit(
         f"{folder}: no *{SUFFIX}: XLA dumps thunk sequences for GPU programs only, "
         "with XLA_FLAGS=--xla_dump_to=DIR (and --xla_dump_hlo_module_re=jit_chunk "
-        "for the training programs alone)")
+        "for the training programs alone), and not for a program it loaded from the "
+        "persistent compilation cache")
   text = format_markdown(rows, folder)
   print(text)
   if FLAGS.out:
