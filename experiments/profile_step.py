@@ -52,6 +52,11 @@ the bwd column). The raw trace is deleted; --keep_trace keeps one file per varia
 
 If most of a GPU step lands in "other (unattributed)", XLA ran kernels inside CUDA
 graphs that name no instruction: rerun with XLA_FLAGS=--xla_gpu_enable_command_buffer=.
+XLA 0.11 itself runs its command buffers op by op while a profiler is active (unless
+XLA_FLAGS has --xla_enable_command_buffers_during_profiling=true), so the traced
+programs launch every kernel on its own: the "with the profiler" wall time then
+includes what the CUDA graphs spare the untraced step (experiments/launches.py counts
+those launches).
 """
 
 from __future__ import annotations
