@@ -195,9 +195,10 @@ CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_gra
           # allcmdbuf, and the convolutions as cuDNN fusions (cuDNN's graph API), which
           # are commands, where XLA's convolution thunks are not: compiled for an H200
           # without one, the step's command buffers end at each convolution under
-          # allcmdbuf (DenseNet-BC: 496 launches a step) and hold the whole body with
-          # these (2). The fusion autotuner off, so that XLA assigns the fusions to
-          # cuDNN rather than timing its own emitters against it
+          # allcmdbuf (DenseNet-BC: 496 launches a step); with these the whole program,
+          # loop included, is one command buffer (one launch a program, given a driver
+          # with conditional nodes). The fusion autotuner off, so that XLA assigns the
+          # fusions to cuDNN rather than timing its own emitters against it
           convgraph) flags="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,\
 CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1 \
 --xla_gpu_experimental_enable_conv_fusion=true \

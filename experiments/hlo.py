@@ -263,20 +263,23 @@ _CONTROL = ("kWhile", "kConditional")
 
 def _thunk_tree(text: str) -> list[dict]:
   """The thunks of a thunk-sequence dump as a tree: {"kind", "members" (a command
-  buffer's), "sections" ({"condition": [...], "body": [...]} of a loop)}."""
+  buffer's), "sections" ({"condition": [...], "body": [...]} of a loop)}. A section's
+  label belongs to the last loop or conditional seen (XLA prints "condition:" without
+  its loop's indentation), and its thunks are those indented under the loop."""
   root: list[dict] = []
   stack = [(-1, root)]  # (indent of the line that opened it, the list it fills)
-  controls: list[tuple[int, dict]] = []  # loops and conditionals seen, in order
+  last_control = None  # (its indent, the node)
   for line in text.splitlines():
     section = _SECTION.match(line)
     if section:
-      indent = len(section.group(1))
-      owner = next((node for at, node in reversed(controls) if at <= indent), None)
-      if owner is None:
+      if last_control is None:
         raise ValueError(f"thunk sequence: {line.strip()!r} follows no loop")
-      while stack[-1][0] >= indent:
+      indent, owner = last_control
+      # Deeper than the loop, shallower than its thunks: the loop's next sibling
+      # closes the section, and the section closes the one before it.
+      while stack[-1][0] >= indent + 1:
         stack.pop()
-      stack.append((indent, owner["sections"].setdefault(section.group(2), [])))
+      stack.append((indent + 1, owner["sections"].setdefault(section.group(2), [])))
       continue
     thunk = _THUNK.match(line)
     if not thunk:
@@ -289,7 +292,7 @@ def _thunk_tree(text: str) -> list[dict]:
     if node["kind"] == "kCommandBuffer":
       stack.append((indent, node["members"]))
     elif node["kind"] in _CONTROL:
-      controls.append((indent, node))
+      last_control = (indent, node)
   return root
 
 
@@ -306,7 +309,8 @@ def launches(text: str) -> dict:
   buffers: CUDA graphs, launched whole): {"launches": thunks and command buffers at
   the top of the loop's body and condition, each one launch; "graphs": how many of
   them are command buffers; "thunks": the work thunks they hold in all (kernels,
-  cuDNN and cuBLAS calls, copies); "in_graphs": those inside command buffers;
+  cuDNN and cuBLAS calls, copies); "in_graphs": those inside command buffers (all of
+  them if the loop is in one);
   "loop_in_graph": whether the loop itself is a command in a command buffer (then the
   host launches it once a program and "launches" is 0); "once": launches outside the
   loop}. A program without a loop is all "once"."""
@@ -328,7 +332,8 @@ def launches(text: str) -> dict:
   return {"launches": 0 if loop_in_graph else len(step),
           "graphs": len(graphs),
           "thunks": _leaves(step),
-          "in_graphs": sum(_leaves(g["members"]) for g in graphs),
+          "in_graphs": _leaves(step) if loop_in_graph else sum(_leaves(g["members"])
+                                                                 for g in graphs),
           "loop_in_graph": loop_in_graph,
           "once": len(tree) - (1 if loop and not loop_in_graph else 0)}
 

@@ -24,10 +24,11 @@ that computes a slice is charged its operands whole; caches are not modelled).
 "Host launches a step" is what the host launches in the loop's body and condition,
 read from XLA's thunk sequence after its thunk passes (`hlo.launches`): a command
 buffer (a CUDA graph of kernels, launched whole) counts one. Which thunks XLA puts in
-command buffers follows XLA_FLAGS (`--xla_gpu_enable_command_buffer=...`). Compiled
-without a GPU, XLA never put the loop itself into one (WHILE), even with its body one
-command buffer: presumably it asks the device's driver for conditional nodes, so on
-a GPU a loop may launch once a program where this counts its body each step.
+command buffers follows XLA_FLAGS (`--xla_gpu_enable_command_buffer=...`). Whether a
+loop itself goes into one (WHILE: the whole program one launch, when its body holds
+only commands) XLA decides from the driver's and the CUDA runtime's versions, which
+the target's description gives (gpu_targets/: those of the window's image, as lower
+bounds); experiments/launches.py reads what a compile on the GPU itself decided.
 
 Counts, not times: what a change to the loss or the step does to the kernels it
 launches, checked on a CPU before a GPU window times it. Autotuning needs the device,
@@ -179,10 +180,11 @@ def main(argv):
       print(f"{name}: {rows[name]['kernels']} kernels a step moving "
             f"{rows[name]['bytes'] / 1e6:,.0f} MB, "
             f"{rows[name]['per_program']['kernels']} a program; the host launches "
-            f"{launched['launches']} a step ({launched['graphs']} command buffers "
-            f"holding {launched['in_graphs']} of its {launched['thunks']} thunks"
-            f"{', the loop inside one' if launched['loop_in_graph'] else ''}); "
-            f"traced, lowered and compiled in {compile_s:.1f} s", flush=True)
+            + (f"none a step (the loop and its {launched['thunks']} thunks in a command "
+               "buffer); " if launched["loop_in_graph"] else
+               f"{launched['launches']} a step ({launched['graphs']} command buffers "
+               f"holding {launched['in_graphs']} of its {launched['thunks']} thunks); ")
+            + f"traced, lowered and compiled in {compile_s:.1f} s", flush=True)
     print(format_markdown(rows, FLAGS.target, os.environ.get("XLA_FLAGS", "")))
 
 

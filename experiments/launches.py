@@ -5,10 +5,11 @@ it dumped.
       python -m experiments.benchmark --models=allcnn ...
   python -m experiments.launches DIR [--out=FILE.md]
 
-On a GPU, XLA decides at compile time, with the device's driver at hand, which
-kernels go into command buffers (CUDA graphs, launched whole) and whether a loop does
-too (CUDA's conditional nodes); a compile without the GPU
-(experiments/kernel_census.py) cannot say the latter. With `--xla_dump_to`, XLA writes
+XLA decides at compile time which kernels go into command buffers (CUDA graphs,
+launched whole) and whether a loop does too (CUDA's conditional nodes, by the driver's
+and the runtime's versions). A compile without the GPU (experiments/kernel_census.py)
+assumes the versions its target description declares; on the GPU XLA asks the
+device, and this says what it decided there. With `--xla_dump_to`, XLA writes
 each program's thunk sequence after its thunk passes; this reads every one in DIR
 (`hlo.launches`) and prints, per program, the host's launches a step of its outermost
 loop (a command buffer counts one), how many of them are command buffers, the work

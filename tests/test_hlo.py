@@ -165,20 +165,25 @@ def test_launches_count_a_command_buffer_as_one():
 
 
 def test_a_loop_inside_a_command_buffer_launches_nothing_a_step():
-  """With loops among the command types (WHILE) and a body of commands only, the loop
-  is itself a command of a command buffer: the host launches it once a program."""
+  """With loops among the command types (WHILE), a body of commands only and a driver
+  with conditional nodes, the whole program is one command buffer, the loop a command
+  in it: the host launches it once a program. (XLA's layout: "condition:" unindented,
+  "body:" under the loop; a command after the loop, in the same command buffer.)"""
   captured = """\
 000: kCommandBuffer [source | sink]
-    001: kCopy [source | next=002 (1)] kCopy
-    002: kWhile [prev=001 (1) | sink]
-    condition:
+    001: kCopy         [source       | next=002 (1)] kCopy
+    002: kWhile        [prev=001 (1) | next=006 (1)]
+condition:
         003: kCustomKernel [source | sink] loop_compare_fusion grid: [1, 1, 1]
       body:
-        004: kCustomKernel [source | next=005 (1)] loop_gather_fusion grid: [8, 1, 1]
-        005: kCuDnn [prev=004 (1) | sink] conv_fusion
+        004: kCustomKernel [source       | next=005 (1) ] loop_gather_fusion grid: [8, 1, 1]
+        005: kCustomKernel [prev=004 (1) | sink         ] fusion_16 grid: [21, 1, 1]
+    006: kCustomKernel [prev=002 (1) | sink        ] wrapped_slice grid: [1, 1, 1]
 """
   assert hlo.launches(captured) == {"launches": 0, "graphs": 0, "thunks": 3,
-                                    "in_graphs": 0, "loop_in_graph": True, "once": 1}
+                                    "in_graphs": 3, "loop_in_graph": True, "once": 1}
+  cb = hlo._thunk_tree(captured)[0]  # pylint: disable=protected-access
+  assert [n["kind"] for n in cb["members"]] == ["kCopy", "kWhile", "kCustomKernel"]
 
 
 def test_the_launches_of_each_dumped_program(tmp_path, capsys):
