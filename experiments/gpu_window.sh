@@ -228,8 +228,8 @@ CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_gra
             --variants="${XLA_VARIANTS:-$variants}" $extra \
             --out="$OUT/xla_$name/benchmark_$model"
           if [ -n "$dumping" ]; then
-            python3 -m experiments.launches "$dump" \
-              --out="$OUT/xla_$name/launches_$model.md" > /dev/null 2>> "$OUT/phases.txt"
+            python3 -m experiments.launches "$dump" "$OUT/xla_$name/launches_$model.md" \
+              > /dev/null 2>> "$OUT/phases.txt"
             rm -rf "$dump"
             pack
           fi

@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import re
 import tempfile
 import time
 
@@ -131,6 +132,16 @@ def thunk_sequence(dump_dir: str) -> str:
     return f.read()
 
 
+def compile_error(text: str) -> str:
+  """XLA's compile error in a line: its first, and of its example failure the fused
+  computation and the operation it came from."""
+  first = text.split("\n", 1)[0].rstrip(": ").removesuffix(" Example failure")
+  called = re.search(r"calls=%([\w.\-]+)", text)
+  op = re.search(r'op_name="([^"]+)"', text)
+  example = ", ".join(m.group(1) for m in (called, op) if m)
+  return f"{first} (for example {example})" if example else first
+
+
 def format_markdown(rows: dict[str, dict], target: str, xla_flags: str = "") -> str:
   parts = [p for p in hlo.PARTS if any(p in r["parts"] for r in rows.values())]
   flags_said = f" with `XLA_FLAGS={xla_flags}`" if xla_flags else ""
@@ -165,12 +176,17 @@ def main(argv):
                          "loop of one step, unlike the training program's).")
   placement = hlo.gpu_placement(FLAGS.target)
   for model in FLAGS.models:
-    rows = {}
+    rows, failed = {}, {}
     for key in FLAGS.variants:
       name = f"{model}: {benchmark.TRAIN_VARIANTS[key][0]}"
       t = time.perf_counter()
       with tempfile.TemporaryDirectory() as dump:
-        text = step_hlo(model, key, placement, FLAGS.batch_norm, FLAGS.steps, dump)
+        try:
+          text = step_hlo(model, key, placement, FLAGS.batch_norm, FLAGS.steps, dump)
+        except jax.errors.JaxRuntimeError as e:  # e.g. a fusion no backend here takes
+          failed[name] = compile_error(str(e))
+          print(f"{name}: XLA could not compile it: {failed[name]}", flush=True)
+          continue
         if text is None:
           print(f"{name}: skipped, the variant does not apply to {model}", flush=True)
           continue
@@ -185,7 +201,9 @@ def main(argv):
                f"{launched['launches']} a step ({launched['graphs']} command buffers "
                f"holding {launched['in_graphs']} of its {launched['thunks']} thunks); ")
             + f"traced, lowered and compiled in {compile_s:.1f} s", flush=True)
-    print(format_markdown(rows, FLAGS.target, os.environ.get("XLA_FLAGS", "")))
+    print(format_markdown(rows, FLAGS.target, os.environ.get("XLA_FLAGS", "")) +
+          "".join(f"\n{name}: XLA could not compile it ({why})\n"
+                  for name, why in failed.items()))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ it dumped.
 
   XLA_FLAGS="--xla_dump_to=DIR --xla_dump_hlo_module_re=jit_chunk" \
       python -m experiments.benchmark --models=allcnn ...
-  python -m experiments.launches DIR [--out=FILE.md]
+  python -m experiments.launches DIR [FILE.md]
 
 XLA decides at compile time which kernels go into command buffers (CUDA graphs,
 launched whole) and whether a loop does too (CUDA's conditional nodes, by the driver's
@@ -25,12 +25,8 @@ import os
 import re
 
 from absl import app
-from absl import flags
 
 from experiments import hlo
-
-flags.DEFINE_string("out", None, "Also write the table to this Markdown file.")
-FLAGS = flags.FLAGS
 
 SUFFIX = ".thunk_sequence_after_thunk_passes.txt"
 
@@ -66,9 +62,12 @@ def format_markdown(rows: list[dict], folder: str) -> str:
 
 
 def main(argv):
-  if len(argv) != 2:
-    raise app.UsageError("usage: python -m experiments.launches DIR (a folder XLA "
-                         "dumped into: XLA_FLAGS=--xla_dump_to=DIR)")
+  # No flags of its own: a process that imports it with experiments.benchmark's
+  # (--out) would define one twice.
+  if len(argv) not in (2, 3):
+    raise app.UsageError("usage: python -m experiments.launches DIR [FILE.md] (DIR: a "
+                         "folder XLA dumped into, XLA_FLAGS=--xla_dump_to=DIR; FILE.md: "
+                         "where to write the table too)")
   folder = argv[1]
   rows = read_dump(folder)
   if not rows:  # a message alone, not the flags' help (the window logs it)
@@ -79,8 +78,8 @@ def main(argv):
         "persistent compilation cache")
   text = format_markdown(rows, folder)
   print(text)
-  if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
+  if len(argv) == 3:
+    with open(argv[2], "w") as f:
       f.write(text)
 
 

@@ -199,9 +199,9 @@ def test_the_launches_of_each_dumped_program(tmp_path, capsys):
   assert [r["program"] for r in rows] == ["module_0003.jit_chunk",
                                           "module_0012.jit_chunk"]
   assert rows[1]["launches"] == 5 and rows[1]["graphs"] == 2 and rows[0]["once"] == 1
-  launches.FLAGS(["launches"])
-  launches.main(["launches", str(tmp_path)])
+  launches.main(["launches", str(tmp_path), str(tmp_path / "out.md")])
   assert "| module_0012.jit_chunk | 5 | 2 | 7 | 4 | no | 2 |" in capsys.readouterr().out
+  assert "| module_0003.jit_chunk | 0 |" in (tmp_path / "out.md").read_text()
   with pytest.raises(SystemExit, match="no .*thunk_sequence_after_thunk_passes"):
     launches.main(["launches", str(tmp_path / "module_0012.jit_chunk.thunk_sequence.txt")])
 
@@ -212,3 +212,19 @@ def test_launches_without_a_loop_and_a_stray_section():
       "once": 1}
   with pytest.raises(ValueError, match="'body:' follows no loop"):
     hlo.launches("  body:\n    001: kCustomKernel [source | sink] f\n")
+
+
+def test_a_compile_error_in_one_line():
+  """kernel_census reports a variant XLA could not compile in one line: XLA's first,
+  and the fused computation and operation of its example failure."""
+  from experiments import kernel_census  # pylint: disable=g-import-not-at-top
+  text = ("INTERNAL: Failed to get configs for: 6 out of 26 instructions. See logs for "
+          "all failures. Example failure: \nNo supported config found for HLO: "
+          "%fusion.13 = bf16[8]{0} fusion(%a, %b), kind=kCustom, "
+          "calls=%conv_dgrad.6_fusion_comp, metadata={op_name=\"jit(chunk)/Conv_3/"
+          "add_any\" stack_frame_id=217}\n - INTERNAL: more")
+  assert kernel_census.compile_error(text) == (
+      "INTERNAL: Failed to get configs for: 6 out of 26 instructions. See logs for all "
+      "failures. (for example conv_dgrad.6_fusion_comp, jit(chunk)/Conv_3/add_any)")
+  assert kernel_census.compile_error("INTERNAL: out of memory\nmore") == (
+      "INTERNAL: out of memory")
