@@ -544,7 +544,7 @@ def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: in
   m = config.copies
   variants = TRAIN_VARIANTS
   default_method = config_lib.base_config().loss_method
-  prepared = {}
+  prepared, failed = {}, {}
   for key, (name, fields, step_overrides) in variants.items():
     if key not in chosen:
       continue
@@ -553,7 +553,11 @@ def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: in
       print(f"  {model} {precision}: {name} does not apply, skipped", flush=True)
       continue
     print(f"  {model} {precision}: compiling {name} ...", flush=True)
-    prepared[name] = TrainingVariant(c, data, step_overrides, spd)
+    try:
+      prepared[name] = TrainingVariant(c, data, step_overrides, spd)
+    except jax.errors.JaxRuntimeError as e:  # the others still run (an XLA flag's
+      failed[name] = str(e).split("\n", 1)[0][:300]  # fusion no backend takes, ...)
+      print(f"  {model} {precision}: {name} did not compile: {failed[name]}", flush=True)
   if "stacked" in chosen and stacked_runs > 1:
     c = config.copy_and_resolve_references()
     with c.unlocked():
@@ -589,7 +593,7 @@ def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: in
   result = {"model": model, "precision": precision, "size": size,
             "overrides": overrides, "batch_size": config.batch_size, "copies": m,
             "paper_epochs": config.num_epochs, "train_rows": rows,
-            "default_method": default_method}
+            "default_method": default_method, "failed": failed}
   if "loss_alone" in chosen:
     c = config.copy_and_resolve_references()
     with c.unlocked():
@@ -699,6 +703,8 @@ def format_markdown(result: dict) -> str:
           f"{a['flops_per_step'] / 1e9:,.2f} | | | "
           f"{a['memory_plan_bytes'] / 2**20:,.0f} | {a['compile_s']:.1f} |")
     lines.append("")
+    for name, why in r.get("failed", {}).items():
+      lines.append(f"{name}: did not compile ({why}).  ")
     for a in _loss_alone_rows(r):
       form = f" ({a['form'].replace('_', ' ')})" if "loss_alone_forms" in r else ""
       lines.append(

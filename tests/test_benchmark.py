@@ -189,3 +189,22 @@ def test_a_flax_batch_norm_row_is_compared_with_the_same_batch_with_flax_batch_n
          "invariance moments": {"step_ms": 2.2, "batch_norm": "flax"}}
   benchmark.add_ratios(cpu)
   assert abs(cpu["invariance moments"]["vs_same_batch"] - 1.1) < 1e-12
+
+
+def test_a_variant_that_does_not_compile_is_reported_and_the_rest_timed(monkeypatch):
+  """An XLA flag can leave a program XLA will not compile (a fusion no backend takes):
+  the benchmark says which variant and why, and times the others."""
+  class Compiled:
+    def __init__(self, config, data, step_overrides, steps_per_dispatch):
+      del data, step_overrides, steps_per_dispatch
+      if config.alpha > 0:
+        raise jax.errors.JaxRuntimeError("INTERNAL: no config for fusion.13\nmore")
+      self.config, self.batch_norm, self.step_config = config, "fused", None
+
+  monkeypatch.setattr(benchmark, "TrainingVariant", Compiled)
+  monkeypatch.setattr(benchmark, "time_training",
+                      lambda prepared, repeats: {n: {"step_ms": 1.0} for n in prepared})
+  r = benchmark.benchmark_model("allcnn", "small", "float32", 1, 1, 64, 16,
+                                chosen=("same_batch", "moments"))
+  assert list(r["train_rows"]) == ["same batch"]
+  assert r["failed"] == {"invariance moments": "INTERNAL: no config for fusion.13"}
