@@ -4,7 +4,9 @@ An optimised HLO module's text (`compiled.as_text()`) says which operations shar
 kernel (XLA's fusions), which computations run in loops, and, by the named scopes
 invjax/steps.py sets, which part of a training step each instruction belongs to.
 `HloIndex` reads it; `census` counts the kernels a program launches (per step, in its
-loops, and once a program), by part and kind, and the bytes they move.
+loops, and once a program), by part and kind, and the bytes they move. `launches`
+reads XLA's thunk sequence (a dump, after the passes that gather kernels into
+command buffers) for what the host itself launches.
 `gpu_placement` is a one-device mesh of a GPU described in gpu_targets/, for which
 XLA's GPU compiler compiles without the GPU (JAX's CUDA plugin installed, no CUDA
 libraries needed). experiments/kernel_census.py, profile_step.py and loss_cost.py use
@@ -310,10 +312,9 @@ def launches(text: str) -> dict:
   the top of the loop's body and condition, each one launch; "graphs": how many of
   them are command buffers; "thunks": the work thunks they hold in all (kernels,
   cuDNN and cuBLAS calls, copies); "in_graphs": those inside command buffers (all of
-  them if the loop is in one);
-  "loop_in_graph": whether the loop itself is a command in a command buffer (then the
-  host launches it once a program and "launches" is 0); "once": launches outside the
-  loop}. A program without a loop is all "once"."""
+  them if the loop is in one); "loop_in_graph": whether the loop itself is a command
+  in a command buffer (then the host launches it once a program and "launches" is
+  0); "once": launches outside the loop}. A program without a loop is all "once"."""
   tree = _thunk_tree(text)
 
   def find_loop(nodes, in_graph):
