@@ -67,7 +67,9 @@
 #                   default list): allcmdbuf with the convolutions as cuDNN fusions,
 #                   which command buffers can hold (XLA's convolution thunks end
 #                   them), with the fusion autotuner off: the whole step one CUDA
-#                   graph, the loop too where the driver has conditional nodes.
+#                   graph, the loop too where the driver has conditional nodes;
+#                   convgraphtuned: the same with the fusion autotuner on (cuDNN's
+#                   plans timed, not its first taken; a longer compile).
 #                   Each model and setting also writes launches_<model>.md: the host's
 #                   launches a step of each training program, from the thunk
 #                   sequences XLA dumped (experiments/launches.py; XLA_LAUNCHES=0: not)
@@ -203,7 +205,13 @@ CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_gra
 CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1 \
 --xla_gpu_experimental_enable_conv_fusion=true \
 --xla_gpu_experimental_enable_fusion_autotuner=false" ;;
-          *) echo "unknown XLA setting $name (default nocmdbuf allcmdbuf nofusiontune convgraph)"
+          # convgraph with the fusion autotuner on: cuDNN's plans for each fused
+          # convolution timed (convgraph takes cuDNN's first), at the price of timing
+          # XLA's own emitters too, for every fusion: a longer compile
+          convgraphtuned) flags="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,\
+CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1 \
+--xla_gpu_experimental_enable_conv_fusion=true" ;;
+          *) echo "unknown XLA setting $name (default nocmdbuf allcmdbuf nofusiontune convgraph convgraphtuned)"
              exit 2 ;;
         esac
         mkdir -p "$OUT/xla_$name"
