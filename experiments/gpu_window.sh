@@ -186,14 +186,18 @@ same_batch,moments,moments_per_seed,same_batch_flax_bn,loss_alone,analysis}" ;;
     densenet) bench densenet 420 --models=densenet --repeats=10 --variants="${DENSENET_VARIANTS:-\
 same_batch,moments,same_batch_widened,moments_widened,loss_alone}" ;;
     augment) run augment 60 python3 -m experiments.augment_cost ;;
-    xla) for name in ${XLA_SETTINGS:-default nocmdbuf allcmdbuf}; do
+    xla)
+      # XLA 0.11.2's default list, plus WHILE (the step loop), from one command
+      allcmdbuf="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,\
+CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
+      nofusiontune=--xla_gpu_experimental_enable_fusion_autotuner=false
+      convfusion=--xla_gpu_experimental_enable_conv_fusion=true
+      for name in ${XLA_SETTINGS:-default nocmdbuf allcmdbuf}; do
         case $name in
           default) flags= ;;
           nocmdbuf) flags=--xla_gpu_enable_command_buffer= ;;
-          # XLA 0.11.2's default list, plus WHILE (the step loop), from one command
-          allcmdbuf) flags="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,\
-CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1" ;;
-          nofusiontune) flags=--xla_gpu_experimental_enable_fusion_autotuner=false ;;
+          allcmdbuf) flags=$allcmdbuf ;;
+          nofusiontune) flags=$nofusiontune ;;
           # allcmdbuf, and the convolutions as cuDNN fusions (cuDNN's graph API), which
           # are commands, where XLA's convolution thunks are not: compiled for an H200
           # without one, the step's command buffers end at each convolution under
@@ -201,16 +205,11 @@ CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_gra
           # loop included, is one command buffer (one launch a program, given a driver
           # with conditional nodes). The fusion autotuner off, so that XLA assigns the
           # fusions to cuDNN rather than timing its own emitters against it
-          convgraph) flags="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,\
-CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1 \
---xla_gpu_experimental_enable_conv_fusion=true \
---xla_gpu_experimental_enable_fusion_autotuner=false" ;;
+          convgraph) flags="$allcmdbuf $convfusion $nofusiontune" ;;
           # convgraph with the fusion autotuner on: cuDNN's plans for each fused
           # convolution timed (convgraph takes cuDNN's first), at the price of timing
           # XLA's own emitters too, for every fusion: a longer compile
-          convgraphtuned) flags="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,\
-CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1 \
---xla_gpu_experimental_enable_conv_fusion=true" ;;
+          convgraphtuned) flags="$allcmdbuf $convfusion" ;;
           *) echo "unknown XLA setting $name (default nocmdbuf allcmdbuf nofusiontune convgraph convgraphtuned)"
              exit 2 ;;
         esac
