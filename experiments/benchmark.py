@@ -72,6 +72,7 @@ from invjax import placement as placement_lib
 from invjax import programs as programs_lib
 from invjax import steps as steps_lib
 from experiments import common
+from experiments import hlo
 from experiments import loss_cost
 from experiments import paper
 
@@ -556,7 +557,7 @@ def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: in
     try:
       prepared[name] = TrainingVariant(c, data, step_overrides, spd)
     except jax.errors.JaxRuntimeError as e:  # the others still run (an XLA flag's
-      failed[name] = str(e).split("\n", 1)[0][:300]  # fusion no backend takes, ...)
+      failed[name] = hlo.compile_error(str(e))  # fusion no backend takes, ...)
       print(f"  {model} {precision}: {name} did not compile: {failed[name]}", flush=True)
   if "stacked" in chosen and stacked_runs > 1:
     c = config.copy_and_resolve_references()

@@ -339,6 +339,16 @@ def launches(text: str) -> dict:
           "once": len(tree) - (1 if loop and not loop_in_graph else 0)}
 
 
+def compile_error(text: str) -> str:
+  """XLA's compile error in a line: its first, and of its example failure the fused
+  computation and the operation it came from (a fusion no backend takes, say)."""
+  first = text.split("\n", 1)[0].rstrip(": ").removesuffix(" Example failure")
+  called = re.search(r"calls=%([\w.\-]+)", text)
+  op = re.search(r'op_name="([^"]+)"', text)
+  example = ", ".join(m.group(1) for m in (called, op) if m)
+  return f"{first} (for example {example})" if example else first
+
+
 def gpu_placement(target: str) -> placement_lib.Placement:
   """A one-device mesh of a compile-only GPU described by gpu_targets/<target>.txtpb."""
   # Called before JAX starts its backends, this lets the CUDA plugin start without

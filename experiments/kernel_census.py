@@ -44,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
-import re
 import tempfile
 import time
 
@@ -132,16 +131,6 @@ def thunk_sequence(dump_dir: str) -> str:
     return f.read()
 
 
-def compile_error(text: str) -> str:
-  """XLA's compile error in a line: its first, and of its example failure the fused
-  computation and the operation it came from."""
-  first = text.split("\n", 1)[0].rstrip(": ").removesuffix(" Example failure")
-  called = re.search(r"calls=%([\w.\-]+)", text)
-  op = re.search(r'op_name="([^"]+)"', text)
-  example = ", ".join(m.group(1) for m in (called, op) if m)
-  return f"{first} (for example {example})" if example else first
-
-
 def format_markdown(rows: dict[str, dict], target: str, xla_flags: str = "") -> str:
   parts = [p for p in hlo.PARTS if any(p in r["parts"] for r in rows.values())]
   flags_said = f" with `XLA_FLAGS={xla_flags}`" if xla_flags else ""
@@ -153,13 +142,13 @@ def format_markdown(rows: dict[str, dict], target: str, xla_flags: str = "") -> 
            "| --- | ---: | " + " | ".join("---:" for _ in parts) +
            " | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for name, r in rows.items():
-    launched = r.get("launched", {})
+    launched = r["launched"]
     lines.append(f"| {name} | {r['kernels']} | " + " | ".join(
         f"{r['parts'].get(p, 0):.0f}" for p in parts) +
                  f" | {r['bytes'] / 1e6:,.0f}"
-                 f" | {launched.get('launches', '')}"
-                 f"{' (the loop in a graph)' if launched.get('loop_in_graph') else ''}"
-                 f" | {launched.get('graphs', '')} | {launched.get('in_graphs', '')}"
+                 f" | {launched['launches']}"
+                 f"{' (the loop in a graph)' if launched['loop_in_graph'] else ''}"
+                 f" | {launched['graphs']} | {launched['in_graphs']}"
                  f" | {r.get('per_program', {}).get('kernels', 0)} | "
                  f"{r.get('compile_s', float('nan')):.1f} |")
   return "\n".join(lines) + "\n"
@@ -184,7 +173,7 @@ def main(argv):
         try:
           text = step_hlo(model, key, placement, FLAGS.batch_norm, FLAGS.steps, dump)
         except jax.errors.JaxRuntimeError as e:  # e.g. a fusion no backend here takes
-          failed[name] = compile_error(str(e))
+          failed[name] = hlo.compile_error(str(e))
           print(f"{name}: XLA could not compile it: {failed[name]}", flush=True)
           continue
         if text is None:

@@ -215,16 +215,15 @@ def test_launches_without_a_loop_and_a_stray_section():
 
 
 def test_a_compile_error_in_one_line():
-  """kernel_census reports a variant XLA could not compile in one line: XLA's first,
-  and the fused computation and operation of its example failure."""
-  from experiments import kernel_census  # pylint: disable=g-import-not-at-top
+  """kernel_census and the benchmark report a variant XLA could not compile in one
+  line: XLA's first, and the fused computation and operation of its example failure."""
   text = ("INTERNAL: Failed to get configs for: 6 out of 26 instructions. See logs for "
           "all failures. Example failure: \nNo supported config found for HLO: "
           "%fusion.13 = bf16[8]{0} fusion(%a, %b), kind=kCustom, "
           "calls=%conv_dgrad.6_fusion_comp, metadata={op_name=\"jit(chunk)/Conv_3/"
           "add_any\" stack_frame_id=217}\n - INTERNAL: more")
-  assert kernel_census.compile_error(text) == (
+  assert hlo.compile_error(text) == (
       "INTERNAL: Failed to get configs for: 6 out of 26 instructions. See logs for all "
       "failures. (for example conv_dgrad.6_fusion_comp, jit(chunk)/Conv_3/add_any)")
-  assert kernel_census.compile_error("INTERNAL: out of memory\nmore") == (
+  assert hlo.compile_error("INTERNAL: out of memory\nmore") == (
       "INTERNAL: out of memory")
