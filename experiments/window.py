@@ -50,7 +50,6 @@ from absl import logging
 
 from experiments import paper
 from invjax import analyze as analyze_lib
-from invjax import checkpoints
 from invjax import input_pipeline
 from invjax import records as records_lib
 from invjax import robustness as robustness_lib
@@ -168,16 +167,16 @@ def _write_and_pack(workdir: str, record: str, staging: str, packed: str,
   if not finished:
     tries = [(True, True), (False, True)] + tries
   for weights, checkpoint in tries:
-    copied = records_lib.write(workdir, record, weights=weights, checkpoint=checkpoint)
+    records_lib.write(workdir, record, weights=weights, checkpoint=checkpoint)
     records_lib.pack(record, staging, packed)
     if os.path.getsize(packed) <= records_lib.MAX_PACK_BYTES:
       break
   left = {}
   if not weights:
     left["weights"] = "left out: the pack would exceed 16 MiB"
-  steps = [c for c in copied if c.startswith(checkpoints.DIRECTORY + os.sep)]
   if not finished:
-    left["checkpoint"] = (int(os.path.basename(steps[0])) if steps else
+    step = records_lib.resumable(record)  # the checkpoint the record now holds
+    left["checkpoint"] = (step if step is not None else
                           "left out: the pack would exceed 16 MiB; a fresh machine "
                           "starts this run again")
   return left

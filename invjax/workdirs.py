@@ -163,8 +163,7 @@ def save_config(config, workdir: str) -> None:
 
 def has_checkpoint(workdir: str) -> bool:
   """Whether WORKDIR/checkpoints holds a checkpoint (a directory named by its step)."""
-  directory = os.path.join(workdir, CHECKPOINTS_DIR)
-  return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
+  return bool(checkpoints.complete_steps(os.path.join(workdir, CHECKPOINTS_DIR)))
 
 
 def is_trained(workdir: str, total_steps: int) -> bool:
