@@ -76,7 +76,13 @@
 #                   All-CNN-C's step is bound by launching its kernels (1 step a
 #                   program: 2.63 ms, 10 steps: 1.90 ms on the H200), DenseNet-BC's
 #                   1,080 kernels take 11.5 us each: this says whether XLA's command
-#                   buffers move that, i.e. whether a flag is worth setting by default
+#                   buffers move that, i.e. whether a flag is worth setting by default.
+#                   XLA_TAG=T names the folders xla_<setting>_T (the same setting
+#                   again with other XLA_VARIANTS, e.g. same_batch,same_batch_flax_bn)
+#   compilexla (150 a setting) not in the default list: DenseNet-BC's training program
+#                   (bf16, 10 steps) under each setting of XLA_SETTINGS (default
+#                   convgraph): compiled in a fresh persistent cache, again from it
+#                   (a rerun's compile), then 3 timed programs; in $OUT/compile.jsonl
 #   compile1  (400) not in the default list: DenseNet-BC's training program (bf16, 10
 #                   steps) compiled with a fresh persistent cache, then again from it
 #                   (a rerun's compile), 3 timed programs after each: as configured and
@@ -108,11 +114,25 @@
 # $OUT) rewritten after every phase with all of $OUT: a window returns at most 8 files,
 # and a call killed at its limit returns only its files, so pack to one file there
 # (e.g. OUT=/tmp/w PACK=$OUT/window.tgz bash experiments/gpu_window.sh ...).
+# One window in several calls: WINDOW_END (seconds since the epoch, e.g.
+# $(( $(date +%s) + 570 )) for a call of 590 s) cuts each phase's limit to what is left
+# before it, less 10 s, and skips a phase with under MIN_PHASE_SECONDS (30) left; a
+# phase that $OUT/phases.txt says finished (rc=0) is not run again (REDO=1: it is); and
+# RESUME=FILE.tgz unpacks an earlier call's PACK into an $OUT without phases.txt (a
+# machine given back between calls). So the next call repeats the same command with
+# RESUME set to the last pack, put in the checkout, and goes on where that one stopped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder for the results}"
 mkdir -p "$OUT"
 export OUT
+if [ -n "${RESUME:-}" ] && [ ! -e "$OUT/phases.txt" ]; then  # an earlier call's results
+  if [ -f "$RESUME" ]; then
+    tar xzf "$RESUME" -C "$OUT" && echo "resumed from $RESUME: $(wc -l < "$OUT/phases.txt") phases"
+  else
+    echo "RESUME=$RESUME: no such file; every phase runs"
+  fi
+fi
 phases=("$@")
 [ ${#phases[@]} -eq 0 ] && phases=(env loss allcnn wrn densenet)
 scale=${TIME_SCALE:-1}
@@ -123,8 +143,21 @@ export DENSENET_COMPILE="--config=configs/densenet.py --config.half_precision=Tr
 paper_minutes=${PAPER_MINUTES:-6}
 
 run() {  # run NAME SECONDS COMMAND...: logs to $OUT/NAME.log, notes the outcome
-  local name=$1 limit=$(( $2 * scale )) t0=$SECONDS rc
+  local name=$1 limit=$(( $2 * scale )) t0=$SECONDS rc left
   shift 2
+  # A phase this $OUT already holds, finished (rc 0), is not run again (REDO=1: it is)
+  if [ "${REDO:-0}" != 1 ] && grep -q "^$name: rc=0 " "$OUT/phases.txt" 2> /dev/null; then
+    echo "$name: done before, in $OUT/phases.txt; not run again"
+    return 0
+  fi
+  if [ -n "${WINDOW_END:-}" ]; then  # at most what is left before WINDOW_END, less 10 s
+    left=$(( WINDOW_END - $(date +%s) - 10 ))
+    if [ "$left" -lt "${MIN_PHASE_SECONDS:-30}" ]; then
+      echo "$name: skipped, ${left} s left before WINDOW_END" | tee -a "$OUT/phases.txt"
+      return 0
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
   echo "== $name (limit ${limit} s): $*"
   timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   rc=$?
@@ -158,6 +191,36 @@ seed_window_cache() {  # seed_window_cache DIR...: a compile phase's fresh cache
     | tee -a "$OUT/window_cache.txt"
 }
 
+# XLA 0.11.2's default command-buffer list, plus WHILE (the step loop), from one command
+allcmdbuf="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,\
+DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
+nofusiontune=--xla_gpu_experimental_enable_fusion_autotuner=false
+convfusion=--xla_gpu_experimental_enable_conv_fusion=true
+
+xla_flags() {  # xla_flags SETTING: the XLA_FLAGS of one setting of the xla phases
+  case $1 in
+    default) echo "" ;;
+    nocmdbuf) echo "--xla_gpu_enable_command_buffer=" ;;
+    allcmdbuf) echo "$allcmdbuf" ;;
+    nofusiontune) echo "$nofusiontune" ;;
+    # allcmdbuf, and the convolutions as cuDNN fusions (cuDNN's graph API), which are
+    # commands, where XLA's convolution thunks are not: compiled for an H200 without
+    # one, the step's command buffers end at each convolution under allcmdbuf
+    # (DenseNet-BC: 496 launches a step); with these the whole program, loop included,
+    # is one command buffer (one launch a program, given a driver with conditional
+    # nodes). The fusion autotuner off, so that XLA assigns the fusions to cuDNN rather
+    # than timing its own emitters against it
+    convgraph) echo "$allcmdbuf $convfusion $nofusiontune" ;;
+    # convgraph with the fusion autotuner on: cuDNN's plans for each fused convolution
+    # timed (convgraph takes cuDNN's first), at the price of timing XLA's own emitters
+    # too, for every fusion: a longer compile
+    convgraphtuned) echo "$allcmdbuf $convfusion" ;;
+    *) echo "unknown XLA setting $1 (default nocmdbuf allcmdbuf nofusiontune convgraph \
+convgraphtuned)" >&2
+       return 2 ;;
+  esac
+}
+
 bench() {  # bench NAME SECONDS BENCHMARK_ARGS...
   local name=$1 limit=$2
   shift 2
@@ -187,33 +250,10 @@ same_batch,moments,moments_per_seed,same_batch_flax_bn,loss_alone,analysis}" ;;
 same_batch,moments,same_batch_widened,moments_widened,loss_alone}" ;;
     augment) run augment 60 python3 -m experiments.augment_cost ;;
     xla)
-      # XLA 0.11.2's default list, plus WHILE (the step loop), from one command
-      allcmdbuf="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,\
-CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
-      nofusiontune=--xla_gpu_experimental_enable_fusion_autotuner=false
-      convfusion=--xla_gpu_experimental_enable_conv_fusion=true
       for name in ${XLA_SETTINGS:-default nocmdbuf allcmdbuf}; do
-        case $name in
-          default) flags= ;;
-          nocmdbuf) flags=--xla_gpu_enable_command_buffer= ;;
-          allcmdbuf) flags=$allcmdbuf ;;
-          nofusiontune) flags=$nofusiontune ;;
-          # allcmdbuf, and the convolutions as cuDNN fusions (cuDNN's graph API), which
-          # are commands, where XLA's convolution thunks are not: compiled for an H200
-          # without one, the step's command buffers end at each convolution under
-          # allcmdbuf (DenseNet-BC: 496 launches a step); with these the whole program,
-          # loop included, is one command buffer (one launch a program, given a driver
-          # with conditional nodes). The fusion autotuner off, so that XLA assigns the
-          # fusions to cuDNN rather than timing its own emitters against it
-          convgraph) flags="$allcmdbuf $convfusion $nofusiontune" ;;
-          # convgraph with the fusion autotuner on: cuDNN's plans for each fused
-          # convolution timed (convgraph takes cuDNN's first), at the price of timing
-          # XLA's own emitters too, for every fusion: a longer compile
-          convgraphtuned) flags="$allcmdbuf $convfusion" ;;
-          *) echo "unknown XLA setting $name (default nocmdbuf allcmdbuf nofusiontune convgraph convgraphtuned)"
-             exit 2 ;;
-        esac
-        mkdir -p "$OUT/xla_$name"
+        flags=$(xla_flags "$name") || exit 2
+        dir=xla_$name${XLA_TAG:+_$XLA_TAG}
+        mkdir -p "$OUT/$dir"
         for model in $(echo "${XLA_MODELS:-allcnn}" | tr , ' '); do
           case $model in
             densenet) limit=110 variants=same_batch,moments ;;
@@ -229,18 +269,28 @@ CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
           [ "${XLA_LAUNCHES:-1}" = 1 ] && dumping="--xla_dump_to=$dump \
 --xla_dump_hlo_module_re=jit_chunk"
           # shellcheck disable=SC2086
-          run "xla_${name}_$model" $limit ${cached[@]+"${cached[@]}"} \
+          run "${dir}_$model" $limit ${cached[@]+"${cached[@]}"} \
             env XLA_FLAGS="$flags $dumping" \
             python3 -m experiments.benchmark --models="$model" --repeats=10 \
             --variants="${XLA_VARIANTS:-$variants}" $extra \
-            --out="$OUT/xla_$name/benchmark_$model"
-          if [ -n "$dumping" ]; then
-            python3 -m experiments.launches "$dump" "$OUT/xla_$name/launches_$model.md" \
+            --out="$OUT/$dir/benchmark_$model"
+          if [ -d "$dump" ]; then  # not where the run was done before or skipped
+            python3 -m experiments.launches "$dump" "$OUT/$dir/launches_$model.md" \
               > /dev/null 2>> "$OUT/phases.txt"
             rm -rf "$dump"
             pack
           fi
         done
+      done ;;
+    compilexla)
+      # DenseNet-BC's training program under each XLA setting: a first compile in a
+      # fresh persistent cache, then from it (a rerun's), then 3 timed programs
+      for name in ${XLA_SETTINGS:-convgraph}; do
+        flags=$(xla_flags "$name") || exit 2
+        rm -rf "/tmp/invjax_compile_$name"
+        # shellcheck disable=SC2086
+        run "compilexla_$name" 150 env XLA_FLAGS="$flags" python3 -m \
+          experiments.compile_time $DENSENET_COMPILE --cache_dir="/tmp/invjax_compile_$name"
       done ;;
     compile) run compile 330 bash -c 'args=$DENSENET_COMPILE
       rm -rf /tmp/invjax_compile_cache
@@ -265,7 +315,7 @@ CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
     profile) run profile 200 ${cached[@]+"${cached[@]}"} python3 -m experiments.profile_step \
       --models="${PROFILE_MODELS:-allcnn,wrn}" \
       --variants=baseline,moments,moments_per_seed $extra --out="$OUT" ;;
-    *) echo "unknown phase $phase (paper env loss allcnn wrn densenet augment compile compile1 profile xla)"
+    *) echo "unknown phase $phase (paper env loss allcnn wrn densenet augment compile compile1 profile xla compilexla)"
        exit 2 ;;
   esac
 done
