@@ -4,6 +4,7 @@
 # package versions.
 #
 #   bash experiments/gpu_rehearsal.sh [PHASE ...]   # default: paper env loss allcnn wrn profile augment
+#   bash experiments/gpu_rehearsal.sh queue         # experiments/window_queue.sh, whole
 #
 # It makes (once, in $REHEARSAL_VENV, default /tmp/invjax_gpu_image) a virtual
 # environment of what the team's GPU image has, as ../shared/tools/gpu-prepare.sh
@@ -54,12 +55,17 @@ export PATH=$venv/bin:$PATH
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target "$scratch/site" .whl/*.whl
 export PYTHONPATH=$scratch/site:$PWD PYTHONUNBUFFERED=1
+script=experiments/gpu_window.sh
+if [ "${phases[*]}" = queue ]; then  # the next window's queue, whole
+  script=experiments/window_queue.sh phases=()
+  export WINDOW_END=${WINDOW_END:-$(( $(date +%s) + 3600 ))}
+fi
 OUT=$out PACK=$scratch/window.tgz TIME_SCALE=${TIME_SCALE:-5} PAPER_MINUTES=4 \
   BENCH_ARGS="--size=small --repeats=1 --train_images=256 --analysis_images=32" \
   COMPILE_ARGS="--config.model.depth=16 --config.batch_size=16 --steps=2 --time_steps=1" \
   WINDOW_ARGS="--epochs=1 --train_examples=512 --test_examples=256 \
 --set=model.width=0.125 --nohalf_precision" \
-  bash experiments/gpu_window.sh "${phases[@]}" > "$scratch/rehearsal.log" 2>&1 || true
+  bash "$script" ${phases[@]+"${phases[@]}"} > "$scratch/rehearsal.log" 2>&1 || true
 cat "$out/phases.txt"
 echo "pack: $(tar tzf "$scratch/window.tgz" | wc -l) entries in $scratch/window.tgz; log: $scratch/rehearsal.log"
 ! grep -qv "rc=0 " "$out/phases.txt"
