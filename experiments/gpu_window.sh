@@ -276,7 +276,7 @@ same_batch,moments,same_batch_widened,moments_widened,loss_alone}" ;;
             --out="$OUT/$dir/benchmark_$model"
           if [ -d "$dump" ]; then  # not where the run was done before or skipped
             python3 -m experiments.launches "$dump" "$OUT/$dir/launches_$model.md" \
-              > /dev/null 2>> "$OUT/phases.txt"
+              >> "$OUT/${dir}_$model.log" 2>&1
             rm -rf "$dump"
             pack
           fi
