@@ -34,7 +34,9 @@ from invjax import workdirs
 # Changes when the same checkpoint would get other scores (e.g. other transformation
 # draws); summaries of another version are redone by experiment.run_variant.
 # 2: each image's scoring transformations from its own key (augment_each).
-SCORING_VERSION = 2
+# 3: a flipped copy is the mirror image of the unflipped one (augment.forward_matrix),
+#    where with a rotation it was also squeezed and sheared.
+SCORING_VERSION = 3
 SCORES_FILE = workdirs.SCORES_FILE
 SUMMARY_FILE = workdirs.SUMMARY_FILE
 FIGURE_FILE = workdirs.SCORES_FIGURE

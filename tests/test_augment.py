@@ -38,10 +38,13 @@ def _params(n=1, **kw):
 
 
 def _ref_warp_one(img, flip, tx, ty, zx, zy, theta, phi):
-  """Loops over output pixels: pull from c + L^-1 (q - c - t), clamp, bilinear."""
+  """Loops over output pixels: pull from c + L^-1 (q - c - t), clamp, bilinear; then,
+  for flip -1, the result mirrored left to right (the warped image's mirror image)."""
+  if flip < 0:
+    return _ref_warp_one(img, 1.0, tx, ty, zx, zy, theta, phi)[:, ::-1]
   img = np.asarray(img, np.float64)
   h, w, _ = img.shape
-  lin = np.array([[flip * zx * math.cos(theta), -zy * math.sin(theta + phi)],
+  lin = np.array([[zx * math.cos(theta), -zy * math.sin(theta + phi)],
                   [zx * math.sin(theta), zy * math.cos(theta + phi)]])
   inv = np.linalg.inv(lin)
   t = np.array([tx * w, ty * h])
@@ -98,6 +101,22 @@ def test_flip_mirrors_width_axis():
   # Not a vertical mirror nor a no-op.
   assert not np.allclose(np.asarray(out), images[:, ::-1], atol=1e-3)
   assert not np.allclose(np.asarray(out), images, atol=1e-3)
+
+
+def test_a_flipped_copy_is_the_mirror_image_of_the_unflipped_one():
+  # With rotation, shear, scale and translation too: a flip mirrors the warped image
+  # and does not distort it (its linear part keeps the unflipped one's |determinant|).
+  rng = np.random.default_rng(5)
+  images = _rand_images(5, (N, H, W, C))
+  kw = _random_warp_params(rng, N)
+  mirrored = np.asarray(_apply(jnp.asarray(images), _params(N, **kw)))
+  kw["flip"] = np.ones(N)
+  plain = np.asarray(_apply(jnp.asarray(images), _params(N, **kw)))
+  np.testing.assert_allclose(mirrored, plain[:, :, ::-1], rtol=0, atol=1e-5)
+  assert not np.allclose(mirrored, plain, atol=1e-3)
+  det = lambda f: np.linalg.det(np.asarray(augment.forward_matrix(
+      _params(N, **{**kw, "flip": f * np.ones(N)}), H, W))[:, :, :2])
+  np.testing.assert_allclose(det(-1.0), -det(1.0), rtol=1e-5)
 
 
 @pytest.mark.parametrize("size", [8, 9])
