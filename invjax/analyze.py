@@ -49,13 +49,19 @@ def batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
   padded to the next multiple of the device count and its padding marked; with the
   per-image transformations of `augment_each`, the scores do not depend on the number
   of devices or processes."""
-  n_dev = jax.device_count()
+  n_dev, n, passes = jax.device_count(), len(images), [0]
 
-  def gen():
-    for start in range(0, len(images), batch_size):
+  def gen():  # one pass over the images; the log says when each quarter was sent
+    passes[0] += 1
+    t0, quarters = time.perf_counter(), [n * q // 4 for q in (1, 2, 3, 4)]
+    for start in range(0, n, batch_size):
       x, y = images[start:start + batch_size], labels[start:start + batch_size]
       x, y, valid = placement_lib.pad_batch(x, y, -(-len(x) // n_dev) * n_dev)
       yield analysis.Batch(placement.shard(x), placement.shard(y), placement.shard(valid))
+      done = start + len(x)
+      if any(start < q <= done for q in quarters):
+        logging.info("scoring, pass %d: %d of %d images in %.0f s", passes[0], done, n,
+                     time.perf_counter() - t0)
   return gen
 
 

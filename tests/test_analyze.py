@@ -13,9 +13,14 @@ from tests import helpers
 LAYERS = helpers.TINY_SOWN
 
 
-def test_analyze_scores_every_layer_in_depth_order(trained):
+def test_analyze_scores_every_layer_in_depth_order(trained, caplog):
   config, workdir, _ = trained
-  summary = analyze.analyze(config, workdir)
+  with caplog.at_level("INFO"):
+    summary = analyze.analyze(config, workdir)
+  # Progress: each of scoring's two passes over the 24 images logs its quarters.
+  progress = [r.getMessage() for r in caplog.records if "scoring, pass" in r.getMessage()]
+  assert progress[-1].startswith("scoring, pass 2: 24 of 24 images")
+  assert sum("pass 1:" in m for m in progress) == sum("pass 2:" in m for m in progress) >= 2
   scores, loaded = analyze.load(workdir)
   assert list(scores) == ["pixels"] + LAYERS
   assert list(loaded["layers"]) == ["pixels"] + LAYERS
