@@ -74,6 +74,16 @@ def _training_layout(stored, target):
   return jax.jit(flat, out_shardings=_sharding(target))(stored)
 
 
+def _free_path(path: str) -> str:
+  """`path`, or `path`.2, .3, ... : the first that does not exist (a step damaged
+  again after a retraining keeps both copies aside)."""
+  candidate, n = path, 1
+  while os.path.exists(candidate):
+    n += 1
+    candidate = f"{path}.{n}"
+  return candidate
+
+
 class Checkpoints:
   """Saves and restores a TrainState; every process of a run calls every method.
 
@@ -188,7 +198,7 @@ class Checkpoints:
         failed.append((step, e))
         continue
       for bad, e in failed:  # one line each
-        aside = os.path.join(self.directory, f"damaged-{bad}")
+        aside = _free_path(os.path.join(self.directory, f"damaged-{bad}"))
         if distributed.is_primary():  # one process moves it; the others wait
           os.rename(os.path.join(self.directory, str(bad)), aside)
         logging.warning("checkpoint %d does not restore (%s): moved aside to %s; "

@@ -202,6 +202,10 @@ def _int(lo: int, hi: int | None = None, note: str = "") -> Rule:
   return Rule(ok, f"an integer {span}{note}")
 
 
+# A JAX key holds 32 bits of its seed: a larger one would repeat a smaller one's draws.
+_SEED = _int(0, 2**32 - 1, note=" (JAX's keys hold 32 bits of a seed)")
+
+
 def _num(lo: float, hi: float = math.inf, lo_open: bool = False,
          hi_open: bool = False, note: str = "") -> Rule:
   def ok(v):
@@ -315,7 +319,7 @@ FIELDS: dict[str, Rule] = {
     "augment_preset": _choice(lambda: augment.PRESETS),
     "half_precision": _BOOL,
     "batch_norm": _choice(lambda: models.batch_norm.CHOICES),
-    "seed": _int(0),
+    "seed": _SEED,
     "data_on_device": _BOOL,
     "steps_per_dispatch": _int(0, note=" (0: automatic)"),
     "log_every_steps": _int(1),
@@ -327,7 +331,7 @@ FIELDS: dict[str, Rule] = {
     "probe_copies": _int(2),
     "analysis.num_transforms": _int(1),
     "analysis.batch_size": _int(1),
-    "analysis.seed": _int(0),
+    "analysis.seed": _SEED,
     "divergence_factor": Rule(lambda v: _is_num(v) and (v == 0 or v >= 2),
                               "a finite number >= 2, or 0 to never stop for it"),
     "stop_dead_network": _BOOL,

@@ -132,6 +132,13 @@ def _start(config, workdir, allow_config_change, data):
   ckpts = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
   target = build_lib.restore_target(run, placement, bool(ckpts.manager.all_steps()))
   state, start = workdirs.restore_latest(ckpts, target, config, workdir)
+  if start > run.total_steps:  # num_epochs lowered with --allow_config_change
+    ckpts.close()
+    raise errors.ConfigError(
+        f"{workdir} holds a checkpoint at step {start} (epoch "
+        f"{start / run.steps_per_epoch:g}), past the end of config.num_epochs="
+        f"{config.num_epochs:g} ({run.total_steps} steps): a run is not shortened below "
+        "where it is. Give num_epochs >= the checkpoint's epoch, or a new --workdir.")
   if start:
     logging.info("resumed from step %d", start)
   workdirs.save_config(config, workdir)

@@ -393,3 +393,38 @@ def test_user_errors_of_every_kind_are_user_errors(npz, good_run):
     analyze.analyze(other, good)
   with pytest.raises(errors.RunNotFound):
     workdirs.load_config(os.path.join(good, "nothing"))
+
+
+def test_a_step_damaged_again_is_moved_aside_beside_the_first(good_run, tmp_path):
+  # After a resume from 6 retrains step 8, a second damaged 8 must not block the run
+  # (nor be blamed on every checkpoint): it goes to damaged-8.2.
+  config, good = good_run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(good, workdir)
+  ckdir = os.path.join(workdir, "checkpoints")
+  for _ in range(2):
+    _truncate_checkpoint(workdir, 8)
+    assert analyze.analyze(config, workdir)["step"] == 6
+    shutil.copytree(os.path.join(ckdir, "6"), os.path.join(ckdir, "8"))
+  assert {"damaged-8", "damaged-8.2"} <= set(os.listdir(ckdir))
+
+
+def test_a_checkpoint_past_a_shortened_end_is_refused_naming_num_epochs(npz, good_run,
+                                                                        tmp_path):
+  _, good = good_run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(good, workdir)
+  shorter = helpers.tiny_config(npz, checkpoint_every_steps=2, keep_checkpoints=0,
+                                num_epochs=1.0, lr_boundaries=(0.5,))  # 4 steps, not 8
+  with pytest.raises(errors.ConfigError, match=r"checkpoint at step 8 .*past the end "
+                     r"of config.num_epochs=1 \(4 steps\)"):
+    train.train_and_evaluate(shorter, workdir, allow_config_change=True,
+                             tensorboard=False)
+  assert workdirs.load_config(workdir).num_epochs == 2.0  # its config is kept
+
+
+def test_layers_shrunk_to_nothing_are_refused_before_compiling(npz):
+  config = helpers.tiny_config(npz, **{"model.layers": ((8, 40, 1, "VALID"),)})
+  with pytest.raises(errors.ConfigError, match=r"too small for this model .* its layer "
+                     r"\w+ would be 0x0x8"):
+    build_lib.build(config)
