@@ -176,6 +176,13 @@ def describe(card: dict[str, Any]) -> str:
   state = ("finished" if card["finished"] else
            f"stopped ({card['stopped']}) at step {card['final_step']}")
   split = ", ".join(f"{k} {v:.0f} s" for k, v in s.items() if v)
+  analyses = card.get("analyses") or []
+  said = ""
+  if analyses:  # an analysis may have been redone elsewhere (a record, rescored)
+    last = analyses[-1]
+    said = (f"; {len(analyses)} analys{'is' if len(analyses) == 1 else 'es'}, the last "
+            f"{last['date'][:10]} on {last['hardware']['device_count']} x "
+            f"{last['hardware']['device_kind']} ({last['seconds']:.0f} s)")
   return (f"{card['final_step']}/{card['total_steps']} steps, {state}; "
           f"{len(card['sessions'])} session(s) on {hw['device_count']} x "
-          f"{hw['device_kind']}; wall {card['wall_seconds']:.0f} s ({split})")
+          f"{hw['device_kind']}; wall {card['wall_seconds']:.0f} s ({split}){said}")

@@ -163,6 +163,22 @@ def test_run_card_adds_the_analysis(full_run):
       session["wall_seconds"] + card["seconds"]["analysis"], abs=0.01)
 
 
+def test_a_run_cards_line_says_where_its_last_analysis_ran():
+  hw = lambda kind: {"device_count": 1, "device_kind": kind}
+  card = {"final_step": 8, "total_steps": 8, "finished": True, "wall_seconds": 40.0,
+          "seconds": {"train": 10.0, "analysis": 30.0},
+          "sessions": [{"hardware": hw("NVIDIA H200")}],
+          "analyses": [{"date": "2026-11-26T22:48:11+00:00", "seconds": 5.0,
+                        "hardware": hw("NVIDIA H200")},
+                       {"date": "2026-11-27T22:15:18+00:00", "seconds": 25.0,
+                        "hardware": hw("cpu")}]}
+  line = run_card.describe(card)
+  assert line.startswith("8/8 steps, finished; 1 session(s) on 1 x NVIDIA H200; wall 40 s")
+  assert line.endswith("; 2 analyses, the last 2026-11-27 on 1 x cpu (25 s)")
+  del card["analyses"]
+  assert run_card.describe(card).endswith("(train 10 s, analysis 30 s)")
+
+
 @pytest.mark.slow  # uses full_run; the window test checks records.score by default
 def test_record_weights_give_the_runs_analysis_without_a_checkpoint(full_run, tmp_path):
   config, workdir, _, summary = full_run
