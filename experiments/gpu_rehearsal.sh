@@ -15,6 +15,8 @@
 # phase, the CIFAR-10 pack (gpu-prepare.sh), leaves the committed records' weights and
 # scores out of the clone as a window that carries the pack must, then runs
 # experiments/gpu_window.sh there behind the same install line a window starts with.
+# WINDOW_ARGS is added to the paper phase's toy-size window.py arguments (e.g. the
+# window's own "--records=/tmp/none --variants=baseline,invariance --norobustness").
 # Results: $REHEARSAL_OUT (default /tmp/invjax_rehearsal/out), one .tgz as a window
 # returns it, and the phases' outcomes printed at the end. Needs the package index
 # (pip) and, for the paper phase, ../shared.
@@ -64,7 +66,7 @@ OUT=$out PACK=$scratch/window.tgz TIME_SCALE=${TIME_SCALE:-5} PAPER_MINUTES=4 \
   BENCH_ARGS="--size=small --repeats=1 --train_images=256 --analysis_images=32" \
   COMPILE_ARGS="--config.model.depth=16 --config.batch_size=16 --steps=2 --time_steps=1" \
   WINDOW_ARGS="--epochs=1 --train_examples=512 --test_examples=256 \
---set=model.width=0.125 --nohalf_precision" \
+--set=model.width=0.125 --nohalf_precision ${WINDOW_ARGS:-}" \
   bash "$script" ${phases[@]+"${phases[@]}"} > "$scratch/rehearsal.log" 2>&1 || true
 cat "$out/phases.txt"
 echo "pack: $(tar tzf "$scratch/window.tgz" | wc -l) entries in $scratch/window.tgz; log: $scratch/rehearsal.log"
