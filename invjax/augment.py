@@ -15,7 +15,9 @@ on A p of the output. The flip f multiplies the whole first row: the warped imag
 mirrored (x -> -x about the centre), as the authors' code mirrors after its warp. The
 matrix as FACTS.md gives it has f on the first entry alone, which is a mirror only
 without rotation: with a rotation theta its determinant is -z_x z_y cos(2 theta + phi),
-so a flipped copy was also squeezed and sheared (invjax before SCORING_VERSION 3). The warp pulls (output coordinate -> input coordinate): output pixel
+so a flipped copy was also squeezed and sheared (invjax before SCORING_VERSION 3).
+
+The warp pulls (output coordinate -> input coordinate): output pixel
 (i, j) (row, column) takes the input at the inverse of A in (y, x) order (`pull_matrix`),
 bilinearly interpolated from its 4 neighbours with all channels at once, coordinates
 outside the image clamped to its edge (`warp`). It is the arithmetic of dm-pix's
@@ -158,9 +160,9 @@ def sample_scoring_params(key: jax.Array, n: int,
 
 def forward_matrix(p: AugmentParams, height: int, width: int) -> jax.Array:
   """The forward affine matrices [N, 2, 3] in centred (x, y) pixel coordinates."""
-  row0 = p.flip[..., None] * jnp.stack([p.zx * jnp.cos(p.theta),
-                                      -p.zy * jnp.sin(p.theta + p.phi), p.tx * width],
-                                     axis=-1)  # f mirrors the warped image
+  row0 = jnp.stack([p.zx * jnp.cos(p.theta), -p.zy * jnp.sin(p.theta + p.phi),
+                    p.tx * width], axis=-1)
+  row0 = p.flip[..., None] * row0  # f mirrors the warped image
   row1 = jnp.stack([p.zx * jnp.sin(p.theta), p.zy * jnp.cos(p.theta + p.phi),
                     p.ty * height], axis=-1)
   return jnp.stack([row0, row1], axis=-2)

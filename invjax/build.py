@@ -153,14 +153,13 @@ def build(config, data: input_pipeline.Dataset | None = None) -> Run:
     shapes = models.shapes(model, data.image_shape)
   except ValueError as e:  # the models' own checks (e.g. depth 6n + 4)
     raise errors.ConfigError(str(e)) from e
-  empty = {k: v for k, v in shapes.layers.items() if 0 in v}
-  if empty:
-    layer, shape = next(iter(empty.items()))
-    raise errors.ConfigError(
-        f"images of {tuple(data.image_shape)} are too small for this model "
-        f"({config.model.name}): its layer {layer} would be {'x'.join(map(str, shape))}. "
-        "Use larger images (config.image_shape, or the data's own size) or a model "
-        "that downsamples less (config.model).")
+  for layer, shape in shapes.layers.items():  # the first layer the images vanish in
+    if 0 in shape:
+      raise errors.ConfigError(
+          f"images of {tuple(data.image_shape)} are too small for this model "
+          f"({config.model.name}): its layer {layer} would be "
+          f"{'x'.join(map(str, shape))}. Use larger images (config.image_shape, or the "
+          "data's own size) or a model that downsamples less (config.model).")
   steps_per_epoch = n // config.batch_size
   total_steps = max(1, int(round(config.num_epochs * steps_per_epoch)))
   lr_fn = steps_lib.create_learning_rate_fn(
