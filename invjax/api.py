@@ -254,20 +254,34 @@ class LoadedRun:
     return np.asarray(out).reshape(k, copies, *self.image_shape)
 
   def invariance_loss(self, copies, layers: Sequence[str] | str | None = None,
-                      method: str | None = None,
-                      batch_size: int = 256) -> dict[str, float]:
+                      method: str | None = None, batch_size: int = 256,
+                      labels=None, denominator: str | None = None) -> dict[str, float]:
     """L_inv (Eq. 3) of each layer over a batch of copies [K, M, H, W, C] (M copies of
     each of K seed images, e.g. from `augmented_copies`), eval mode. `layers` defaults
-    to the sown layers (those of the training loss), `method` to config.loss_method."""
+    to the sown layers (those of the training loss), `method` to config.loss_method,
+    `denominator` to config.invariance_denominator; "class" needs the seeds' `labels`
+    [K]."""
     c = np.asarray(copies)
     if c.ndim != 5 or c.shape[1] < 2 or c.shape[0] * c.shape[1] < 2:
       raise ValueError(f"copies of shape {c.shape}: give [K, M, H, W, C] with M >= 2 "
                        "copies of each of K seed images.")
     k, m = c.shape[:2]
+    denominator = denominator or self.config.invariance_denominator
+    if denominator not in losses.DENOMINATORS:
+      raise ValueError(f"denominator={denominator!r}: give one of "
+                       f"{list(losses.DENOMINATORS)}.")
+    seed_classes = None
+    if denominator == "class":
+      if labels is None or np.shape(labels) != (k,):
+        raise ValueError(f"the class denominator needs labels=[{k}], the class of each "
+                         f"seed image, got {None if labels is None else np.shape(labels)}"
+                         "; or pass denominator='batch'.")
+      seed_classes = jnp.asarray(labels, jnp.int32)
     layers = self._layers(layers, self.layer_shapes)
     acts = self._forward(c.reshape(k * m, *c.shape[2:]), layers, False, batch_size)[0]
     method = method or self.config.loss_method
-    inv = jax.jit(lambda feats: losses.grouped_invariance_losses(feats, m, method))(acts)
+    inv = jax.jit(lambda feats, sc: losses.grouped_invariance_losses(
+        feats, m, method, seed_classes=sc))(acts, seed_classes)
     return {name: float(inv[name]) for name in layers}
 
   # Export ---------------------------------------------------------------------------

@@ -170,6 +170,7 @@ def build(config, data: input_pipeline.Dataset | None = None) -> Run:
       ranges=augment.AugmentRanges.from_config(config.augment),
       num_layers=len(shapes.layers), top5=data.num_classes > 10,
       weight_law=config.layer_weight_law, class_alpha=config.class_alpha,
+      denominator=config.invariance_denominator,
       moments_form=losses.moment_form(jax.default_backend()),
       loss_parts=losses.moment_parts(config.batch_size // config.copies,
                                      jax.device_count()))

@@ -62,6 +62,11 @@ def base_config() -> ml_collections.ConfigDict:
   # the same class, shared over the layers like alpha; CE then weighs
   # 1 - alpha - class_alpha. 0 = off.
   c.class_alpha = 0.0
+  # What Eq. 3 divides the within-seed mean distance by (losses.DENOMINATORS): the mean
+  # over every pair of the batch ("batch", as the paper writes it) or over the pairs of
+  # the same class ("class", as the authors' training code computes it). The L_inv
+  # probe (Figure 5) measures it the same way, the baseline's too.
+  c.invariance_denominator = "batch"
   # "moments" (O(B D): per-seed and batch means) or "pairwise" (the |B| x |B| distance
   # matrices of Eq. 3 as written): equal values and gradients; what each costs is in
   # experiments/results/benchmark.md.
@@ -299,6 +304,7 @@ FIELDS: dict[str, Rule] = {
     "alpha_ratio": _num(0, lo_open=True),
     "layer_weight_law": _choice(lambda: losses.WEIGHT_LAWS),
     "class_alpha": _num(0, 1, hi_open=True),
+    "invariance_denominator": _choice(lambda: losses.DENOMINATORS),
     "loss_method": _choice(lambda: losses.METHODS),
     "num_epochs": _num(0, lo_open=True),
     "learning_rate": _num(0, lo_open=True),

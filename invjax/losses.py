@@ -19,6 +19,10 @@ import numpy as np
 import optax
 
 METHODS = ("pairwise", "moments")
+# What Eq. 3 divides by: the mean distance over every pair of the batch ("batch", as the
+# paper writes it) or over the pairs of the same class ("class", as the authors' training
+# code computes it; their batch generator hands the loss a same-class mask).
+DENOMINATORS = ("batch", "class")
 
 
 # Eq. 1: the distance of two activations, the mean squared difference of their D values.
@@ -29,18 +33,23 @@ def distance(a: jax.Array, b: jax.Array) -> jax.Array:
 
 # Eq. 3: L_inv of one layer, within-seed over all-pairs mean distance.
 def invariance_loss(features: jax.Array, seed_ids: jax.Array,
-                    method: str = "pairwise") -> jax.Array:
+                    method: str = "pairwise",
+                    classes: jax.Array | None = None) -> jax.Array:
   """L_inv of one layer (Eq. 3), a float32 scalar.
 
   mean{d(x_i, x_j): i != j, same seed} / mean{d(x_i, x_j): i != j}, with d of Eq. 1.
   Self-pairs are left out of both means, so the value depends neither on the batch
   size nor on the number of copies M. 0 when every example has the same activations.
+  With `classes`, the denominator's pairs are only those of the same class:
+  mean{d(x_i, x_j): i != j, same class} (the "class" denominator, DENOMINATORS).
 
   Args:
     features: [B, ...] activations of one layer; B >= 2.
     seed_ids: int [B]; equal ids mark copies of the same seed image. Any integers.
     method: "pairwise" (the |B| x |B| distance matrix from matrix products) or
       "moments" (the same value in O(B D) from per-seed and batch means).
+    classes: None, or int [B], each example's class (the copies of a seed share
+      theirs; "moments" takes a seed's class from its first example).
   """
   _check_method(method)
   if features.ndim < 2 or features.shape[0] < 2:
@@ -49,15 +58,19 @@ def invariance_loss(features: jax.Array, seed_ids: jax.Array,
   if seed_ids.shape != (features.shape[0],):
     raise ValueError(f"seed_ids must have shape [{features.shape[0]}], "
                      f"got {seed_ids.shape}.")
+  if classes is not None and classes.shape != seed_ids.shape:
+    raise ValueError(f"classes must have shape {seed_ids.shape}, got {classes.shape}.")
   fn = _loss_pairwise if method == "pairwise" else _loss_moments
-  return fn(features, seed_ids)
+  return fn(features, seed_ids, classes)
 
 
 def grouped_invariance_loss(features: jax.Array, copies: int,
                             method: str = "pairwise", parts: int = 1,
-                            form: str = "one_read") -> jax.Array:
+                            form: str = "one_read",
+                            seed_classes: jax.Array | None = None) -> jax.Array:
   """L_inv for a batch laid out as consecutive groups: examples k*M .. k*M + M - 1 are
-  the copies of seed k. Equal to `invariance_loss(features, repeat(arange(K), M))`.
+  the copies of seed k. Equal to `invariance_loss(features, repeat(arange(K), M))`
+  (with `classes=repeat(seed_classes, M)` where seed_classes are given).
 
   It needs no seed ids. The train step computes every layer's at once
   (`grouped_invariance_losses`).
@@ -77,12 +90,21 @@ def grouped_invariance_loss(features: jax.Array, copies: int,
       gradient, with no per-seed array in memory; "per_seed" writes each seed's sums,
       [K, D] float32 arrays, and reads them back (`moment_form` says which suits a
       platform).
+    seed_classes: None (the denominator is every pair of the batch) or int [K], each
+      seed's class (the denominator is the pairs of the same class). "moments"
+      computes the class denominator in the per-seed form, whatever `form` says.
   """
   _check_grouped(features.shape[0], copies, method, parts, form)
   b = features.shape[0]
+  if seed_classes is not None and seed_classes.shape != (b // copies,):
+    raise ValueError(f"seed_classes must have shape [{b // copies}] (one per seed), got "
+                     f"{seed_classes.shape}.")
   if method == "pairwise":
-    return _loss_pairwise(features, jnp.repeat(jnp.arange(b // copies), copies))
+    classes = None if seed_classes is None else jnp.repeat(seed_classes, copies)
+    return _loss_pairwise(features, jnp.repeat(jnp.arange(b // copies), copies), classes)
   flat = features.reshape(b, -1)
+  if seed_classes is not None:
+    return _class_moments(copies, flat, *_NO_GROUPS, seed_classes)
   if form == "per_seed":
     return _moments(copies, flat, *_NO_GROUPS)
   return _grouped_moments(copies, math.gcd(b // copies, parts), (flat,))[0]
@@ -90,7 +112,9 @@ def grouped_invariance_loss(features: jax.Array, copies: int,
 
 def grouped_invariance_losses(features: Mapping[str, jax.Array], copies: int,
                               method: str = "pairwise", parts: int = 1,
-                              form: str = "one_read") -> dict[str, jax.Array]:
+                              form: str = "one_read",
+                              seed_classes: jax.Array | None = None
+                              ) -> dict[str, jax.Array]:
   """{layer: L_inv} of every layer of one batch, {layer: [B, ...]}: for each layer what
   `grouped_invariance_loss` gives, with the same arguments.
 
@@ -107,11 +131,11 @@ def grouped_invariance_losses(features: Mapping[str, jax.Array], copies: int,
                      f"got {sizes}.")
   b = next(iter(sizes.values()))
   _check_grouped(b, copies, method, parts, form)
-  if method == "moments" and form == "one_read":
+  if method == "moments" and form == "one_read" and seed_classes is None:
     flat = tuple(v.reshape(b, -1) for v in features.values())
     values = _grouped_moments(copies, math.gcd(b // copies, parts), flat)
     return {k: values[i] for i, k in enumerate(features)}
-  return {k: grouped_invariance_loss(v, copies, method, parts, form)
+  return {k: grouped_invariance_loss(v, copies, method, parts, form, seed_classes)
           for k, v in features.items()}
 
 
@@ -251,13 +275,14 @@ def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
   return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
 
 
-def _loss_pairwise(features, seed_ids):
+def _loss_pairwise(features, seed_ids, classes=None):
   d = _distances(_normalised(_flat(features)))
   b = d.shape[0]
   off_diag = ~jnp.eye(b, dtype=bool)
   same = (seed_ids[:, None] == seed_ids[None, :]) & off_diag
   within = jnp.sum(jnp.where(same, d, 0.0)) / jnp.maximum(jnp.sum(same), 1)
-  between = jnp.sum(jnp.where(off_diag, d, 0.0)) / (b * (b - 1))
+  pairs = off_diag if classes is None else (classes[:, None] == classes[None, :]) & off_diag
+  between = jnp.sum(jnp.where(pairs, d, 0.0)) / jnp.maximum(jnp.sum(pairs), 1)
   return _safe_ratio(within, between)
 
 
@@ -468,11 +493,14 @@ _grouped_moments.defvjp(_grouped_moments_fwd, _grouped_moments_bwd)
 # gradient reads the seeds' means back, so it reads each activation once.
 
 
-def _loss_moments(features, seed_ids):
+def _loss_moments(features, seed_ids, classes=None):
   b = features.shape[0]
   _, first, group = jnp.unique(seed_ids, return_index=True, return_inverse=True, size=b)
   group = group.reshape(b)
   counts = jax.ops.segment_sum(jnp.ones((b,), jnp.int32), group, num_segments=b)
+  if classes is not None:
+    return _class_moments(0, features.reshape(b, -1), group, first, counts,
+                          classes[first])
   return _moments(0, features.reshape(b, -1), group, first, counts)
 
 
@@ -566,6 +594,79 @@ def _moments_bwd(copies, residuals, ct):
 
 
 _moments.defvjp(_moments_fwd, _moments_bwd)
+
+
+# The class denominator ("class", DENOMINATORS), both layouts, from the per-seed sums:
+# for a class c of n_c examples with mean mu_c, the sum over its ordered pairs is
+# 2 n_c t_c, t_c = sum_{i in c} ||f_i - mu_c||^2 = sum_{k in c} (ss_k + n_k ||mu_k -
+# mu_c||^2) (the seeds of c), so
+#
+#   between = sum_c 2 n_c t_c / sum_c n_c (n_c - 1) / D
+#
+# (one class holding the whole batch gives the batch denominator). With b_c = 4 n_c /
+# (sum_c n_c (n_c - 1) D) and a_k as above, the gradient is elementwise again:
+#
+#   dL/df_i = [a_k (f_i - mu_k) - L b_c (f_i - mu_c)] / between.
+#
+# The seeds' means are shifted by the batch's first example, and the classes' means are
+# weighted means of those, so every term is a deviation of the size of the spread. The
+# [K, D] per-seed arrays are written, as in the per-seed form.
+
+
+def _class_moments_parts(copies, x, group, first, counts, seed_class):
+  """The forward pass: (L, residuals for the gradient). seed_class [G]: the class of
+  each seed slot (any integers)."""
+  b, dim = x.shape
+  c, ss, _, n = _seed_moments(copies, x, group, first, counts)
+  g = c.shape[0]
+  n = jnp.broadcast_to(jnp.asarray(n, jnp.float32), (g, 1))  # [G, 1]; empty slots 0
+  _, cls = jnp.unique(seed_class, return_inverse=True, size=g)
+  cls = cls.reshape(g)
+  n_c = jax.ops.segment_sum(n, cls, num_segments=g)  # [G, 1]
+  class_mean = (jax.ops.segment_sum(n * c, cls, num_segments=g)
+                / jnp.maximum(n_c, 1.0))[cls]  # mu_c - r_0 of each seed's class, [G, D]
+  dev = c - class_mean
+  t_c = jax.ops.segment_sum(jnp.sum(ss + n * dev * dev, axis=1), cls, num_segments=g)
+  class_pairs = jnp.maximum(jnp.sum(n_c[:, 0] * (n_c[:, 0] - 1.0)), 1.0)
+  between = jnp.sum(2.0 * n_c[:, 0] * t_c) / class_pairs / dim
+  pairs = jnp.maximum(jnp.sum(n[:, 0] * (n[:, 0] - 1.0)), 1.0)
+  within = jnp.sum(2.0 * n * ss) / pairs / dim
+  loss = _safe_ratio(within, between)
+  a = 4.0 * n / (pairs * dim)  # [G, 1]
+  b_c = 4.0 * n_c[cls] / (class_pairs * dim)  # [G, 1], each seed's class's
+  return loss, (x, c, class_mean, a, b_c, loss, between)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _class_moments(copies, x, group, first, counts, seed_class):
+  """L_inv (Eq. 3) with the class denominator, of flat activations x [B, D]; the
+  layouts as in `_moments`, and seed_class [G] the class of each seed slot."""
+  return _class_moments_parts(copies, x, group, first, counts, seed_class)[0]
+
+
+def _class_moments_fwd(copies, x, group, first, counts, seed_class):
+  loss, res = _class_moments_parts(copies, x, group, first, counts, seed_class)
+  return loss, (res, group, first)
+
+
+def _class_moments_bwd(copies, residuals, ct):
+  (x, c, class_mean, a, b_c, loss, between), group, first = residuals
+  b, dim = x.shape
+  if copies:
+    xs = x.reshape(b // copies, copies, dim).astype(jnp.float32) - x[:1].astype(
+        jnp.float32)
+    per_seed = lambda v: v[:, None]  # [K, 1, ...]
+  else:
+    xs = x.astype(jnp.float32) - x[first[:1]].astype(jnp.float32)
+    per_seed = lambda v: v[group]
+  ok = between > 0
+  inv = jnp.where(ok, ct / jnp.where(ok, between, 1.0), 0.0)
+  grad = inv * (per_seed(a) * (xs - per_seed(c))
+                - loss * per_seed(b_c) * (xs - per_seed(class_mean)))
+  return grad.reshape(b, dim).astype(x.dtype), None, None, None, None
+
+
+_class_moments.defvjp(_class_moments_fwd, _class_moments_bwd)
 
 
 # The grouped layout needs no seed ids.

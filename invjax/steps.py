@@ -53,6 +53,10 @@ class StepConfig:
   # merges first (losses.moment_parts: one per device, so devices exchange only sums).
   moments_form: str = "one_read"
   loss_parts: int = 1
+  # What Eq. 3 divides by (losses.DENOMINATORS): every pair of the batch ("batch", the
+  # paper's text) or the pairs of the same class ("class", the authors' code). The
+  # probe measures L_inv the same way.
+  denominator: str = "batch"
 
 
 def create_learning_rate_fn(base: float, boundaries_epochs, decay: float,
@@ -168,7 +172,8 @@ def make_train_step(cfg: StepConfig) -> Callable:
         feats = models.sown(updates["intermediates"])
         with jax.named_scope("invariance_loss"):
           inv = losses.grouped_invariance_losses(feats, cfg.copies, cfg.loss_method,
-                                                 cfg.loss_parts, cfg.moments_form)
+                                                 cfg.loss_parts, cfg.moments_form,
+                                                 _seed_classes(cfg, labels))
       cls = {}
       if cfg.class_alpha > 0:
         with jax.named_scope("invariance_loss"):
@@ -318,20 +323,26 @@ def features_and_logits(state: TrainState, images: jax.Array):
   return {"pixels": images, **models.sown(updates["intermediates"])}, logits
 
 
+def _seed_classes(cfg: StepConfig, labels):
+  """The seeds' labels where Eq. 3's denominator is the same-class pairs, else None."""
+  return labels if cfg.denominator == "class" else None
+
+
 def make_probe_step(cfg: StepConfig, probe_copies: int) -> Callable:
-  """(state, seed_images uint8, key) -> {layer: L_inv}, eval mode, never optimised.
+  """(state, seed_images uint8 [K,H,W,C], labels [K], key) -> {layer: L_inv}, eval
+  mode, never optimised.
 
   With a fixed batch and key, the curves over training (Figure 5) reflect the model
   alone; the baseline (M = 1) gets the same measurement as the invariance model.
   """
 
-  def probe_step(state, seed_images, key):
-    x, _, _ = expand_seeds(seed_images, jnp.zeros(seed_images.shape[0], jnp.int32),
-                           probe_copies)
+  def probe_step(state, seed_images, labels, key):
+    x, _, _ = expand_seeds(seed_images, labels, probe_copies)
     x = augment.augment(key, to_float(x), cfg.ranges)
     feats = features(state, x)
     feats.pop("pixels")
     return losses.grouped_invariance_losses(feats, probe_copies, cfg.loss_method,
-                                            cfg.loss_parts, cfg.moments_form)
+                                            cfg.loss_parts, cfg.moments_form,
+                                            _seed_classes(cfg, labels))
 
   return probe_step

@@ -159,8 +159,10 @@ class _Every:
 
 @dataclasses.dataclass
 class _Probe:
-  """The fixed seed images whose invariance loss is logged (Figure 5), and its key."""
+  """The fixed seed images whose invariance loss is logged (Figure 5), their labels,
+  and its key."""
   seeds: jax.Array
+  labels: jax.Array
   key: jax.Array
 
   @classmethod
@@ -168,12 +170,12 @@ class _Probe:
     key = jax.random.fold_in(jax.random.key(config.seed), 2)
     idx = np.random.default_rng([config.seed, 2]).choice(
         len(data.x_train), min(config.probe_seeds, len(data.x_train)), replace=False)
-    seeds = data.x_train[np.sort(idx)]
+    seeds, labels = data.x_train[np.sort(idx)], data.y_train[np.sort(idx)]
     # Split over the devices where it divides, else on each: the same probe at any
     # scale.
-    seeds = (placement.shard(seeds) if len(seeds) % jax.device_count() == 0
-             else placement.replicate(seeds))
-    return cls(seeds, key)
+    place = (placement.shard if len(seeds) % jax.device_count() == 0
+             else placement.replicate)
+    return cls(place(seeds), place(labels), key)
 
 
 def _lower_eval_and_probe(run, placement, state, test_batches, probe):
@@ -187,7 +189,7 @@ def _lower_eval_and_probe(run, placement, state, test_batches, probe):
       "probe": jax.jit(steps_lib.make_probe_step(run.step_config,
                                                  run.config.probe_copies),
                        out_shardings=placement.replicated).lower(
-                           state, probe.seeds, probe.key)}
+                           state, probe.seeds, probe.labels, probe.key)}
 
 
 class _Loop:
@@ -299,7 +301,8 @@ class _Loop:
     t_loop = time.perf_counter()
     try:
       if self.start == 0:  # Figure 5 starts at the initialisation
-        self.queued.append((0, [], probe_step(self.state, probe.seeds, probe.key), None))
+        self.queued.append((0, [], probe_step(self.state, probe.seeds, probe.labels,
+                                              probe.key), None))
       self.deadline.start(self.start, time.perf_counter())
       pending: list[tuple[int, dict]] = []
       while done < run.total_steps:
@@ -317,7 +320,8 @@ class _Loop:
         stop = self.should_stop(done, last, metrics, programs, preempt, at_log)
         if at_log or stop:
           self.queued.append((done, pending,
-                              probe_step(self.state, probe.seeds, probe.key),
+                              probe_step(self.state, probe.seeds, probe.labels,
+                                         probe.key),
                               None if self.dead_check is None
                               else self.dead_check(self.state, probe.seeds)))
           pending = []

@@ -98,13 +98,15 @@ def run_orbax_recipe(workdir: str):
   return scope["weights"]
 
 
-def naive_invariance_loss(f, ids):
+def naive_invariance_loss(f, ids, classes=None):
   """Eq. 3 as a double loop over pairs in JAX (float32, differentiable): mean distance
-  (Eq. 1) over the pairs of equal ids / over all pairs, self-pairs left out. The tests'
-  reference for both loss methods, their gradients and the class-invariance term."""
+  (Eq. 1) over the pairs of equal ids / over all pairs (with `classes`, over the pairs
+  of equal classes), self-pairs left out. The tests' reference for both loss methods,
+  their gradients, both denominators and the class-invariance term."""
   f = f.reshape(f.shape[0], -1).astype(jnp.float32)
   d = jnp.mean((f[:, None] - f[None]) ** 2, axis=-1)  # Eq. 1 for every pair
   off = ~jnp.eye(len(f), dtype=bool)
   same = (ids[:, None] == ids[None]) & off
+  pairs = off if classes is None else (classes[:, None] == classes[None]) & off
   return (jnp.sum(jnp.where(same, d, 0)) / jnp.sum(same)) / (
-      jnp.sum(jnp.where(off, d, 0)) / jnp.sum(off))
+      jnp.sum(jnp.where(pairs, d, 0)) / jnp.sum(pairs))

@@ -11,6 +11,7 @@ import runpy
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -108,6 +109,16 @@ def test_invariance_loss_is_the_training_probe(runs):
   assert last["step"] == run.step and list(got) == helpers.TINY_SOWN
   for k, v in got.items():
     assert v == pytest.approx(last[f"probe/inv_loss/{k}"], rel=1e-4, abs=1e-6), k
+  # The class denominator, against the pair loop over the same activations.
+  labels = data.y_train[np.sort(idx)]
+  by_class = run.invariance_loss(copies, "conv3", labels=labels, denominator="class")
+  acts = run.activations(copies.reshape(-1, 16, 16, 3), "conv3")["conv3"]
+  ids = np.repeat(np.arange(len(seeds)), c.probe_copies)
+  ref = helpers.naive_invariance_loss(jnp.asarray(acts), ids,
+                                      np.repeat(labels, c.probe_copies))
+  assert by_class["conv3"] == pytest.approx(float(ref), rel=1e-4)
+  with pytest.raises(ValueError, match=r"needs labels=\[4\].*denominator='batch'"):
+    run.invariance_loss(copies, denominator="class")
   made = run.augmented_copies(data.x_test[:3], 4, seed=1)
   assert made.shape == (3, 4, 16, 16, 3)
   assert not np.allclose(made[:, 0], made[:, 1])  # each copy its own draw

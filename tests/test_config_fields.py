@@ -49,6 +49,7 @@ ROWS = {
     "alpha_ratio": ([0.0, -10.0, INF], [1.0, 10.0]),
     "layer_weight_law": (["cubic", "", 1], ["exponential", "linear", "uniform", "decay"]),
     "class_alpha": ([1.0, -0.1, NAN], [0.0, 0.3]),
+    "invariance_denominator": (["seed", "", 1], ["batch", "class"]),
     "loss_method": (["cosine", ""], ["moments", "pairwise"]),
     "num_epochs": ([0.0, -1.0, NAN, INF], [0.5, 350.0]),
     "learning_rate": ([0.0, -0.01, NAN, INF, "0.1"], [1e-4, 0.05, 1e6]),

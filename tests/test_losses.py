@@ -389,3 +389,80 @@ def test_every_layer_at_once_checks_its_input():
     losses.grouped_invariance_losses({"a": f}, 3, "moments")
   with pytest.raises(ValueError, match="valid methods"):
     losses.grouped_invariance_losses({"a": f}, 4, "cosine")
+
+
+# The class denominator ("class": the authors' training code divides by the mean
+# distance over the pairs of the same class, not over every pair) ----------------------
+
+SEED_CLASSES = {
+    "classes of 1 to 3 seeds": np.array([3, 1, 3, 7, 1, 3]),
+    "every seed its own class": np.array([0, 1, 2, 3, 4, 5]),
+    "large and negative labels": np.array([10**6, -2, -2, 10**6, 5, 10**6]),
+}
+
+
+@pytest.mark.parametrize("method", losses.METHODS)
+@pytest.mark.parametrize("name", list(SEED_CLASSES))
+def test_class_denominator_matches_the_pair_loop_in_value_and_gradient(method, name):
+  """Grouped (every form) and seed-id layouts (shuffled) against the float64 double
+  loop and jax.grad of the JAX pair loop, with a shared offset of 20 (cancellation)."""
+  sc, m = SEED_CLASSES[name], 4
+  k = len(sc)
+  rng = np.random.default_rng(k + len(name))
+  f = jnp.asarray(rng.normal(size=(k * m, 3, 5)) * rng.uniform(0.1, 10) + 20.0,
+                  jnp.float32)
+  ids, cls = np.repeat(np.arange(k), m), np.repeat(sc, m)
+  ref = jax.jit(jax.value_and_grad(helpers.naive_invariance_loss))
+  ref_val, ref_grad = ref(f - 20.0, jnp.asarray(ids), jnp.asarray(cls))
+  f64 = np.asarray(f, np.float64)
+  pair_mean = lambda mask: np.mean([np.mean((f64[i] - f64[j]) ** 2)
+                                    for i, j in itertools.product(range(k * m), repeat=2)
+                                    if i != j and mask[i] == mask[j]])
+  np.testing.assert_allclose(ref_val, pair_mean(ids) / pair_mean(cls), rtol=1e-5)
+  # (every seed its own class: L = 1 whatever the activations, a gradient of 0)
+  tol = dict(rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(ref_grad))) + 1e-8)
+  for form in losses.MOMENT_FORMS:
+    val, grad = jax.jit(jax.value_and_grad(functools.partial(
+        losses.grouped_invariance_loss, copies=m, method=method, form=form,
+        seed_classes=jnp.asarray(sc))))(f)
+    np.testing.assert_allclose(val, ref_val, rtol=2e-5, err_msg=form)
+    np.testing.assert_allclose(grad, ref_grad, **tol, err_msg=form)
+  perm = rng.permutation(k * m)
+  val, grad = jax.jit(jax.value_and_grad(functools.partial(
+      losses.invariance_loss, seed_ids=jnp.asarray(ids[perm]), method=method,
+      classes=jnp.asarray(cls[perm]))))(f[perm])
+  np.testing.assert_allclose(val, ref_val, rtol=2e-5)
+  np.testing.assert_allclose(grad, ref_grad[perm], **tol)
+
+
+@pytest.mark.parametrize("method", losses.METHODS)
+def test_class_denominator_of_one_class_is_the_batch_denominator(method):
+  """One class over the batch gives Eq. 3 as the paper writes it; seeds of different
+  classes raise the loss, since same-class pairs are closer than pairs in general."""
+  rng = np.random.default_rng(3)
+  k, m = 8, 4
+  centres = rng.normal(size=(2, 1, 30)) * 5  # two classes far apart
+  sc = np.repeat([0, 1], k // 2)
+  f = jnp.asarray((centres[sc] + rng.normal(size=(k, 1, 30))
+                   + 0.3 * rng.normal(size=(k, m, 30))).reshape(k * m, 30), jnp.float32)
+  batch = losses.grouped_invariance_loss(f, m, method)
+  one = losses.grouped_invariance_loss(f, m, method, seed_classes=jnp.zeros(k, jnp.int32))
+  two = losses.grouped_invariance_loss(f, m, method, seed_classes=jnp.asarray(sc))
+  np.testing.assert_allclose(one, batch, rtol=1e-5)
+  assert float(two) > 3 * float(batch)
+
+
+def test_class_denominator_every_layer_at_once_and_its_checks():
+  rng = np.random.default_rng(4)
+  feats = {"a": jnp.asarray(rng.normal(size=(12, 4, 4, 2)), jnp.bfloat16),
+           "b": jnp.asarray(rng.normal(size=(12, 7)), jnp.float32)}
+  sc = jnp.asarray([1, 0, 1])
+  got = losses.grouped_invariance_losses(feats, 4, "moments", seed_classes=sc)
+  for name, f in feats.items():
+    ref = helpers.naive_invariance_loss(f, jnp.repeat(jnp.arange(3), 4),
+                                        jnp.repeat(sc, 4))
+    np.testing.assert_allclose(got[name], ref, rtol=2e-5, err_msg=name)
+  with pytest.raises(ValueError, match=r"seed_classes must have shape \[3\]"):
+    losses.grouped_invariance_loss(feats["b"], 4, "moments", seed_classes=jnp.zeros(12))
+  with pytest.raises(ValueError, match="classes must have shape"):
+    losses.invariance_loss(feats["b"], jnp.arange(12), "moments", jnp.zeros(3))

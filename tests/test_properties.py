@@ -125,6 +125,28 @@ def test_loss_gradient_is_finite(batch, parts):
     assert np.all(np.isfinite(np.asarray(g)))
 
 
+class_form = jax.jit(losses.grouped_invariance_loss, static_argnums=(1, 2, 3, 4))
+class_grad = jax.jit(jax.grad(losses.grouped_invariance_loss), static_argnums=(1, 2, 3, 4))
+
+
+@settings(max_examples=15, deadline=None)
+@given(grouped_batches(), st.lists(st.integers(0, 2), min_size=3, max_size=3))
+def test_class_denominator_is_finite_and_agrees_across_methods(batch, labels):
+  """The class denominator ("class"): finite and non-negative in value and gradient at
+  any scale, both methods equal, 0 when the copies of each seed are equal."""
+  f, k, m, kind = batch
+  sc = jnp.asarray(labels[:k])
+  values = {}
+  for method in losses.METHODS:
+    values[method] = float(class_form(f, m, method, 1, "one_read", sc))
+    assert np.isfinite(values[method]) and values[method] >= 0.0
+    assert np.all(np.isfinite(np.asarray(class_grad(f, m, method, 1, "one_read", sc))))
+  np.testing.assert_allclose(values["moments"], values["pairwise"], rtol=2e-3,
+                             atol=1e-5)
+  if kind in ("zeros", "constant", "copies"):
+    assert values["moments"] == 0.0 and values["pairwise"] < 1e-5
+
+
 @st.composite
 def score_inputs(draw):
   n = draw(st.sampled_from([2, 7]))

@@ -245,13 +245,47 @@ def test_top5_with_fewer_than_five_classes_counts_every_label():
 
 def test_probe_step_is_deterministic_and_per_layer():
   _, cfg, state, layers = _setup(copies=1, alpha=0.0)
-  seeds, _ = _seeds(4)
+  seeds, labels = _seeds(4)
   probe = jax.jit(steps.make_probe_step(cfg, probe_copies=4))
-  a = probe(state, seeds, jax.random.key(0))
-  b = probe(state, seeds, jax.random.key(0))
+  a = probe(state, seeds, labels, jax.random.key(0))
+  b = probe(state, seeds, labels, jax.random.key(0))
+  other = probe(state, seeds, (labels + 1) % 4, jax.random.key(0))
   assert set(a) == set(layers)
   for l in layers:
     assert 0.0 < float(a[l]) < 2.0 and float(a[l]) == float(b[l])
+    assert float(other[l]) == float(a[l])  # the batch denominator reads no labels
+
+
+@pytest.mark.parametrize("method", ["moments", "pairwise"])
+def test_class_denominator_step_and_probe_divide_by_same_class_pairs(method):
+  """With denominator "class", the step's loss is Eq. 4 with Eq. 3 over the pairs of
+  the same class (the naive definition, recomputed here), and so is the probe's
+  measurement, a baseline's (M = 1) included."""
+  _, cfg, state, layers = _setup(copies=2, alpha=0.2, method=method)
+  cfg = dataclasses.replace(cfg, denominator="class")
+  seeds, labels = _seeds(8, seed=3)
+  key = jax.random.key(5)
+  _, metrics = jax.jit(steps.make_train_step(cfg))(state, seeds, labels, key)
+
+  @jax.jit
+  def recompute(state):
+    logits, feats, y, ids = _forward_again(state, cfg, seeds, labels, key)
+    inv = jnp.stack([helpers.naive_invariance_loss(feats[l], ids, y) for l in layers])
+    w = losses.layer_weights(len(layers), 0.2, 10.0)
+    return 0.8 * losses.cross_entropy(logits, y) + jnp.sum(w * inv), inv
+
+  expected, inv = recompute(state)
+  assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-5)
+  for l, v in zip(layers, inv):
+    assert float(metrics[f"inv_loss/{l}"]) == pytest.approx(float(v), rel=1e-5)
+
+  base = dataclasses.replace(cfg, copies=1, alpha=0.0)
+  got = jax.jit(steps.make_probe_step(base, probe_copies=4))(state, seeds, labels, key)
+  x, y, ids = steps.expand_seeds(seeds, labels, 4)
+  feats = steps.features(state, augment.augment(key, steps.to_float(x), cfg.ranges))
+  for l in layers:
+    ref = helpers.naive_invariance_loss(feats[l], ids, y)
+    assert float(got[l]) == pytest.approx(float(ref), rel=1e-4), l
 
 
 def test_learning_rate_schedule_piecewise():
