@@ -598,42 +598,44 @@ _moments.defvjp(_moments_fwd, _moments_bwd)
 
 # The class denominator ("class", DENOMINATORS), both layouts, from the per-seed sums:
 # for a class c of n_c examples with mean mu_c, the sum over its ordered pairs is
-# 2 n_c t_c, t_c = sum_{i in c} ||f_i - mu_c||^2 = sum_{k in c} (ss_k + n_k ||mu_k -
-# mu_c||^2) (the seeds of c), so
+# 2 n_c t_c, t_c = sum_{i in c} ||f_i - mu_c||^2 = sum_{k in c} t_k, t_k = ss_k + n_k
+# ||mu_k - mu_c||^2 over the seeds k of c, so
 #
-#   between = sum_c 2 n_c t_c / sum_c n_c (n_c - 1) / D
+#   between = sum_k 2 n_c(k) t_k / sum_k n_k (n_c(k) - 1) / D
 #
-# (one class holding the whole batch gives the batch denominator). With b_c = 4 n_c /
-# (sum_c n_c (n_c - 1) D) and a_k as above, the gradient is elementwise again:
+# (one class holding the whole batch gives the batch denominator). With b_k = 4 n_c(k) /
+# (sum_k n_k (n_c(k) - 1) D) and a_k as above, the gradient is elementwise again:
 #
-#   dL/df_i = [a_k (f_i - mu_k) - L b_c (f_i - mu_c)] / between.
+#   dL/df_i = [a_k (f_i - mu_k) - L b_k (f_i - mu_c(k))] / between.
 #
-# The seeds' means are shifted by the batch's first example, and the classes' means are
-# weighted means of those, so every term is a deviation of the size of the spread. The
-# [K, D] per-seed arrays are written, as in the per-seed form.
+# Each seed's class sums come from a product with the [G, G] same-class matrix (no
+# sort, scatter or gather), in float32 at full precision (a GPU's default for a float32
+# product rounds its operands to 10 bits). The seeds' means are shifted by the batch's
+# first example, and the classes' means are weighted means of those, so every term is a
+# deviation of the size of the spread. The [K, D] per-seed arrays are written, as in the
+# per-seed form.
 
 
 def _class_moments_parts(copies, x, group, first, counts, seed_class):
   """The forward pass: (L, residuals for the gradient). seed_class [G]: the class of
   each seed slot (any integers)."""
-  b, dim = x.shape
+  _, dim = x.shape
   c, ss, _, n = _seed_moments(copies, x, group, first, counts)
   g = c.shape[0]
   n = jnp.broadcast_to(jnp.asarray(n, jnp.float32), (g, 1))  # [G, 1]; empty slots 0
-  _, cls = jnp.unique(seed_class, return_inverse=True, size=g)
-  cls = cls.reshape(g)
-  n_c = jax.ops.segment_sum(n, cls, num_segments=g)  # [G, 1]
-  class_mean = (jax.ops.segment_sum(n * c, cls, num_segments=g)
-                / jnp.maximum(n_c, 1.0))[cls]  # mu_c - r_0 of each seed's class, [G, D]
+  same = (seed_class[:, None] == seed_class[None, :]).astype(jnp.float32)  # [G, G]
+  sums = lambda v: jnp.matmul(same, v, precision=jax.lax.Precision.HIGHEST)
+  n_c = sums(n)  # [G, 1]: the examples of each seed's class
+  class_mean = sums(n * c) / jnp.maximum(n_c, 1.0)  # mu_c(k) - r_0, [G, D]
   dev = c - class_mean
-  t_c = jax.ops.segment_sum(jnp.sum(ss + n * dev * dev, axis=1), cls, num_segments=g)
-  class_pairs = jnp.maximum(jnp.sum(n_c[:, 0] * (n_c[:, 0] - 1.0)), 1.0)
-  between = jnp.sum(2.0 * n_c[:, 0] * t_c) / class_pairs / dim
-  pairs = jnp.maximum(jnp.sum(n[:, 0] * (n[:, 0] - 1.0)), 1.0)
+  t = jnp.sum(ss + n * dev * dev, axis=1, keepdims=True)  # [G, 1]
+  class_pairs = jnp.maximum(jnp.sum(n * (n_c - 1.0)), 1.0)
+  between = jnp.sum(2.0 * n_c * t) / class_pairs / dim
+  pairs = jnp.maximum(jnp.sum(n * (n - 1.0)), 1.0)
   within = jnp.sum(2.0 * n * ss) / pairs / dim
   loss = _safe_ratio(within, between)
   a = 4.0 * n / (pairs * dim)  # [G, 1]
-  b_c = 4.0 * n_c[cls] / (class_pairs * dim)  # [G, 1], each seed's class's
+  b_c = 4.0 * n_c / (class_pairs * dim)  # [G, 1]
   return loss, (x, c, class_mean, a, b_c, loss, between)
 
 

@@ -462,6 +462,12 @@ def test_class_denominator_every_layer_at_once_and_its_checks():
     ref = helpers.naive_invariance_loss(f, jnp.repeat(jnp.arange(3), 4),
                                         jnp.repeat(sc, 4))
     np.testing.assert_allclose(got[name], ref, rtol=2e-5, err_msg=name)
+  # The class sums are products with a same-class matrix: at full float32 precision,
+  # not a GPU's default (operands rounded to 10 bits, which would spoil the deviations).
+  text = jax.jit(lambda f: losses.grouped_invariance_loss(
+      f, 4, "moments", seed_classes=sc)).lower(feats["b"]).as_text()
+  dots = [line for line in text.splitlines() if "dot_general" in line]
+  assert dots and all("precision = [HIGHEST, HIGHEST]" in line for line in dots)
   with pytest.raises(ValueError, match=r"seed_classes must have shape \[3\]"):
     losses.grouped_invariance_loss(feats["b"], 4, "moments", seed_classes=jnp.zeros(12))
   with pytest.raises(ValueError, match="classes must have shape"):
