@@ -98,6 +98,8 @@ class Scale:
         parts.append(os.path.splitext(os.path.basename(str(value)))[0])
       elif path == "model.width":
         parts.append(f"w{value:g}" if isinstance(value, float) else f"w{value}")
+      elif path == "invariance_denominator":
+        parts.append(f"{value}_denominator")
       else:
         rest.append(f"{path}={value!r}")
     if rest:

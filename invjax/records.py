@@ -193,13 +193,12 @@ def attackable(record_dir: str) -> bool:
 
 
 def load(record_dir: str) -> Record:
-  """Reads a record (the analysis is None in the record of an unfinished run)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
+  """Reads a record (the analysis is None in the record of an unfinished run). Its
+  config's fields added to invjax after the run take their defaults."""
   missing = [f for f in REQUIRED if not os.path.exists(os.path.join(record_dir, f))]
   if missing:
     raise FileNotFoundError(f"{record_dir} lacks {missing}: not a run record.")
-  with open(os.path.join(record_dir, workdirs.CONFIG_FILE)) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = workdirs.load_config(record_dir)
   card = run_card.read(record_dir)
   summary = scores = None
   if os.path.exists(os.path.join(record_dir, workdirs.SUMMARY_FILE)):
@@ -226,16 +225,18 @@ def find(records_root: str) -> list[str]:
 SCHEDULE_FIELDS = ("num_epochs", "lr_boundaries", "lr_decay", "learning_rate",
                    "batch_size", "copies", "alpha", "alpha_ratio", "train_examples",
                    "test_examples", "model", "momentum", "nesterov", "augment")
+# Fields that make the loss other than the paper's (as its text writes it).
+LOSS_FIELDS = ("layer_weight_law", "class_alpha", "invariance_denominator")
 
 
 def departures(config, reference) -> dict[str, tuple[Any, Any]]:
   """{field: (the record's value, the paper's)} of the fields that make a run shorter
-  or other than the paper's (schedule, data subset, model, loss weights)."""
+  or other than the paper's (schedule, data subset, model, loss weights, the loss)."""
   def plain(v):
     v = v.to_dict() if hasattr(v, "to_dict") else v
     return json.loads(json.dumps(v))  # tuples and lists alike
   out = {}
-  for k in SCHEDULE_FIELDS:
+  for k in SCHEDULE_FIELDS + LOSS_FIELDS:
     a, b = plain(config.get(k)), plain(reference.get(k))
     if a != b:
       out[k] = (a, b)
@@ -251,13 +252,15 @@ def _short(v):
 
 
 def status(record: Record, reference) -> str:
-  """"full", or what makes the record's result provisional: "unfinished (step s of
-  n)" and/or "shortened (num_epochs 6 of 350, ...)"."""
+  """"full", or what makes the record's result provisional or another method's:
+  "unfinished (step s of n)", "shortened (num_epochs 6 of 350, ...)" and/or "other
+  loss (invariance_denominator class (paper batch))"."""
   parts = []
   if not record.finished:
     parts.append(f"unfinished: step {record.card['final_step']} of "
                  f"{record.card['total_steps']}")
   diff = departures(record.config, reference)
+  loss = {k: diff.pop(k) for k in LOSS_FIELDS if k in diff}
   if diff:
     shown = ", ".join(f"{k} {_short(a)} (paper {_short(b)})" for k, (a, b) in diff.items()
                       if k not in ("model", "augment"))
@@ -266,6 +269,9 @@ def status(record: Record, reference) -> str:
     if "augment" in diff:
       shown += (", " if shown else "") + "other augmentation"
     parts.append(f"shortened: {shown}")
+  if loss:
+    parts.append("other loss: " + ", ".join(f"{k} {_short(a)} (paper {_short(b)})"
+                                             for k, (a, b) in loss.items()))
   return "; ".join(parts) or "full"
 
 

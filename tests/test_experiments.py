@@ -23,6 +23,8 @@ def test_scale_scales_the_schedule_and_overrides_fields():
   assert other.tag().startswith("e35_w0.25_o") and len(other.tag()) == 19
   assert paper.Scale(epochs=35, overrides=(("alpha", 0.3),)).tag() != other.tag()
   assert paper.Scale().tag() == "paper"
+  assert paper.Scale(overrides=(("invariance_denominator", "class"),)).tag() == \
+      "class_denominator"
   inv = paper.cell_config("allcnn_cifar10", "invariance",
                           paper.Scale(overrides=(("invariance_alpha", 0.5),)))
   assert inv.alpha == 0.5  # the override reaches the variant's alpha

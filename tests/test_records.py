@@ -313,6 +313,12 @@ def test_status_marks_shortened_and_unfinished_records():
   assert records.status(record, ref).startswith("shortened: num_epochs 6 (paper 350)")
   record.card = dict(card, finished=False, final_step=3, total_steps=2340)
   assert records.status(record, ref).startswith("unfinished: step 3 of 2340; shortened")
+  record.card = card
+  with record.config.unlocked():
+    record.config.invariance_denominator = "class"
+  got = records.status(record, ref)
+  assert got.startswith("shortened: num_epochs 6 (paper 350)")
+  assert got.endswith("; other loss: invariance_denominator class (paper batch)")
   with ref.unlocked():  # precision and data path are not departures
     ref.half_precision = True
     ref.dataset = "/tmp/cifar10.npz"
