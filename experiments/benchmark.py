@@ -108,6 +108,8 @@ flags.DEFINE_list("variants", None, "What to time, from " + ", ".join(
         "pairwise": "invariance, pairwise", "moments": "invariance, moments",
         "moments_one_read": "moments, one-read form",
         "moments_per_seed": "moments, per-seed form",
+        "moments_class": "moments, Eq. 3 over same-class pairs "
+                         "(invariance_denominator=class)",
         "same_batch_flax_bn": "same batch with flax's batch norm",
         "moments_flax_bn": "invariance, moments, with flax's batch norm",
         "same_batch_widened": "same batch, DenseNet-BC's bottlenecks widened "
@@ -128,7 +130,7 @@ SMALL = {
 }
 METHODS = ("pairwise", "moments")
 VARIANTS = ("baseline", "same_batch", "pairwise", "moments", "moments_one_read",
-            "moments_per_seed", "same_batch_flax_bn", "moments_flax_bn",
+            "moments_per_seed", "moments_class", "same_batch_flax_bn", "moments_flax_bn",
             "same_batch_widened", "moments_widened", "dispatch1",
             "loss_alone", "augmentation", "analysis", "stacked")
 # The training variants: key -> (row name, config fields, StepConfig overrides).
@@ -141,6 +143,10 @@ TRAIN_VARIANTS = {
     **{f"moments_{form}": (f"invariance moments, {form.replace('_', ' ')}",
                            {"loss_method": "moments"}, {"moments_form": form})
        for form in losses.MOMENT_FORMS},
+    # Eq. 3's denominator over the pairs of the same class (the authors' code), which
+    # the moments method computes in its per-seed form.
+    "moments_class": ("invariance moments, class denominator",
+                      {"loss_method": "moments", "invariance_denominator": "class"}, {}),
     # flax's batch norm where config.batch_norm = "auto" picks the fused one (off a
     # CPU): what the fused layer buys, side by side.
     "same_batch_flax_bn": ("same batch, flax batch norm",

@@ -33,6 +33,7 @@ from invjax import metrics_io
 from invjax import records as records_lib
 from invjax import report
 from invjax import run_card
+from invjax import steps
 
 ROOT = common.ROOT
 RECORDS = os.path.join(ROOT, "experiments", "results", "records")
@@ -392,19 +393,31 @@ def write_robustness(cell: str, runs: dict[str, dict], scale: Scale, out_dir: st
   return _write(out_dir, name, lines, reports)
 
 
-def loss_dynamics_check(workdirs: dict[str, str]) -> dict[str, dict[str, dict]]:
-  """Per variant and layer: probe L_inv at the start, its peak and at the end."""
+def probe_prefix(runs: dict[str, dict]) -> str:
+  """The probe's metric Figure 5 plots for these runs: L_inv with the denominator the
+  loss was trained with (every run's probe logs both, steps.PROBE_METRICS), the class
+  denominator's where an invariance-trained run used it."""
+  by_class = any(r["config"].get("alpha", 0) > 0 and
+                 r["config"].get("invariance_denominator", "batch") == "class"
+                 for r in runs.values())
+  return f"probe/{steps.PROBE_METRICS['class' if by_class else 'batch']}/"
+
+
+def loss_dynamics_check(workdirs: dict[str, str], prefix: str = "probe/inv_loss/"
+                        ) -> dict[str, dict[str, dict]]:
+  """Per variant and layer: probe L_inv (metrics `prefix`<layer>) at the start, its
+  peak and at the end; {} for a run that did not log them."""
   out = {}
   for variant, wd in workdirs.items():
     records = metrics_io.read(wd)
     layers = []
     for r in records:
       for k in r:
-        if k.startswith("probe/inv_loss/") and k[15:] not in layers:
-          layers.append(k[15:])
+        if k.startswith(prefix) and k[len(prefix):] not in layers:
+          layers.append(k[len(prefix):])
     out[variant] = {}
     for layer in layers:
-      epochs, values = metrics_io.series(records, f"probe/inv_loss/{layer}", "epoch")
+      epochs, values = metrics_io.series(records, prefix + layer, "epoch")
       values = np.asarray(values, np.float64)
       i = int(np.argmax(values))
       out[variant][layer] = {"start": float(values[0]), "peak": float(values[i]),
@@ -416,18 +429,26 @@ def write_figure5(cell: str, runs: dict[str, dict], scale: Scale, out_dir: str,
                   command: str, lacks: Sequence[str] = ()) -> str:
   """Figure 5: per-layer L_inv of the probe batch over training, every variant."""
   name = f"figure5_{cell}"
-  workdirs = {v: r["workdir"] for v, r in runs.items()}
+  prefix = probe_prefix(runs)
+  check = loss_dynamics_check({v: r["workdir"] for v, r in runs.items()}, prefix)
+  missing = [v for v, c in check.items() if not c]  # records older than the metric
+  workdirs = {v: r["workdir"] for v, r in runs.items() if v not in missing}
+  pairs = ("the pairs of the same class (the authors' training code)"
+           if "same_class" in prefix else "every pair (the paper's text)")
   png = report.plot_loss_dynamics(
-      workdirs, os.path.join(out_dir, name + ".png"),
+      workdirs, os.path.join(out_dir, name + ".png"), prefix=prefix,
       title=f"L_inv during training (probe batch), {CELLS[cell].label} ({scale.tag()})")
-  check = loss_dynamics_check(workdirs)
   lines = _header(f"Figure 5: L_inv per layer during training, {CELLS[cell].label}",
                   {cell: runs}, scale, command, lacks)
   lines += [f"![Figure 5]({os.path.basename(png)})", "",
             "The paper: the baseline's L_inv keeps rising over training; with the loss "
             "it rises over the first epochs, then falls, in every layer but the last. "
-            "Ours, per layer (probe batch: fixed seeds x copies, eval mode):", ""]
-  variants = list(check)
+            f"Ours, per layer (probe batch: fixed seeds x copies, eval mode; `{prefix}*`, "
+            f"Eq. 3's denominator over {pairs}):", ""]
+  if missing:
+    lines += [f"Not shown: {', '.join(missing)} (its run logged no `{prefix}*`; runs "
+              "log both denominators' since invjax added the class one).", ""]
+  variants = [v for v in check if v not in missing]
   lines.append("| layer | " + " | ".join(f"{v}{_mark(runs[v])}: start, peak (epoch), end"
                                          for v in variants)
                + " |")

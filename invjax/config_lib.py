@@ -65,7 +65,8 @@ def base_config() -> ml_collections.ConfigDict:
   # What Eq. 3 divides the within-seed mean distance by (losses.DENOMINATORS): the mean
   # over every pair of the batch ("batch", as the paper writes it) or over the pairs of
   # the same class ("class", as the authors' training code computes it). The L_inv
-  # probe (Figure 5) measures it the same way, the baseline's too.
+  # probe (Figure 5) logs both in every run, the baseline's too: probe/inv_loss/* and
+  # probe/inv_loss_same_class/*. Only a run with alpha > 0 trains differently.
   c.invariance_denominator = "batch"
   # "moments" (O(B D): per-seed and batch means) or "pairwise" (the |B| x |B| distance
   # matrices of Eq. 3 as written): equal values and gradients; what each costs is in

@@ -13,6 +13,7 @@ from invjax import build as build_lib
 from invjax import config_lib
 from invjax import distributed
 from invjax import report
+from invjax import steps
 from invjax import train
 from invjax import workdirs
 
@@ -50,11 +51,13 @@ def compare_variants(base_config, workdir: str, variants, data=None) -> dict:
   if not distributed.is_primary():  # process 0 writes the comparison
     return {"table": table, "figures": [], "summaries": summaries}
   name = f"{base_config.model.name} on {summaries[variants[0]]['dataset']}"
+  denominator = base_config.invariance_denominator  # the probe's that the loss uses
   figures = [
       report.plot_scores(scores, os.path.join(workdir, "invariance_scores.png"),
                          title=f"invariance scores, {name}"),
       report.plot_loss_dynamics({v: os.path.join(workdir, v) for v in variants},
                                 os.path.join(workdir, "inv_loss_dynamics.png"),
+                                prefix=f"probe/{steps.PROBE_METRICS[denominator]}/",
                                 title=f"L_inv during training (probe batch), {name}"),
   ]
   with open(os.path.join(workdir, "summary.txt"), "w") as f:

@@ -55,7 +55,7 @@ class StepConfig:
   loss_parts: int = 1
   # What Eq. 3 divides by (losses.DENOMINATORS): every pair of the batch ("batch", the
   # paper's text) or the pairs of the same class ("class", the authors' code). The
-  # probe measures L_inv the same way.
+  # probe measures both (PROBE_METRICS).
   denominator: str = "batch"
 
 
@@ -328,12 +328,20 @@ def _seed_classes(cfg: StepConfig, labels):
   return labels if cfg.denominator == "class" else None
 
 
+# The probe's measurements, by Eq. 3's denominator (losses.DENOMINATORS): logged as
+# probe/<name>/<layer>.
+PROBE_METRICS = {"batch": "inv_loss", "class": "inv_loss_same_class"}
+
+
 def make_probe_step(cfg: StepConfig, probe_copies: int) -> Callable:
-  """(state, seed_images uint8 [K,H,W,C], labels [K], key) -> {layer: L_inv}, eval
-  mode, never optimised.
+  """(state, seed_images uint8 [K,H,W,C], labels [K], key) -> {"inv_loss/<layer>":
+  L_inv, "inv_loss_same_class/<layer>": L_inv with the class denominator}, eval mode,
+  never optimised.
 
   With a fixed batch and key, the curves over training (Figure 5) reflect the model
-  alone; the baseline (M = 1) gets the same measurement as the invariance model.
+  alone; the baseline (M = 1) gets the same measurements as the invariance model, and
+  every run both denominators', whichever it trains with, so that any two runs can be
+  compared either way.
   """
 
   def probe_step(state, seed_images, labels, key):
@@ -341,8 +349,12 @@ def make_probe_step(cfg: StepConfig, probe_copies: int) -> Callable:
     x = augment.augment(key, to_float(x), cfg.ranges)
     feats = features(state, x)
     feats.pop("pixels")
-    return losses.grouped_invariance_losses(feats, probe_copies, cfg.loss_method,
-                                            cfg.loss_parts, cfg.moments_form,
-                                            _seed_classes(cfg, labels))
+    out = {}
+    for denominator, name in PROBE_METRICS.items():
+      inv = losses.grouped_invariance_losses(
+          feats, probe_copies, cfg.loss_method, cfg.loss_parts, cfg.moments_form,
+          labels if denominator == "class" else None)
+      out |= {f"{name}/{layer}": v for layer, v in inv.items()}
+    return out
 
   return probe_step

@@ -242,7 +242,7 @@ class _Loop:
               "lr": float(self.lrs[step - 1]), "epoch": step / self.spe,
               "steps_per_sec": (step - self.written["step"]) /
                                max(now - self.written["time"], 1e-9)})
-        self.log.write(step, {f"probe/inv_loss/{name}": v
+        self.log.write(step, {f"probe/{name}": v
                               for name, v in jax.device_get(probe).items()} |
                        {"epoch": step / self.spe})
       if caught:

@@ -122,3 +122,33 @@ def test_loss_dynamics_check_reads_start_peak_end(tmp_path):
   check = paper.loss_dynamics_check({"invariance": str(wd)})
   assert check == {"invariance": {"conv1": {"start": 0.3, "peak": 0.5, "peak_epoch": 1.0,
                                             "end": 0.2}}}
+
+
+def test_figure5_plots_the_denominator_the_loss_trained_with(tmp_path):
+  """Every run's probe logs both denominators' L_inv; Figure 5 plots the class one
+  where the invariance run trained with it, and names a run that did not log it."""
+  def run(name, alpha, denominator, metrics):
+    wd = tmp_path / name
+    wd.mkdir()
+    with open(wd / "metrics.jsonl", "w") as f:
+      for epoch in range(3):
+        f.write(json.dumps({"step": epoch * 10, "epoch": epoch, **{
+            f"probe/{m}/conv1": v * (1 + epoch) for m, v in metrics.items()}}) + "\n")
+    config = paper.cell_config("allcnn_cifar10", "baseline", paper.Scale())
+    with config.unlocked():
+      config.alpha, config.invariance_denominator = alpha, denominator
+    return {"workdir": str(wd), "config": config, "status": "full", "summary": None}
+
+  both = {"inv_loss": 0.1, "inv_loss_same_class": 0.3}
+  runs = {"baseline": run("b", 0.0, "batch", both),
+          "invariance": run("i", 0.1, "class", both),
+          "batchaug": run("a", 0.0, "batch", {"inv_loss": 0.2})}  # an older record
+  assert paper.probe_prefix(runs) == "probe/inv_loss_same_class/"
+  assert paper.probe_prefix({"baseline": runs["baseline"]}) == "probe/inv_loss/"
+  md = paper.write_figure5("allcnn_cifar10", runs, paper.Scale(), str(tmp_path / "out"),
+                           "cmd")
+  text = open(md).read()
+  assert "`probe/inv_loss_same_class/*`, Eq. 3's denominator over the pairs of the same " \
+         "class" in text
+  assert "Not shown: batchaug" in text
+  assert "| conv1 | 0.300, 0.900 (2.0), 0.900: rises | 0.300, 0.900 (2.0), 0.900" in text

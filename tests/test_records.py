@@ -319,6 +319,16 @@ def test_status_marks_shortened_and_unfinished_records():
   got = records.status(record, ref)
   assert got.startswith("shortened: num_epochs 6 (paper 350)")
   assert got.endswith("; other loss: invariance_denominator class (paper batch)")
+  # A baseline (alpha 0) trains the same with either denominator or weight law; its
+  # probe logs both denominators' L_inv whichever it was given.
+  base = paper.cell_config("allcnn_cifar10", "baseline", paper.Scale())
+  base_ref = paper.cell_config("allcnn_cifar10", "baseline", paper.Scale())
+  with base.unlocked():
+    base.invariance_denominator, base.layer_weight_law = "class", "uniform"
+  assert records.departures(base, base_ref) == {}
+  with base.unlocked():
+    base.class_alpha = 0.2
+  assert list(records.departures(base, base_ref)) == ["class_alpha"]
   with ref.unlocked():  # precision and data path are not departures
     ref.half_precision = True
     ref.dataset = "/tmp/cifar10.npz"

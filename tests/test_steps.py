@@ -250,17 +250,19 @@ def test_probe_step_is_deterministic_and_per_layer():
   a = probe(state, seeds, labels, jax.random.key(0))
   b = probe(state, seeds, labels, jax.random.key(0))
   other = probe(state, seeds, (labels + 1) % 4, jax.random.key(0))
-  assert set(a) == set(layers)
-  for l in layers:
-    assert 0.0 < float(a[l]) < 2.0 and float(a[l]) == float(b[l])
-    assert float(other[l]) == float(a[l])  # the batch denominator reads no labels
+  assert set(a) == {f"{m}/{l}" for m in ("inv_loss", "inv_loss_same_class")
+                    for l in layers}
+  for k in a:
+    assert 0.0 < float(a[k]) < 2.0 and float(a[k]) == float(b[k])
+  for l in layers:  # the batch denominator reads no labels
+    assert float(other[f"inv_loss/{l}"]) == float(a[f"inv_loss/{l}"])
 
 
 @pytest.mark.parametrize("method", ["moments", "pairwise"])
 def test_class_denominator_step_and_probe_divide_by_same_class_pairs(method):
   """With denominator "class", the step's loss is Eq. 4 with Eq. 3 over the pairs of
-  the same class (the naive definition, recomputed here), and so is the probe's
-  measurement, a baseline's (M = 1) included."""
+  the same class (the naive definition, recomputed here); the probe measures both
+  denominators, a baseline's (M = 1) included."""
   _, cfg, state, layers = _setup(copies=2, alpha=0.2, method=method)
   cfg = dataclasses.replace(cfg, denominator="class")
   seeds, labels = _seeds(8, seed=3)
@@ -279,13 +281,16 @@ def test_class_denominator_step_and_probe_divide_by_same_class_pairs(method):
   for l, v in zip(layers, inv):
     assert float(metrics[f"inv_loss/{l}"]) == pytest.approx(float(v), rel=1e-5)
 
-  base = dataclasses.replace(cfg, copies=1, alpha=0.0)
+  # The probe logs both denominators, a baseline's (M = 1, batch) too.
+  base = dataclasses.replace(cfg, copies=1, alpha=0.0, denominator="batch")
   got = jax.jit(steps.make_probe_step(base, probe_copies=4))(state, seeds, labels, key)
   x, y, ids = steps.expand_seeds(seeds, labels, 4)
   feats = steps.features(state, augment.augment(key, steps.to_float(x), cfg.ranges))
   for l in layers:
     ref = helpers.naive_invariance_loss(feats[l], ids, y)
-    assert float(got[l]) == pytest.approx(float(ref), rel=1e-4), l
+    assert float(got[f"inv_loss_same_class/{l}"]) == pytest.approx(float(ref), rel=1e-4)
+    ref = helpers.naive_invariance_loss(feats[l], ids)
+    assert float(got[f"inv_loss/{l}"]) == pytest.approx(float(ref), rel=1e-4)
 
 
 def test_learning_rate_schedule_piecewise():
