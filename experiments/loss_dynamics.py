@@ -5,8 +5,9 @@
 
 Plots the L_inv probe every run logs (a fixed batch of seeds x copies, eval mode, never
 optimised, so the baseline is measured the same way), epochs on a quadratic axis.
---metric=train/inv_loss/ plots the optimised training-batch values instead (runs with
-copies > 1 only).
+--metric=probe/inv_loss_same_class/ plots the probe's L_inv with Eq. 3's denominator
+over same-class pairs (the authors' form; every run logs both), --metric=train/inv_loss/
+the optimised training-batch values (runs with copies > 1 only).
 """
 
 from absl import app
