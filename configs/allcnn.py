@@ -12,6 +12,7 @@ def get_config(variant: str = "invariance"):
   c = config_lib.base_config()
   c.model.name = "allcnn"
   c.model.layers = "cifar"  # All-CNN-C
+  c.model.kernel_init = "he_normal"  # or "glorot_uniform", the authors' Keras default
   c.dataset = "cifar10"
   c.image_shape, c.num_classes = (32, 32, 3), 10
   c.batch_size = 128

@@ -18,6 +18,7 @@ def get_config(variant: str = "invariance"):
   c = config_lib.base_config()
   c.model.name = "allcnn"
   c.model.layers = "tinyimagenet"
+  c.model.kernel_init = "he_normal"  # or "glorot_uniform", the authors' Keras default
   c.dataset = "tiny_imagenet"
   c.test_split = "validation"
   c.image_shape, c.num_classes = (64, 64, 3), 200

@@ -285,6 +285,7 @@ FIELDS: dict[str, Rule] = {
     "model.compression": _num(0, 1, lo_open=True),
     "model.num_blocks": _int(1),
     "model.widen_bottlenecks": _BOOL,
+    "model.kernel_init": _choice(lambda: models.layers.KERNEL_INITS),
     "dataset": _NAME,
     "data_dir": _STR,
     "manual_dir": _STR,

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from invjax import checkpoints
+from invjax import models
 from invjax import run_card
 from invjax import workdirs
 
@@ -236,9 +237,14 @@ def departures(config, reference) -> dict[str, tuple[Any, Any]]:
   def plain(v):
     v = v.to_dict() if hasattr(v, "to_dict") else v
     return json.loads(json.dumps(v))  # tuples and lists alike
+  def model(c):  # every field of its model, those left out at the model's default
+    fields = plain(c.get("model")) or {}
+    return plain(models.field_defaults(fields.get("name"))) | fields
   out = {}
   for k in SCHEDULE_FIELDS + LOSS_FIELDS:
     a, b = plain(config.get(k)), plain(reference.get(k))
+    if k == "model":
+      a, b = model(config), model(reference)
     if a != b and not (k in LOSS_FIELDS[:2] and not config.get("alpha")):
       out[k] = (a, b)
   return out

@@ -29,6 +29,7 @@ from invjax import config_lib
 from invjax import distributed
 from invjax import errors
 from invjax import metrics_io
+from invjax import models
 from invjax import run_card
 from invjax import workdir_lock
 
@@ -82,8 +83,10 @@ def config_diff(config, workdir: str) -> dict[str, tuple[Any, Any]]:
     raise errors.WorkdirError(f"{path} cannot be read ({type(e).__name__}: {e}); move "
                               "it away (or choose another --workdir).") from e
   given = _flat_config(json.loads(config.to_json_best_effort()))
-  # A field added to invjax after the run was started, at its default, is no change.
-  defaults = _default_fields()
+  # A field added to invjax after the run was started, at its default, is no change;
+  # a model field's default is its model's.
+  defaults = _default_fields() | _flat_config(json.loads(json.dumps(
+      {"model": models.field_defaults(config.model.get("name"))})))
   new_at_default = {k for k in given if k not in saved and k in defaults and
                     given[k] == defaults[k]}
   return {k: (saved.get(k), given.get(k)) for k in sorted(set(saved) | set(given))
@@ -142,8 +145,12 @@ def load_config(workdir: str):
   except (OSError, ValueError) as e:
     raise errors.RunNotFound(f"{path} cannot be read ({type(e).__name__}: {e}); give "
                              "--config (the config file the run was trained with).") from e
-  # Fields added to invjax after the run was started take their defaults.
+  # Fields added to invjax after the run was started take their defaults; the model's
+  # fields are its own (a model takes only its own: the base config's model fields
+  # are All-CNN's), and one left out takes its model's default where it is built.
   for field, value in _default_fields().items():
+    if field.startswith("model."):
+      continue
     *parents, leaf = field.split(".")
     node = config
     for p in parents:

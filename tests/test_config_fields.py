@@ -32,6 +32,7 @@ ROWS = {
     "model.compression": ([0.0, 1.5, NAN], [0.5, 1.0]),
     "model.num_blocks": ([0], [3]),
     "model.widen_bottlenecks": ([1, "True"], [True, False]),
+    "model.kernel_init": (["glorot", "", 0], ["he_normal", "glorot_uniform"]),
     "dataset": (["", "  ", 5], ["digits", "cifar10", "/data/x.npz"]),
     "data_dir": ([None, 1], ["", "/data"]),
     "manual_dir": ([None], ["", "/data/manual"]),

@@ -1,14 +1,17 @@
 """The config files in configs/: the paper's hyperparameters, and one real step of
 each."""
 
+import json
 import os
 
 import ml_collections
 import numpy as np
 import pytest
 
+from invjax import build
 from invjax import metrics_io
 from invjax import train
+from invjax import workdirs
 from experiments import paper
 from tests import helpers
 
@@ -97,3 +100,27 @@ def test_every_config_runs_one_step(config_file, tmp_path):
   assert len(loss) == 1 and np.isfinite(loss[0])
   if classes > 10:
     assert 0.0 <= result["top5"] <= 1.0 and result["top5"] >= result["accuracy"]
+
+
+@pytest.mark.parametrize("config_file", sorted(CONFIG_FILES))
+def test_a_saved_config_loads_builds_and_resumes_without_model_fields_it_left_out(
+    config_file, tmp_path):
+  """workdirs.load_config fills the fields added since a run was saved, but not the
+  base config's model fields into another model's config (WRN and DenseNet take no
+  `width`: their workdirs could not be analyzed); a model field left out of a saved
+  config is no change where the config gives its model's default."""
+  config = _load_config_module(config_file).get_config("invariance")
+  workdirs.save_config(config, str(tmp_path))
+  loaded = workdirs.load_config(str(tmp_path))
+  build.create_model(loaded, config.num_classes, platform="cpu")
+  assert workdirs.config_diff(config, str(tmp_path)) == {}
+  with open(tmp_path / workdirs.CONFIG_FILE) as f:
+    saved = json.load(f)
+  if "kernel_init" in saved["model"]:  # a run saved before the field existed
+    del saved["model"]["kernel_init"]
+    with open(tmp_path / workdirs.CONFIG_FILE, "w") as f:
+      json.dump(saved, f)
+    assert workdirs.config_diff(config, str(tmp_path)) == {}
+    config.model.kernel_init = "glorot_uniform"
+    assert workdirs.config_diff(config, str(tmp_path)) == {
+        "model.kernel_init": (None, "glorot_uniform")}

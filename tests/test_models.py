@@ -196,7 +196,7 @@ def test_wrn_on_64x64_images_keeps_its_blocks_at_four_times_the_area():
 
 def test_unknown_layer_set_and_bad_layer_entries_are_refused():
   with pytest.raises(ValueError, match=r"config.model.layers='imagenet'.*\['cifar', "
-                     r"'tinyimagenet'\]"):
+                     r"'cifar_authors', 'tinyimagenet'\]"):
     models.layer_shapes(models.create("allcnn", 10, layers="imagenet"), (32, 32, 3))
   with pytest.raises(ValueError, match="config.model.layers has the entry"):
     models.layer_shapes(models.create("allcnn", 10, layers=((8, 3, 1, "FULL"),)),
@@ -240,3 +240,23 @@ def test_forward_cost_agrees_with_published(name):
   assert abs(dense - published) / published < 0.02, dense
   xla = describe.forward_flops(m, (32, 32, 3)) / 2  # XLA's cost analysis, FLOPs
   assert abs(xla - published) / published < 0.10, xla
+
+
+def test_allcnn_authors_variants_glorot_uniform_and_conv7_same():
+  """The authors' Keras All-CNN-C, one field each: Glorot-uniform kernels (bounded by
+  sqrt(6 / (fan_in + fan_out)), variance a third of its square) and conv7 padded SAME,
+  which keeps conv7-conv9 at 8x8; the same parameter shapes."""
+  x = jnp.zeros((1, 32, 32, 3))
+  he = allcnn.AllCNN(num_classes=10).init(jax.random.key(0), x)["params"]
+  gl = allcnn.AllCNN(num_classes=10, kernel_init="glorot_uniform").init(
+      jax.random.key(0), x)["params"]
+  assert jax.tree.map(jnp.shape, he) == jax.tree.map(jnp.shape, gl)
+  k = np.asarray(gl["Conv_1"]["kernel"])  # 3x3, 96 -> 96
+  limit = np.sqrt(6.0 / (9 * 96 + 9 * 96))
+  assert np.abs(k).max() <= limit and np.var(k) == pytest.approx(limit**2 / 3, rel=0.05)
+  assert np.var(np.asarray(he["Conv_1"]["kernel"])) == pytest.approx(
+      2.0 / (9 * 96), rel=0.05)  # He-normal, the default
+  shapes = models.layer_shapes(allcnn.AllCNN(num_classes=10, layers="cifar_authors"),
+                               (32, 32, 3))
+  assert [shapes[f"conv{i}"] for i in (6, 7, 8, 9)] == [
+      (8, 8, 192), (8, 8, 192), (8, 8, 192), (8, 8, 10)]

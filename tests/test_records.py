@@ -329,6 +329,15 @@ def test_status_marks_shortened_and_unfinished_records():
   with base.unlocked():
     base.class_alpha = 0.2
   assert list(records.departures(base, base_ref)) == ["class_alpha"]
+  # A model field a record's config left out (made before it existed) is its model's
+  # default; another value is another model.
+  old = paper.cell_config("allcnn_cifar10", "baseline", paper.Scale())
+  with old.unlocked():
+    del old.model["kernel_init"]
+  assert records.departures(old, base_ref) == {}
+  with old.unlocked():
+    old.model.kernel_init = "glorot_uniform"
+  assert list(records.departures(old, base_ref)) == ["model"]
   with ref.unlocked():  # precision and data path are not departures
     ref.half_precision = True
     ref.dataset = "/tmp/cifar10.npz"

@@ -38,6 +38,15 @@ def names() -> list[str]:
   return sorted(_REGISTRY)
 
 
+def field_defaults(name: str) -> dict[str, Any]:
+  """{field: default} of the config fields (config.model.<field>) model `name` takes
+  and has a default for: what a config that leaves one out gets."""
+  if name not in _REGISTRY:
+    return {}
+  return {f.name: f.default for f in dataclasses.fields(_REGISTRY[name])
+          if f.name not in NOT_CONFIG_FIELDS and f.default is not dataclasses.MISSING}
+
+
 def create(name: str, num_classes: int, dtype: Any = jnp.float32,
            batch_norm_impl: str = "flax", **fields) -> nn.Module:
   """Builds model `name` with the given fields (e.g. `width`), its batch norm of

@@ -6,8 +6,10 @@ is followed by batch norm and a ReLU, and the activation after each ReLU is sown
 layer of the invariance loss and score (`intermediates` collection, names conv1, conv2,
 ... in depth order).
 
-Two layer sets, chosen by name with `layers` (or give the list of layers itself):
+Layer sets, chosen by name with `layers` (or give the list of layers itself):
   - "cifar": All-CNN-C for 32x32 inputs, 9 convolutions (conv1 ... conv9).
+  - "cifar_authors": the same with conv7 padded SAME (8x8 maps, where the original
+    All-CNN-C's VALID gives 6x6), as the authors' Keras model builds it.
   - "tinyimagenet": the paper's All-CNN for 64x64 Tiny ImageNet, "with three additional
     layers and a stride-2 first convolution": Springenberg et al.'s ImageNet All-CNN
     (11x11 / 5x5 / 3x3 blocks of 96, 256 and 384 channels, then 1024), whose first
@@ -32,6 +34,11 @@ LAYER_SETS = {
         (96, 3, 1, "SAME"), (96, 3, 1, "SAME"), (96, 3, 2, "SAME"),
         (192, 3, 1, "SAME"), (192, 3, 1, "SAME"), (192, 3, 2, "SAME"),
         (192, 3, 1, "VALID"), (192, 1, 1, "VALID"),
+    ),
+    "cifar_authors": (  # All-CNN-C with conv7 padded SAME (8x8 maps), as the authors'
+        (96, 3, 1, "SAME"), (96, 3, 1, "SAME"), (96, 3, 2, "SAME"),  # code builds it
+        (192, 3, 1, "SAME"), (192, 3, 1, "SAME"), (192, 3, 2, "SAME"),
+        (192, 3, 1, "SAME"), (192, 1, 1, "VALID"),
     ),
     "tinyimagenet": (  # ImageNet All-CNN, first stride 2, 64x64 inputs
         (96, 11, 2, "SAME"), (96, 1, 1, "SAME"), (96, 3, 2, "SAME"),
@@ -67,17 +74,21 @@ class AllCNN(nn.Module):
 
   `layers` names one of LAYER_SETS or lists the hidden convolutions as (features,
   kernel, stride, padding); a last 1x1 convolution to the classes is always added.
+  `kernel_init` names the convolutions' initialiser (layers.KERNEL_INITS: He-normal,
+  or the authors' Glorot-uniform).
   """
   num_classes: int
   width: float = 1.0
   layers: str | Sequence[tuple[int, int, int, str]] = "cifar"
   dtype: Any = jnp.float32
   batch_norm: str = "flax"  # batch_norm_lib.IMPLEMENTATIONS
+  kernel_init: str = "he_normal"  # layers.KERNEL_INITS
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    init = layers.KERNEL_INITS[self.kernel_init]
     conv = lambda f, k, s, p: layers.Conv(f, (k, k), strides=(s, s), padding=p,
-                                          dtype=self.dtype)
+                                          dtype=self.dtype, kernel_init=init)
     norm_relu = batch_norm_lib.norm_relu(self.batch_norm, train, self.dtype)
     x = x.astype(self.dtype)
     specs = [(max(1, round(f * self.width)), k, s, p)

@@ -22,6 +22,12 @@ import jax
 import jax.numpy as jnp
 
 
+# Kernel initialisers a model's config may name (config.model.kernel_init): invjax's
+# He-normal, and the Glorot-uniform the authors' Keras models start from.
+KERNEL_INITS = {"he_normal": nn.initializers.he_normal(),
+                "glorot_uniform": nn.initializers.glorot_uniform()}
+
+
 def param(module: nn.Module, name: str, init: Callable, shape: Sequence[int],
           dtype: Any = jnp.float32) -> jax.Array:
   """`module.param(name, init, shape, dtype)` inside a compact method, without tracing
