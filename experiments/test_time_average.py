@@ -36,15 +36,6 @@ from invjax import steps
 from invjax import workdirs
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("copies", 3, "Augmented copies of each test image (the authors': 3).")
-flags.DEFINE_enum("preset", "light", list(augment.PRESETS),
-                  "The copies' augmentation (augment.PRESETS; the authors' test: light).")
-flags.DEFINE_integer("seed", 0, "Seed of the copies' augmentations.")
-flags.DEFINE_integer("batch_size", 500, "Test images per forward pass.")
-flags.DEFINE_string("dataset", None, "Replaces the runs' data path (a record made on "
-                    "another machine names that machine's).")
-flags.DEFINE_string("out", None, "Output path without extension (OUT.md, OUT.json); "
-                    "default: only print.")
 
 
 def copy_keys(key: jax.Array, copy: int, indices: jax.Array) -> jax.Array:
@@ -119,6 +110,22 @@ def markdown(results: list[dict], command: str) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _define_flags():
+  """The command line's flags, defined only when this runs as a program (the tests
+  import the module beside other experiments, whose flags share names)."""
+  flags.DEFINE_integer("copies", 3, "Augmented copies of each test image (the "
+                       "authors': 3).")
+  flags.DEFINE_enum("preset", "light", list(augment.PRESETS),
+                    "The copies' augmentation (augment.PRESETS; the authors' test: "
+                    "light).")
+  flags.DEFINE_integer("seed", 0, "Seed of the copies' augmentations.")
+  flags.DEFINE_integer("batch_size", 500, "Test images per forward pass.")
+  flags.DEFINE_string("dataset", None, "Replaces the runs' data path (a record made on "
+                      "another machine names that machine's).")
+  flags.DEFINE_string("out", None, "Output path without extension (OUT.md, OUT.json); "
+                      "default: only print.")
+
+
 def main(argv):
   if len(argv) < 2:
     raise app.UsageError("give one or more run directories (workdirs or records).")
@@ -143,4 +150,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
