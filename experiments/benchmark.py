@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import sys
 import time
@@ -779,11 +778,7 @@ def _analysis_lines(s: dict) -> list[str]:
 
 def write(result: dict, out: str) -> str:
   text = format_markdown(result)
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-  with open(out + ".md", "w") as f:
-    f.write(text)
-  with open(out + ".json", "w") as f:
-    json.dump(result, f, indent=2)
+  common.write_md_and_json(out, text, result)
   return text
 
 

@@ -1,6 +1,7 @@
 """Small helpers shared by the scripts in experiments/ (run them as modules from the
 repository root, e.g. python -m experiments.quickstart)."""
 
+import json
 import os
 import platform
 import re
@@ -30,6 +31,15 @@ def parse_runs(specs):
                            "--run baseline=/tmp/allcnn_baseline")
     runs[label] = workdir
   return runs
+
+
+def write_md_and_json(out: str, text: str, record) -> None:
+  """OUT.md (the text) and OUT.json (the record), making OUT's folder."""
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out + ".md", "w") as f:
+    f.write(text)
+  with open(out + ".json", "w") as f:
+    json.dump(record, f, indent=2)
 
 
 def hardware() -> dict:

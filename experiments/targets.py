@@ -30,6 +30,7 @@ from typing import Callable
 from absl import app
 from absl import flags
 
+from experiments import common
 from invjax import losses
 
 FLAGS = flags.FLAGS
@@ -307,11 +308,7 @@ def main(argv):
   text = format_markdown(rows, " and ".join(folders))
   print(text, end="")
   if FLAGS.table:
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.table)), exist_ok=True)
-    with open(FLAGS.table + ".md", "w") as f:
-      f.write(text)
-    with open(FLAGS.table + ".json", "w") as f:
-      json.dump(rows, f, indent=2)
+    common.write_md_and_json(FLAGS.table, text, rows)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ of the image at index i is augmented with the key fold_in(fold_in(key(--seed), r
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 
@@ -29,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import common
 from invjax import analyze
 from invjax import augment
 from invjax import build as build_lib
@@ -141,11 +140,7 @@ def main(argv):
   text = markdown(results, command)
   print(text)
   if FLAGS.out:
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out + ".md", "w") as f:
-      f.write(text)
-    with open(FLAGS.out + ".json", "w") as f:
-      json.dump(results, f, indent=2)
+    common.write_md_and_json(FLAGS.out, text, results)
   print(f"wall time {time.perf_counter() - t0:.0f} s")
 
 
