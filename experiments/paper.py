@@ -178,8 +178,8 @@ def record_dir(records_root: str, cell: str, tag: str, variant: str) -> str:
 
 
 def _rank(record: records_lib.Record, status: str):
-  """Best first: a full finished run, then finished shortened ones, then unfinished;
-  among equals the latest."""
+  """Best first: a full finished run, then finished ones that are shortened or of
+  another loss (records_lib.status), then unfinished; among equals the latest."""
   grade = 0 if status == "full" else 1 if record.finished else 2
   return (grade, -_timestamp(record.card))
 

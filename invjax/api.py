@@ -255,18 +255,18 @@ class LoadedRun:
 
   def invariance_loss(self, copies, layers: Sequence[str] | str | None = None,
                       method: str | None = None, batch_size: int = 256,
-                      labels=None, denominator: str | None = None) -> dict[str, float]:
+                      labels=None, denominator: str = "batch") -> dict[str, float]:
     """L_inv (Eq. 3) of each layer over a batch of copies [K, M, H, W, C] (M copies of
     each of K seed images, e.g. from `augmented_copies`), eval mode. `layers` defaults
-    to the sown layers (those of the training loss), `method` to config.loss_method,
-    `denominator` to config.invariance_denominator; "class" needs the seeds' `labels`
-    [K]."""
+    to the sown layers (those of the training loss), `method` to config.loss_method.
+    `denominator` is "batch" (every pair, the paper's text) whatever the run trained
+    with, so that runs compare alike; "class" (same-class pairs, the authors' code)
+    needs the seeds' `labels` [K]."""
     c = np.asarray(copies)
     if c.ndim != 5 or c.shape[1] < 2 or c.shape[0] * c.shape[1] < 2:
       raise ValueError(f"copies of shape {c.shape}: give [K, M, H, W, C] with M >= 2 "
                        "copies of each of K seed images.")
     k, m = c.shape[:2]
-    denominator = denominator or self.config.invariance_denominator
     if denominator not in losses.DENOMINATORS:
       raise ValueError(f"denominator={denominator!r}: give one of "
                        f"{list(losses.DENOMINATORS)}.")
@@ -274,8 +274,7 @@ class LoadedRun:
     if denominator == "class":
       if labels is None or np.shape(labels) != (k,):
         raise ValueError(f"the class denominator needs labels=[{k}], the class of each "
-                         f"seed image, got {None if labels is None else np.shape(labels)}"
-                         "; or pass denominator='batch'.")
+                         f"seed image, got {None if labels is None else np.shape(labels)}.")
       seed_classes = jnp.asarray(labels, jnp.int32)
     layers = self._layers(layers, self.layer_shapes)
     acts = self._forward(c.reshape(k * m, *c.shape[2:]), layers, False, batch_size)[0]

@@ -226,9 +226,18 @@ def find(records_root: str) -> list[str]:
 SCHEDULE_FIELDS = ("num_epochs", "lr_boundaries", "lr_decay", "learning_rate",
                    "batch_size", "copies", "alpha", "alpha_ratio", "train_examples",
                    "test_examples", "model", "momentum", "nesterov", "augment")
-# Fields that make the loss other than the paper's (as its text writes it); the first
-# two weigh and define L_inv, so they change nothing in a run with alpha = 0.
+# Fields that make the loss other than the paper's (as its text writes it).
 LOSS_FIELDS = ("layer_weight_law", "invariance_denominator", "class_alpha")
+
+
+def _moot(field: str, config) -> bool:
+  """Whether `field` changes nothing in the run of `config`: the denominator defines
+  L_inv, which weighs nothing at alpha = 0; the law also shares out class_alpha."""
+  if field == "invariance_denominator":
+    return not config.get("alpha")
+  if field == "layer_weight_law":
+    return not config.get("alpha") and not config.get("class_alpha")
+  return False
 
 
 def departures(config, reference) -> dict[str, tuple[Any, Any]]:
@@ -245,7 +254,7 @@ def departures(config, reference) -> dict[str, tuple[Any, Any]]:
     a, b = plain(config.get(k)), plain(reference.get(k))
     if k == "model":
       a, b = model(config), model(reference)
-    if a != b and not (k in LOSS_FIELDS[:2] and not config.get("alpha")):
+    if a != b and not _moot(k, config):
       out[k] = (a, b)
   return out
 

@@ -87,8 +87,9 @@ def config_diff(config, workdir: str) -> dict[str, tuple[Any, Any]]:
   # a model field's default is its model's.
   defaults = _default_fields() | _flat_config(json.loads(json.dumps(
       {"model": models.field_defaults(config.model.get("name"))})))
-  new_at_default = {k for k in given if k not in saved and k in defaults and
-                    given[k] == defaults[k]}
+  # Either way round: a field one side leaves out is its default there.
+  new_at_default = {k for k in set(given) ^ set(saved) if k in defaults and
+                    given.get(k, saved.get(k)) == defaults[k]}
   return {k: (saved.get(k), given.get(k)) for k in sorted(set(saved) | set(given))
           if saved.get(k) != given.get(k) and k not in PERFORMANCE_FIELDS + SAFETY_FIELDS
           and k not in new_at_default}

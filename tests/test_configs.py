@@ -124,3 +124,8 @@ def test_a_saved_config_loads_builds_and_resumes_without_model_fields_it_left_ou
     config.model.kernel_init = "glorot_uniform"
     assert workdirs.config_diff(config, str(tmp_path)) == {
         "model.kernel_init": (None, "glorot_uniform")}
+    # The other way round: a run saved with the field, resumed by a config without it.
+    workdirs.save_config(_load_config_module(config_file).get_config("invariance"),
+                         str(tmp_path))
+    del config.model["kernel_init"]
+    assert workdirs.config_diff(config, str(tmp_path)) == {}

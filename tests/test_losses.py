@@ -436,6 +436,28 @@ def test_class_denominator_matches_the_pair_loop_in_value_and_gradient(method, n
 
 
 @pytest.mark.parametrize("method", losses.METHODS)
+def test_class_denominator_with_unequal_seeds_in_any_order(method):
+  """Seed-id layout, seeds of 1 to 4 examples interleaved (a singleton seed has no
+  pair of its own), classes of several seeds: value and gradient of the pair loop."""
+  ids = LAYOUTS["unequal groups"]  # seeds 7 (4 examples), 3 (2), 9 (4), 1 (2)
+  cls = np.array([{7: 0, 3: 1, 9: 0, 1: 1}[i] for i in ids])
+  rng = np.random.default_rng(21)
+  f = jnp.asarray(rng.normal(size=(len(ids), 6)) * 3.0 + 5.0, jnp.float32)
+  val, grad = jax.value_and_grad(losses.invariance_loss)(
+      f, jnp.asarray(ids), method, jnp.asarray(cls))
+  ref_val, ref_grad = jax.value_and_grad(helpers.naive_invariance_loss)(
+      f - 5.0, jnp.asarray(ids), jnp.asarray(cls))
+  np.testing.assert_allclose(val, ref_val, rtol=2e-5)
+  np.testing.assert_allclose(grad, ref_grad, rtol=1e-4,
+                             atol=1e-5 * float(jnp.max(jnp.abs(ref_grad))))
+  ids, cls = np.array([0, 0, 1, 2, 2, 2, 3, 4]), np.array([0, 0, 1, 0, 0, 0, 1, 1])
+  f = jnp.asarray(rng.normal(size=(8, 5)), jnp.float32)  # "with singletons"
+  np.testing.assert_allclose(
+      losses.invariance_loss(f, jnp.asarray(ids), method, jnp.asarray(cls)),
+      helpers.naive_invariance_loss(f, jnp.asarray(ids), jnp.asarray(cls)), rtol=2e-5)
+
+
+@pytest.mark.parametrize("method", losses.METHODS)
 def test_class_denominator_of_one_class_is_the_batch_denominator(method):
   """One class over the batch gives Eq. 3 as the paper writes it; seeds of different
   classes raise the loss, since same-class pairs are closer than pairs in general."""

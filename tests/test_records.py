@@ -327,8 +327,8 @@ def test_status_marks_shortened_and_unfinished_records():
     base.invariance_denominator, base.layer_weight_law = "class", "uniform"
   assert records.departures(base, base_ref) == {}
   with base.unlocked():
-    base.class_alpha = 0.2
-  assert list(records.departures(base, base_ref)) == ["class_alpha"]
+    base.class_alpha = 0.2  # which the law shares out over the layers
+  assert list(records.departures(base, base_ref)) == ["layer_weight_law", "class_alpha"]
   # A model field a record's config left out (made before it existed) is its model's
   # default; another value is another model.
   old = paper.cell_config("allcnn_cifar10", "baseline", paper.Scale())
