@@ -46,8 +46,7 @@ def copy_keys(key: jax.Array, copy: int, indices: jax.Array) -> jax.Array:
 def augment_copy(key, copy, indices, images, ranges: augment.AugmentRanges):
   """Copy `copy` of float `images` [N, H, W, C] (test-set `indices` [N]): each image
   augmented on its own key (`copy_keys`)."""
-  keys = copy_keys(key, copy, indices)
-  return jax.vmap(lambda k, x: augment.augment(k, x[None], ranges)[0])(keys, images)
+  return augment.augment_with_keys(copy_keys(key, copy, indices), images, ranges)
 
 
 def make_batch_fn(copies: int, ranges: augment.AugmentRanges):

@@ -291,8 +291,14 @@ def augment_each(key: jax.Array, images: jax.Array, ranges: AugmentRanges,
   """Like `augment`, but image i's parameters come from split(key, n)[i] alone, which
   is the same for any n > i: padding a batch, or splitting it over another number of
   devices, leaves the transformations of its images unchanged."""
+  return augment_with_keys(jax.random.split(key, images.shape[0]), images, ranges,
+                           scoring)
+
+
+def augment_with_keys(keys: jax.Array, images: jax.Array, ranges: AugmentRanges,
+                      scoring: bool = False) -> jax.Array:
+  """Like `augment`, image i's parameters drawn from keys[i] alone ([N] keys)."""
   sampler = sample_scoring_params if scoring else sample_params
-  keys = jax.random.split(key, images.shape[0])
   params = jax.vmap(lambda k: sampler(k, 1, ranges))(keys)
   return apply(images, jax.tree.map(lambda a: a[:, 0], params),
                cutout=not scoring and ranges.cutout > 0)

@@ -504,6 +504,17 @@ def _loss_moments(features, seed_ids, classes=None):
   return _moments(0, features.reshape(b, -1), group, first, counts)
 
 
+def _from_first(copies, x, first):
+  """Flat activations x [B, D] in float32 minus the batch's first example r_0:
+  [K, copies, D] for seeds in consecutive groups of `copies`, else [B, D] (first[0] is
+  r_0's index)."""
+  b, dim = x.shape
+  if copies:
+    return (x.reshape(b // copies, copies, dim).astype(jnp.float32)
+            - x[:1].astype(jnp.float32))
+  return x.astype(jnp.float32) - x[first[:1]].astype(jnp.float32)
+
+
 def _seed_moments(copies, x, group, first, counts):
   """Per seed slot k and feature d, float32, of flat activations x [B, D]:
   (c: the seed's mean - r_0, ss: its sum of squared deviations from its mean,
@@ -511,8 +522,7 @@ def _seed_moments(copies, x, group, first, counts):
   ([G, 1], or M)."""
   b, dim = x.shape
   if copies:  # consecutive groups of `copies`: one reduction over the copies axis
-    xs = (x.reshape(b // copies, copies, dim).astype(jnp.float32)
-          - x[:1].astype(jnp.float32))
+    xs = _from_first(copies, x, first)
     count = jnp.int8 if copies < 128 else jnp.int32  # 1 byte per seed and feature
     zero = jnp.float32(0)
     _, c, ss, q0 = jax.lax.reduce(
@@ -575,17 +585,14 @@ def _moments_fwd(copies, x, group, first, counts):
 def _moments_bwd(copies, residuals, ct):
   (x, c, c_mean, loss, between, pairs), group, first, counts = residuals
   b, dim = x.shape
+  xs = _from_first(copies, x, first)
   if copies:
-    xs = x.reshape(b // copies, copies, dim).astype(jnp.float32) - x[:1].astype(
-        jnp.float32)
     mu = c[:, None]  # [K, 1, D]
     a = 4.0 * copies / (pairs * dim)
   else:
-    xs = x.astype(jnp.float32) - x[first[:1]].astype(jnp.float32)
     mu = c[group]
     a = (4.0 * counts / (pairs * dim))[group][:, None]
-  ok = between > 0
-  inv = jnp.where(ok, ct / jnp.where(ok, between, 1.0), 0.0)
+  inv = _safe_ratio(ct, between)
   lb = loss * 4.0 / ((b - 1) * dim)
   # (a - L b) (f_i - mu_k) - L b (mu_k - mu), written to read mu_k once per element
   # (all shifted by r_0, so the terms are of the size of the activations' spread).
@@ -653,19 +660,11 @@ def _class_moments_fwd(copies, x, group, first, counts, seed_class):
 
 def _class_moments_bwd(copies, residuals, ct):
   (x, c, class_mean, a, b_c, loss, between), group, first = residuals
-  b, dim = x.shape
-  if copies:
-    xs = x.reshape(b // copies, copies, dim).astype(jnp.float32) - x[:1].astype(
-        jnp.float32)
-    per_seed = lambda v: v[:, None]  # [K, 1, ...]
-  else:
-    xs = x.astype(jnp.float32) - x[first[:1]].astype(jnp.float32)
-    per_seed = lambda v: v[group]
-  ok = between > 0
-  inv = jnp.where(ok, ct / jnp.where(ok, between, 1.0), 0.0)
-  grad = inv * (per_seed(a) * (xs - per_seed(c))
-                - loss * per_seed(b_c) * (xs - per_seed(class_mean)))
-  return grad.reshape(b, dim).astype(x.dtype), None, None, None, None
+  xs = _from_first(copies, x, first)
+  per_seed = (lambda v: v[:, None]) if copies else (lambda v: v[group])  # [K, 1, ...]
+  grad = _safe_ratio(ct, between) * (
+      per_seed(a) * (xs - per_seed(c)) - loss * per_seed(b_c) * (xs - per_seed(class_mean)))
+  return grad.reshape(x.shape).astype(x.dtype), None, None, None, None
 
 
 _class_moments.defvjp(_class_moments_fwd, _class_moments_bwd)
