@@ -400,7 +400,7 @@ def probe_prefix(runs: dict[str, dict]) -> str:
   by_class = any(r["config"].get("alpha", 0) > 0 and
                  r["config"].get("invariance_denominator", "batch") == "class"
                  for r in runs.values())
-  return f"probe/{steps.PROBE_METRICS['class' if by_class else 'batch']}/"
+  return steps.probe_metric_prefix("class" if by_class else "batch")
 
 
 def loss_dynamics_check(workdirs: dict[str, str], prefix: str = "probe/inv_loss/"

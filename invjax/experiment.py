@@ -57,7 +57,7 @@ def compare_variants(base_config, workdir: str, variants, data=None) -> dict:
                          title=f"invariance scores, {name}"),
       report.plot_loss_dynamics({v: os.path.join(workdir, v) for v in variants},
                                 os.path.join(workdir, "inv_loss_dynamics.png"),
-                                prefix=f"probe/{steps.PROBE_METRICS[denominator]}/",
+                                prefix=steps.probe_metric_prefix(denominator),
                                 title=f"L_inv during training (probe batch), {name}"),
   ]
   with open(os.path.join(workdir, "summary.txt"), "w") as f:

@@ -333,6 +333,11 @@ def _seed_classes(cfg: StepConfig, labels):
 PROBE_METRICS = {"batch": "inv_loss", "class": "inv_loss_same_class"}
 
 
+def probe_metric_prefix(denominator: str) -> str:
+  """The logged probe metrics of a denominator: "probe/<name>/" + layer."""
+  return f"probe/{PROBE_METRICS[denominator]}/"
+
+
 def make_probe_step(cfg: StepConfig, probe_copies: int) -> Callable:
   """(state, seed_images uint8 [K,H,W,C], labels [K], key) -> {"inv_loss/<layer>":
   L_inv, "inv_loss_same_class/<layer>": L_inv with the class denominator}, eval mode,

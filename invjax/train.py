@@ -168,9 +168,9 @@ class _Probe:
   @classmethod
   def create(cls, config, data, placement) -> "_Probe":
     key = jax.random.fold_in(jax.random.key(config.seed), 2)
-    idx = np.random.default_rng([config.seed, 2]).choice(
-        len(data.x_train), min(config.probe_seeds, len(data.x_train)), replace=False)
-    seeds, labels = data.x_train[np.sort(idx)], data.y_train[np.sort(idx)]
+    idx = np.sort(np.random.default_rng([config.seed, 2]).choice(
+        len(data.x_train), min(config.probe_seeds, len(data.x_train)), replace=False))
+    seeds, labels = data.x_train[idx], data.y_train[idx]
     # Split over the devices where it divides, else on each: the same probe at any
     # scale.
     place = (placement.shard if len(seeds) % jax.device_count() == 0

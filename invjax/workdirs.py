@@ -56,9 +56,13 @@ def _flat_config(d, prefix=""):
   return out
 
 
-def _default_fields():
-  """{"a.b": default} of every field of config_lib.base_config()."""
-  return _flat_config(json.loads(config_lib.base_config().to_json_best_effort()))
+def _default_fields(model: str | None = None):
+  """{"a.b": default} of every field of config_lib.base_config() but its model's (a
+  model takes only its own fields: the base config's are All-CNN's), and of model
+  `model`'s own fields where it is named (models.field_defaults)."""
+  base = json.loads(config_lib.base_config().to_json_best_effort())
+  base["model"] = json.loads(json.dumps(models.field_defaults(model))) if model else {}
+  return _flat_config(base)
 
 
 # Fields that change how fast a run goes, not what it computes (tested): a run may be
@@ -85,8 +89,7 @@ def config_diff(config, workdir: str) -> dict[str, tuple[Any, Any]]:
   given = _flat_config(json.loads(config.to_json_best_effort()))
   # A field added to invjax after the run was started, at its default, is no change;
   # a model field's default is its model's.
-  defaults = _default_fields() | _flat_config(json.loads(json.dumps(
-      {"model": models.field_defaults(config.model.get("name"))})))
+  defaults = _default_fields(config.model.get("name"))
   # Either way round: a field one side leaves out is its default there.
   new_at_default = {k for k in set(given) ^ set(saved) if k in defaults and
                     given.get(k, saved.get(k)) == defaults[k]}
@@ -146,12 +149,9 @@ def load_config(workdir: str):
   except (OSError, ValueError) as e:
     raise errors.RunNotFound(f"{path} cannot be read ({type(e).__name__}: {e}); give "
                              "--config (the config file the run was trained with).") from e
-  # Fields added to invjax after the run was started take their defaults; the model's
-  # fields are its own (a model takes only its own: the base config's model fields
-  # are All-CNN's), and one left out takes its model's default where it is built.
+  # Fields added to invjax after the run was started take their defaults; a model field
+  # left out takes its model's default where the model is built.
   for field, value in _default_fields().items():
-    if field.startswith("model."):
-      continue
     *parents, leaf = field.split(".")
     node = config
     for p in parents:
