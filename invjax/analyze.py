@@ -98,15 +98,22 @@ def state_from_weights(run, placement, path: str):
   """(a train state holding the weights of `path`, their step): the parameters and
   batch-norm statistics that `checkpoints.save_weights` wrote (a run's weights.npz, or
   a record's), in the model of `run`. No optimizer state: for analysis only."""
+  return with_weights(build_lib.initial_state(run, placement), placement, path,
+                      run.config.model)
+
+
+def with_weights(state, placement, path: str, model_config):
+  """(`state` with the parameters and batch-norm statistics of `path` in place of its
+  own, replicated; their step). CheckpointError where they do not fit its model
+  (`model_config`, named in the message)."""
   params, batch_stats, step = checkpoints.load_weights(path)
-  state = build_lib.initial_state(run, placement)
   want = jax.tree.map(lambda a: (a.shape, str(a.dtype)),
                       (state.params, state.batch_stats))
   got = jax.tree.map(lambda a: (a.shape, str(a.dtype)), (params, batch_stats))
   if want != got:
     raise errors.CheckpointError(
         f"the weights in {path} do not fit the model of this config "
-        f"({run.config.model}); use the config they were trained with.")
+        f"({model_config}); use the config they were trained with.")
   return state.replace(params=placement.replicate(params),
                        batch_stats=placement.replicate(batch_stats)), step
 
@@ -143,7 +150,7 @@ def score_state(config, run, state, step: int, placement):
   return scores, summary
 
 
-def _weights_if_no_checkpoint(workdir: str) -> str | None:
+def weights_if_no_checkpoint(workdir: str) -> str | None:
   """None where the workdir holds a checkpoint; else the path of its weights.npz (a run
   record's); RunNotFound where it holds neither."""
   if workdirs.has_checkpoint(workdir):
@@ -163,7 +170,7 @@ def restore(config, workdir: str, data=None, run=None):
   checkpoint, its weights.npz (e.g. a run record); the state replicated over every
   device."""
   run = run if run is not None else build_lib.build(config, data)
-  weights = _weights_if_no_checkpoint(workdir)
+  weights = weights_if_no_checkpoint(workdir)
   placement = placement_lib.Placement.create()
   if weights is not None:
     state, step = state_from_weights(run, placement, weights)
@@ -182,7 +189,7 @@ def analyze(config, workdir: str, data=None) -> dict[str, Any]:
   weights); returns the summary. The seconds it took go into the run card."""
   t0 = time.perf_counter()
   run = build_lib.build(config, data)
-  _weights_if_no_checkpoint(workdir)  # nothing to score: say so first
+  weights_if_no_checkpoint(workdir)  # nothing to score: say so first
   check_outputs_writable(workdir)
   lock = workdirs.lock(workdir, "analyze")
   try:

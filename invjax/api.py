@@ -337,19 +337,58 @@ def _shapes(config, workdir: str, data):
 
 
 def load_run(workdir: str, step: int | None = None,
-             data: input_pipeline.Dataset | None = None) -> LoadedRun:
+             data: input_pipeline.Dataset | None = None,
+             dataset: str | None = None) -> LoadedRun:
   """The run in `workdir` at checkpoint `step` (default: the latest).
 
   Reads WORKDIR/config.json (the config the run was trained with), builds its model
   and restores the checkpoint onto this machine's devices (replicated), whatever
-  devices and processes wrote it. Writes nothing into the workdir. `data` (optional)
-  is the run's data set, where it cannot be loaded from the config here.
+  devices and processes wrote it. A directory without checkpoints but with a
+  weights.npz (a run record, `invjax.records`) loads those final weights. Writes
+  nothing into the workdir. `data` (optional) is the run's data set, where it cannot
+  be loaded from the config here; `dataset` replaces the config's data path (a record
+  made on another machine names that machine's).
   """
   workdir = os.fspath(workdir)
   if not os.path.exists(os.path.join(workdir, workdirs.CONFIG_FILE)):
     raise FileNotFoundError(f"{workdir} holds no run (no {workdirs.CONFIG_FILE}): "
                             f"{_train_hint(workdir)}.")
   config = workdirs.load_config(workdir)
+  if dataset is not None:
+    with config.unlocked():
+      config.dataset = dataset
+  weights = os.path.join(workdir, workdirs.WEIGHTS_FILE)
+  if not workdirs.has_checkpoint(workdir) and os.path.exists(weights):
+    return _from_weights(config, workdir, weights, step, data)
+  return _from_checkpoint(config, workdir, step, data)
+
+
+def _model_and_optimizer(config, workdir, data):
+  """(model, optimizer, image_shape, num_classes, data or None) of the run's config."""
+  image_shape, num_classes, data = _shapes(config, workdir, data)
+  model = build_lib.create_model(config, num_classes)
+  tx = steps_lib.create_optimizer(
+      steps_lib.create_learning_rate_fn(config.learning_rate, config.lr_boundaries,
+                                        config.lr_decay, 1),
+      config.momentum, config.nesterov)
+  return model, tx, image_shape, num_classes, data
+
+
+def _from_weights(config, workdir: str, weights: str, step: int | None, data):
+  """The run's final weights (weights.npz: no optimizer state) in an initial state."""
+  model, tx, image_shape, _, data = _model_and_optimizer(config, workdir, data)
+  placement = placement_lib.Placement.create()
+  state = steps_lib.create_train_state(jax.random.key(0), model, image_shape, tx)
+  state, saved = analyze_lib.with_weights(state, placement, weights, config.model)
+  if step is not None and step != saved:
+    raise ValueError(f"{workdir} holds the weights of step {saved} only (its "
+                     f"{workdirs.WEIGHTS_FILE}, no checkpoints): load_run({workdir!r}).")
+  return LoadedRun(workdir, int(saved), config, model, state, image_shape,
+                   models.layer_shapes(model, image_shape), placement, data)
+
+
+def _from_checkpoint(config, workdir: str, step: int | None, data):
+  """The run's checkpoint of `step` (default: the latest)."""
   directory = os.path.join(workdir, workdirs.CHECKPOINTS_DIR)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{workdir} has no checkpoints/ yet: {_train_hint(workdir)}.")
@@ -364,13 +403,9 @@ def load_run(workdir: str, step: int | None = None,
     elif step not in saved:
       raise ValueError(f"{workdir} has no checkpoint of step {step}; its checkpoints "
                        f"are of steps {saved}: load_run({workdir!r}, step=one of them).")
-    image_shape, num_classes, data = _shapes(config, workdir, data)
-    model = build_lib.create_model(config, num_classes)
+    model, tx, image_shape, num_classes, data = _model_and_optimizer(config, workdir,
+                                                                     data)
     placement = placement_lib.Placement.create()
-    tx = steps_lib.create_optimizer(
-        steps_lib.create_learning_rate_fn(config.learning_rate, config.lr_boundaries,
-                                          config.lr_decay, 1),
-        config.momentum, config.nesterov)
     target = steps_lib.train_state_shapes(model, image_shape, tx, placement.replicated)
     try:
       state = ckpts.restore(target, step)

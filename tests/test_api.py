@@ -49,6 +49,29 @@ def test_load_run(runs):
                          run.variables["params"]["Conv_0"]["kernel"])
 
 
+def test_a_record_loads_its_weights(runs, tmp_path):
+  """A run record (weights.npz, no checkpoints) loads the run's final weights and
+  computes what the run does; `dataset` replaces the data path it names."""
+  from invjax import records  # pylint: disable=g-import-not-at-top
+  run = runs["invariance"]
+  record = str(tmp_path / "record")
+  assert "weights.npz" in records.write(run.workdir, record)
+  assert not os.path.exists(os.path.join(record, "checkpoints"))
+  moved = str(tmp_path / "moved.npz")
+  os.rename(run.config.dataset, moved)  # the record names a path gone from here
+  try:
+    loaded = api.load_run(record, dataset=moved)
+  finally:
+    os.rename(moved, run.config.dataset)
+  assert loaded.step == run.step and loaded.config.dataset == moved
+  jax.tree.map(np.testing.assert_array_equal, loaded.variables, run.variables)
+  x = run.data.x_test
+  jax.tree.map(np.testing.assert_array_equal, loaded.activations(x),
+               run.activations(x))
+  with pytest.raises(ValueError, match=r"weights of step 8 only.*load_run\("):
+    api.load_run(record, step=4)
+
+
 def test_forward_passes_match_one_direct_pass(runs):
   """Batches of 5 over 24 images (the last padded) give one whole pass's values; uint8
   and float images the same; the logits give the accuracy the run logged."""
