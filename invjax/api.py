@@ -140,9 +140,13 @@ class LoadedRun:
     if key not in self._programs:
       pre = steps_lib.to_float if np.dtype(dtype) == np.uint8 else (lambda a: a)
 
+      # float32 out, whatever the model computes in: bfloat16 -> float32 is exact, and
+      # numpy arithmetic on bfloat16 arrays accumulates in bfloat16 (a mean over a few
+      # hundred thousand values comes out wrong by tens of percent).
       def forward(state, x):
         feats, out = steps_lib.features_and_logits(state, pre(x))
-        return {k: feats[k] for k in layers}, (out if logits else None)
+        f32 = lambda a: a.astype(jnp.float32)
+        return {k: f32(feats[k]) for k in layers}, (f32(out) if logits else None)
 
       self._programs[key] = jax.jit(forward)
     return self._programs[key]
@@ -173,7 +177,7 @@ class LoadedRun:
     return self._forward(images, layers, False, batch_size)[0]
 
   def logits(self, images, batch_size: int = 256) -> np.ndarray:
-    """[N, num_classes] eval-mode logits of `images`."""
+    """float32 [N, num_classes] eval-mode logits of `images`."""
     return self._forward(images, [], True, batch_size)[1]
 
   def predict(self, images, batch_size: int = 256) -> np.ndarray:

@@ -72,6 +72,35 @@ def test_a_record_loads_its_weights(runs, tmp_path):
     api.load_run(record, step=4)
 
 
+def test_a_bfloat16_run_gives_float32_activations(runs, tmp_path):
+  """A run that computes in bfloat16 gives its activations and logits as float32 (the
+  exact values), which numpy means do not round away: a bfloat16 array's mean is taken
+  in bfloat16."""
+  run = runs["invariance"]
+  half = tmp_path / "half"
+  half.mkdir()
+  os.symlink(os.path.join(run.workdir, "checkpoints"), half / "checkpoints")
+  with open(os.path.join(run.workdir, "config.json")) as f:
+    config = json.load(f)
+  config["half_precision"] = True
+  with open(half / "config.json", "w") as f:
+    json.dump(config, f)
+  loaded = api.load_run(str(half))
+  x = run.data.x_test
+  acts = loaded.activations(x)
+  direct, logits = jax.jit(steps_lib.features_and_logits)(loaded.state,
+                                                          steps_lib.to_float(x))
+  assert direct["conv3"].dtype == jnp.bfloat16  # the model does compute in bfloat16
+  for name, a in acts.items():
+    assert a.dtype == np.float32, name
+    np.testing.assert_allclose(a, np.asarray(direct[name], np.float32), rtol=1e-6)
+  assert loaded.logits(x).dtype == np.float32
+  # (within a bfloat16 rounding: a program that computes only the logits fuses its
+  # last layers otherwise)
+  np.testing.assert_allclose(loaded.logits(x), np.asarray(logits, np.float32),
+                             rtol=2 ** -7)
+
+
 def test_forward_passes_match_one_direct_pass(runs):
   """Batches of 5 over 24 images (the last padded) give one whole pass's values; uint8
   and float images the same; the logits give the accuracy the run logged."""
