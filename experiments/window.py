@@ -33,7 +33,10 @@ test evaluation every --eval_every_epochs, a checkpoint every --checkpoint_every
 divisor of an epoch's steps up to 100 on an accelerator, 1 on a CPU). None of these
 change what is computed. --epochs, --train_examples, --test_examples and --set FIELD=VALUE
 shorten or change the runs as in reproduce.py (and name their records' tag); the
-tiny-scale test of this command uses them.
+tiny-scale test of this command uses them. --run VARIANT:FIELD=VALUE;... (repeated)
+replaces --variants where one window should train runs that differ by more than their
+variant, e.g. the invariance model with either of Eq. 3's denominators: each run's own
+overrides join --set's and name its own tag.
 """
 
 from __future__ import annotations
@@ -87,6 +90,11 @@ flags.DEFINE_float("epochs", 0.0, "As in reproduce.py: 0 is the paper's schedule
 flags.DEFINE_integer("train_examples", 0, "Use the first N training images (0: all).")
 flags.DEFINE_integer("test_examples", 0, "Use the first N test images (0: all).")
 flags.DEFINE_multi_string("set", [], "FIELD=VALUE config override for every run.")
+flags.DEFINE_multi_string("run", [], "VARIANT or VARIANT:FIELD=VALUE;FIELD=VALUE, once "
+                          "per run, in the order they are run, in place of --variants: "
+                          "runs of one variant with overrides of their own (on top of "
+                          "--set), e.g. --run=invariance "
+                          "--run=invariance:invariance_denominator=class.")
 
 
 def variant_config(variant: str, scale: paper.Scale, data_path: str,
@@ -138,7 +146,8 @@ def _attack_record(committed: str, variant: str, tag: str, staging: str,
   name = _pack_name(tag, variant)
   packed = records_lib.pack(copy, staging, os.path.join(out, name))
   print(f"{variant}: finished record attacked -> {packed}", flush=True)
-  return {"variant": variant, "step": rob["step"], "finished": True, "file": name,
+  return {"variant": variant, "tag": tag, "step": rob["step"], "finished": True,
+          "file": name,
           "bytes": os.path.getsize(packed), "attacked": True}
 
 
@@ -182,18 +191,32 @@ def _write_and_pack(workdir: str, record: str, staging: str, packed: str,
   return left
 
 
+def parse_run(spec: str) -> tuple[str, tuple]:
+  """"invariance:invariance_denominator=class;model.kernel_init=glorot_uniform" ->
+  ("invariance", (("invariance_denominator", "class"), ("model.kernel_init", ...)))."""
+  variant, _, rest = spec.partition(":")
+  return variant, tuple(paper.parse_override(s) for s in rest.split(";") if s)
+
+
+def planned_runs() -> list[tuple[str, tuple, str]]:
+  """(variant, overrides, name) of each run of the window, in order: --run's, or else
+  one per --variants entry; overrides are --set's and the run's own."""
+  common = tuple(paper.parse_override(s) for s in FLAGS.set)
+  if FLAGS.run:
+    return [(v, common + own, spec) for spec in FLAGS.run
+            for v, own in [parse_run(spec)]]
+  return [(v, common, v) for v in FLAGS.variants]
+
+
 def run_window(out: str, t0: float | None = None) -> dict:
   """Runs the window's variants (see the module docstring); returns what it did."""
   t0 = time.time() if t0 is None else t0
   budget = 60.0 * FLAGS.budget_minutes
   left = lambda: budget - (time.time() - t0)
-  overrides = tuple(paper.parse_override(s) for s in FLAGS.set)
-  # The tag names the schedule and overrides, not the data path or the precision.
-  scale = paper.Scale(FLAGS.epochs, FLAGS.train_examples, FLAGS.test_examples, overrides)
-  tag = scale.tag()
   os.makedirs(out, exist_ok=True)
   staging = os.path.join(FLAGS.workdir, "records")
-  report = {"cell": FLAGS.cell, "tag": tag, "budget_minutes": FLAGS.budget_minutes,
+  runs = planned_runs()
+  report = {"cell": FLAGS.cell, "budget_minutes": FLAGS.budget_minutes,
             "runs": []}
   os.makedirs(staging, exist_ok=True)
   loaded = []
@@ -203,7 +226,11 @@ def run_window(out: str, t0: float | None = None) -> dict:
       loaded.append(input_pipeline.load(config))
     return loaded[0]
 
-  for variant in FLAGS.variants:
+  for variant, overrides, name in runs:
+    # The tag names the schedule and overrides, not the data path or the precision.
+    scale = paper.Scale(FLAGS.epochs, FLAGS.train_examples, FLAGS.test_examples,
+                        overrides)
+    tag = scale.tag()
     committed = paper.record_dir(FLAGS.records, FLAGS.cell, tag, variant)
     card = run_card.read(committed)
     if card and card.get("finished"):
@@ -211,11 +238,11 @@ def run_window(out: str, t0: float | None = None) -> dict:
       if entry:
         report["runs"].append(entry)
       else:
-        print(f"{variant}: finished record in {committed}; skipped")
+        print(f"{name}: finished record in {committed}; skipped")
       continue
     if left() < 60.0 * (FLAGS.min_minutes + FLAGS.analysis_minutes):
-      print(f"{variant}: {left() / 60:.1f} min left, too little to start; next time")
-      report["next"] = variant
+      print(f"{name}: {left() / 60:.1f} min left, too little to start; next time")
+      report["next"] = name
       break
     probe = paper.cell_config(FLAGS.cell, variant, scale)
     with probe.unlocked():
@@ -228,11 +255,12 @@ def run_window(out: str, t0: float | None = None) -> dict:
     workdir = os.path.join(FLAGS.workdir, FLAGS.cell, tag, variant)
     resumed = _resume_from_record(committed, workdir, variant)
     # (The training's log names the steps per dispatch it chose, when automatic.)
-    print(f"{variant}: training in {workdir}, time limit {limit:.2f} min, "
+    print(f"{name}: training in {workdir}, time limit {limit:.2f} min, "
           f"{config.steps_per_dispatch or 'automatic'} steps per dispatch", flush=True)
     result = train.train_and_evaluate(config, workdir, data=data(config),
                                       tensorboard=False)
-    entry = {"variant": variant, "step": result["step"], "finished": result["finished"]}
+    entry = {"variant": variant, "tag": tag, "step": result["step"],
+             "finished": result["finished"]}
     if resumed is not None:
       entry["resumed_from_record"] = resumed
     if result["finished"]:
@@ -241,20 +269,20 @@ def run_window(out: str, t0: float | None = None) -> dict:
       if FLAGS.robustness:
         _attack(config, workdir, variant, data(config))
     record = paper.record_dir(staging, FLAGS.cell, tag, variant)
-    name = _pack_name(tag, variant)
-    packed = os.path.join(out, name)
+    pack = _pack_name(tag, variant)
+    packed = os.path.join(out, pack)
     entry.update(_write_and_pack(workdir, record, staging, packed, result["finished"]))
     card = run_card.read(workdir)
-    entry.update(file=name, bytes=os.path.getsize(packed),
+    entry.update(file=pack, bytes=os.path.getsize(packed),
                  card=run_card.describe(card), seconds=card["seconds"],
                  wall_seconds=card["wall_seconds"])
     if result["finished"]:
       entry["test_accuracy"] = result.get("accuracy")
     report["runs"].append(entry)
-    print(f"{variant}: {entry['card']} -> {packed} ({entry['bytes'] / 2**20:.1f} MiB)",
+    print(f"{name}: {entry['card']} -> {packed} ({entry['bytes'] / 2**20:.1f} MiB)",
           flush=True)
     if not result["finished"]:
-      report["next"] = variant
+      report["next"] = name
       rate = card.get("steps_per_second")
       if rate:  # the steps left at the measured rate, +10 %, + a start and an analysis
         steps_left = card["total_steps"] - card["final_step"]
@@ -266,7 +294,7 @@ def run_window(out: str, t0: float | None = None) -> dict:
       where = ("rerun this command here, or commit its record and run it on another "
                "machine, to resume it" if isinstance(entry["checkpoint"], int) else
                "rerun this command on this machine to resume it")
-      print(f"{variant}: stopped at step {result['step']} by the budget; {where}"
+      print(f"{name}: stopped at step {result['step']} by the budget; {where}"
             + (f" (about {report['next_minutes']} min more)" if rate else ""))
       break
   report["wall_seconds"] = round(time.time() - t0, 1)
@@ -286,19 +314,33 @@ def main(argv):
                          "python3 data/decode.py /tmp/cifar10.npz).")
   if FLAGS.cell not in paper.CELLS:
     raise app.UsageError(f"--cell={FLAGS.cell}: valid cells are {sorted(paper.CELLS)}")
-  bad = sorted(set(FLAGS.variants) - set(paper.VARIANTS))
+  if FLAGS.run and FLAGS["variants"].present:
+    raise app.UsageError("give --variants or --run, not both (--run=VARIANT names the "
+                         "variant of each run).")
+  which = "--run" if FLAGS.run else "--variants"
+  try:
+    runs = planned_runs()
+  except ValueError as e:
+    raise app.UsageError(f"{which}: {e}") from e
+  bad = sorted({v for v, _, _ in runs} - set(paper.VARIANTS))
   if bad:
-    raise app.UsageError(f"--variants: unknown {bad}; valid: {list(paper.VARIANTS)}")
+    raise app.UsageError(f"{which}: unknown variant(s) {bad}; valid: "
+                         f"{list(paper.VARIANTS)}")
   if FLAGS.budget_minutes <= FLAGS.min_minutes + FLAGS.analysis_minutes:
     raise app.UsageError(f"--budget_minutes={FLAGS.budget_minutes} leaves no time to "
                          f"train (min_minutes + analysis_minutes = "
                          f"{FLAGS.min_minutes + FLAGS.analysis_minutes}).")
   try:
-    for variant in FLAGS.variants:  # refuse bad overrides before anything runs
-      paper.cell_config(FLAGS.cell, variant, paper.Scale(
-          overrides=tuple(paper.parse_override(s) for s in FLAGS.set)))
+    for variant, overrides, _ in runs:  # refuse bad overrides before anything runs
+      paper.cell_config(FLAGS.cell, variant, paper.Scale(overrides=overrides))
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+  tags = [paper.Scale(FLAGS.epochs, FLAGS.train_examples, FLAGS.test_examples,
+                      o).tag() + "/" + v for v, o, _ in runs]
+  twice = sorted({t for t in tags if tags.count(t) > 1})
+  if twice:
+    raise app.UsageError(f"{which}: {twice} would each be trained twice into one "
+                         "record: give the runs of one variant different overrides.")
   logging.set_verbosity(logging.INFO)
   report = run_window(FLAGS.out, t0)
   print(json.dumps(report, indent=2))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -424,6 +425,33 @@ def test_window_baseline_record_to_table1_from_records(npz, tmp_path):
   text = (tmp_path / "results" / folder / "robustness_allcnn_cifar10.md").read_text()
   assert f"| pgd 8/255 | {rob['attacks']['pgd']['8/255']:.4f} |" in text
   assert "baseline [shortened]" in text and "(no robustness report)" in text
+
+
+def test_window_runs_with_overrides_of_their_own(npz, tmp_path):
+  """--run VARIANT:FIELD=VALUE;...: the run's own overrides join --set's (and win over
+  them) and name its record's tag; bad runs are refused before anything trains."""
+  _window(npz, tmp_path, "--run=invariance:invariance_denominator=class;probe_seeds=3",
+          "--norobustness")
+  (tar,) = [f for f in os.listdir(tmp_path / "out") if f.endswith(".tar")]
+  assert tar.startswith("allcnn_cifar10.e2_class_denominator_o")
+  assert tar.endswith(".invariance.tar")
+  (run,) = json.loads((tmp_path / "out" / "window.json").read_text())["runs"]
+  assert run["finished"] and run["tag"] == tar.split(".")[1] and run["file"] == tar
+  config = records.load(records.unpack(str(tmp_path / "out" / tar),
+                                       str(tmp_path / "records"))).config
+  assert (config.variant, config.invariance_denominator) == ("invariance", "class")
+  assert config.probe_seeds == 3 and config.probe_copies == 2  # own, and --set's
+  for extra, message in [
+      (["--run=invariance", "--variants=baseline"], "give --variants or --run"),
+      (["--run=invariance:alpha=0.2", "--run=invariance:alpha=0.2"], "trained twice"),
+      (["--run=vgg"], r"--run: unknown variant\(s\) \['vgg'\]"),
+      (["--run=invariance:model.colour=1"], "no field 'model.colour'")]:
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.window", f"--data={npz}",
+         f"--out={tmp_path / 'bad'}", f"--workdir={tmp_path / 'bad'}", *extra],
+        cwd=helpers.ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and re.search(message, out.stderr), (extra, out.stderr)
+  assert not os.path.exists(tmp_path / "bad")
 
 
 @pytest.mark.slow  # ~1-2 min: four toy trainings, two window commands, three results
