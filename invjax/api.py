@@ -7,13 +7,16 @@
   scores = run.invariance_scores(x)                          # {layer: [N, 5]} (Eq. 2)
   inv = run.invariance_loss(run.augmented_copies(x[:16], 8)) # {layer: L_inv} (Eq. 3)
   cka = api.similarity_matrix(acts, other.activations(x))    # [2, L] linear CKA
+  rec = api.load_run("experiments/results/records/allcnn_cifar10/paper/invariance",
+                     dataset="data/cifar10.npz")  # a run record: its final weights
 
 Everything runs in eval mode (running batch-norm statistics), in batches split over
 every device there is (a last batch that does not fill them is padded, and its padding
-dropped), and comes back as numpy. Images are uint8 in [0, 255] or float in [0, 1],
-[N, H, W, C]. A run trained on any number of devices loads on any other. Importing this
-module imports no TensorFlow (loading a run whose config names a tfds data set, without
-`image_shape` and `num_classes`, reads the data set to learn them, and so needs it).
+dropped), and comes back as numpy (activations and logits as float32, whatever the
+run computes in). Images are uint8 in [0, 255] or float in [0, 1], [N, H, W, C]. A run
+trained on any number of devices loads on any other. Importing this module imports no
+TensorFlow (loading a run whose config names a tfds data set, without `image_shape`
+and `num_classes`, reads the data set to learn them, and so needs it).
 """
 
 from __future__ import annotations
