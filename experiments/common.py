@@ -5,6 +5,9 @@ import json
 import os
 import platform
 import re
+import sys
+import time
+from typing import Callable
 
 from absl import app
 from absl import flags
@@ -40,6 +43,41 @@ def write_md_and_json(out: str, text: str, record) -> None:
     f.write(text)
   with open(out + ".json", "w") as f:
     json.dump(record, f, indent=2)
+
+
+def define_dataset_and_out_flags():
+  """--dataset and --out of a script that measures trained runs (`over_runs`). Call it
+  only when the script runs as a program: tests import these scripts side by side."""
+  flags.DEFINE_string("dataset", None, "Replaces the runs' data path (a record made on "
+                      "another machine names that machine's).")
+  flags.DEFINE_string("out", None, "Output path without extension (OUT.md, OUT.json); "
+                      "default: only print.")
+
+
+def over_runs(argv, measure: Callable[[str], dict],
+              markdown: Callable[[list, str], str],
+              describe: Callable[[dict], str] | None = None) -> list[dict]:
+  """The main of a script that measures each run directory (workdir or record) of
+  argv[1:]: `measure(directory)` gives a run's result (a line of `describe(result)`
+  is printed as it comes), `markdown(results, command)` the report, printed and, with
+  --out, written as OUT.md beside the results as OUT.json."""
+  if len(argv) < 2:
+    raise app.UsageError("give one or more run directories (workdirs or records).")
+  t0 = time.perf_counter()
+  results = []
+  for directory in argv[1:]:
+    results.append(measure(directory))
+    line = describe(results[-1]) if describe else (
+        f"done after {time.perf_counter() - t0:.0f} s")
+    print(f"{directory}: {line}", flush=True)
+  script = os.path.splitext(os.path.basename(sys.argv[0]))[0]
+  command = f"python -m experiments.{script} " + " ".join(sys.argv[1:])
+  text = markdown(results, command)
+  print(text)
+  if flags.FLAGS.out:
+    write_md_and_json(flags.FLAGS.out, text, results)
+  print(f"wall time {time.perf_counter() - t0:.0f} s")
+  return results
 
 
 def hardware() -> dict:

@@ -18,9 +18,6 @@ Writes OUT.md and OUT.json with --out.
 
 from __future__ import annotations
 
-import sys
-import time
-
 from absl import app
 from absl import flags
 import jax
@@ -81,31 +78,20 @@ def _define_flags():
   flags.DEFINE_integer("copies", 8, "Copies of each seed (the paper's M = 8).")
   flags.DEFINE_integer("batches", 20, "Batches to average over.")
   flags.DEFINE_integer("seed", 0, "Seed of the copies' augmentations.")
-  flags.DEFINE_string("dataset", None, "Replaces the runs' data path (a record made on "
-                      "another machine names that machine's).")
-  flags.DEFINE_string("out", None, "Output path without extension (OUT.md, OUT.json); "
-                      "default: only print.")
+  common.define_dataset_and_out_flags()
+
+
+def measure_run(directory: str) -> dict:
+  run = api.load_run(directory, dataset=FLAGS.dataset)
+  inv = measure(run, run.data.x_test, run.data.y_test, FLAGS.seeds, FLAGS.copies,
+                FLAGS.batches, FLAGS.seed)
+  return {"run": directory, "variant": run.config.variant, "step": run.step,
+          "denominator": run.config.get("invariance_denominator", "batch"), **inv}
 
 
 def main(argv):
-  if len(argv) < 2:
-    raise app.UsageError("give one or more run directories (workdirs or records).")
-  t0 = time.perf_counter()
-  results = []
-  for directory in argv[1:]:
-    run = api.load_run(directory, dataset=FLAGS.dataset)
-    inv = measure(run, run.data.x_test, run.data.y_test, FLAGS.seeds, FLAGS.copies,
-                  FLAGS.batches, FLAGS.seed)
-    results.append({"run": directory, "variant": run.config.variant, "step": run.step,
-                    "denominator": run.config.get("invariance_denominator", "batch"),
-                    **inv})
-    print(f"{directory}: done after {time.perf_counter() - t0:.0f} s", flush=True)
-  command = "python -m experiments.denominators " + " ".join(sys.argv[1:])
-  text = markdown(results, command, FLAGS.seeds, FLAGS.copies, FLAGS.batches)
-  print(text)
-  if FLAGS.out:
-    common.write_md_and_json(FLAGS.out, text, results)
-  print(f"wall time {time.perf_counter() - t0:.0f} s")
+  common.over_runs(argv, measure_run, lambda results, command: markdown(
+      results, command, FLAGS.seeds, FLAGS.copies, FLAGS.batches))
 
 
 if __name__ == "__main__":

@@ -17,9 +17,6 @@ Writes OUT.md and OUT.json with --out.
 from __future__ import annotations
 
 import dataclasses
-import sys
-import time
-
 from absl import app
 from absl import flags
 import numpy as np
@@ -84,29 +81,20 @@ def _define_flags():
                        "also Eq. 2's reference set.")
   flags.DEFINE_integer("copies", 5, "Transformed copies of each image (the paper's 5).")
   flags.DEFINE_integer("seed", 0, "Seed of the transformations.")
-  flags.DEFINE_string("dataset", None, "Replaces the runs' data path (a record made on "
-                      "another machine names that machine's).")
-  flags.DEFINE_string("out", None, "Output path without extension (OUT.md, OUT.json); "
-                      "default: only print.")
+  common.define_dataset_and_out_flags()
+
+
+def measure_run(directory: str) -> dict:
+  run = api.load_run(directory, dataset=FLAGS.dataset)
+  images = run.data.x_test[:FLAGS.images]
+  return {"run": directory, "variant": run.config.variant, "step": run.step,
+          "images": len(images),
+          "medians": medians(run, images, FLAGS.copies, FLAGS.seed)}
 
 
 def main(argv):
-  if len(argv) < 2:
-    raise app.UsageError("give one or more run directories (workdirs or records).")
-  t0 = time.perf_counter()
-  results = []
-  for directory in argv[1:]:
-    run = api.load_run(directory, dataset=FLAGS.dataset)
-    images = run.data.x_test[:FLAGS.images]
-    results.append({"run": directory, "variant": run.config.variant, "step": run.step,
-                    "medians": medians(run, images, FLAGS.copies, FLAGS.seed)})
-    print(f"{directory}: done after {time.perf_counter() - t0:.0f} s", flush=True)
-  command = "python -m experiments.score_by_transform " + " ".join(sys.argv[1:])
-  text = markdown(results, command, len(images), FLAGS.copies)
-  print(text)
-  if FLAGS.out:
-    common.write_md_and_json(FLAGS.out, text, results)
-  print(f"wall time {time.perf_counter() - t0:.0f} s")
+  common.over_runs(argv, measure_run, lambda results, command: markdown(
+      results, command, results[0]["images"], FLAGS.copies))
 
 
 if __name__ == "__main__":

@@ -18,9 +18,6 @@ of the image at index i is augmented with the key fold_in(fold_in(key(--seed), r
 
 from __future__ import annotations
 
-import sys
-import time
-
 from absl import app
 from absl import flags
 import jax
@@ -118,29 +115,15 @@ def _define_flags():
                     "light).")
   flags.DEFINE_integer("seed", 0, "Seed of the copies' augmentations.")
   flags.DEFINE_integer("batch_size", 500, "Test images per forward pass.")
-  flags.DEFINE_string("dataset", None, "Replaces the runs' data path (a record made on "
-                      "another machine names that machine's).")
-  flags.DEFINE_string("out", None, "Output path without extension (OUT.md, OUT.json); "
-                      "default: only print.")
+  common.define_dataset_and_out_flags()
 
 
 def main(argv):
-  if len(argv) < 2:
-    raise app.UsageError("give one or more run directories (workdirs or records).")
-  t0 = time.perf_counter()
-  results = []
-  for directory in argv[1:]:
-    results.append(evaluate_run(directory, FLAGS.copies, FLAGS.preset, FLAGS.seed,
-                                FLAGS.batch_size, FLAGS.dataset))
-    r = results[-1]
-    print(f"{directory}: clean {r['clean']:.4f}, averaged over {r['copies']} "
-          f"{r['preset']} copies {r['averaged']:.4f}", flush=True)
-  command = "python -m experiments.test_time_average " + " ".join(sys.argv[1:])
-  text = markdown(results, command)
-  print(text)
-  if FLAGS.out:
-    common.write_md_and_json(FLAGS.out, text, results)
-  print(f"wall time {time.perf_counter() - t0:.0f} s")
+  common.over_runs(
+      argv, lambda d: evaluate_run(d, FLAGS.copies, FLAGS.preset, FLAGS.seed,
+                                   FLAGS.batch_size, FLAGS.dataset),
+      markdown, lambda r: f"clean {r['clean']:.4f}, averaged over {r['copies']} "
+      f"{r['preset']} copies {r['averaged']:.4f}")
 
 
 if __name__ == "__main__":
