@@ -1,6 +1,5 @@
 """experiments/denominators.py: L_inv under both of Eq. 3's denominators on a run."""
 
-import numpy as np
 import pytest
 
 from experiments import denominators
