@@ -150,7 +150,7 @@ def score_state(config, run, state, step: int, placement):
   return scores, summary
 
 
-def weights_if_no_checkpoint(workdir: str) -> str | None:
+def _weights_if_no_checkpoint(workdir: str) -> str | None:
   """None where the workdir holds a checkpoint; else the path of its weights.npz (a run
   record's); RunNotFound where it holds neither."""
   if workdirs.has_checkpoint(workdir):
@@ -170,7 +170,7 @@ def restore(config, workdir: str, data=None, run=None):
   checkpoint, its weights.npz (e.g. a run record); the state replicated over every
   device."""
   run = run if run is not None else build_lib.build(config, data)
-  weights = weights_if_no_checkpoint(workdir)
+  weights = _weights_if_no_checkpoint(workdir)
   placement = placement_lib.Placement.create()
   if weights is not None:
     state, step = state_from_weights(run, placement, weights)
@@ -189,7 +189,7 @@ def analyze(config, workdir: str, data=None) -> dict[str, Any]:
   weights); returns the summary. The seconds it took go into the run card."""
   t0 = time.perf_counter()
   run = build_lib.build(config, data)
-  weights_if_no_checkpoint(workdir)  # nothing to score: say so first
+  _weights_if_no_checkpoint(workdir)  # nothing to score: say so first
   check_outputs_writable(workdir)
   lock = workdirs.lock(workdir, "analyze")
   try:
