@@ -147,8 +147,7 @@ def _attack_record(committed: str, variant: str, tag: str, staging: str,
   packed = records_lib.pack(copy, staging, os.path.join(out, name))
   print(f"{variant}: finished record attacked -> {packed}", flush=True)
   return {"variant": variant, "tag": tag, "step": rob["step"], "finished": True,
-          "file": name,
-          "bytes": os.path.getsize(packed), "attacked": True}
+          "file": name, "bytes": os.path.getsize(packed), "attacked": True}
 
 
 def _resume_from_record(committed: str, workdir: str, variant: str) -> int | None:
@@ -198,14 +197,18 @@ def parse_run(spec: str) -> tuple[str, tuple]:
   return variant, tuple(paper.parse_override(s) for s in rest.split(";") if s)
 
 
-def planned_runs() -> list[tuple[str, tuple, str]]:
-  """(variant, overrides, name) of each run of the window, in order: --run's, or else
-  one per --variants entry; overrides are --set's and the run's own."""
+def planned_runs() -> list[tuple[str, paper.Scale, str]]:
+  """(variant, scale, name) of each run of the window, in order: --run's, or else one
+  per --variants entry. The scale holds the schedule flags and the overrides, --set's
+  and the run's own; its tag names the run's record (not the data path or the
+  precision)."""
   common = tuple(paper.parse_override(s) for s in FLAGS.set)
+  scale = lambda overrides: paper.Scale(FLAGS.epochs, FLAGS.train_examples,
+                                        FLAGS.test_examples, overrides)
   if FLAGS.run:
-    return [(v, common + own, spec) for spec in FLAGS.run
+    return [(v, scale(common + own), spec) for spec in FLAGS.run
             for v, own in [parse_run(spec)]]
-  return [(v, common, v) for v in FLAGS.variants]
+  return [(v, scale(common), v) for v in FLAGS.variants]
 
 
 def run_window(out: str, t0: float | None = None) -> dict:
@@ -216,8 +219,7 @@ def run_window(out: str, t0: float | None = None) -> dict:
   os.makedirs(out, exist_ok=True)
   staging = os.path.join(FLAGS.workdir, "records")
   runs = planned_runs()
-  report = {"cell": FLAGS.cell, "budget_minutes": FLAGS.budget_minutes,
-            "runs": []}
+  report = {"cell": FLAGS.cell, "budget_minutes": FLAGS.budget_minutes, "runs": []}
   os.makedirs(staging, exist_ok=True)
   loaded = []
 
@@ -226,10 +228,7 @@ def run_window(out: str, t0: float | None = None) -> dict:
       loaded.append(input_pipeline.load(config))
     return loaded[0]
 
-  for variant, overrides, name in runs:
-    # The tag names the schedule and overrides, not the data path or the precision.
-    scale = paper.Scale(FLAGS.epochs, FLAGS.train_examples, FLAGS.test_examples,
-                        overrides)
+  for variant, scale, name in runs:
     tag = scale.tag()
     committed = paper.record_dir(FLAGS.records, FLAGS.cell, tag, variant)
     card = run_card.read(committed)
@@ -331,12 +330,11 @@ def main(argv):
                          f"train (min_minutes + analysis_minutes = "
                          f"{FLAGS.min_minutes + FLAGS.analysis_minutes}).")
   try:
-    for variant, overrides, _ in runs:  # refuse bad overrides before anything runs
-      paper.cell_config(FLAGS.cell, variant, paper.Scale(overrides=overrides))
+    for variant, scale, _ in runs:  # refuse bad overrides before anything runs
+      paper.cell_config(FLAGS.cell, variant, scale)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  tags = [paper.Scale(FLAGS.epochs, FLAGS.train_examples, FLAGS.test_examples,
-                      o).tag() + "/" + v for v, o, _ in runs]
+  tags = [f"{scale.tag()}/{v}" for v, scale, _ in runs]
   twice = sorted({t for t in tags if tags.count(t) > 1})
   if twice:
     raise app.UsageError(f"{which}: {twice} would each be trained twice into one "

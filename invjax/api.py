@@ -385,7 +385,9 @@ def _from_weights(config, workdir: str, weights: str, step: int | None, data):
   """The run's final weights (weights.npz: no optimizer state) in an initial state."""
   model, tx, image_shape, _, data = _model_and_optimizer(config, workdir, data)
   placement = placement_lib.Placement.create()
-  state = steps_lib.create_train_state(jax.random.key(0), model, image_shape, tx)
+  # Replicated whole, as a restored checkpoint is (LoadedRun.state).
+  state = placement.replicate(
+      steps_lib.create_train_state(jax.random.key(0), model, image_shape, tx))
   state, saved = analyze_lib.with_weights(state, placement, weights, config.model)
   if step is not None and step != saved:
     raise ValueError(f"{workdir} holds the weights of step {saved} only (its "
