@@ -142,6 +142,8 @@ def cell_config(cell: str, variant: str, scale: Scale):
     config_lib.override(config, dict(scale.overrides), replace_type=True)
     if scale.epochs:
       config.lr_boundaries = config_lib.scaled_boundaries(config, scale.epochs)
+      config.alpha_boundaries = config_lib.scaled_boundaries(config, scale.epochs,
+                                                             "alpha_boundaries")
       config.num_epochs = float(scale.epochs)
     if scale.train_examples:
       config.train_examples = scale.train_examples

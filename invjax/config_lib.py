@@ -57,6 +57,14 @@ def base_config() -> ml_collections.ConfigDict:
   # the paper's), "linear" (both grow with depth, the deepest alpha_ratio x the first),
   # "uniform" (alpha / L each) or "decay" (the first alpha_ratio x the deepest).
   c.layer_weight_law = "exponential"
+  # alpha over training (not in the paper, whose alpha is constant; the authors' code
+  # has such a schedule, its invariance_params/*_decay.yml): at each boundary epoch,
+  # alpha and every layer's alpha_l are multiplied by alpha_decay (> 1 raises them, 0
+  # turns the loss off), and the cross-entropy weighs 1 - alpha(t) - class_alpha.
+  # () = constant, the paper's. E.g. alpha=0.5, alpha_boundaries=(100,),
+  # alpha_decay=0.2: 0.5 for 100 epochs, then 0.1.
+  c.alpha_boundaries = ()
+  c.alpha_decay = 0.1
   # Weight of a class-invariance term (not in the paper; the authors' code has it): Eq.
   # 3 with the examples' classes in place of their seeds, pulling together examples of
   # the same class, shared over the layers like alpha; CE then weighs
@@ -305,6 +313,9 @@ FIELDS: dict[str, Rule] = {
     "invariance_alpha": _num(0, 1, hi_open=True),
     "alpha_ratio": _num(0, lo_open=True),
     "layer_weight_law": _choice(lambda: losses.WEIGHT_LAWS),
+    "alpha_boundaries": Rule(_boundaries, "increasing epochs > 0, e.g. (100,), or () "
+                             "for a constant alpha"),
+    "alpha_decay": _num(0),
     "class_alpha": _num(0, 1, hi_open=True),
     "invariance_denominator": _choice(lambda: losses.DENOMINATORS),
     "loss_method": _choice(lambda: losses.METHODS),
@@ -407,11 +418,19 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if c.alpha + c.class_alpha >= 1.0:
     errors.append(f"config.alpha={c.alpha} + config.class_alpha={c.class_alpha} must be "
                   "< 1: the cross-entropy weighs 1 - alpha - class_alpha.")
-  late = [b for b in c.lr_boundaries if b >= c.num_epochs]
-  if late:
-    errors.append(f"config.lr_boundaries={tuple(c.lr_boundaries)} has epoch(s) {late} "
-                  f"at or past config.num_epochs={c.num_epochs}; scale them with the "
-                  "schedule (e.g. the same fractions of num_epochs).")
+  elif c.alpha_boundaries and c.alpha * max(alpha_scales(c)) + c.class_alpha >= 1.0:
+    errors.append(
+        f"config.alpha={c.alpha} reaches {c.alpha * max(alpha_scales(c)):g} with "
+        f"config.alpha_decay={c.alpha_decay} at config.alpha_boundaries="
+        f"{tuple(c.alpha_boundaries)}; with config.class_alpha={c.class_alpha} it must "
+        "stay < 1 (the cross-entropy weighs 1 - alpha - class_alpha): lower alpha or "
+        "alpha_decay.")
+  for field in ("lr_boundaries", "alpha_boundaries"):
+    late = [b for b in c[field] if b >= c.num_epochs]
+    if late:
+      errors.append(f"config.{field}={tuple(c[field])} has epoch(s) {late} at or past "
+                    f"config.num_epochs={c.num_epochs}; scale them with the schedule "
+                    "(e.g. the same fractions of num_epochs).")
   if errors:
     raise errors_lib.ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
 
@@ -443,6 +462,14 @@ def set_field(c: ml_collections.ConfigDict, path: str, value,
     node[leaf] = value
 
 
-def scaled_boundaries(c: ml_collections.ConfigDict, num_epochs: float):
-  """The schedule's boundaries moved to a run of `num_epochs`, same fractions."""
-  return tuple(b * num_epochs / c.num_epochs for b in c.lr_boundaries)
+def scaled_boundaries(c: ml_collections.ConfigDict, num_epochs: float,
+                      field: str = "lr_boundaries"):
+  """A schedule's boundaries (`field`: "lr_boundaries" or "alpha_boundaries") moved to
+  a run of `num_epochs`, same fractions."""
+  return tuple(b * num_epochs / c.num_epochs for b in c[field])
+
+
+def alpha_scales(c: ml_collections.ConfigDict) -> tuple[float, ...]:
+  """alpha's factor in each phase of its schedule: 1, then alpha_decay ** k after the
+  k-th of alpha_boundaries."""
+  return tuple(c.alpha_decay ** k for k in range(len(c.alpha_boundaries) + 1))

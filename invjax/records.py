@@ -227,14 +227,18 @@ SCHEDULE_FIELDS = ("num_epochs", "lr_boundaries", "lr_decay", "learning_rate",
                    "batch_size", "copies", "alpha", "alpha_ratio", "train_examples",
                    "test_examples", "model", "momentum", "nesterov", "augment")
 # Fields that make the loss other than the paper's (as its text writes it).
-LOSS_FIELDS = ("layer_weight_law", "invariance_denominator", "class_alpha")
+LOSS_FIELDS = ("layer_weight_law", "invariance_denominator", "class_alpha",
+               "alpha_boundaries", "alpha_decay")
 
 
 def _moot(field: str, config) -> bool:
   """Whether `field` changes nothing in the run of `config`: the denominator defines
-  L_inv, which weighs nothing at alpha = 0; the law also shares out class_alpha."""
-  if field == "invariance_denominator":
+  L_inv, which weighs nothing at alpha = 0; the law also shares out class_alpha; alpha's
+  schedule scales alpha, and its decay needs boundaries."""
+  if field in ("invariance_denominator", "alpha_boundaries"):
     return not config.get("alpha")
+  if field == "alpha_decay":
+    return not config.get("alpha") or not config.get("alpha_boundaries")
   if field == "layer_weight_law":
     return not config.get("alpha") and not config.get("class_alpha")
   return False

@@ -57,6 +57,17 @@ class StepConfig:
   # paper's text) or the pairs of the same class ("class", the authors' code). The
   # probe measures both (PROBE_METRICS).
   denominator: str = "batch"
+  # alpha's schedule (config.alpha_boundaries, in steps): from each of these steps on,
+  # alpha and every alpha_l are multiplied by alpha_decay once more; () = constant.
+  alpha_steps: tuple[int, ...] = ()
+  alpha_decay: float = 1.0
+
+
+def alpha_scale(cfg: StepConfig, step: jax.Array) -> jax.Array:
+  """alpha(step) / alpha: alpha_decay ** (how many of alpha_steps are <= step), where
+  `step` counts the steps done before this one (as the learning rate's schedule)."""
+  passed = jnp.sum(jnp.asarray(step) >= jnp.asarray(cfg.alpha_steps, jnp.int32))
+  return jnp.asarray(cfg.alpha_decay, jnp.float32) ** passed
 
 
 def create_learning_rate_fn(base: float, boundaries_epochs, decay: float,
@@ -152,6 +163,7 @@ def make_train_step(cfg: StepConfig) -> Callable:
                                         cfg.weight_law)
   # L_inv needs copies in the batch; at alpha = 0 it is measured only if asked.
   measure_inv = cfg.copies > 1 and (cfg.alpha > 0 or cfg.measure_inv)
+  scheduled = bool(cfg.alpha_steps) and cfg.alpha > 0
 
   def train_step(state: TrainState, seed_images, labels, key):
     # The named scopes label the step's parts in the compiled program's op metadata
@@ -161,6 +173,7 @@ def make_train_step(cfg: StepConfig) -> Callable:
       x = to_float(x)
     with jax.named_scope("augment"):
       x = augment.augment(key, x, cfg.ranges)
+    scale = alpha_scale(cfg, state.step) if scheduled else 1.0  # alpha(t) / alpha
 
     def loss_fn(params):
       logits, updates = state.apply_fn(
@@ -181,8 +194,8 @@ def make_train_step(cfg: StepConfig) -> Callable:
                  for k, v in models.sown(updates["intermediates"]).items()}
       if cfg.alpha == 0:  # L_inv is only measured: keep it out of the gradient.
         inv = jax.lax.stop_gradient(inv)
-      loss = losses.total_loss(ce, inv if cfg.alpha > 0 else {}, weights, cfg.alpha,
-                               cls, class_weights, cfg.class_alpha)
+      loss = losses.total_loss(ce, inv if cfg.alpha > 0 else {}, weights * scale,
+                               cfg.alpha * scale, cls, class_weights, cfg.class_alpha)
       return loss, (updates["batch_stats"], logits, ce, inv, cls)
 
     (loss, (batch_stats, logits, ce, inv, cls)), grads = jax.value_and_grad(
@@ -191,6 +204,7 @@ def make_train_step(cfg: StepConfig) -> Callable:
       new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     metrics = {"loss": loss, "cross_entropy": ce,
                **_accuracy(logits, y, cfg.top5),
+               **({"alpha": cfg.alpha * scale} if scheduled else {}),
                **{f"inv_loss/{k}": v for k, v in inv.items()},
                **{f"class_inv_loss/{k}": v for k, v in cls.items()}}
     return new_state, metrics

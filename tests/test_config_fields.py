@@ -56,6 +56,8 @@ ROWS = {
     "learning_rate": ([0.0, -0.01, NAN, INF, "0.1"], [1e-4, 0.05, 1e6]),
     "lr_boundaries": ([(0,), (3, 2), (1, NAN), "1,2"], [(), (1,), (0.5, 1.5)]),
     "lr_decay": ([0.0, 1.5, -0.1, NAN], [0.1, 1.0]),
+    "alpha_boundaries": ([(0,), (3, 2), (1, NAN), "1,2"], [(), (1,), (0.5, 1.5)]),
+    "alpha_decay": ([-0.1, NAN, INF, "0.1"], [0.0, 0.2, 1.0, 5.0]),
     "momentum": ([1.0, -0.1, NAN], [0.0, 0.9]),
     "nesterov": ([1, "yes"], [True, False]),
     "augment.flip": ([1.5, -0.5, NAN], [0.0, 0.5, 1.0]),
@@ -128,7 +130,7 @@ def test_every_field_is_checked_by_type_and_domain():
     for value in good:
       c = _config_for(field)
       _set(c, field, value)
-      if field == "lr_boundaries":
+      if field in ("lr_boundaries", "alpha_boundaries"):
         c.num_epochs = 2.0
       assert not [e for e in config_lib.check_fields(c) if f"config.{field}=" in e], \
           (field, value)

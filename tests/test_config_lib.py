@@ -19,6 +19,11 @@ BAD = [
     ({"model.name": "vgg"}, "config.model.name='vgg'.*allcnn"),
     ({"augment.hue": 0.1}, r"config.augment.hue is not a field"),
     ({"lr_boundaries": (1, 5), "num_epochs": 3.0}, r"epoch\(s\) \[5\]"),
+    ({"alpha_boundaries": (1, 5), "num_epochs": 3.0},
+     r"config.alpha_boundaries=\(1, 5\) has epoch\(s\) \[5\]"),
+    ({"alpha": 0.3, "alpha_boundaries": (1,), "alpha_decay": 4.0},
+     r"config.alpha=0.3 reaches 1.2 with config.alpha_decay=4.0 .* lower alpha or "
+     "alpha_decay"),
     ({"num_epochs": 0.0}, "num_epochs=0.0"),
     ({"image_shape": (32, 32)}, r"config.image_shape=\(32, 32\) must be \(height, "),
     ({"num_classes": -1}, "config.num_classes=-1 must be an integer >= 2, or 0"),

@@ -28,6 +28,9 @@ def test_scale_scales_the_schedule_and_overrides_fields():
   inv = paper.cell_config("allcnn_cifar10", "invariance",
                           paper.Scale(overrides=(("invariance_alpha", 0.5),)))
   assert inv.alpha == 0.5  # the override reaches the variant's alpha
+  sched = paper.cell_config("allcnn_cifar10", "invariance", paper.Scale(
+      epochs=35, overrides=(("alpha_boundaries", (175,)), ("alpha_decay", 0.2))))
+  assert tuple(sched.alpha_boundaries) == (17.5,) and sched.alpha_decay == 0.2
   full = paper.cell_config("wrn_cifar10", "invariance", paper.Scale())
   assert full.num_epochs == 200 and tuple(full.lr_boundaries) == (60, 120, 160)
 

@@ -326,7 +326,16 @@ def test_status_marks_shortened_and_unfinished_records():
   base_ref = paper.cell_config("allcnn_cifar10", "baseline", paper.Scale())
   with base.unlocked():
     base.invariance_denominator, base.layer_weight_law = "class", "uniform"
+    base.alpha_boundaries, base.alpha_decay = (100,), 0.2  # alpha 0 stays 0
   assert records.departures(base, base_ref) == {}
+  sched = paper.cell_config("allcnn_cifar10", "invariance", paper.Scale())
+  with sched.unlocked():
+    sched.alpha_decay = 0.2  # no boundaries: alpha stays constant
+  assert records.status(records.Record("r", sched, card, None, None), ref) == "full"
+  with sched.unlocked():
+    sched.alpha_boundaries = (100,)
+  assert records.status(records.Record("r", sched, card, None, None), ref) == (
+      "other loss: alpha_boundaries (100) (paper ()), alpha_decay 0.2 (paper 0.1)")
   with base.unlocked():
     base.class_alpha = 0.2  # which the law shares out over the layers
   assert list(records.departures(base, base_ref)) == ["layer_weight_law", "class_alpha"]

@@ -293,6 +293,32 @@ def test_class_denominator_step_and_probe_divide_by_same_class_pairs(method):
     assert float(got[f"inv_loss/{l}"]) == pytest.approx(float(ref), rel=1e-4)
 
 
+def test_alpha_schedule_is_eq4_with_alpha_scaled_from_each_boundary():
+  """With alpha_steps=(2, 4) and alpha_decay=0.5, the steps done at step counts 1, 2
+  and 4 are those of constant alpha 0.4, 0.2 and 0.1 (loss, parameters), and log the
+  alpha they used; alpha_decay 0 leaves the cross-entropy's update alone."""
+  _, cfg, state, _ = _setup(copies=4, alpha=0.4)
+  seeds, labels = _seeds(4)
+  key = jax.random.key(7)
+  sched = dataclasses.replace(cfg, alpha_steps=(2, 4), alpha_decay=0.5)
+  run = lambda c, s: jax.jit(steps.make_train_step(c))(s, seeds, labels, key)
+  assert "alpha" not in run(cfg, state)[1]
+  for count, alpha in ((1, 0.4), (2, 0.2), (3, 0.2), (4, 0.1), (9, 0.1)):
+    at = state.replace(step=jnp.asarray(count, state.step.dtype))
+    got, m = run(sched, at)
+    want, m_const = run(dataclasses.replace(cfg, alpha=alpha), at)
+    assert float(m["alpha"]) == pytest.approx(alpha)
+    assert float(m["loss"]) == pytest.approx(float(m_const["loss"]), rel=1e-6), count
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 got.params, want.params)
+  off = dataclasses.replace(cfg, alpha_steps=(1,), alpha_decay=0.0)
+  got, m = run(off, state.replace(step=jnp.asarray(1, state.step.dtype)))
+  assert float(m["loss"]) == pytest.approx(float(m["cross_entropy"]), rel=1e-6)
+  ce_only, _ = run(dataclasses.replace(cfg, alpha=0.0), state)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               got.params, ce_only.params)
+
+
 def test_learning_rate_schedule_piecewise():
   lr = steps.create_learning_rate_fn(0.1, (2, 3), 0.2, steps_per_epoch=10)
   np.testing.assert_allclose([lr(0), lr(19), lr(20), lr(29), lr(30), lr(100)],
