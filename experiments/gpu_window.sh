@@ -16,7 +16,10 @@
 #                   packed records and window.json in $OUT/records. WINDOW_ARGS is
 #                   added to its command (the CPU smoke test: "--epochs=1
 #                   --train_examples=512 --test_examples=256"). The pack (56 MB) and
-#                   the tracked tree (17 MB) pass the 64 MiB a call carries: delete the
+#                   the tracked tree (17 MB) pass the 64 MiB a call carries: carry the
+#                   pack's two files by name (carry [".whl", "data/cifar10_jpeg.npz",
+#                   "data/decode.py"]), not data/, where the CPU's decoded
+#                   data/cifar10.npz (184 MB) may lie; delete the
 #                   committed records' weights.npz and analysis/scores.npz from the
 #                   working tree before the call (the run cards are enough to skip
 #                   those variants) and restore them after (git checkout --
