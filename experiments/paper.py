@@ -283,9 +283,26 @@ def _header(title: str, cells: dict[str, dict], scale: Scale, command: str,
         f"({n_train} training, {n_test} test images), {c.num_epochs:g} epochs "
         f"(paper: {paper.num_epochs:g}), lr {c.learning_rate:g} x{c.lr_decay:g} at "
         f"epochs {tuple(round(b, 2) for b in c.lr_boundaries)}, batch {c.batch_size}, "
-        f"model {dict(c.model)}")
+        f"model {dict(c.model)}" + _loss_text(runs))
   lines.append("")
   return lines
+
+
+def _loss_text(runs: dict[str, dict]) -> str:
+  """", invariance loss: alpha 0.5 x0.2 at epochs (10,), ..." for the runs trained with
+  the loss (alpha > 0), each of their loss fields that is not the paper's; "" if none."""
+  c = next((r["config"] for r in runs.values() if r["config"].get("alpha")), None)
+  if c is None:
+    return ""
+  text = f"alpha {c.alpha:g}"
+  if c.get("alpha_boundaries"):
+    text += (f" x{c.alpha_decay:g} at epochs "
+             f"{tuple(round(b, 2) for b in c.alpha_boundaries)}")
+  reference = config_lib.base_config()
+  for field in ("invariance_denominator", "layer_weight_law", "class_alpha"):
+    if c.get(field, reference[field]) != reference[field]:
+      text += f", {field} {c.get(field)}"
+  return f"; invariance loss: {text}"
 
 
 def _pct(x) -> str:

@@ -35,6 +35,17 @@ def test_scale_scales_the_schedule_and_overrides_fields():
   assert full.num_epochs == 200 and tuple(full.lr_boundaries) == (60, 120, 160)
 
 
+def test_result_headers_name_the_invariance_loss_where_it_departs_from_the_paper():
+  config = lambda variant, *overrides: {"config": paper.cell_config(
+      "allcnn_cifar10", variant, paper.Scale(epochs=35, overrides=overrides))}
+  assert paper._loss_text({"baseline": config("baseline")}) == ""
+  runs = {"baseline": config("baseline"), "invariance": config(
+      "invariance", ("invariance_alpha", 0.5), ("alpha_boundaries", (175,)),
+      ("alpha_decay", 0.2), ("invariance_denominator", "class"))}
+  assert paper._loss_text(runs) == (
+      "; invariance loss: alpha 0.5 x0.2 at epochs (17.5,), invariance_denominator class")
+
+
 def test_bad_overrides_and_cells_are_refused():
   with pytest.raises(ValueError, match="no field 'model.colour'"):
     paper.cell_config("allcnn_cifar10", "baseline",
@@ -87,6 +98,7 @@ def test_reproduce_all_writes_results_and_reuses_runs(tmp_path):
   assert "| batchaug |" in table and "transformed" in table
   assert "python -m experiments.reproduce --source=train --result=all" in table
   assert "CPU only" in table and "2 epochs (paper: 350)" in table
+  assert "; invariance loss: alpha 0.1\n" in table
   record = json.loads((results / folder / "table1.json").read_text())
   for variant in paper.VARIANTS:
     summary = json.loads((tmp_path / "runs" / "allcnn_cifar10" / tag / variant /
