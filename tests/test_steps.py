@@ -301,7 +301,9 @@ def test_alpha_schedule_is_eq4_with_alpha_scaled_from_each_boundary():
   seeds, labels = _seeds(4)
   key = jax.random.key(7)
   sched = dataclasses.replace(cfg, alpha_steps=(2, 4), alpha_decay=0.5)
-  run = lambda c, s: jax.jit(steps.make_train_step(c))(s, seeds, labels, key)
+  compiled = functools.lru_cache(maxsize=None)(
+      lambda c: jax.jit(steps.make_train_step(c)))
+  run = lambda c, s: compiled(c)(s, seeds, labels, key)
   assert "alpha" not in run(cfg, state)[1]
   for count, alpha in ((1, 0.4), (2, 0.2), (3, 0.2), (4, 0.1), (9, 0.1)):
     at = state.replace(step=jnp.asarray(count, state.step.dtype))
