@@ -190,6 +190,16 @@ def _write_and_pack(workdir: str, record: str, staging: str, packed: str,
   return left
 
 
+def training_minutes(left_seconds: float, analysis_minutes: float,
+                     min_minutes: float) -> float:
+  """A run's time limit, from the seconds the window has left: those less
+  `analysis_minutes`, but at least `min_minutes` (loading the data since the window
+  decided to start the run may have taken some of it), rounded up to a thousandth of
+  a minute. Never 0, which would be no limit at all."""
+  limit = max(min_minutes, (left_seconds - 60.0 * analysis_minutes) / 60.0)
+  return max(0.001, math.ceil(limit * 1000) / 1000)
+
+
 def parse_run(spec: str) -> tuple[str, tuple]:
   """"invariance:invariance_denominator=class;model.kernel_init=glorot_uniform" ->
   ("invariance", (("invariance_denominator", "class"), ("model.kernel_init", ...)))."""
@@ -248,9 +258,9 @@ def run_window(out: str, t0: float | None = None) -> dict:
       probe.dataset = FLAGS.data
     steps_per_epoch = len(data(probe).x_train) // probe.batch_size
     config = variant_config(variant, scale, FLAGS.data, steps_per_epoch)
-    limit = (left() - 60.0 * FLAGS.analysis_minutes) / 60.0
+    limit = training_minutes(left(), FLAGS.analysis_minutes, FLAGS.min_minutes)
     with config.unlocked():
-      config.time_limit_minutes = round(limit, 3)
+      config.time_limit_minutes = limit
     workdir = os.path.join(FLAGS.workdir, FLAGS.cell, tag, variant)
     resumed = _resume_from_record(committed, workdir, variant)
     # (The training's log names the steps per dispatch it chose, when automatic.)
@@ -325,6 +335,8 @@ def main(argv):
   if bad:
     raise app.UsageError(f"{which}: unknown variant(s) {bad}; valid: "
                          f"{list(paper.VARIANTS)}")
+  if FLAGS.min_minutes <= 0:
+    raise app.UsageError(f"--min_minutes={FLAGS.min_minutes} must be > 0.")
   if FLAGS.budget_minutes <= FLAGS.min_minutes + FLAGS.analysis_minutes:
     raise app.UsageError(f"--budget_minutes={FLAGS.budget_minutes} leaves no time to "
                          f"train (min_minutes + analysis_minutes = "

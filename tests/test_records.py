@@ -436,6 +436,18 @@ def test_window_baseline_record_to_table1_from_records(npz, tmp_path):
   assert "baseline [shortened]" in text and "(no robustness report)" in text
 
 
+def test_a_windows_run_gets_a_positive_time_limit_whatever_is_left():
+  """What is left less the analysis, rounded up; at least min_minutes, and never 0
+  (which would mean no limit: a run that data loading left 0.0001 minutes once trained
+  to its end)."""
+  from experiments import window  # pylint: disable=g-import-not-at-top
+  assert window.training_minutes(600.0, 0.8, 1.0) == pytest.approx(9.2)
+  assert window.training_minutes(601.0, 0.8, 1.0) == pytest.approx(9.217)
+  assert window.training_minutes(90.0, 0.8, 1.0) == 1.0  # loading took the rest
+  assert window.training_minutes(1.81, 0.03, 0.001) == 0.001
+  assert window.training_minutes(0.0, 0.03, 0.0001) == 0.001
+
+
 def test_window_runs_with_overrides_of_their_own(npz, tmp_path):
   """--run VARIANT:FIELD=VALUE;...: the run's own overrides join --set's (and win over
   them) and name its record's tag; bad runs are refused before anything trains."""
