@@ -440,12 +440,19 @@ def test_a_windows_run_gets_a_positive_time_limit_whatever_is_left():
   """What is left less the analysis, rounded up; at least min_minutes, and never 0
   (which would mean no limit: a run that data loading left 0.0001 minutes once trained
   to its end)."""
-  from experiments import window  # pylint: disable=g-import-not-at-top
-  assert window.training_minutes(600.0, 0.8, 1.0) == pytest.approx(9.2)
-  assert window.training_minutes(601.0, 0.8, 1.0) == pytest.approx(9.217)
-  assert window.training_minutes(90.0, 0.8, 1.0) == 1.0  # loading took the rest
-  assert window.training_minutes(1.81, 0.03, 0.001) == 0.001
-  assert window.training_minutes(0.0, 0.03, 0.0001) == 0.001
+  cases = [(600.0, 0.8, 1.0), (601.0, 0.8, 1.0), (90.0, 0.8, 1.0), (1.81, 0.03, 0.001),
+           (0.0, 0.03, 0.0001)]
+  # In a process of its own: window.py defines its flags (--out, ...) on import, as
+  # other scripts that tests import do.
+  out = subprocess.run(
+      [sys.executable, "-c", "import json; from experiments import window; "
+       f"print(json.dumps([window.training_minutes(*c) for c in {cases}]))"],
+      cwd=helpers.ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  got = json.loads(out.stdout.strip().splitlines()[-1])
+  # 9.2, 9.217 (rounded up), 1.0 (loading took the rest: min_minutes), and the
+  # smallest limit, never 0
+  assert got == pytest.approx([9.2, 9.217, 1.0, 0.001, 0.001])
 
 
 def test_window_runs_with_overrides_of_their_own(npz, tmp_path):
