@@ -47,8 +47,8 @@ cd "$scratch/p"
 prepare=$repo/../shared/tools/gpu-prepare.sh
 if [[ " ${phases[*]} " == *" paper "* ]]; then
   bash "$prepare" > /dev/null
-  rm -f experiments/results/records/*/*/*/weights.npz \
-    experiments/results/records/*/*/*/analysis/scores.npz
+  rm -f experiments/results/records*/*/*/*/weights.npz \
+    experiments/results/records*/*/*/*/analysis/scores.npz
 else
   bash "$prepare" --no-data > /dev/null
 fi

@@ -20,10 +20,11 @@
 #                   pack's two files by name (carry [".whl", "data/cifar10_jpeg.npz",
 #                   "data/decode.py"]), not data/, where the CPU's decoded
 #                   data/cifar10.npz (184 MB) may lie; delete the
-#                   committed records' weights.npz and analysis/scores.npz from the
+#                   committed records' weights.npz and analysis/scores.npz (of
+#                   every records root: experiments/results/records*/) from the
 #                   working tree before the call (the run cards are enough to skip
 #                   those variants) and restore them after (git checkout --
-#                   experiments/results/records); gpu_rehearsal.sh does the same.
+#                   experiments/results/records*); gpu_rehearsal.sh does the same.
 #                   Keep a stopped record's checkpoints/: window.py resumes the run
 #                   from it (WINDOW_ARGS="--cell=densenet_cifar10" for DenseNet-BC,
 #                   whose 6.1 MB checkpoint, the pack and the tree without weights
