@@ -171,7 +171,7 @@ def build(config, data: input_pipeline.Dataset | None = None) -> Run:
       num_layers=len(shapes.layers), top5=data.num_classes > 10,
       weight_law=config.layer_weight_law, class_alpha=config.class_alpha,
       denominator=config.invariance_denominator,
-      alpha_steps=tuple(int(round(b * steps_per_epoch)) for b in config.alpha_boundaries),
+      alpha_steps=steps_lib.boundary_steps(config.alpha_boundaries, steps_per_epoch),
       alpha_decay=config.alpha_decay,
       moments_form=losses.moment_form(jax.default_backend()),
       loss_parts=losses.moment_parts(config.batch_size // config.copies,

@@ -70,11 +70,17 @@ def alpha_scale(cfg: StepConfig, step: jax.Array) -> jax.Array:
   return jnp.asarray(cfg.alpha_decay, jnp.float32) ** passed
 
 
+def boundary_steps(boundaries_epochs, steps_per_epoch: int) -> tuple[int, ...]:
+  """A schedule's boundaries (epochs) as the step counts they fall on: the learning
+  rate's and alpha's."""
+  return tuple(int(round(b * steps_per_epoch)) for b in boundaries_epochs)
+
+
 def create_learning_rate_fn(base: float, boundaries_epochs, decay: float,
                             steps_per_epoch: int) -> optax.Schedule:
   """Piecewise constant: `base`, multiplied by `decay` at each boundary epoch."""
   return optax.piecewise_constant_schedule(
-      base, {int(round(b * steps_per_epoch)): decay for b in boundaries_epochs})
+      base, {s: decay for s in boundary_steps(boundaries_epochs, steps_per_epoch)})
 
 
 FLAT_UPDATE_MOST_TENSORS = 128
