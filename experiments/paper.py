@@ -283,14 +283,15 @@ def _header(title: str, cells: dict[str, dict], scale: Scale, command: str,
         f"({n_train} training, {n_test} test images), {c.num_epochs:g} epochs "
         f"(paper: {paper.num_epochs:g}), lr {c.learning_rate:g} x{c.lr_decay:g} at "
         f"epochs {tuple(round(b, 2) for b in c.lr_boundaries)}, batch {c.batch_size}, "
-        f"model {dict(c.model)}" + _loss_text(runs))
+        f"model {dict(c.model)}" + _loss_text(runs, paper))
   lines.append("")
   return lines
 
 
-def _loss_text(runs: dict[str, dict]) -> str:
-  """", invariance loss: alpha 0.5 x0.2 at epochs (10,), ..." for the runs trained with
-  the loss (alpha > 0), each of their loss fields that is not the paper's; "" if none."""
+def _loss_text(runs: dict[str, dict], reference) -> str:
+  """"; invariance loss: alpha 0.5 x0.2 at epochs (10,), ..." for the runs trained with
+  the loss (alpha > 0): alpha, its schedule, and each other loss field that departs
+  from `reference` (the paper's config, records_lib.departures); "" if none."""
   c = next((r["config"] for r in runs.values() if r["config"].get("alpha")), None)
   if c is None:
     return ""
@@ -298,10 +299,10 @@ def _loss_text(runs: dict[str, dict]) -> str:
   if c.get("alpha_boundaries"):
     text += (f" x{c.alpha_decay:g} at epochs "
              f"{tuple(round(b, 2) for b in c.alpha_boundaries)}")
-  reference = config_lib.base_config()
-  for field in ("invariance_denominator", "layer_weight_law", "class_alpha"):
-    if c.get(field, reference[field]) != reference[field]:
-      text += f", {field} {c.get(field)}"
+  diff = records_lib.departures(c, reference)
+  for field in records_lib.LOSS_FIELDS:
+    if field in diff and field not in ("alpha_boundaries", "alpha_decay"):
+      text += f", {field} {diff[field][0]}"
   return f"; invariance loss: {text}"
 
 

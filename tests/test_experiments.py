@@ -38,11 +38,12 @@ def test_scale_scales_the_schedule_and_overrides_fields():
 def test_result_headers_name_the_invariance_loss_where_it_departs_from_the_paper():
   config = lambda variant, *overrides: {"config": paper.cell_config(
       "allcnn_cifar10", variant, paper.Scale(epochs=35, overrides=overrides))}
-  assert paper._loss_text({"baseline": config("baseline")}) == ""
+  reference = paper.cell_config("allcnn_cifar10", "invariance", paper.Scale())
+  assert paper._loss_text({"baseline": config("baseline")}, reference) == ""
   runs = {"baseline": config("baseline"), "invariance": config(
       "invariance", ("invariance_alpha", 0.5), ("alpha_boundaries", (175,)),
       ("alpha_decay", 0.2), ("invariance_denominator", "class"))}
-  assert paper._loss_text(runs) == (
+  assert paper._loss_text(runs, reference) == (
       "; invariance loss: alpha 0.5 x0.2 at epochs (17.5,), invariance_denominator class")
 
 
