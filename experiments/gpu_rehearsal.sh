@@ -12,8 +12,10 @@
 # 0.12.4, chex, numpy, scikit-learn, matplotlib, pillow, tensorboard; no TensorFlow,
 # tensorflow-datasets, dm-pix, ml-collections or clu), clones this repository's HEAD
 # into a scratch folder, puts the wheels the image lacks into it and, for the paper
-# phase, the CIFAR-10 pack (gpu-prepare.sh), leaves the committed records' weights and
-# scores out of the clone as a window that carries the pack must, then runs
+# phase, the CIFAR-10 pack as a window carries it (gpu-prepare.sh's, then
+# experiments/carry_pack.py's xz form in workdirs/carry_data, the phase's PAPER_DATA
+# unless that is set; the plain pack removed), leaves the committed records' weights
+# and scores out of the clone as the plan for a window that trains does, then runs
 # experiments/gpu_window.sh there behind the same install line a window starts with.
 # WINDOW_ARGS is added to the paper phase's toy-size window.py arguments (e.g. the
 # window's own "--records=/tmp/none --variants=baseline,invariance --norobustness").
@@ -49,6 +51,11 @@ if [[ " ${phases[*]} " == *" paper "* ]]; then
   bash "$prepare" > /dev/null
   rm -f experiments/results/records*/*/*/*/weights.npz \
     experiments/results/records*/*/*/*/analysis/scores.npz
+  if [ -z "${PAPER_DATA:-}" ]; then
+    "$venv/bin/python3" -m experiments.carry_pack --out=workdirs/carry_data
+    rm data/cifar10_jpeg.npz
+    export PAPER_DATA=workdirs/carry_data
+  fi
 else
   bash "$prepare" --no-data > /dev/null
 fi

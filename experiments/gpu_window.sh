@@ -8,33 +8,34 @@
 #
 # Phases (seconds allowed, on one H100/H200):
 #   paper     (PAPER_MINUTES x 60 + 60; not in the default list) the paper's All-CNN-C
-#                   cell at full scale: decodes the CIFAR-10 pack carried in data/
-#                   (gpu-prepare.sh without --no-data) to /tmp/cifar10.npz and runs
-#                   experiments/window.py with --budget_minutes=PAPER_MINUTES (default
-#                   6, fractions allowed) for the cell's variants that have no finished
-#                   committed record, in the order baseline, invariance, batchaug;
-#                   packed records and window.json in $OUT/records. WINDOW_ARGS is
-#                   added to its command (the CPU smoke test: "--epochs=1
-#                   --train_examples=512 --test_examples=256"). The pack (56 MB) and
-#                   the tracked tree (17 MB) pass the 64 MiB a call carries: carry the
-#                   pack's two files by name (carry [".whl", "data/cifar10_jpeg.npz",
-#                   "data/decode.py"]), not data/, where the CPU's decoded
-#                   data/cifar10.npz (184 MB) may lie; delete the
-#                   committed records' weights.npz and analysis/scores.npz (of
-#                   every records root: experiments/results/records*/) from the
-#                   working tree before the call (the run cards are enough to skip
-#                   those variants) and restore them after (git checkout --
-#                   experiments/results/records*); gpu_rehearsal.sh does the same.
-#                   Keep a stopped record's checkpoints/: window.py resumes the run
-#                   from it (WINDOW_ARGS="--cell=densenet_cifar10" for DenseNet-BC,
-#                   whose 6.1 MB checkpoint, the pack and the tree without weights
-#                   and scores come to about 63.3 MiB).
-#                   PAPER_DATA (default data) is the folder of the pack and its
-#                   decode.py: a window that only attacks the committed records (each
-#                   finished one with weights and no robustness report, on every test
-#                   image) carries the records whole and workdirs/attack_data from
-#                   `python -m experiments.attack_pack` (the test set and 2,000
-#                   training images, 11 MB) instead of data/.
+#                   cell at full scale: unpacks and decodes the CIFAR-10 pack carried
+#                   in PAPER_DATA to /tmp/cifar10.npz and runs experiments/window.py
+#                   with --budget_minutes=PAPER_MINUTES (default 6, fractions allowed)
+#                   for the cell's variants that have no finished committed record, in
+#                   the order baseline, invariance, batchaug; packed records and
+#                   window.json in $OUT/records. WINDOW_ARGS is added to its command
+#                   (the CPU smoke test: "--epochs=1 --train_examples=512
+#                   --test_examples=256"). A call carries at most 64 MiB: make the
+#                   pack with `python -m experiments.carry_pack` (the 56 MB JPEG pack
+#                   as 18 MB of xz, in workdirs/carry_data) and carry [".whl",
+#                   "workdirs/carry_data"] with PAPER_DATA=workdirs/carry_data (never
+#                   data/, where the CPU's decoded cifar10.npz, 184 MB, may lie). The
+#                   tracked tree (44 MB, 34 of them the committed records' weights.npz
+#                   and analysis/scores.npz) then fits beside it; delete those from
+#                   the working tree for room (the run cards are enough to skip those
+#                   variants: rm -f experiments/results/records*/*/*/*/weights.npz
+#                   experiments/results/records*/*/*/*/analysis/scores.npz) and
+#                   restore them after (git checkout -- experiments/results/records*);
+#                   gpu_rehearsal.sh does the same. Keep a stopped record's
+#                   checkpoints/ (All-CNN-C 10.2 MB, DenseNet-BC 6.1 MB): window.py
+#                   resumes the run from it (WINDOW_ARGS="--cell=densenet_cifar10" for
+#                   DenseNet-BC). PAPER_DATA (default data, gpu-prepare.sh's plain
+#                   pack) is the folder of the pack (cifar10_jpeg.npz or .npz.xz) and
+#                   its decode.py: a window that only attacks the committed records
+#                   (each finished one with weights and no robustness report, on every
+#                   test image) carries the records whole and the test set with 2,000
+#                   training images (`python -m experiments.carry_pack --train=2000
+#                   --out=workdirs/attack_data`, 3.6 MB).
 #   env       (60)  the device, JAX and the packages
 #   loss      (60)  experiments/loss_cost.py: L_inv alone, All-CNN-C width 1, bf16,
 #                   16 x 8: XLA's bytes accessed over the activations' bytes, and time
@@ -236,9 +237,9 @@ bench() {  # bench NAME SECONDS BENCHMARK_ARGS...
 for phase in "${phases[@]}"; do
   case $phase in
     # shellcheck disable=SC2016
-    paper) run paper "$(awk "BEGIN { print int($paper_minutes * 60 + 60) }")" bash -c 'python3 "$4/decode.py" \
-      /tmp/cifar10.npz && python3 -m experiments.window --data=/tmp/cifar10.npz \
-      --out="$1" --budget_minutes="$2" $3' paper "$OUT/records" "$paper_minutes" \
+    paper) run paper "$(awk "BEGIN { print int($paper_minutes * 60 + 60) }")" bash -c 'python3 -m experiments.carry_pack \
+      --unpack="$4" && python3 "$4/decode.py" /tmp/cifar10.npz && python3 -m experiments.window \
+      --data=/tmp/cifar10.npz --out="$1" --budget_minutes="$2" $3' paper "$OUT/records" "$paper_minutes" \
       "${WINDOW_ARGS:-}" "${PAPER_DATA:-data}" ;;
     env) run env 60 bash -c 'nvidia-smi -L 2>/dev/null; python3 -c "
 import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__)
