@@ -20,4 +20,7 @@ def get_config(variant: str = "invariance"):
   c.learning_rate = 0.01
   c.lr_boundaries = (200, 250, 300)
   c.lr_decay = 0.1
+  # On one GPU, the program one CUDA graph: the same step on the H200, compiled in
+  # 4.3 s against 16.7 s at XLA's defaults (placement.GPU_COMPILE).
+  c.gpu_compile = "graph"
   return config_lib.apply_variant(c, variant)

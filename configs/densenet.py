@@ -22,4 +22,8 @@ def get_config(variant: str = "invariance"):
   c.learning_rate = 0.1
   c.lr_boundaries = (150, 225)
   c.lr_decay = 0.1
+  # On one GPU, the program one CUDA graph: on the H200 the step took 9.37 ms against
+  # 12.46 ms at XLA's defaults (another window), its first step program compiled in
+  # 23.6 s against 108.4 s (placement.GPU_COMPILE).
+  c.gpu_compile = "graph"
   return config_lib.apply_variant(c, variant)

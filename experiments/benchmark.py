@@ -92,6 +92,10 @@ flags.DEFINE_integer("train_images", None, "Synthetic training set resident on t
                      "device. Default: 2,000 on CPU, 50,000 (CIFAR-10's) elsewhere.")
 flags.DEFINE_integer("analysis_images", None, "Test images scored. Default: 256 on "
                      "CPU, 10,000 (CIFAR-10's) elsewhere.")
+flags.DEFINE_enum("gpu_compile", None, list(placement_lib.GPU_COMPILE),
+                  "config.gpu_compile of every timed program (default: each model's "
+                  "config's; configs/allcnn.py and densenet.py say graph). XLA_FLAGS "
+                  "still win, option by option.")
 flags.DEFINE_integer("stacked_runs", 3, "Runs in one program for the stacked variant.")
 flags.DEFINE_integer("analysis_copies_per_forward", None, "The analysis's pass 2 "
                      "runs each batch's transformed copies through the network this "
@@ -183,7 +187,9 @@ def _default(value, cpu, accelerator):
   return value if value is not None else (cpu if _on_cpu() else accelerator)
 
 
-def load_config(model: str, size: str, precision: str):
+def load_config(model: str, size: str, precision: str, gpu_compile: str | None = None):
+  """configs/<model>.py's invariance config at `size` and `precision`, and the fields
+  `size` changed; `gpu_compile`, if given, replaces its config.gpu_compile."""
   c = paper.load_config_module(os.path.join("configs", f"{model}.py")).get_config(
       "invariance")
   overrides = SMALL.get(model, {}) if size == "small" else {}
@@ -191,6 +197,8 @@ def load_config(model: str, size: str, precision: str):
     for field, value in overrides.items():
       config_lib.set_field(c, field, value)
     c.half_precision = precision == "bfloat16"
+    if gpu_compile:
+      c.gpu_compile = gpu_compile
   return c, overrides
 
 
@@ -255,7 +263,7 @@ class TrainingVariant:
     run.step_config = dataclasses.replace(run.step_config, **step_overrides)
     self.step_config = run.step_config
     self.batch_norm = run.model.batch_norm
-    placement = placement_lib.Placement.create()
+    placement = placement_lib.Placement.create(config.gpu_compile)
     state = build_lib.initial_state(run, placement)
     self.programs = programs_lib.TrainPrograms(run, placement, state)
     self.state = self.programs.enter(state)  # the loop's layout, as training keeps it
@@ -315,7 +323,7 @@ class StackedVariant(TrainingVariant):
     run = build_lib.build(config, data)
     self.step_config = run.step_config
     self.batch_norm = run.model.batch_norm
-    placement = placement_lib.Placement.create()
+    placement = placement_lib.Placement.create(config.gpu_compile)
     state = build_lib.initial_state(run, placement)
     programs = programs_lib.TrainPrograms(run, placement, state, compile_now=False)
     self.state = jax.vmap(programs.layout[0])(
@@ -544,8 +552,9 @@ def time_loss_alone(config, repeats: int, calls: int = 1, form: str | None = Non
 def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: int,
                     n_train: int, n_test: int, chosen=VARIANTS,
                     stacked_runs: int = 3,
-                    copies_per_forward: int | None = None) -> dict:
-  config, overrides = load_config(model, size, precision)
+                    copies_per_forward: int | None = None,
+                    gpu_compile: str | None = None) -> dict:
+  config, overrides = load_config(model, size, precision, gpu_compile)
   data = synthetic_data(config, n_train, n_test)
   m = config.copies
   variants = TRAIN_VARIANTS
@@ -598,7 +607,7 @@ def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: in
   del prepared
   result = {"model": model, "precision": precision, "size": size,
             "overrides": overrides, "batch_size": config.batch_size, "copies": m,
-            "paper_epochs": config.num_epochs, "train_rows": rows,
+            "gpu_compile": config.gpu_compile, "paper_epochs": config.num_epochs, "train_rows": rows,
             "default_method": default_method, "failed": failed}
   if "loss_alone" in chosen:
     c = config.copy_and_resolve_references()
@@ -678,8 +687,12 @@ def format_markdown(result: dict) -> str:
     size = (" (size small: " + ", ".join(f"{k}={v}" for k, v in r["overrides"].items())
             + ")") if r["overrides"] else ""
     peak = result["peak_tflops"][r["precision"]]
+    # on a GPU the programs' XLA options (placement.GPU_COMPILE); older results lack it
+    compiled = (f", gpu_compile {r['gpu_compile']}"
+                if r.get("gpu_compile")
+                and placement_lib.is_gpu(result["hardware"].get("platform", "")) else "")
     lines += ["", f"## {r['model']}, {r['precision']}{size}: batch {r['batch_size']}, "
-              f"M = {r['copies']}", "",
+              f"M = {r['copies']}{compiled}", "",
               "| step | ms | images/s | / same batch | / baseline | loss share (ms) "
               "| GFLOP/step | GFLOP/step (XLA) | TFLOP/s | of peak | memory plan (MB) "
               "| compile (s) |",
@@ -818,7 +831,7 @@ def main(argv):
     for model in FLAGS.models:
       result["models"].append(benchmark_model(
           model, size, precision, spd, repeats, n_train, n_test, chosen,
-          FLAGS.stacked_runs, FLAGS.analysis_copies_per_forward))
+          FLAGS.stacked_runs, FLAGS.analysis_copies_per_forward, FLAGS.gpu_compile))
       result["device_peak_bytes"] = _device_peak_bytes()
       write(result, FLAGS.out)  # what is finished survives a stopped run
       print(f"wrote {FLAGS.out}.md and {FLAGS.out}.json ({model}, {precision})",

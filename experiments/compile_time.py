@@ -59,7 +59,7 @@ def main(argv):
   data = benchmark.synthetic_data(config, 256, 32)
   run = build_lib.build(config, data)
   steps = FLAGS.steps or run.steps_per_dispatch
-  placement = placement_lib.Placement.create()
+  placement = placement_lib.Placement.create(config.gpu_compile)
   state = build_lib.initial_state(run, placement)
   programs = programs_lib.TrainPrograms(run, placement, state, compile_now=False)
   fn = programs.chunk(steps)

@@ -57,6 +57,8 @@
 #                   targets' figures), then with autotuning off
 #                   (--xla_gpu_autotune_level=0) and at level 1 (no checking of the
 #                   candidates' outputs); each also a JSON line in $OUT/compile.jsonl
+#                   (this and compile1: config.gpu_compile = xla, XLA_FLAGS deciding;
+#                   compilexla's config setting compiles as invjax.main does)
 #   xla       (All-CNN-C 75, WRN-28-10 100, DenseNet-BC 110 a model and setting) not in
 #                   the default list: the same batch and moments steps (All-CNN-C also
 #                   1 step a program) of each model of XLA_MODELS (default allcnn) under
@@ -74,7 +76,11 @@
 #                   them), with the fusion autotuner off: the whole step one CUDA
 #                   graph, the loop too where the driver has conditional nodes;
 #                   convgraphtuned: the same with the fusion autotuner on (cuDNN's
-#                   plans timed, not its first taken; a longer compile).
+#                   plans timed, not its first taken; a longer compile); config: no
+#                   XLA_FLAGS, the options the model's config asks for
+#                   (config.gpu_compile: graph, the same as convgraph, for All-CNN-C
+#                   and DenseNet-BC), as invjax.main runs it. Every other setting
+#                   runs with --gpu_compile=xla, its XLA_FLAGS alone deciding.
 #                   Each model and setting also writes launches_<model>.md: the host's
 #                   launches a step of each training program, from the thunk
 #                   sequences XLA dumped (experiments/launches.py; XLA_LAUNCHES=0: not)
@@ -86,8 +92,10 @@
 #                   again with other XLA_VARIANTS, e.g. same_batch,same_batch_flax_bn)
 #   compilexla (150 a setting) not in the default list: DenseNet-BC's training program
 #                   (bf16, 10 steps) under each setting of XLA_SETTINGS (default
-#                   convgraph): compiled in a fresh persistent cache, again from it
-#                   (a rerun's compile), then 3 timed programs; in $OUT/compile.jsonl
+#                   config: as invjax.main compiles it, config.gpu_compile included;
+#                   the others as in xla): compiled in a fresh persistent cache, again
+#                   from it (a rerun's compile), then 3 timed programs; in
+#                   $OUT/compile.jsonl
 #   compile1  (400) not in the default list: DenseNet-BC's training program (bf16, 10
 #                   steps) compiled with a fresh persistent cache, then again from it
 #                   (a rerun's compile), 3 timed programs after each: as configured and
@@ -203,6 +211,7 @@ nofusiontune=--xla_gpu_experimental_enable_fusion_autotuner=false
 convfusion=--xla_gpu_experimental_enable_conv_fusion=true
 
 xla_flags() {  # xla_flags SETTING: the XLA_FLAGS of one setting of the xla phases
+  # (each but config also compiles with config.gpu_compile = xla: see own_options)
   case $1 in
     default) echo "" ;;
     nocmdbuf) echo "--xla_gpu_enable_command_buffer=" ;;
@@ -220,10 +229,18 @@ xla_flags() {  # xla_flags SETTING: the XLA_FLAGS of one setting of the xla phas
     # timed (convgraph takes cuDNN's first), at the price of timing XLA's own emitters
     # too, for every fusion: a longer compile
     convgraphtuned) echo "$allcmdbuf $convfusion" ;;
+    # none: the options of the model's config.gpu_compile (placement.GPU_COMPILE)
+    config) echo "" ;;
     *) echo "unknown XLA setting $1 (default nocmdbuf allcmdbuf nofusiontune convgraph \
-convgraphtuned)" >&2
+convgraphtuned config)" >&2
        return 2 ;;
   esac
+}
+
+own_options() {  # own_options SETTING TOOL: the argument that leaves a setting's XLA
+  # options to its XLA_FLAGS alone (none for config), for the benchmark or compile_time
+  [ "$1" = config ] && return 0
+  if [ "$2" = benchmark ]; then echo "--gpu_compile=xla"; else echo "--config.gpu_compile=xla"; fi
 }
 
 bench() {  # bench NAME SECONDS BENCHMARK_ARGS...
@@ -278,7 +295,7 @@ same_batch,moments,same_batch_widened,moments_widened,loss_alone}" ;;
             env XLA_FLAGS="$flags $dumping" \
             python3 -m experiments.benchmark --models="$model" --repeats=10 \
             --variants="${XLA_VARIANTS:-$variants}" $extra \
-            --out="$OUT/$dir/benchmark_$model"
+            $(own_options "$name" benchmark) --out="$OUT/$dir/benchmark_$model"
           if [ -d "$dump" ]; then  # not where the run was done before or skipped
             python3 -m experiments.launches "$dump" "$OUT/$dir/launches_$model.md" \
               >> "$OUT/${dir}_$model.log" 2>&1
@@ -290,20 +307,21 @@ same_batch,moments,same_batch_widened,moments_widened,loss_alone}" ;;
     compilexla)
       # DenseNet-BC's training program under each XLA setting: a first compile in a
       # fresh persistent cache, then from it (a rerun's), then 3 timed programs
-      for name in ${XLA_SETTINGS:-convgraph}; do
+      for name in ${XLA_SETTINGS:-config}; do
         flags=$(xla_flags "$name") || exit 2
         rm -rf "/tmp/invjax_compile_$name"
         # shellcheck disable=SC2086
         run "compilexla_$name" 150 env XLA_FLAGS="$flags" python3 -m \
-          experiments.compile_time $DENSENET_COMPILE --cache_dir="/tmp/invjax_compile_$name"
+          experiments.compile_time $DENSENET_COMPILE $(own_options "$name" compile_time) \
+          --cache_dir="/tmp/invjax_compile_$name"
       done ;;
-    compile) run compile 330 bash -c 'args=$DENSENET_COMPILE
+    compile) run compile 330 bash -c 'args="$DENSENET_COMPILE --config.gpu_compile=xla"
       rm -rf /tmp/invjax_compile_cache
       python3 -m experiments.compile_time $args --cache_dir=/tmp/invjax_compile_cache
       XLA_FLAGS=--xla_gpu_autotune_level=0 python3 -m experiments.compile_time $args
       XLA_FLAGS=--xla_gpu_autotune_level=1 python3 -m experiments.compile_time $args'
       seed_window_cache /tmp/invjax_compile_cache ;;
-    compile1) run compile1 400 bash -c 'args=$DENSENET_COMPILE
+    compile1) run compile1 400 bash -c 'args="$DENSENET_COMPILE --config.gpu_compile=xla"
       nofa=--xla_gpu_experimental_enable_fusion_autotuner=false
       # XLA logs the time of its HLO passes (autotuning included) and of its backend.
       export TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=gpu_compiler=1

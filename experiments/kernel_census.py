@@ -77,16 +77,17 @@ flags.DEFINE_integer("steps", 10, "Steps in the compiled program (a loop; at lea
 
 def step_hlo(model: str, key: str, placement: placement_lib.Placement,
              batch_norm: str = "auto", steps: int = 10,
-             dump_to: str | None = None) -> str | None:
+             dump_to: str | None = None, gpu_compile: str | None = None) -> str | None:
   """XLA:GPU's optimised HLO of one variant's training program of `steps` steps in a
   loop, as on an accelerator (XLA removes a loop of one step, and with it the layouts
   of the state inside the loop that differ from those outside: count with 2 or more);
   the moments form the variant names, else the accelerators'; the batch norm
   `batch_norm` means on a GPU, unless the variant names one. None where the variant
   does not apply to the model (`benchmark.variant_config`). With `dump_to`, XLA
-  writes its dumps of the program there (the thunk sequence among them)."""
+  writes its dumps of the program there (the thunk sequence among them). XLA's
+  options are the model config's config.gpu_compile, or `gpu_compile`."""
   _, fields, overrides = benchmark.TRAIN_VARIANTS[key]
-  config, _ = benchmark.load_config(model, "paper", "bfloat16")
+  config, _ = benchmark.load_config(model, "paper", "bfloat16", gpu_compile)
   with config.unlocked():
     config.batch_norm = models.batch_norm.implementation(batch_norm, "gpu")
   config = benchmark.variant_config(config, fields)
@@ -113,7 +114,8 @@ def step_hlo(model: str, key: str, placement: placement_lib.Placement,
           on_gpu(data.y_train.shape, data.y_train.dtype), on_gpu((2, n), jnp.int32),
           on_gpu((), jnp.int32), on_gpu((), jnp.int32),
           on_gpu((), jax.random.key(0).dtype))
-  options = dict(placement.compiler_options)
+  options = dict(dataclasses.replace(placement, gpu_compile=config.gpu_compile)
+                 .compiler_options)
   if dump_to:
     options.update(xla_dump_to=dump_to, xla_dump_hlo_module_re="jit_chunk")
   return jax.jit(chunk, donate_argnums=0).lower(*args).compile(
@@ -171,7 +173,8 @@ def main(argv):
       t = time.perf_counter()
       with tempfile.TemporaryDirectory() as dump:
         try:
-          text = step_hlo(model, key, placement, FLAGS.batch_norm, FLAGS.steps, dump)
+          text = step_hlo(model, key, placement, FLAGS.batch_norm, FLAGS.steps, dump,
+                          FLAGS.gpu_compile)
         except jax.errors.JaxRuntimeError as e:  # e.g. a fusion no backend here takes
           failed[name] = hlo.compile_error(str(e))
           print(f"{name}: XLA could not compile it: {failed[name]}", flush=True)

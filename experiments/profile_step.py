@@ -498,7 +498,7 @@ def main(argv):
             "peak_source": "given" if FLAGS.peak_tflops else "measured here",
             "models": []}
   for precision, model in [(p, m) for p in precisions for m in FLAGS.models]:
-    config, overrides = benchmark.load_config(model, size, precision)
+    config, overrides = benchmark.load_config(model, size, precision, FLAGS.gpu_compile)
     data = benchmark.synthetic_data(config, n_train, 1)
     entry = {"model": model, "precision": precision, "size": size,
              "overrides": overrides, "batch_size": config.batch_size, "variants": {}}

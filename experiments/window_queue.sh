@@ -6,25 +6,26 @@
 #
 # Each line is experiments/gpu_window.sh with its settings. A call ends each phase by
 # 10 s before WINDOW_END (default 560 s after the queue starts: a call of 590 s with
-# the install line before it) and starts none with under 40 s left; what it finished
+# the install line before it) and starts none with under 30 s left; what it finished
 # is in $OUT/phases.txt and PACK. The next call, on the same machine
 # (which keeps $OUT) or on a fresh one (RESUME, the last pack put in the checkout),
 # skips what is done and goes on. On a CPU, `bash experiments/gpu_rehearsal.sh queue`
 # rehearses it at toy sizes.
 #
-# The question, from the census without a GPU (docs/performance.md, "What the host
-# launches a step"): does a step go faster as one CUDA graph? XLA's defaults launch
-# All-CNN-C's step as 84 host launches and DenseNet-BC's as 881; `convgraph` (every
-# command type in command buffers, the convolutions as cuDNN fusions) makes the whole
-# 10-step program one. In order:
-#   1. All-CNN-C's steps under convgraph, then at XLA's defaults (the comparison).
-#   2. DenseNet-BC's under convgraph (11-27b at the defaults: 12.46 / 12.40 ms).
-#   3. DenseNet-BC's training program compiled under convgraph, and from the cache
-#      (the <= 30 s and <= 5 s targets; no convolution autotuning there).
-#   4. allcmdbuf (every command type, convolutions still XLA's thunks) for both.
-#   5. DenseNet-BC at the defaults with flax's batch norm beside the fused one (flax's
-#      has more kernels but fewer host launches: 579 against 881).
-#   6. DenseNet-BC with XLA's fusion autotuner off (its compile's largest pass).
+# The question: does config.gpu_compile = graph (placement.GPU_COMPILE: the whole
+# program one CUDA graph, convolutions as cuDNN fusions, no fusion autotuning), now
+# what configs/allcnn.py and densenet.py ask for, give invjax.main's programs what the
+# same XLA options gave the benchmark as XLA_FLAGS in the window of 11-28c (DenseNet-BC's
+# step 9.37 ms, its first step program compiled in 23.6 s; All-CNN-C's step unchanged,
+# compiled in 4.3 s)? In order:
+#   1. DenseNet-BC's training program compiled as `python -m invjax.main
+#      --config=configs/densenet.py` compiles it, then from the cache: the <= 30 s and
+#      <= 5 s targets.
+#   2. DenseNet-BC's same batch and invariance steps as configured and at XLA's
+#      defaults, in one window: the step's ratio (11-27b and 11-28c were two windows).
+#   3. All-CNN-C's steps as configured (11-28c timed the same options as XLA_FLAGS).
+#   4. WRN-28-10's under convgraph and at XLA's defaults: whether its config should ask
+#      for graph too (never timed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder for the results}"
@@ -32,12 +33,8 @@ WINDOW_END=${WINDOW_END:-$(( $(date +%s) + 560 ))}
 export OUT WINDOW_END
 g="bash experiments/gpu_window.sh"
 two=same_batch,moments
-XLA_VARIANTS=$two XLA_MODELS=allcnn XLA_LIMIT=100 XLA_SETTINGS="convgraph default" $g xla
-XLA_VARIANTS=$two XLA_MODELS=densenet XLA_LIMIT=150 XLA_SETTINGS=convgraph $g xla
-XLA_SETTINGS=convgraph $g compilexla
-XLA_VARIANTS=$two XLA_MODELS=allcnn XLA_SETTINGS=allcmdbuf $g xla
-XLA_VARIANTS=$two XLA_MODELS=densenet XLA_LIMIT=150 XLA_SETTINGS=allcmdbuf $g xla
-XLA_VARIANTS=same_batch,same_batch_flax_bn XLA_TAG=bn XLA_MODELS=densenet XLA_LIMIT=150 \
-  XLA_SETTINGS=default $g xla
-XLA_VARIANTS=$two XLA_MODELS=densenet XLA_LIMIT=150 XLA_SETTINGS=nofusiontune $g xla
+XLA_SETTINGS=config $g compilexla
+XLA_VARIANTS=$two XLA_MODELS=densenet XLA_LIMIT=150 XLA_SETTINGS="config default" $g xla
+XLA_VARIANTS=$two XLA_MODELS=allcnn XLA_LIMIT=100 XLA_SETTINGS=config $g xla
+XLA_VARIANTS=$two XLA_MODELS=wrn XLA_LIMIT=120 XLA_SETTINGS="convgraph default" $g xla
 cat "$OUT/phases.txt"

@@ -19,18 +19,43 @@ import numpy as np
 # 15 -> 14 s on a 2-core CPU) for the same kernels and the same memory.
 ONE_GPU_COMPILER_OPTIONS = {"xla_gpu_enable_latency_hiding_scheduler": False}
 
+# config.gpu_compile: how XLA builds a run's programs on one GPU. "xla": its defaults.
+# "graph": the whole program one CUDA graph, launched once: every command type in
+# command buffers from the first execution (XLA's defaults leave out loops and runs of
+# under 5 kernels), the convolutions as cuDNN fusions (XLA's convolution calls end a
+# command buffer; fusions do not) and XLA's fusion autotuner off (it would time its
+# own emitters against cuDNN's for every fusion; cuDNN's first plan is taken). On the
+# H200 (2026-11-28, docs/performance.md): DenseNet-BC-100's step 9.37 ms (12.46 ms at
+# the defaults, in the window before) and its first step program compiled in 23.6 s
+# (108.4 s); All-CNN-C's step the same, compiled in 4.3 s (16.7 s), side by side.
+GPU_COMPILE = {
+    "xla": {},
+    "graph": {
+        "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,"
+                                         "DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL",
+        "xla_gpu_graph_min_graph_size": 1,
+        "xla_gpu_experimental_enable_conv_fusion": True,
+        "xla_gpu_experimental_enable_fusion_autotuner": False,
+    },
+}
+
 
 def is_gpu(platform: str) -> bool:
   """Whether `platform` (a device's, or a backend's name) is a GPU's."""
   return platform in ("gpu", "cuda", "rocm")
 
 
-def compiler_options(platform: str, devices: int, xla_flags: str = "") -> dict:
+def compiler_options(platform: str, devices: int, xla_flags: str = "",
+                     gpu_compile: str = "xla") -> dict:
   """XLA options for programs over `devices` devices of `platform`: on one GPU
-  ONE_GPU_COMPILER_OPTIONS, less any option XLA_FLAGS (`xla_flags`) sets itself."""
+  ONE_GPU_COMPILER_OPTIONS and GPU_COMPILE[gpu_compile], less any option XLA_FLAGS
+  (`xla_flags`) sets itself (on several GPUs, and elsewhere, none: not measured)."""
+  if gpu_compile not in GPU_COMPILE:
+    raise ValueError(f"gpu_compile={gpu_compile!r}: one of {sorted(GPU_COMPILE)}.")
   if not is_gpu(platform) or devices != 1:
     return {}
-  return {k: v for k, v in ONE_GPU_COMPILER_OPTIONS.items() if f"--{k}" not in xla_flags}
+  options = {**ONE_GPU_COMPILER_OPTIONS, **GPU_COMPILE[gpu_compile]}
+  return {k: v for k, v in options.items() if f"--{k}" not in xla_flags}
 
 
 @dataclasses.dataclass
@@ -44,15 +69,16 @@ class Placement:
   one process the share is the whole batch.
   """
   mesh: jax.sharding.Mesh
+  gpu_compile: str = "xla"  # config.gpu_compile: XLA's options on one GPU (GPU_COMPILE)
 
   def __post_init__(self):
     self._rows: dict[int, np.ndarray] = {}
 
   @classmethod
-  def create(cls) -> "Placement":
+  def create(cls, gpu_compile: str = "xla") -> "Placement":
     # Auto axes: XLA propagates the batch sharding through the step (GSPMD).
     return cls(jax.make_mesh((jax.device_count(),), ("data",),
-                             axis_types=(jax.sharding.AxisType.Auto,)))
+                             axis_types=(jax.sharding.AxisType.Auto,)), gpu_compile)
 
   @property
   def batch(self):
@@ -73,7 +99,17 @@ class Placement:
     """`compiler_options` of this mesh's devices, for `Lowered.compile`."""
     device = next(iter(self.mesh.devices.flat))
     return compiler_options(device.platform, self.mesh.devices.size,
-                            os.environ.get("XLA_FLAGS", ""))
+                            os.environ.get("XLA_FLAGS", ""), self.gpu_compile)
+
+  @property
+  def fallback_compiler_options(self) -> dict | None:
+    """The options to compile with where `compiler_options` fail: those without
+    config.gpu_compile's (None where it adds none)."""
+    if self.gpu_compile == "xla":
+      return None
+    device = next(iter(self.mesh.devices.flat))
+    return compiler_options(device.platform, self.mesh.devices.size,
+                            os.environ.get("XLA_FLAGS", ""), "xla")
 
   def local_rows(self, n: int) -> np.ndarray:
     """The rows of a global batch of `n` that this process's devices hold, in the

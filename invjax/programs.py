@@ -17,20 +17,37 @@ from invjax import seed_order
 from invjax import steps as steps_lib
 
 
+def compile_with(program, options: Mapping[str, Any] | None = None,
+                 fallback: Mapping[str, Any] | None = None):
+  """`program` (lowered) compiled with XLA's compiler `options`; where that fails and
+  `fallback` is given (`placement.fallback_compiler_options`: config.gpu_compile's
+  options left out, e.g. a convolution fusion cuDNN cannot build), compiled again with
+  `fallback`, and the log says so."""
+  try:
+    return program.compile(compiler_options=dict(options) if options else None)
+  except Exception as e:  # pylint: disable=broad-except
+    if fallback is None or dict(fallback) == dict(options or {}):
+      raise
+    logging.warning("compiling with %s failed (%s); compiling with XLA's defaults "
+                    "instead (config.gpu_compile='xla' skips the first try)", options,
+                    str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return program.compile(compiler_options=dict(fallback) if fallback else None)
+
+
 def compile_concurrently(lowered: Mapping[str, Any],
-                         options: Mapping[str, Any] | None = None
+                         options: Mapping[str, Any] | None = None,
+                         fallback: Mapping[str, Any] | None = None
                          ) -> dict[str, tuple[Any, float]]:
   """{name: (compiled, seconds)} of lowered programs compiled at the same time, each
   in a thread of its own: XLA compiles a program on about one core and lets go of
   Python's lock meanwhile (two of All-CNN-C's training programs compiled for an H200
   without one, on a 2-core CPU: 17.8 s at once against 27.9 s one after the other).
-  `options`: XLA's compiler options for each (`placement.compiler_options`)."""
+  `options`, `fallback`: XLA's compiler options for each (`compile_with`)."""
   def one(item):
     name, program = item
     t = time.perf_counter()
     try:
-      return name, (program.compile(compiler_options=dict(options) if options else None),
-                    time.perf_counter() - t)
+      return name, (compile_with(program, options, fallback), time.perf_counter() - t)
     except Exception as e:
       raise RuntimeError(f"compiling the {name} program failed: {e}") from e
   if len(lowered) < 2:
@@ -58,7 +75,7 @@ class TrainPrograms:
   program and the run's other programs (`alongside`: {name: lowered}, e.g. the eval
   step) at the same time (`compile_concurrently`); `wall_seconds` is the whole. Each
   with the mesh's XLA options (`placement.compiler_options`: on one GPU, no
-  latency-hiding scheduler).
+  latency-hiding scheduler, and config.gpu_compile's), XLA's defaults where those fail.
 
   With the training set on the device (`config.data_on_device`, the default where it
   fits), each step gathers its seeds there from the epoch's permutation; otherwise the
@@ -125,7 +142,8 @@ class TrainPrograms:
       rest["enter"] = self._jit(self.layout[0]).lower(state)
       rest["leave"] = self._jit(self.layout[1]).lower(loop)
     for name, (compiled, seconds) in compile_concurrently(
-        rest, self.placement.compiler_options).items():
+        rest, self.placement.compiler_options,
+        self.placement.fallback_compiler_options).items():
       if name == 1:
         self.compiled[1], self.compile_seconds[1] = compiled, seconds
       elif name in ("enter", "leave"):
@@ -175,8 +193,9 @@ class TrainPrograms:
 
   def _compile(self, state, size: int) -> None:
     t = time.perf_counter()
-    self.compiled[size] = self._lower(state, size).compile(
-        compiler_options=self.placement.compiler_options or None)
+    self.compiled[size] = compile_with(self._lower(state, size),
+                                       self.placement.compiler_options,
+                                       self.placement.fallback_compiler_options)
     self.compile_seconds[size] = time.perf_counter() - t
 
   def args(self, state, step0: int, size: int):

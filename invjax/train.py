@@ -119,7 +119,7 @@ def _start(config, workdir, allow_config_change, data):
   where there is none) and the config saved."""
   run = build_lib.build(config, data)
   workdirs.check_config(config, workdir, allow_config_change)
-  placement = placement_lib.Placement.create()
+  placement = placement_lib.Placement.create(config.gpu_compile)
   data = run.data
   num_seeds = config.batch_size // config.copies
   logging.info("%s on %s: %d train / %d test images, %d classes; %d seeds x %d copies "

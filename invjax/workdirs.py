@@ -68,7 +68,7 @@ def _default_fields(model: str | None = None):
 # Fields that change how fast a run goes, not what it computes (tested): a run may be
 # resumed with other values, e.g. on another machine.
 PERFORMANCE_FIELDS = ("data_on_device", "steps_per_dispatch", "time_limit_minutes",
-                      "batch_norm")
+                      "batch_norm", "gpu_compile")
 # Fields that say when to stop or what to keep, not what a step computes; a workdir
 # saved without them (an older run) resumes with their defaults.
 SAFETY_FIELDS = ("keep_checkpoints", "divergence_factor", "stop_dead_network")

@@ -181,6 +181,7 @@ def test_a_run_resumes_with_another_choice(tmp_path):
   config = config_lib.base_config()
   (tmp_path / workdirs.CONFIG_FILE).write_text(config.to_json_best_effort())
   config.batch_norm = "fused"
+  config.gpu_compile = "graph"  # also a choice of speed, not of what is computed
   assert workdirs.config_diff(config, str(tmp_path)) == {}
   workdirs.check_config(config, str(tmp_path))  # no error
 

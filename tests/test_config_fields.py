@@ -71,6 +71,7 @@ ROWS = {
     "augment_preset": (["strong", ""], ["heavier", "light", "cutout"]),
     "half_precision": ([0, "False"], [True, False]),
     "batch_norm": (["cudnn", 1], ["auto", "flax", "fused"]),
+    "gpu_compile": (["cudagraph", "", 1], ["xla", "graph"]),
     "seed": ([-1, 0.5, 2**32], [0, 12345, 2**32 - 1]),
     "data_on_device": ([1], [True, False]),
     "steps_per_dispatch": ([-1, 2.0], [0, 1, 8]),

@@ -67,6 +67,52 @@ def test_xla_options_on_one_gpu_only_and_never_over_xla_flags():
   assert placement_lib.Placement.create().compiler_options == {}  # this CPU
 
 
+def test_gpu_compile_graph_adds_its_options_on_one_gpu_and_xla_flags_still_win():
+  graph = placement_lib.GPU_COMPILE["graph"]
+  latency = {"xla_gpu_enable_latency_hiding_scheduler": False}
+  assert placement_lib.compiler_options("gpu", 1, gpu_compile="graph") == {**latency,
+                                                                             **graph}
+  assert "WHILE" in graph["xla_gpu_enable_command_buffer"]  # the step loop too
+  assert graph["xla_gpu_experimental_enable_conv_fusion"] is True
+  assert placement_lib.compiler_options("gpu", 1, gpu_compile="xla") == latency
+  assert placement_lib.compiler_options("gpu", 2, gpu_compile="graph") == {}
+  assert placement_lib.compiler_options("tpu", 1, gpu_compile="graph") == {}
+  # XLA_FLAGS naming one option takes that option alone out of the program's options
+  got = placement_lib.compiler_options("gpu", 1, "--xla_gpu_enable_command_buffer=",
+                                       gpu_compile="graph")
+  assert "xla_gpu_enable_command_buffer" not in got
+  assert got["xla_gpu_experimental_enable_conv_fusion"] is True
+  with pytest.raises(ValueError, match="gpu_compile='cuda'.*graph"):
+    placement_lib.compiler_options("gpu", 1, gpu_compile="cuda")
+  # The fallback: the options without gpu_compile's (None where it adds none)
+  assert placement_lib.Placement.create("graph").fallback_compiler_options == {}  # CPU
+  assert placement_lib.Placement.create("xla").fallback_compiler_options is None
+
+
+def test_a_program_gpu_compile_breaks_compiles_again_with_xla_defaults(caplog):
+  graph = {"xla_gpu_experimental_enable_conv_fusion": True}
+  tried = []
+
+  class NeedsDefaults:
+    def compile(self, compiler_options=None):
+      tried.append(compiler_options)
+      if compiler_options and "xla_gpu_experimental_enable_conv_fusion" in compiler_options:
+        raise RuntimeError("INTERNAL: cuDNN could not build the fusion\nmore lines")
+      return "compiled"
+  assert programs_lib.compile_with(NeedsDefaults(), graph, {}) == "compiled"
+  assert tried == [graph, None]
+  assert "cuDNN could not build the fusion" in caplog.text
+  assert "more lines" not in caplog.text
+  # Without a fallback (gpu_compile "xla"), or one that is the same, the error stands.
+  for fallback in (None, graph):
+    with pytest.raises(RuntimeError, match="cuDNN"):
+      programs_lib.compile_with(NeedsDefaults(), graph, fallback)
+  got = programs_lib.compile_concurrently({"a": NeedsDefaults(), "b": NeedsDefaults()},
+                                          graph, {})
+  assert {name: compiled for name, (compiled, _) in got.items()} == {
+      "a": "compiled", "b": "compiled"}
+
+
 def test_every_program_of_a_run_compiles_with_the_mesh_xla_options(npz, monkeypatch):
   config = helpers.tiny_config(str(npz), num_epochs=1.0, lr_boundaries=())
   config.steps_per_dispatch = 2
@@ -85,6 +131,35 @@ def test_every_program_of_a_run_compiles_with_the_mesh_xla_options(npz, monkeypa
   extra = {"eval": jax.jit(lambda s: s.step + 1).lower(state)}
   programs_lib.TrainPrograms(run, placement, state, single=True, alongside=extra)
   assert seen == [options] * 3  # the 2-step, 1-step and eval programs
+
+
+def test_a_run_whose_gpu_compile_options_fail_compiles_every_program_without_them(
+    npz, monkeypatch):
+  config = helpers.tiny_config(str(npz), num_epochs=1.0, lr_boundaries=())
+  config.steps_per_dispatch = 2
+  run = build_lib.build(config)
+  placement = placement_lib.Placement.create("graph")
+  state = build_lib.initial_state(run, placement)
+  graph = placement_lib.compiler_options("gpu", 1, gpu_compile="graph")
+  plain = placement_lib.compiler_options("gpu", 1, gpu_compile="xla")
+  monkeypatch.setattr(placement_lib.Placement, "compiler_options",
+                      property(lambda self: graph))
+  monkeypatch.setattr(placement_lib.Placement, "fallback_compiler_options",
+                      property(lambda self: plain))
+  seen, real = [], jax.stages.Lowered.compile
+
+  def spy(self, compiler_options=None, **kwargs):
+    seen.append(compiler_options)
+    if compiler_options == graph:
+      raise jax.errors.JaxRuntimeError("UNIMPLEMENTED: no cuDNN engine for the fusion")
+    return real(self, **kwargs)  # a GPU's options: not for this CPU's XLA
+  monkeypatch.setattr(jax.stages.Lowered, "compile", spy)
+  extra = {"eval": jax.jit(lambda s: s.step + 1).lower(state)}
+  programs = programs_lib.TrainPrograms(run, placement, state, single=True,
+                                        alongside=extra)
+  assert sorted(map(str, seen)) == sorted(map(str, [graph, plain] * 3))
+  new, metrics = programs(state, 0, 2)  # the 2-step program, compiled: runs
+  assert int(new.step) == 2 and np.isfinite(metrics["loss"]).all()
 
 
 def test_the_state_kept_in_the_loop_layout_between_programs(npz, monkeypatch):
