@@ -78,7 +78,9 @@ def main(argv):
             "steps": steps, "device": dev.device_kind, "platform": dev.platform,
             "trace_lower_s": t1 - t, "xla_compile_s": t2 - t1, "cached_compile_s": None,
             "ms_per_step": None, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "compiler_options": options or {}}
+            "compiler_options": options or {}, "gpu_compile": config.gpu_compile,
+            # the --config.FIELD overrides: targets.py judges the file's own config
+            "config_overrides": sorted(config_flags.get_override_values(FLAGS["config"]))}
   record["convolutions"], record["distinct_convolutions"] = common.convolutions(
       lowered.as_text())
   line = (f"{config.model.name} {dict(config.model)} batch {config.batch_size}, "

@@ -133,9 +133,16 @@ def _widened(r) -> bool:
   return bool((r.get("model_fields") or {}).get("widen_bottlenecks"))
 
 
+def _gpu_compile_set(r) -> str | None:
+  """Of a compile record: config.gpu_compile where --config.gpu_compile set it."""
+  return r.get("gpu_compile") if "gpu_compile" in r.get("config_overrides", ()) else None
+
+
 def _as_configured(r) -> bool:
-  """A compile of the config as it is: XLA's default flags, no widened bottlenecks."""
-  return not r["xla_flags"] and not _widened(r)
+  """A compile of the config as it is: XLA's default flags, no widened bottlenecks,
+  the config file's own config.gpu_compile (records made before compile_time wrote its
+  overrides were compiled as their config was then)."""
+  return not r["xla_flags"] and not _widened(r) and _gpu_compile_set(r) is None
 
 
 def _first_compile(c):
@@ -147,12 +154,16 @@ def _first_compile(c):
     return None
   r = default[-1]
   how = f"trace + lower {r['trace_lower_s']:.1f} s, XLA {r['xla_compile_s']:.1f} s"
+  if r.get("gpu_compile", "xla") != "xla":
+    how += f" (gpu_compile {r['gpu_compile']})"
   if r.get("ms_per_step"):
     how += f", {r['ms_per_step']:.2f} ms a step"
   others = {}
   for o in c:
     if not _as_configured(o):
-      label = ", ".join(["bottlenecks widened"] * _widened(o) + o["xla_flags"].split())
+      set_ = _gpu_compile_set(o)
+      label = ", ".join(["bottlenecks widened"] * _widened(o) + o["xla_flags"].split()
+                        + [f"gpu_compile {set_}"] * (set_ is not None))
       others[label] = o
   for label, o in others.items():
     step = f", {o['ms_per_step']:.2f} ms a step" if o.get("ms_per_step") else ""

@@ -89,6 +89,24 @@ def test_the_compile_targets_judge_the_config_as_it_is_not_the_widened_bottlenec
   assert rows["a rerun's compile (DenseNet-BC)"]["measured"] == 5.5
 
 
+def test_the_compile_targets_judge_the_config_file_s_own_gpu_compile(tmp_path):
+  """A compile with --config.gpu_compile set is shown beside the config's own."""
+  rows = _by_name(_write(tmp_path, [], [
+      dict(DENSE, gpu_compile="graph", xla_compile_s=19.0, cached_compile_s=3.5,
+           config_overrides=[]),
+      dict(DENSE, gpu_compile="xla", xla_compile_s=94.0, cached_compile_s=5.4,
+           config_overrides=["gpu_compile"])]))
+  first = rows["DenseNet-BC training program compiled"]
+  assert first["measured"] == 24.0 and first["verdict"] == "met"
+  assert first["how"].startswith("trace + lower 5.0 s, XLA 19.0 s (gpu_compile graph)")
+  assert first["how"].endswith("; gpu_compile xla: 5.0 s + 94.0 s, rerun 5.4 s")
+  assert rows["a rerun's compile (DenseNet-BC)"]["measured"] == 3.5
+  # Only a compile with gpu_compile set: the config's own not measured.
+  rows = _by_name(_write(tmp_path, [], [
+      dict(DENSE, gpu_compile="xla", config_overrides=["gpu_compile"])]))
+  assert rows["DenseNet-BC training program compiled"]["verdict"] == "not measured"
+
+
 def test_the_faster_form_is_judged_and_named_when_not_the_default(tmp_path):
   fast = json.loads(json.dumps(ALLCNN))
   fast["train_rows"]["invariance moments, per seed"]["vs_same_batch"] = 1.01
