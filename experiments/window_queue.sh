@@ -26,7 +26,10 @@
 #      gather's time inside a step, what separates WRN-28-10's step from its FLOP floor
 #      (the issue asks for it; no window has had the time).
 #   3. DenseNet-BC's same batch and invariance steps as configured and at XLA's
-#      defaults, in one window: the step's ratio (11-27b and 11-28c were two windows).
+#      defaults, in one window: the step's ratio (11-27b and 11-28c were two windows);
+#      as configured also 3 invariance runs in one program (stacked): DenseNet-BC's
+#      step uses 1.4 % of the chip's peak, so whether training a cell's runs together
+#      buys throughput (All-CNN-C's: 0.63 x on 11-27, its convolutions grouped).
 #   4. All-CNN-C's steps as configured (11-28c timed the same options as XLA_FLAGS).
 #   5. WRN-28-10's under convgraph and at XLA's defaults: whether its config should ask
 #      for graph too (never timed).
@@ -39,7 +42,8 @@ g="bash experiments/gpu_window.sh"
 two=same_batch,moments
 XLA_SETTINGS=config $g compilexla
 PROFILE_MODELS=allcnn,wrn $g profile
-XLA_VARIANTS=$two XLA_MODELS=densenet XLA_LIMIT=150 XLA_SETTINGS="config default" $g xla
+XLA_VARIANTS=$two,stacked XLA_MODELS=densenet XLA_LIMIT=200 XLA_SETTINGS=config $g xla
+XLA_VARIANTS=$two XLA_MODELS=densenet XLA_LIMIT=150 XLA_SETTINGS=default $g xla
 XLA_VARIANTS=$two XLA_MODELS=allcnn XLA_LIMIT=100 XLA_SETTINGS=config $g xla
 XLA_VARIANTS=$two XLA_MODELS=wrn XLA_LIMIT=120 XLA_SETTINGS="convgraph default" $g xla
 cat "$OUT/phases.txt"
