@@ -33,14 +33,19 @@ PACK = "cifar10_jpeg.npz"
 PACKED = PACK + ".xz"
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("pack", f"data/{PACK}", "The full JPEG pack "
-                    "(../shared/tools/gpu-prepare.sh puts it in data/).")
-flags.DEFINE_string("out", "workdirs/carry_data", f"Folder for {PACKED} and decode.py: "
-                    "the path to carry.")
-flags.DEFINE_integer("train", None, "Training images kept (the first ones; default all).")
-flags.DEFINE_string("unpack", None, f"Instead: unpack DIR/{PACKED} into DIR/{PACK}, "
-                    "for decode.py beside it (nothing to do if it is there).")
 
+
+def define_flags() -> None:
+  """The script's flags (defined only when run as a script: tests import this beside
+  scripts that define --out too)."""
+  flags.DEFINE_string("pack", f"data/{PACK}", "The full JPEG pack "
+                      "(../shared/tools/gpu-prepare.sh puts it in data/).")
+  flags.DEFINE_string("out", "workdirs/carry_data", f"Folder for {PACKED} and "
+                      "decode.py: the path to carry.")
+  flags.DEFINE_integer("train", None, "Training images kept (the first ones; default "
+                       "all).")
+  flags.DEFINE_string("unpack", None, f"Instead: unpack DIR/{PACKED} into DIR/{PACK}, "
+                      "for decode.py beside it (nothing to do if it is there).")
 
 def subset(pack, train: int | None) -> dict:
   """The pack's arrays with only the first `train` training images (None: all) and
@@ -115,4 +120,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
