@@ -45,3 +45,17 @@ def test_train_and_analyze_without_tensorflow(tmp_path):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     assert any("test/accuracy" in json.loads(line) for line in f)
   assert os.path.exists(os.path.join(workdir, "analysis", "scores.npz"))
+
+
+def test_every_script_in_experiments_is_in_its_index():
+  """experiments/README.md names every script and folder there, so that a newcomer's
+  map of the directory stays whole."""
+  folder = os.path.join(helpers.ROOT, "experiments")
+  with open(os.path.join(folder, "README.md")) as f:
+    index = f.read()
+  names = [n for n in os.listdir(folder)
+           if n.endswith((".py", ".sh")) and n != "__init__.py"
+           or os.path.isdir(os.path.join(folder, n)) and not n.startswith(("_", "."))]
+  assert len(names) > 25
+  missing = [n for n in sorted(names) if f"`{n}" not in index]
+  assert not missing, f"experiments/README.md does not name {missing}"
