@@ -67,6 +67,10 @@ FLAGS = flags.FLAGS
 # with these defaults here:
 FLAGS.set_default("models", ["allcnn"])
 FLAGS.set_default("variants", ["same_batch", "moments_one_read", "moments_per_seed"])
+# XLA's defaults, as the committed census tables were made: configs/allcnn.py and
+# densenet.py ask for "graph", whose convolution fusions need cuDNN itself here
+# (deviceless_cudnn/) and, for All-CNN-C's, engines cuDNN only builds on a GPU.
+FLAGS.set_default("gpu_compile", "xla")
 flags.DEFINE_string("target", "h100", "A GPU described in experiments/gpu_targets/ "
                     "(h100, h200).")
 flags.DEFINE_enum("batch_norm", "auto", models.batch_norm.CHOICES,
