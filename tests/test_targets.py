@@ -162,3 +162,21 @@ def test_each_target_is_judged_on_the_folder_in_its_setting(tmp_path):
   rows = _by_name(targets.evaluate(*targets.load(str(cpu))))
   overhead = rows["All-CNN-C: invariance step / same batch"]
   assert overhead["measured"] == 1.5 and overhead["verdict"] == "other setting"
+
+
+def test_compiles_are_judged_on_the_first_window_that_has_them(tmp_path):
+  """A new window before an older one: the new window's compile is judged; the older
+  one's where the new one's is from another setting (a CPU's rehearsal)."""
+  new, old, toy = tmp_path / "new", tmp_path / "old", tmp_path / "toy"
+  for folder in (new, old, toy):
+    folder.mkdir()
+  _write(new, [], [dict(DENSE, gpu_compile="graph", xla_compile_s=19.0,
+                        cached_compile_s=3.0, config_overrides=[])])
+  _write(old, [], [dict(DENSE, xla_compile_s=94.4, cached_compile_s=5.44)])
+  _write(toy, [], [dict(DENSE, platform="cpu", xla_compile_s=4.0, cached_compile_s=1.0)])
+  rows = _by_name(targets.evaluate(*targets.load(str(new), str(old))))
+  assert rows["DenseNet-BC training program compiled"]["measured"] == 24.0
+  assert rows["a rerun's compile (DenseNet-BC)"]["measured"] == 3.0
+  rows = _by_name(targets.evaluate(*targets.load(str(toy), str(old))))
+  assert rows["DenseNet-BC training program compiled"]["measured"] == 99.4
+  assert rows["DenseNet-BC training program compiled"]["verdict"].startswith("gap")
