@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import time
 from typing import Any, Mapping
 
@@ -18,36 +19,43 @@ from invjax import steps as steps_lib
 
 
 def compile_with(program, options: Mapping[str, Any] | None = None,
-                 fallback: Mapping[str, Any] | None = None):
+                 fallback: Mapping[str, Any] | None = None,
+                 fell_back: list | None = None, name: str = ""):
   """`program` (lowered) compiled with XLA's compiler `options`; where that fails and
   `fallback` is given (`placement.fallback_compiler_options`: config.gpu_compile's
   options left out, e.g. a convolution fusion cuDNN cannot build), compiled again with
-  `fallback`, and the log says so."""
+  `fallback`, the log says so and `name` joins `fell_back`."""
   try:
     return program.compile(compiler_options=dict(options) if options else None)
   except Exception as e:  # pylint: disable=broad-except
     if fallback is None or dict(fallback) == dict(options or {}):
       raise
-    logging.warning("compiling with %s failed (%s); compiling with XLA's defaults "
-                    "instead (config.gpu_compile='xla' skips the first try)", options,
+    logging.warning("compiling %s with %s failed (%s); compiling it with XLA's "
+                    "defaults instead (config.gpu_compile='xla' skips the first try)",
+                    name or "a program", options,
                     str(e).splitlines()[0] if str(e) else type(e).__name__)
-    return program.compile(compiler_options=dict(fallback) if fallback else None)
+    compiled = program.compile(compiler_options=dict(fallback) if fallback else None)
+    if fell_back is not None:
+      fell_back.append(name)
+    return compiled
 
 
 def compile_concurrently(lowered: Mapping[str, Any],
                          options: Mapping[str, Any] | None = None,
-                         fallback: Mapping[str, Any] | None = None
+                         fallback: Mapping[str, Any] | None = None,
+                         fell_back: list | None = None
                          ) -> dict[str, tuple[Any, float]]:
   """{name: (compiled, seconds)} of lowered programs compiled at the same time, each
   in a thread of its own: XLA compiles a program on about one core and lets go of
   Python's lock meanwhile (two of All-CNN-C's training programs compiled for an H200
   without one, on a 2-core CPU: 17.8 s at once against 27.9 s one after the other).
-  `options`, `fallback`: XLA's compiler options for each (`compile_with`)."""
+  `options`, `fallback`, `fell_back`: XLA's compiler options for each (`compile_with`)."""
   def one(item):
     name, program = item
     t = time.perf_counter()
     try:
-      return name, (compile_with(program, options, fallback), time.perf_counter() - t)
+      return name, (compile_with(program, options, fallback, fell_back, str(name)),
+                    time.perf_counter() - t)
     except Exception as e:
       raise RuntimeError(f"compiling the {name} program failed: {e}") from e
   if len(lowered) < 2:
@@ -122,6 +130,7 @@ class TrainPrograms:
                    flat_state.enter_and_leave(state,
                                               flat_state.platform_of(placement.batch)))
     self.compiled, self.compile_seconds, self.alongside = {}, {}, {}
+    self.fell_back: list[str] = []  # programs compiled with XLA's defaults instead
     self._converters = {}
     self.wall_seconds = 0.0
     if compile_now:
@@ -143,7 +152,7 @@ class TrainPrograms:
       rest["leave"] = self._jit(self.layout[1]).lower(loop)
     for name, (compiled, seconds) in compile_concurrently(
         rest, self.placement.compiler_options,
-        self.placement.fallback_compiler_options).items():
+        self.placement.fallback_compiler_options, self.fell_back).items():
       if name == 1:
         self.compiled[1], self.compile_seconds[1] = compiled, seconds
       elif name in ("enter", "leave"):
@@ -151,6 +160,15 @@ class TrainPrograms:
       else:
         self.alongside[name] = compiled
     self.wall_seconds = time.perf_counter() - t
+
+  def compile_record(self) -> dict[str, Any]:
+    """What the run card keeps of how the programs were compiled: config.gpu_compile,
+    the XLA options asked for (none off a single GPU) and XLA_FLAGS, and the programs
+    that fell back to XLA's defaults."""
+    return {"gpu_compile": self.placement.gpu_compile,
+            "xla_options": dict(self.placement.compiler_options),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "fell_back": sorted(set(self.fell_back))}
 
   def _jit(self, fn):
     return jax.jit(fn, out_shardings=self.placement.replicated)
@@ -195,7 +213,8 @@ class TrainPrograms:
     t = time.perf_counter()
     self.compiled[size] = compile_with(self._lower(state, size),
                                        self.placement.compiler_options,
-                                       self.placement.fallback_compiler_options)
+                                       self.placement.fallback_compiler_options,
+                                       self.fell_back, str(size))
     self.compile_seconds[size] = time.perf_counter() - t
 
   def args(self, state, step0: int, size: int):

@@ -2,8 +2,9 @@
 
 Each start of a run (the first, and every resume) adds a *session*: the command, the
 date, the hardware and software, the code's git commit (`source`), the steps it ran,
-why it stopped ("finished", "time_limit", "sigterm" or "error") and its wall time split
-into sections:
+why it stopped ("finished", "time_limit", "sigterm" or "error"), how its programs were
+compiled (`compile`: config.gpu_compile, XLA's options and flags, any program that fell
+back to XLA's defaults) and its wall time split into sections:
 
   startup     data, model, initial state, checkpoint restore
   compile     the training, evaluation and probe programs (ahead of the loop)
@@ -132,8 +133,10 @@ def _totals(card: dict[str, Any]) -> None:
 
 def add_session(workdir: str, *, total_steps: int, start_step: int, end_step: int,
                 stopped: str, timer: Timer, started: str,
-                time_limit_minutes: float = 0.0) -> dict[str, Any]:
-  """Appends this start's session to the card (creating it) and returns the card."""
+                time_limit_minutes: float = 0.0,
+                compiled: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Appends this start's session to the card (creating it) and returns the card.
+  `compiled`: how its programs were compiled (`programs.TrainPrograms.compile_record`)."""
   card = read(workdir) or {"total_steps": total_steps, "sessions": []}
   card["total_steps"] = total_steps
   session = {
@@ -144,6 +147,8 @@ def add_session(workdir: str, *, total_steps: int, start_step: int, end_step: in
       "wall_seconds": round(timer.elapsed(), 3),
       "seconds": {k: round(v, 3) for k, v in timer.seconds.items()},
   }
+  if compiled is not None:
+    session["compile"] = compiled
   n = end_step - start_step
   session["steps_per_second"] = (round(n / timer.seconds["train"], 3)
                                  if n and timer.seconds["train"] > 0 else None)

@@ -201,6 +201,7 @@ class _Loop:
                ckpts, log, timer):
     self.config, self.workdir, self.run = config, workdir, run
     self.placement, self.state, self.leave = placement, state, programs.leave
+    self.compile_record = programs.compile_record
     self.start, self.started = start, started
     self.ckpts, self.log, self.timer = ckpts, log, timer
     self.spe = run.steps_per_epoch
@@ -380,6 +381,7 @@ class _Loop:
       # (after an error the weights are not written, and the state may be gone)
       state = self.leave(self.state) if stopped != "error" else None
       workdirs.finish_session(self.workdir, self.run, self.config, state, timer,
-                              self.started, self.start, end, stopped)
+                              self.started, self.start, end, stopped,
+                              self.compile_record())
     if close_error is not None:
       raise close_error

@@ -219,7 +219,7 @@ def lock(workdir: str, what: str) -> workdir_lock.WorkdirLock | None:
 
 
 def finish_session(workdir, run, config, state, timer, started, start, end,
-                    stopped) -> None:
+                    stopped, compiled=None) -> None:
   """Writes the weights the session ends with (unless it failed) and its run card
   entry. After an error, a failure here is logged, not raised over the error."""
   try:
@@ -232,7 +232,7 @@ def finish_session(workdir, run, config, state, timer, started, start, end,
     card = run_card.add_session(
         workdir, total_steps=run.total_steps, start_step=start, end_step=end,
         stopped=stopped, timer=timer, started=started,
-        time_limit_minutes=float(config.time_limit_minutes))
+        time_limit_minutes=float(config.time_limit_minutes), compiled=compiled)
     logging.info("run card: %s", run_card.describe(card))
   except Exception:  # pylint: disable=broad-except
     if stopped != "error":

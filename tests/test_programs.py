@@ -99,8 +99,11 @@ def test_a_program_gpu_compile_breaks_compiles_again_with_xla_defaults(caplog):
       if compiler_options and "xla_gpu_experimental_enable_conv_fusion" in compiler_options:
         raise RuntimeError("INTERNAL: cuDNN could not build the fusion\nmore lines")
       return "compiled"
-  assert programs_lib.compile_with(NeedsDefaults(), graph, {}) == "compiled"
-  assert tried == [graph, None]
+  fell_back = []
+  assert programs_lib.compile_with(NeedsDefaults(), graph, {}, fell_back,
+                                   "probe") == "compiled"
+  assert tried == [graph, None] and fell_back == ["probe"]
+  assert "compiling probe with" in caplog.text
   assert "cuDNN could not build the fusion" in caplog.text
   assert "more lines" not in caplog.text
   # Without a fallback (gpu_compile "xla"), or one that is the same, the error stands.
@@ -158,6 +161,8 @@ def test_a_run_whose_gpu_compile_options_fail_compiles_every_program_without_the
   programs = programs_lib.TrainPrograms(run, placement, state, single=True,
                                         alongside=extra)
   assert sorted(map(str, seen)) == sorted(map(str, [graph, plain] * 3))
+  assert programs.compile_record()["fell_back"] == ["1", "2", "eval"]  # the run card's
+  assert programs.compile_record()["gpu_compile"] == "graph"
   new, metrics = programs(state, 0, 2)  # the 2-step program, compiled: runs
   assert int(new.step) == 2 and np.isfinite(metrics["loss"]).all()
 

@@ -91,6 +91,10 @@ def test_time_limit_stops_with_a_checkpoint_weights_and_a_run_card(stopped_run):
   assert session["hardware"]["platform"] == "cpu"
   assert session["software"]["jax"] == jax.__version__
   assert session["source"] == run_card.source()
+  # How its programs were compiled: on a CPU no XLA options, none fell back.
+  assert session["compile"] == {"gpu_compile": "xla", "xla_options": {},
+                                "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                                "fell_back": []}
   assert set(card["seconds"]) == set(run_card.SECTIONS) | {"analysis"}
   assert card["seconds"]["compile"] > 0 and card["seconds"]["startup"] > 0
   parts = sum(session["seconds"].values())  # the sections do not overlap
