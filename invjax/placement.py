@@ -94,22 +94,21 @@ class Placement:
     return jax.sharding.NamedSharding(self.mesh,
                                       jax.sharding.PartitionSpec(None, "data"))
 
+  def _options(self, gpu_compile: str) -> dict:
+    device = next(iter(self.mesh.devices.flat))
+    return compiler_options(device.platform, self.mesh.devices.size,
+                            os.environ.get("XLA_FLAGS", ""), gpu_compile)
+
   @property
   def compiler_options(self) -> dict:
     """`compiler_options` of this mesh's devices, for `Lowered.compile`."""
-    device = next(iter(self.mesh.devices.flat))
-    return compiler_options(device.platform, self.mesh.devices.size,
-                            os.environ.get("XLA_FLAGS", ""), self.gpu_compile)
+    return self._options(self.gpu_compile)
 
   @property
   def fallback_compiler_options(self) -> dict | None:
     """The options to compile with where `compiler_options` fail: those without
     config.gpu_compile's (None where it adds none)."""
-    if self.gpu_compile == "xla":
-      return None
-    device = next(iter(self.mesh.devices.flat))
-    return compiler_options(device.platform, self.mesh.devices.size,
-                            os.environ.get("XLA_FLAGS", ""), "xla")
+    return None if self.gpu_compile == "xla" else self._options("xla")
 
   def local_rows(self, n: int) -> np.ndarray:
     """The rows of a global batch of `n` that this process's devices hold, in the
