@@ -595,6 +595,9 @@ def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: in
     rows[name]["widened"] = bool(v.config.model.get("widen_bottlenecks", False))
     if v.config.alpha > 0 and v.config.loss_method == "moments":
       rows[name]["moments_form"] = v.step_config.moments_form
+    programs = getattr(v, "programs", None)  # (the stacked variant compiles its own)
+    if programs is not None and programs.fell_back:  # timed at XLA's defaults instead
+      rows[name]["fell_back"] = programs.fell_back
   one = rows.get(f"invariance {default_method}")
   for row in rows.values():  # R runs in one program against R programs one by one
     if row.get("runs") and one:
@@ -611,8 +614,8 @@ def benchmark_model(model: str, size: str, precision: str, spd: int, repeats: in
   del prepared
   result = {"model": model, "precision": precision, "size": size,
             "overrides": overrides, "batch_size": config.batch_size, "copies": m,
-            "gpu_compile": config.gpu_compile, "paper_epochs": config.num_epochs, "train_rows": rows,
-            "default_method": default_method, "failed": failed}
+            "gpu_compile": config.gpu_compile, "paper_epochs": config.num_epochs,
+            "train_rows": rows, "default_method": default_method, "failed": failed}
   if "loss_alone" in chosen:
     c = config.copy_and_resolve_references()
     with c.unlocked():
@@ -706,8 +709,10 @@ def format_markdown(result: dict) -> str:
       flops = row.get("analytic_flops_per_step", float("nan"))
       tflops = flops / (row["step_ms"] / 1e3) / 1e12
       share = row.get("loss_share_ms") if row.get("alpha") else None
+      fell_back = (" (gpu_compile failed: XLA's defaults)" if row.get("fell_back")
+                   else "")
       lines.append(
-          f"| {name} | {row['step_ms']:.2f} | {row['images_per_s']:,.0f} | "
+          f"| {name}{fell_back} | {row['step_ms']:.2f} | {row['images_per_s']:,.0f} | "
           f"{_num(row['vs_same_batch'], '.3f')} | {_num(row['vs_baseline'], '.3f')} | "
           f"{_num(share, '.2f')} | {flops / 1e9:,.1f} | "
           f"{row['flops_per_step'] / 1e9:,.1f} | {tflops:.3f} | {tflops / peak:.1%} | "

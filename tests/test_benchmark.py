@@ -208,3 +208,28 @@ def test_a_variant_that_does_not_compile_is_reported_and_the_rest_timed(monkeypa
                                 chosen=("same_batch", "moments"))
   assert list(r["train_rows"]) == ["same batch"]
   assert r["failed"] == {"invariance moments": "INTERNAL: no config for fusion.13"}
+
+
+def test_a_row_timed_at_xla_defaults_after_gpu_compile_failed_says_so(monkeypatch):
+  """Where config.gpu_compile's options could not build a program and it was compiled
+  with XLA's defaults instead, its row says so: it is not a timing of those options."""
+  class FellBack:
+    def __init__(self, config, data, step_overrides, steps_per_dispatch):
+      del data, step_overrides, steps_per_dispatch
+      self.config, self.batch_norm, self.step_config = config, "fused", None
+      self.programs = type("Programs", (), {"fell_back": ["10"]})()
+
+  monkeypatch.setattr(benchmark, "TrainingVariant", FellBack)
+  monkeypatch.setattr(benchmark, "time_training", lambda prepared, repeats: {
+      n: {"step_ms": 1.0, "images_per_s": 1.0, "flops_per_step": 1.0,
+          "memory_plan_bytes": 1.0, "compile_s": 1.0} for n in prepared})
+  r = benchmark.benchmark_model("allcnn", "small", "float32", 1, 1, 64, 16,
+                                chosen=("same_batch",), gpu_compile="graph")
+  assert r["gpu_compile"] == "graph"
+  assert r["train_rows"]["same batch"]["fell_back"] == ["10"]
+  text = benchmark.format_markdown({
+      "command": "c", "date": "d", "hardware": common.hardware(),
+      "steps_per_dispatch": 1, "repeats": 1, "train_images": 64,
+      "peak_tflops": {"float32": 1.0}, "peak_source": "given",
+      "device_peak_bytes": float("nan"), "models": [r]})
+  assert "| same batch (gpu_compile failed: XLA's defaults) |" in text
