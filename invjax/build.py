@@ -6,7 +6,7 @@ compiling anything. Training, scoring, describing and the benchmarks start here.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 from absl import logging
 import jax
@@ -142,14 +142,22 @@ def check_data(config, data: input_pipeline.Dataset) -> None:
                      "\n  ".join(problems))
 
 
-def build(config, data: input_pipeline.Dataset | None = None) -> Run:
-  """Checks the config, loads the data and builds the model. No compilation."""
-  config_lib.validate(config, jax.device_count())
+def build(config, data: input_pipeline.Dataset | None = None,
+          devices: Sequence[Any] | None = None) -> Run:
+  """Checks the config, loads the data and builds the model. No compilation.
+
+  `devices`: those the run will run on (default: every device of every process,
+  `jax.devices()`); their platform and number decide the batch norm, the moments
+  form, the loss's parts and the steps per dispatch. Others than JAX's own are for
+  compiling without them (e.g. a TPU topology's, experiments/tpu_compile.py)."""
+  devices = list(jax.devices() if devices is None else devices)
+  platform, num_devices = devices[0].platform, len(devices)
+  config_lib.validate(config, num_devices)
   data = data if data is not None else input_pipeline.load(config)
   check_data(config, data)
   n = len(data.x_train)
   try:
-    model = create_model(config, data.num_classes)
+    model = create_model(config, data.num_classes, platform)
     shapes = models.shapes(model, data.image_shape)
   except ValueError as e:  # the models' own checks (e.g. depth 6n + 4)
     raise errors.ConfigError(str(e)) from e
@@ -173,12 +181,11 @@ def build(config, data: input_pipeline.Dataset | None = None) -> Run:
       denominator=config.invariance_denominator,
       alpha_steps=steps_lib.boundary_steps(config.alpha_boundaries, steps_per_epoch),
       alpha_decay=config.alpha_decay,
-      moments_form=losses.moment_form(jax.default_backend()),
-      loss_parts=losses.moment_parts(config.batch_size // config.copies,
-                                     jax.device_count()))
+      moments_form=losses.moment_form(platform),
+      loss_parts=losses.moment_parts(config.batch_size // config.copies, num_devices))
   return Run(config, data, model, step_config, steps_per_epoch, total_steps, lr_fn,
              shapes.layers, shapes.params,
-             dispatch_steps(config, steps_per_epoch, n, total_steps))
+             dispatch_steps(config, steps_per_epoch, n, total_steps, platform))
 
 
 def _optimizer(run: Run):

@@ -75,10 +75,14 @@ class Placement:
     self._rows: dict[int, np.ndarray] = {}
 
   @classmethod
-  def create(cls, gpu_compile: str = "xla") -> "Placement":
+  def create(cls, gpu_compile: str = "xla", devices=None) -> "Placement":
+    """The mesh over `devices` (default: every device of every process; others, e.g. a
+    TPU topology's, for compiling without them)."""
+    devices = jax.devices() if devices is None else list(devices)
     # Auto axes: XLA propagates the batch sharding through the step (GSPMD).
-    return cls(jax.make_mesh((jax.device_count(),), ("data",),
-                             axis_types=(jax.sharding.AxisType.Auto,)), gpu_compile)
+    return cls(jax.make_mesh((len(devices),), ("data",),
+                             axis_types=(jax.sharding.AxisType.Auto,), devices=devices),
+               gpu_compile)
 
   @property
   def batch(self):

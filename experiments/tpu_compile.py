@@ -1,0 +1,319 @@
+"""A config's programs compiled for a Cloud TPU slice without one: whether they
+compile, whether they fit, what the chips exchange.
+
+  pip install "libtpu==0.0.42.*"   # the version jax[tpu] pins for this JAX (0.10.2)
+  python -m experiments.tpu_compile --topology=v5e:2x4 --configs=allcnn,wrn,densenet
+  python -m experiments.tpu_compile --topology=v5e:4x4 --configs=densenet --out=DIR/t
+
+The design card's target is Cloud TPU, which this repository has never had. libtpu
+(JAX's TPU compiler) compiles for a slice named by its topology without its chips
+(`jax.experimental.topologies`). For each config and variant this builds the run as
+`python -m invjax.main` would build it on that slice (`build.build(..., devices=...)`:
+the fused batch norm, the one-read moments form, the loss split over the chips, an
+accelerator's steps per dispatch; the data-parallel mesh over every chip,
+`placement.Placement.create(devices=...)`), on stand-in data of the config's data
+set's shape and size (zeros: only shapes matter; the training set resident on every
+chip, as a run keeps it), and compiles its training program (`steps.make_train_chunk`:
+the steps per dispatch in a loop, the state in the loop's layout, each chip gathering
+its own seeds) and its evaluation program. Per program:
+
+  - whether XLA compiles it, or its error; a config the slice cannot run (e.g. fewer
+    seed images a batch than chips) stops at the config check, as a run would;
+  - this machine's trace, lower and compile seconds;
+  - memory per chip, from XLA's memory analysis (arguments, outputs, temporaries and
+    code; outputs aliased to donated arguments counted once), against the chip's HBM;
+  - the collective operations of the optimised program (data parallelism needs
+    all-reduces only: sums of gradients and statistics, never a batch's images);
+  - per step and chip, XLA's cost analysis of the training program (on a TPU it counts
+    the convolutions; the loop's body once, so per step): FLOPs and bytes, and the
+    floors the chip's peak and its HBM bandwidth set on the step. Floors from counts,
+    not measurements: a step takes at least the larger.
+
+What it cannot say: how fast a step runs (nothing runs), or whether the scoring and
+attack programs compile (`--mode=analyze`, `--mode=robustness`; not built here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from typing import Any, Sequence
+
+# Before JAX starts: this compiles for the TPU and runs on the CPU, and libtpu should
+# not ask a metadata server (there is none off Cloud TPU) which TPU it is on.
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import common
+from experiments import hlo
+from experiments import paper
+from invjax import build as build_lib
+from invjax import config_lib
+from invjax import errors
+from invjax import flat_state
+from invjax import input_pipeline
+from invjax import placement as placement_lib
+from invjax import steps as steps_lib
+
+FLAGS = flags.FLAGS
+
+# Per chip, as Google Cloud publishes them: peak bfloat16 TFLOP/s, HBM GB/s, HBM GiB.
+# A device is a chip, or on TPU v4 described without megacore one of its 2 cores
+# (`devices_per_chip`): it gets its share.
+CHIPS = {"TPU v4": (275, 1228, 32), "TPU v5 lite": (197, 819, 16),
+         "TPU v5": (459, 2765, 95), "TPU v6 lite": (918, 1640, 32)}
+# The data sets the configs name: (training, test) images.
+DATA_SIZES = {"cifar10": (50_000, 10_000), "tiny_imagenet": (100_000, 10_000)}
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+               "collective-permute")
+
+
+def define_flags():
+  """The flags, defined only when run as a program (tests import this module)."""
+  flags.DEFINE_string("topology", "v5e:2x4", "A TPU slice as libtpu names it: "
+                      "v5e:2x4 (8 v5e chips), v5e:4x4, v6e:2x4, v5p:2x2x1, v4:2x2x1.")
+  flags.DEFINE_list("configs", ["allcnn", "wrn", "densenet"], "Config files in configs/.")
+  flags.DEFINE_list("variants", ["baseline", "invariance"], "Their variants.")
+  flags.DEFINE_multi_string("set", [], "FIELD=VALUE override of every config, e.g. "
+                            "--set batch_size=256.")
+  flags.DEFINE_string("out", None, "Output path without extension (OUT.md, OUT.json); "
+                      "default: only print.")
+
+
+def topology_devices(name: str) -> list:
+  """The devices of the TPU slice `name` (e.g. "v5e:2x4"), compile-only."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  try:
+    return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+  except Exception as e:  # pylint: disable=broad-except
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise app.UsageError(
+        f"--topology={name}: libtpu could not describe it ({first}). It needs libtpu "
+        f"as jax[tpu] pins it for jax {jax.__version__} (pip install 'jax[tpu]' in a "
+        "throwaway environment, or pip install libtpu==<that version>) and a name as "
+        "libtpu spells it: v5e:2x4, v6e:2x4, v5p:2x2x1, v4:2x2x1.") from e
+
+
+def devices_per_chip(devices: Sequence[Any]) -> int:
+  """Devices that share a chip (its coordinates): 2 for a v4 described by cores."""
+  coords = [tuple(getattr(d, "coords", ()) or (d.id,)) for d in devices]
+  return max(1, len(devices) // len(set(coords)))
+
+
+def stand_in_data(config) -> input_pipeline.Dataset:
+  """Zeros of the config's data set's shape and size (DATA_SIZES; a path: CIFAR-10's
+  sizes), labels cycling through the classes. np.zeros takes no memory until written."""
+  n_train, n_test = DATA_SIZES.get(config.dataset, DATA_SIZES["cifar10"])
+  shape, classes = tuple(config.image_shape), config.num_classes
+  if not shape or not classes:
+    raise app.UsageError(f"config.dataset={config.dataset!r} declares no image_shape "
+                         "or num_classes: set them (--set) to compile without the data.")
+  labels = lambda n: (np.arange(n) % classes).astype(np.int32)
+  return input_pipeline.Dataset(
+      "stand-in", np.zeros((n_train, *shape), np.uint8), labels(n_train),
+      np.zeros((n_test, *shape), np.uint8), labels(n_test), num_classes=classes)
+
+
+def train_args(run: build_lib.Run, placement: placement_lib.Placement, size: int):
+  """The shapes and shardings of a training program's arguments, as
+  `programs.TrainPrograms.args` gives them for a run with the training set on its
+  devices: (state in the loop's layout, x_train, y_train, permutations, first, step0,
+  augmentation key), all replicated."""
+  state = jax.eval_shape(lambda: build_lib.initial_state(
+      run, placement_lib.Placement.create()))
+  state = jax.eval_shape(flat_state.enter_and_leave(
+      state, flat_state.platform_of(placement.batch))[0], state)
+  rep = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
+                                                  sharding=placement.replicated)
+  x, y = run.data.x_train, run.data.y_train
+  return (jax.tree.map(lambda a: rep(a.shape, a.dtype), state),
+          rep(x.shape, x.dtype), rep(y.shape, y.dtype),
+          rep((2, len(x)), jnp.int32),  # this epoch's and the next's seed order
+          rep((), jnp.int32), rep((), jnp.int32), rep((), jax.random.key(0).dtype))
+
+
+def lowered_programs(run: build_lib.Run, placement: placement_lib.Placement) -> dict:
+  """{"train": the training program of the run's steps per dispatch, "eval": the
+  evaluation step on a test batch}, lowered for `placement`'s devices."""
+  size = run.steps_per_dispatch
+  chunk = steps_lib.make_train_chunk(
+      run.step_config, size, run.config.batch_size // run.config.copies,
+      placement.batch, data_on_device=True, unroll=False, loop_state=True)
+  args = train_args(run, placement, size)
+  train = jax.jit(chunk, donate_argnums=0, out_shardings=(
+      placement.replicated, placement.replicated)).lower(*args)
+  n = placement.mesh.size  # placement.TestBatches' batch size
+  batch = max(n, run.config.eval_batch_size - run.config.eval_batch_size % n)
+  split = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=placement.batch)
+  x = run.data.x_test
+  evaluate = jax.jit(steps_lib.make_eval_step(run.step_config.top5),
+                     out_shardings=placement.replicated).lower(
+                         args[0], split((batch, *x.shape[1:]), x.dtype),
+                         split((batch,), jnp.int32), split((batch,), jnp.float32))
+  return {"train": train, "eval": evaluate}
+
+
+def collectives(hlo_text: str) -> dict[str, int]:
+  """{operation: count} of the collective operations in an optimised program."""
+  counts = {op: len(re.findall(rf"\s{op}(?:-start)?\(", hlo_text)) for op in COLLECTIVES}
+  return {op: c for op, c in counts.items() if c}
+
+
+# Operations that only move data from one layout to another (on a TPU an array's two
+# minor dimensions are stored in tiles, so a reshape across them is a copy).
+RELAYOUTS = ("copy", "transpose", "reshape")
+
+
+def relayout_bytes(hlo_text: str) -> dict[str, int]:
+  """Bytes (read and written, `hlo.kernel_bytes`) of the relayouts (RELAYOUTS) an
+  optimised program executes: "step", in its loop's body (per step), and "program",
+  once per program outside it."""
+  index = hlo.HloIndex(hlo_text)
+  entry = next(line.split()[1].lstrip("%") for line in hlo_text.splitlines()
+               if line.startswith("ENTRY "))
+  found = hlo.kernels(index, entry)
+  has_loop = any(looped for _, looped in found)
+  out = {"step": 0, "program": 0}
+  for name, looped in found:
+    if index.instrs[name]["opcode"] in RELAYOUTS:
+      out["step" if looped or not has_loop else "program"] += hlo.kernel_bytes(index, name)
+  return out
+
+
+def _first(analysis):
+  return analysis[0] if isinstance(analysis, (list, tuple)) else (analysis or {})
+
+
+def inspect(compiled) -> dict[str, Any]:
+  """What a compiled program says of itself: memory per device (bytes), XLA's counts
+  (per execution of a loop's body) and its collectives."""
+  m = compiled.memory_analysis()
+  memory = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+            "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+            "code": m.generated_code_size_in_bytes}
+  memory["total"] = (memory["arguments"] + memory["outputs"] - memory["aliased"]
+                     + memory["temporaries"] + memory["code"])
+  cost = _first(compiled.cost_analysis())
+  text = compiled.as_text()
+  return {"memory": memory, "flops": float(cost.get("flops", 0.0)),
+          "bytes": float(cost.get("bytes accessed", 0.0)),
+          "relayout_bytes": relayout_bytes(text), "collectives": collectives(text)}
+
+
+def floors(record: dict, device_kind: str, per_chip: int) -> dict[str, float] | None:
+  """Per step: the ms a device's share of the chip's peak and HBM bandwidth need for
+  the training program's FLOPs and bytes, and its HBM in GiB (None: chip unknown)."""
+  if device_kind not in CHIPS:
+    return None
+  tflops, gbps, gib = CHIPS[device_kind]
+  return {"compute_ms": record["flops"] / (tflops * 1e12 / per_chip) * 1e3,
+          "memory_ms": record["bytes"] / (gbps * 1e9 / per_chip) * 1e3,
+          "hbm_gib": gib / per_chip}
+
+
+def check(config, name: str, devices: Sequence[Any]) -> dict[str, Any]:
+  """The record of one config on `devices`: the run's settings, then per program
+  whether and how it compiled (`inspect`), or the error that stopped it."""
+  record: dict[str, Any] = {"config": name, "devices": len(devices),
+                            "device_kind": devices[0].device_kind}
+  try:
+    run = build_lib.build(config, stand_in_data(config), devices=devices)
+  except (errors.ConfigError, ValueError) as e:
+    record["error"] = str(e)
+    return record
+  placement = placement_lib.Placement.create(devices=devices)
+  k = config.batch_size // config.copies
+  record.update(batch_size=config.batch_size, seeds_per_device=k // len(devices),
+                steps_per_dispatch=run.steps_per_dispatch,
+                batch_norm=getattr(run.model, "batch_norm", None),
+                moments_form=run.step_config.moments_form,
+                precision="bfloat16" if config.half_precision else "float32",
+                programs={})
+  t = time.perf_counter()
+  lowered = lowered_programs(run, placement)
+  record["trace_lower_s"] = time.perf_counter() - t
+  for program, low in lowered.items():
+    t = time.perf_counter()
+    try:
+      compiled = low.compile()
+    except Exception as e:  # pylint: disable=broad-except  # XLA's errors vary in type
+      record["programs"][program] = {"error": str(e).splitlines()[0][:500]}
+      continue
+    record["programs"][program] = {"compile_s": time.perf_counter() - t,
+                                   **inspect(compiled)}
+  train = record["programs"].get("train", {})
+  if "flops" in train:
+    record["floors"] = floors(train, record["device_kind"], devices_per_chip(devices))
+  return record
+
+
+def _gb(n: float) -> str:
+  return f"{n / 2**30:.2f}"
+
+
+def format_markdown(records: list[dict], topology: str) -> str:
+  lines = [f"Programs compiled for a TPU slice `{topology}` without one "
+           f"(`python -m experiments.tpu_compile`, jax {jax.__version__}); memory per "
+           "device in GiB, XLA's counts per training step and device; floors from "
+           "counts, not timings:", "",
+           "| config | devices | compiled (this CPU, s) | train memory / HBM | eval memory "
+           "| collectives in a step | GFLOP | GB | compute floor, ms | HBM floor, ms |",
+           "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+  for r in records:
+    head = f"| {r['config']} | {r['devices']} {r['device_kind']}"
+    if "error" in r:
+      lines.append(f"{head} | not run: {r['error']} | | | | | | | |")
+      continue
+    progs = r["programs"]
+    said = "; ".join(f"{p} " + (f"{v['compile_s']:.0f}" if "compile_s" in v else
+                               f"failed: {v['error']}") for p, v in progs.items())
+    train, ev, fl = progs.get("train", {}), progs.get("eval", {}), r.get("floors") or {}
+    memory = (f"{_gb(train['memory']['total'])} / {fl.get('hbm_gib', float('nan')):.0f}"
+              if "memory" in train else "")
+    lines.append(
+        f"{head} | {said} | {memory} | "
+        f"{_gb(ev['memory']['total']) if 'memory' in ev else ''} | "
+        f"{', '.join(f'{op} x{c}' for op, c in train.get('collectives', {}).items())} | "
+        f"{train.get('flops', math.nan) / 1e9:.1f} | {train.get('bytes', math.nan) / 1e9:.2f} | "
+        f"{fl.get('compute_ms', math.nan):.2f} | {fl.get('memory_ms', math.nan):.2f} |")
+  return "\n".join(lines) + "\n"
+
+
+def load(name: str, variant: str, sets: Sequence[str]):
+  config = paper.load_config_module(os.path.join("configs", f"{name}.py")).get_config(
+      variant)
+  with config.unlocked():
+    for text in sets:
+      config_lib.set_field(config, *paper.parse_override(text))
+  return config
+
+
+def main(argv):
+  del argv
+  devices = topology_devices(FLAGS.topology)
+  records = []
+  for name in FLAGS.configs:
+    for variant in FLAGS.variants:
+      r = check(load(name, variant, FLAGS.set), f"{name}:{variant}", devices)
+      r["topology"] = FLAGS.topology
+      print(json.dumps(r), flush=True)
+      records.append(r)
+  text = format_markdown(records, FLAGS.topology)
+  print(text)
+  if FLAGS.out:
+    common.write_md_and_json(FLAGS.out, text, records)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

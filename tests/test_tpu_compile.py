@@ -1,0 +1,136 @@
+"""experiments/tpu_compile.py, on this CPU's devices (libtpu is not a test dependency):
+a run built for other devices than JAX's own, the training program's arguments as a
+run passes them, and the record of a compile."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import tpu_compile
+from invjax import build as build_lib
+from invjax import placement as placement_lib
+from invjax import programs as programs_lib
+from tests import helpers
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeDevice:
+  """What build() reads of a device: its platform (and a kind for the records)."""
+  platform: str
+  id: int = 0
+  device_kind: str = "TPU v5 lite"
+
+
+def _config(**overrides):
+  c = helpers.tiny_config("stand-in")
+  with c.unlocked():
+    c.image_shape, c.num_classes = (16, 16, 3), 4
+    for k, v in overrides.items():
+      setattr(c, k, v)
+  return c
+
+
+def test_a_run_is_built_for_the_devices_it_is_given():
+  """On 2 TPU devices: the accelerator's batch norm, moments form and dispatch, the
+  loss in one part per device; on this CPU the CPU's."""
+  config = _config()
+  data = tpu_compile.stand_in_data(config)
+  tpu = build_lib.build(config, data, devices=[FakeDevice("tpu", i) for i in range(2)])
+  cpu = build_lib.build(config, data)
+  assert (tpu.model.batch_norm, tpu.step_config.moments_form) == ("fused", "one_read")
+  assert (cpu.model.batch_norm, cpu.step_config.moments_form) == ("flax", "per_seed")
+  assert tpu.step_config.loss_parts == 2 and cpu.step_config.loss_parts == 1
+  assert tpu.steps_per_dispatch > 1 and cpu.steps_per_dispatch == 1
+
+
+def test_a_slice_the_batch_does_not_split_over_is_refused_before_compiling():
+  """16 seed images a batch (64 = 16 x 4) over 32 devices: the config check's error,
+  naming the fields, is the record; nothing is compiled."""
+  config = _config(batch_size=64)
+  record = tpu_compile.check(config, "tiny:invariance",
+                             [FakeDevice("tpu", i) for i in range(32)])
+  assert "programs" not in record
+  assert "batch_size / copies" in record["error"] and "32" in record["error"]
+  table = tpu_compile.format_markdown([record], "v5e:8x4")
+  assert "| tiny:invariance | 32 TPU v5 lite | not run: " in table
+
+
+def test_training_arguments_are_those_a_run_passes():
+  """train_args gives the shapes, dtypes and structure of what TrainPrograms.args
+  passes a training program in the loop's layout (the program it lowers is the run's)."""
+  config = _config()
+  run = build_lib.build(config, tpu_compile.stand_in_data(config).subset(256, 32))
+  placement = placement_lib.Placement.create()
+  state = build_lib.initial_state(run, placement)
+  programs = programs_lib.TrainPrograms(run, placement, state, compile_now=False,
+                                        unroll=False)
+  real = programs.args(programs.enter(state), 0, 3)
+  abstract = tpu_compile.train_args(run, placement, 3)
+  def leaves(args):  # (path, shape, dtype) of each array
+    return [(jax.tree_util.keystr(path), tuple(np.shape(a)), str(a.dtype))
+            for path, a in jax.tree_util.tree_flatten_with_path(args)[0]]
+  assert leaves(abstract) == leaves(real)
+  assert len(leaves(real)) > 7  # the state's arrays, then the six others
+
+
+def test_the_record_of_a_compile_on_this_cpu():
+  """Both programs compile on this CPU's device; the record has their memory, XLA's
+  counts and no collectives (one device), and the table its row."""
+  config = _config(steps_per_dispatch=2)
+  record = tpu_compile.check(config, "tiny:invariance", jax.devices())
+  assert set(record["programs"]) == {"train", "eval"}
+  for program in record["programs"].values():
+    assert program["memory"]["total"] > 0 and program["compile_s"] > 0
+    assert program["collectives"] == {}
+  train = record["programs"]["train"]
+  assert train["flops"] > 0 and train["bytes"] > 0
+  assert record["floors"] is None  # no TPU chip to divide by
+  assert record["steps_per_dispatch"] == 2
+  table = tpu_compile.format_markdown([record], "cpu")
+  assert "| tiny:invariance | 1 cpu | train " in table
+
+
+def test_collectives_and_relayouts_are_read_from_the_program():
+  """A module with a loop: the reshape in its body counts per step, the copy before
+  it once per program (bytes read and written); collectives by kind."""
+  text = """HloModule m
+
+%body (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %p = (s32[], f32[4,8]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[4,8]{1,0} get-tuple-element(%p), index=1
+  %r = f32[8,4]{1,0} reshape(%x)
+  %s = f32[4,8]{1,0} all-reduce(%x), replica_groups={}, to_apply=%add
+  %t = f32[4,8]{1,0} all-reduce-start(%s), replica_groups={}, to_apply=%add
+  ROOT %o = (s32[], f32[4,8]) tuple(%i, %t)
+}
+
+%cond (c: (s32[], f32[4,8])) -> pred[] {
+  %c = (s32[], f32[4,8]) parameter(0)
+  ROOT %k = pred[] constant(true)
+}
+
+ENTRY %main (a: f32[4,8]) -> (s32[], f32[4,8]) {
+  %a = f32[4,8]{1,0} parameter(0)
+  %b = f32[4,8]{0,1} copy(%a)
+  %z = s32[] constant(0)
+  %w = (s32[], f32[4,8]) tuple(%z, %b)
+  ROOT %l = (s32[], f32[4,8]) while(%w), condition=%cond, body=%body
+}
+"""
+  assert tpu_compile.relayout_bytes(text) == {"step": 2 * 128, "program": 2 * 128}
+  assert tpu_compile.collectives(text) == {"all-reduce": 2}
+
+
+@pytest.mark.parametrize("kind,per_chip,hbm", [("TPU v5 lite", 1, 16),
+                                               ("TPU v4", 2, 16)])
+def test_floors_take_a_devices_share_of_its_chip(kind, per_chip, hbm):
+  record = {"flops": 197e9, "bytes": 0.819e9}
+  floors = tpu_compile.floors(record, kind, per_chip)
+  assert floors["hbm_gib"] == hbm
+  if kind == "TPU v5 lite":  # 197 TFLOP/s, 819 GB/s a chip
+    assert floors["compute_ms"] == pytest.approx(1.0)
+    assert floors["memory_ms"] == pytest.approx(1.0)
+  assert tpu_compile.floors(record, "cpu", 1) is None
