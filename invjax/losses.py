@@ -102,12 +102,12 @@ def grouped_invariance_loss(features: jax.Array, copies: int,
   if method == "pairwise":
     classes = None if seed_classes is None else jnp.repeat(seed_classes, copies)
     return _loss_pairwise(features, jnp.repeat(jnp.arange(b // copies), copies), classes)
+  if form == "one_read" and seed_classes is None:
+    return _grouped_moments(copies, math.gcd(b // copies, parts), (features,))[0]
   flat = features.reshape(b, -1)
   if seed_classes is not None:
     return _class_moments(copies, flat, *_NO_GROUPS, seed_classes)
-  if form == "per_seed":
-    return _moments(copies, flat, *_NO_GROUPS)
-  return _grouped_moments(copies, math.gcd(b // copies, parts), (flat,))[0]
+  return _moments(copies, flat, *_NO_GROUPS)
 
 
 def grouped_invariance_losses(features: Mapping[str, jax.Array], copies: int,
@@ -132,8 +132,8 @@ def grouped_invariance_losses(features: Mapping[str, jax.Array], copies: int,
   b = next(iter(sizes.values()))
   _check_grouped(b, copies, method, parts, form)
   if method == "moments" and form == "one_read" and seed_classes is None:
-    flat = tuple(v.reshape(b, -1) for v in features.values())
-    values = _grouped_moments(copies, math.gcd(b // copies, parts), flat)
+    values = _grouped_moments(copies, math.gcd(b // copies, parts),
+                              tuple(features.values()))
     return {k: values[i] for i, k in enumerate(features)}
   return {k: grouped_invariance_loss(v, copies, method, parts, form, seed_classes)
           for k, v in features.items()}
@@ -362,13 +362,13 @@ def _add(a, b):
 
 
 def _layer_sums(copies, parts, x):
-  """Of one layer's flat activations x [B, D]: (per feature d, float32, [D] each) the
-  sum over seeds of the within-seed squared deviations, the batch's sum of squared
-  deviations from its mean, and that mean."""
-  b, dim = x.shape
+  """Of one layer's activations x [B, ...] (D features: ... flat or not): (per feature,
+  float32, of x's feature shape each) the sum over seeds of the within-seed squared
+  deviations, the batch's sum of squared deviations from its mean, and that mean."""
+  b, features = x.shape[0], x.shape[1:]
   k = b // copies
-  xg = x.reshape(parts, k // parts, copies, dim)
-  first = xg[:, :, 0].astype(jnp.float32)  # [P, K / P, D]
+  xg = x.reshape(parts, k // parts, copies, *features)  # splits the batch axis only
+  first = xg[:, :, 0].astype(jnp.float32)  # [P, K / P, ...]
   e = [xg[:, :, i].astype(jnp.float32) - first for i in range(1, copies)]
   e_sum = sum(e)
   ss = jnp.maximum(sum(v * v for v in e) - e_sum * e_sum / copies, 0.0)
@@ -376,7 +376,7 @@ def _layer_sums(copies, parts, x):
     mean, m2, within = (first + e_sum / copies)[:, 0], ss[:, 0], ss[:, 0]
   else:
     zero = jnp.float32(0)
-    _, mean, between, within = jax.lax.reduce(  # [P, D] each
+    _, mean, between, within = jax.lax.reduce(  # [P, ...] each
         (jnp.full(ss.shape, copies, jnp.float32), first + e_sum / copies,
          jnp.zeros_like(ss), ss), (zero,) * 4, _merge_moments, (1,))
     m2 = within + between
@@ -402,27 +402,36 @@ SMALL_LAYER = 8192
 
 
 def _all_layer_sums(copies, parts, xs):
-  """`_layer_sums` of every layer of `xs`. The layers of at most SMALL_LAYER features
-  are concatenated (those of one dtype together) and read in one pass: the sums are
-  per feature, so they are the same, and where XLA made two kernels for each small
-  layer (the per-seed arithmetic, then the merge over seeds) it makes two for them
-  all. XLA:GPU reads the layers where they lie (the concatenation fuses into the
-  read); XLA:CPU writes it out."""
+  """`_layer_sums` of every layer of `xs`, as flat [D] vectors. The layers of at most
+  SMALL_LAYER features are flattened and concatenated (those of one dtype together)
+  and read in one pass: the sums are per feature, so they are the same, and where XLA
+  made two kernels for each small layer (the per-seed arithmetic, then the merge over
+  seeds) it makes two for them all. XLA:GPU reads the layers where they lie (the
+  concatenation fuses into the read); XLA:CPU writes it out.
+
+  The larger layers are read in their own shape, [B, H, W, C], and only their sums
+  ([H, W, C], 1 / B of the data) flattened. A flattened [B, D] view costs nothing on a
+  CPU or GPU (row-major arrays: a bitcast), but a TPU stores an array's two minor axes
+  in tiles laid out for the convolutions, and there flattening is a copy, forward and
+  backward: 164 MB a step on each of 8 v5e chips for All-CNN-C (float32), against the
+  22 MB of its sown activations there (`python -m experiments.tpu_compile`)."""
   sums = {}
   groups = {}
+  size = lambda x: math.prod(x.shape[1:])
   for i, x in enumerate(xs):
-    if x.shape[1] <= SMALL_LAYER:
+    if size(x) <= SMALL_LAYER:
       groups.setdefault(x.dtype, []).append(i)
   for group in groups.values():
     if len(group) < 2:
       continue
-    joined = _layer_sums(copies, parts, jnp.concatenate([xs[i] for i in group], axis=1))
+    joined = _layer_sums(copies, parts, jnp.concatenate(
+        [xs[i].reshape(xs[i].shape[0], -1) for i in group], axis=1))
     start = 0
     for i in group:
-      d = xs[i].shape[1]
-      sums[i] = tuple(v[start:start + d] for v in joined)
-      start += d
-  return [sums[i] if i in sums else _layer_sums(copies, parts, x)
+      sums[i] = tuple(v[start:start + size(xs[i])] for v in joined)
+      start += size(xs[i])
+  flat = lambda sums: tuple(v.reshape(-1) for v in sums)
+  return [sums[i] if i in sums else flat(_layer_sums(copies, parts, x))
           for i, x in enumerate(xs)]
 
 
@@ -433,13 +442,14 @@ def _grouped_moments_fwd(copies, parts, xs):
   sums = _all_layer_sums(copies, parts, xs)
   # The layers' two [D] vectors, zero-padded to the longest, reduced in one reduction
   # (XLA pads them in its input, writing nothing): [layers] each.
-  longest = max(x.shape[1] for x in xs)
+  dims = [math.prod(x.shape[1:]) for x in xs]
+  longest = max(dims)
   pad = lambda v: jnp.pad(v, (0, longest - v.shape[0]))
   zero = jnp.float32(0)
   within_ss, total = jax.lax.reduce(
       (jnp.stack([pad(w) for w, _, _ in sums]), jnp.stack([pad(t) for _, t, _ in sums])),
       (zero, zero), _add, (1,))
-  dim = jnp.asarray([x.shape[1] for x in xs], jnp.float32)
+  dim = jnp.asarray(dims, jnp.float32)
   pairs = jnp.float32(b * (copies - 1))
   within = 2.0 * copies * within_ss / pairs / dim
   between = 2.0 * jnp.maximum(total, within_ss) / (b - 1) / dim
@@ -449,12 +459,13 @@ def _grouped_moments_fwd(copies, parts, xs):
   a = 4.0 * copies / (pairs * dim)
   inv = _safe_ratio(jnp.ones_like(between), between)
   c1, c2 = (a - loss * 4.0 / ((b - 1) * dim)) * inv, a * inv
-  return loss, (xs, tuple(mu for _, _, mu in sums), c1, c2)
+  return loss, (xs, tuple(mu.reshape(x.shape[1:]) for x, (_, _, mu) in zip(xs, sums)),
+                c1, c2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _grouped_moments(copies, parts, xs):
-  """L_inv (Eq. 3) of each layer's flat activations in `xs` ([B, D_l] each, seeds in
+  """L_inv (Eq. 3) of each layer's activations in `xs` ([B, ...] each, seeds in
   consecutive groups of `copies`), [layers], by the moments method, each layer's sums
   merged in `parts` equal parts first."""
   return _grouped_moments_fwd(copies, parts, xs)[0]
@@ -465,15 +476,15 @@ def _grouped_moments_bwd(copies, parts, residuals, ct):
   xs, mus, c1, c2 = residuals
   grads = []
   for layer, (x, mu) in enumerate(zip(xs, mus)):
-    b, dim = x.shape
-    f = x.reshape(b // copies, copies, dim).astype(jnp.float32) - mu  # f_i - mu
+    b = x.shape[0]
+    f = x.reshape(b // copies, copies, *x.shape[1:]).astype(jnp.float32) - mu  # f_i - mu
     mu_k = (sum(f[:, i] for i in range(copies)) / copies)[:, None]  # mu_k - mu
     # Written c1 f - c2 mu_k rather than c2 (f - mu_k) + (c1 - c2) f: XLA then fuses
     # the whole gradient into one pass over the activations (on CPU, the other form
     # makes it write a float32 copy of them first). ct multiplies inside the pass:
     # (ct * c1) would be a kernel of its own on a GPU.
     grad = ct[layer] * (c1[layer] * f - c2[layer] * mu_k)
-    grads.append(grad.reshape(b, dim).astype(x.dtype))
+    grads.append(grad.reshape(x.shape).astype(x.dtype))
   return (tuple(grads),)
 
 
