@@ -24,10 +24,13 @@ its own seeds) and its evaluation program. Per program:
     code; outputs aliased to donated arguments counted once), against the chip's HBM;
   - the collective operations of the optimised program (data parallelism needs
     all-reduces only: sums of gradients and statistics, never a batch's images);
-  - per step and chip, XLA's cost analysis of the training program (on a TPU it counts
-    the convolutions; the loop's body once, so per step): FLOPs and bytes, and the
-    floors the chip's peak and its HBM bandwidth set on the step. Floors from counts,
-    not measurements: a step takes at least the larger.
+  - per step and device, XLA's cost analysis of the training program (on a TPU it
+    counts the convolutions; the loop's body once, so per step): its FLOPs, and the
+    floor the chip's peak sets on the step (a floor from a count, not a timing);
+  - the bytes the program spends changing layouts (copies, transposes, reshapes that
+    are not views), per step by part of the step and once per program: a TPU stores
+    an array's two minor axes in tiles, laid out for the convolutions, so that a
+    reshape which is free on a CPU or GPU (row-major) can be a copy there.
 
 What it cannot say: how fast a step runs (nothing runs), or whether the scoring and
 attack programs compile (`--mode=analyze`, `--mode=robustness`; not built here).
@@ -43,10 +46,12 @@ import re
 import time
 from typing import Any, Sequence
 
-# Before JAX starts: this compiles for the TPU and runs on the CPU, and libtpu should
-# not ask a metadata server (there is none off Cloud TPU) which TPU it is on.
+# Before JAX starts: this compiles for the TPU and runs on the CPU; libtpu should not
+# ask a metadata server (there is none off Cloud TPU) which TPU it is on, nor take the
+# lock that keeps a second process off a TPU's chips (it uses none).
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
@@ -63,6 +68,7 @@ from invjax import errors
 from invjax import flat_state
 from invjax import input_pipeline
 from invjax import placement as placement_lib
+from invjax import programs as programs_lib
 from invjax import steps as steps_lib
 
 FLAGS = flags.FLAGS
@@ -99,9 +105,9 @@ def topology_devices(name: str) -> list:
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise app.UsageError(
         f"--topology={name}: libtpu could not describe it ({first}). It needs libtpu "
-        f"as jax[tpu] pins it for jax {jax.__version__} (pip install 'jax[tpu]' in a "
-        "throwaway environment, or pip install libtpu==<that version>) and a name as "
-        "libtpu spells it: v5e:2x4, v6e:2x4, v5p:2x2x1, v4:2x2x1.") from e
+        f"as jax[tpu] pins it for jax {jax.__version__} (pip install 'jax[tpu]', or "
+        "pip install libtpu==<that version>) and a name as libtpu spells it: v5e:2x4, "
+        "v6e:2x4, v5p:2x2x1, v4:2x2x1.") from e
 
 
 def devices_per_chip(devices: Sequence[Any]) -> int:
@@ -127,15 +133,15 @@ def stand_in_data(config) -> input_pipeline.Dataset:
 def train_args(run: build_lib.Run, placement: placement_lib.Placement, size: int):
   """The shapes and shardings of a training program's arguments, as
   `programs.TrainPrograms.args` gives them for a run with the training set on its
-  devices: (state in the loop's layout, x_train, y_train, permutations, first, step0,
-  augmentation key), all replicated."""
+  devices: (state in the loop's layout, x_train as rows, y_train, permutations, first,
+  step0, augmentation key), all replicated."""
   state = jax.eval_shape(lambda: build_lib.initial_state(
       run, placement_lib.Placement.create()))
   state = jax.eval_shape(flat_state.enter_and_leave(
       state, flat_state.platform_of(placement.batch))[0], state)
   rep = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
                                                   sharding=placement.replicated)
-  x, y = run.data.x_train, run.data.y_train
+  x, y = programs_lib.as_rows(run.data.x_train), run.data.y_train
   return (jax.tree.map(lambda a: rep(a.shape, a.dtype), state),
           rep(x.shape, x.dtype), rep(y.shape, y.dtype),
           rep((2, len(x)), jnp.int32),  # this epoch's and the next's seed order
@@ -148,7 +154,8 @@ def lowered_programs(run: build_lib.Run, placement: placement_lib.Placement) -> 
   size = run.steps_per_dispatch
   chunk = steps_lib.make_train_chunk(
       run.step_config, size, run.config.batch_size // run.config.copies,
-      placement.batch, data_on_device=True, unroll=False, loop_state=True)
+      placement.batch, data_on_device=True, unroll=False, loop_state=True,
+      image_shape=run.data.image_shape)
   args = train_args(run, placement, size)
   train = jax.jit(chunk, donate_argnums=0, out_shardings=(
       placement.replicated, placement.replicated)).lower(*args)
@@ -163,10 +170,19 @@ def lowered_programs(run: build_lib.Run, placement: placement_lib.Placement) -> 
   return {"train": train, "eval": evaluate}
 
 
-def collectives(hlo_text: str) -> dict[str, int]:
-  """{operation: count} of the collective operations in an optimised program."""
-  counts = {op: len(re.findall(rf"\s{op}(?:-start)?\(", hlo_text)) for op in COLLECTIVES}
-  return {op: c for op, c in counts.items() if c}
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+  """{operation: {"count": n, "largest_bytes": of the largest result}} of the
+  collective operations in an optimised program: what the devices exchange. A
+  data-parallel step exchanges sums (gradients, statistics), never a batch's images;
+  XLA may exchange a small sum as an all-gather of each device's part (WRN-28-10's
+  batch-norm statistics on a TPU: [8, 1, 640] float32)."""
+  out = {}
+  for op in COLLECTIVES:
+    shapes = re.findall(rf"=\s*(\S+(?:\s\S+)*?)\s{op}(?:-start)?\(", hlo_text)
+    if shapes:
+      out[op] = {"count": len(shapes),
+                 "largest_bytes": max(hlo.shape_bytes(s) for s in shapes)}
+  return out
 
 
 # Operations that only move data from one layout to another (on a TPU an array's two
@@ -174,19 +190,27 @@ def collectives(hlo_text: str) -> dict[str, int]:
 RELAYOUTS = ("copy", "transpose", "reshape")
 
 
-def relayout_bytes(hlo_text: str) -> dict[str, int]:
+def relayout_bytes(hlo_text: str) -> dict[str, Any]:
   """Bytes (read and written, `hlo.kernel_bytes`) of the relayouts (RELAYOUTS) an
-  optimised program executes: "step", in its loop's body (per step), and "program",
-  once per program outside it."""
+  optimised program executes: "step", in its loop's body (per step), "program", once
+  per program outside it, and "step_by_part": the step's by part of the step
+  (`hlo.PARTS`, from invjax/steps.py's named scopes)."""
   index = hlo.HloIndex(hlo_text)
   entry = next(line.split()[1].lstrip("%") for line in hlo_text.splitlines()
                if line.startswith("ENTRY "))
   found = hlo.kernels(index, entry)
   has_loop = any(looped for _, looped in found)
-  out = {"step": 0, "program": 0}
+  out = {"step": 0, "program": 0, "step_by_part": {}}
   for name, looped in found:
-    if index.instrs[name]["opcode"] in RELAYOUTS:
-      out["step" if looped or not has_loop else "program"] += hlo.kernel_bytes(index, name)
+    if index.instrs[name]["opcode"] not in RELAYOUTS:
+      continue
+    moved = hlo.kernel_bytes(index, name)
+    if looped or not has_loop:
+      out["step"] += moved
+      for (part, _), share in index.split(name).items():
+        out["step_by_part"][part] = out["step_by_part"].get(part, 0) + share * moved
+    else:
+      out["program"] += moved
   return out
 
 
@@ -211,13 +235,14 @@ def inspect(compiled) -> dict[str, Any]:
 
 
 def floors(record: dict, device_kind: str, per_chip: int) -> dict[str, float] | None:
-  """Per step: the ms a device's share of the chip's peak and HBM bandwidth need for
-  the training program's FLOPs and bytes, and its HBM in GiB (None: chip unknown)."""
+  """A device's share of its chip: "compute_ms", the ms its share of the chip's peak
+  needs for the training program's FLOPs a step, and "hbm_gib", its HBM (None: chip
+  unknown). No floor from XLA's bytes: it charges the seed gather the whole training
+  set, of which a step reads a few images."""
   if device_kind not in CHIPS:
     return None
-  tflops, gbps, gib = CHIPS[device_kind]
+  tflops, _, gib = CHIPS[device_kind]
   return {"compute_ms": record["flops"] / (tflops * 1e12 / per_chip) * 1e3,
-          "memory_ms": record["bytes"] / (gbps * 1e9 / per_chip) * 1e3,
           "hbm_gib": gib / per_chip}
 
 
@@ -261,13 +286,21 @@ def _gb(n: float) -> str:
   return f"{n / 2**30:.2f}"
 
 
+def _exchanges(found: dict) -> str:
+  """"all-reduce x21 (<= 5.5 MB), ..." of `collectives`."""
+  size = lambda n: f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.0f} kB"
+  return ", ".join(f"{op} x{c['count']} (<= {size(c['largest_bytes'])})"
+                   for op, c in found.items())
+
+
 def format_markdown(records: list[dict], topology: str) -> str:
   lines = [f"Programs compiled for a TPU slice `{topology}` without one "
            f"(`python -m experiments.tpu_compile`, jax {jax.__version__}); memory per "
-           "device in GiB, XLA's counts per training step and device; floors from "
-           "counts, not timings:", "",
+           "device in GiB, XLA's counts per training step and device; the floor from a "
+           "count, not a timing:", "",
            "| config | devices | compiled (this CPU, s) | train memory / HBM | eval memory "
-           "| collectives in a step | GFLOP | GB | compute floor, ms | HBM floor, ms |",
+           "| collectives a step | GFLOP a step | compute floor, ms | relayouts a step, MB "
+           "(the loss's) | relayouts a program, MB |",
            "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
   for r in records:
     head = f"| {r['config']} | {r['devices']} {r['device_kind']}"
@@ -280,12 +313,16 @@ def format_markdown(records: list[dict], topology: str) -> str:
     train, ev, fl = progs.get("train", {}), progs.get("eval", {}), r.get("floors") or {}
     memory = (f"{_gb(train['memory']['total'])} / {fl.get('hbm_gib', float('nan')):.0f}"
               if "memory" in train else "")
+    moved = train.get("relayout_bytes", {})
+    loss = moved.get("step_by_part", {}).get("invariance loss", 0)
     lines.append(
         f"{head} | {said} | {memory} | "
         f"{_gb(ev['memory']['total']) if 'memory' in ev else ''} | "
-        f"{', '.join(f'{op} x{c}' for op, c in train.get('collectives', {}).items())} | "
-        f"{train.get('flops', math.nan) / 1e9:.1f} | {train.get('bytes', math.nan) / 1e9:.2f} | "
-        f"{fl.get('compute_ms', math.nan):.2f} | {fl.get('memory_ms', math.nan):.2f} |")
+        f"{_exchanges(train.get('collectives', {}))} | "
+        f"{train.get('flops', math.nan) / 1e9:.1f} | "
+        f"{fl.get('compute_ms', math.nan):.2f} | "
+        f"{moved.get('step', math.nan) / 1e6:.0f} ({loss / 1e6:.0f}) | "
+        f"{moved.get('program', math.nan) / 1e6:.0f} |")
   return "\n".join(lines) + "\n"
 
 

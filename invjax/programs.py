@@ -64,6 +64,12 @@ def compile_concurrently(lowered: Mapping[str, Any],
     return dict(pool.map(one, lowered.items()))
 
 
+def as_rows(images: np.ndarray) -> np.ndarray:
+  """Images [N, H, W, C] as rows [N, H * W * C] (a view): how the training set is kept
+  on the devices (`steps.make_train_chunk`'s `image_shape`)."""
+  return images.reshape(len(images), -1)
+
+
 def unrolled_by_default() -> bool:
   """Whether a program's steps are straight-line code here: on a CPU, where XLA runs a
   step inside a loop about 15 times slower (`steps.make_train_chunk`)."""
@@ -121,8 +127,8 @@ class TrainPrograms:
     self.schedule = seed_order.SeedSchedule(len(data.x_train), self.k,
                                                 config.seed, placement.replicated)
     self.aug_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    if self.on_device:
-      self.x_train = placement.replicate(data.x_train)
+    if self.on_device:  # the images as rows, [N, H * W * C] (`steps.make_train_chunk`)
+      self.x_train = placement.replicate(as_rows(data.x_train))
       self.y_train = placement.replicate(data.y_train)
     self.unroll = unrolled_by_default() if unroll is None else unroll
     # (enter, leave) as functions of arrays, not compiled (e.g. to vmap)
@@ -202,7 +208,8 @@ class TrainPrograms:
     in the loop's layout: `enter`)."""
     return steps_lib.make_train_chunk(self.run.step_config, size, self.k,
                                       self.placement.batch, data_on_device=self.on_device,
-                                      unroll=self.unroll, loop_state=not self.unroll)
+                                      unroll=self.unroll, loop_state=not self.unroll,
+                                      image_shape=self.run.data.image_shape)
 
   def _lower(self, state, size: int):
     jitted = jax.jit(self.chunk(size), donate_argnums=0,

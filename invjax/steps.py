@@ -12,7 +12,7 @@ of a seed sit on one device with their activations.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 from flax.training import train_state
@@ -223,7 +223,8 @@ def make_train_step(cfg: StepConfig) -> Callable:
 def make_train_chunk(cfg: StepConfig, num_steps: int, seeds_per_step: int,
                      batch_sharding=None, data_on_device: bool = True,
                      unroll: bool = True, platform: str | None = None,
-                     loop_state: bool = False) -> Callable:
+                     loop_state: bool = False,
+                     image_shape: Sequence[int] | None = None) -> Callable:
   """`num_steps` training steps in one program (lax.scan over `make_train_step`).
 
   Step s augments with key fold_in(key, s), so a chunk of S steps gives the same result
@@ -233,7 +234,13 @@ def make_train_chunk(cfg: StepConfig, num_steps: int, seeds_per_step: int,
     (state, x_train uint8 [N, H, W, C], y_train [N], perms [2, N], first_pass, step0,
      key) -> (state, metrics stacked [S]). The whole training set is an argument that
     stays on the device; each step gathers its seeds by `seed_order.seed_indices`.
-    Nothing is read from the host inside the step loop.
+    Nothing is read from the host inside the step loop. With `image_shape`, x_train is
+    the images as rows, uint8 [N, H * W * C], as `programs.TrainPrograms` keeps them
+    on the devices: a TPU stores an array's two minor axes in tiles, and a program
+    gathering from [N, 32, 32, 3] first copied the whole set into another tiling
+    (CIFAR-10: 614 MB a chip, at every dispatch; `experiments/tpu_compile.py`);
+    rows need no copy, and a step's K gathered rows become images. On a CPU or GPU
+    both are the same bytes.
   data_on_device=False:
     (state, seeds uint8 [S, K, H, W, C], labels [S, K], step0, key) -> the same; the
     host gathered the batches.
@@ -297,7 +304,9 @@ def make_train_chunk(cfg: StepConfig, num_steps: int, seeds_per_step: int,
 
       def fetch(i):
         with jax.named_scope("seed_gather"):
-          return x_train[idx[i]], y_train[idx[i]]
+          x = x_train[idx[i]]
+          return (x if image_shape is None else x.reshape(-1, *image_shape),
+                  y_train[idx[i]])
       return scan(state, fetch, step0, key)
   else:
     def chunk(state, seeds, labels, step0, key):

@@ -191,16 +191,16 @@ def test_only_process_0_writes_and_logs(runs):
 
 def test_each_device_gathers_and_augments_only_its_own_seeds(runs):
   """In the 8-device training program each device slices one seed image (32 images
-  = 8 seeds x 4 copies) out of the resident training set, and devices exchange only
-  sums (all-reduce: batch norm, the loss's moments, gradients): a seed's copies never
-  leave its device."""
+  = 8 seeds x 4 copies; a row of 16 x 16 x 3 bytes) out of the resident training set,
+  and devices exchange only sums (all-reduce: batch norm, the loss's moments,
+  gradients): a seed's copies never leave its device."""
   (hlo,) = glob.glob(str(runs["hlo"] / "*jit_chunk*after_optimizations.txt"))
   text = open(hlo).read()
   ops = {op for op in ("all-gather", "all-to-all", "collective-permute",
                        "reduce-scatter", "all-reduce") if f" {op}(" in text
          or f" {op}-start(" in text}
   assert ops == {"all-reduce"}
-  assert "u8[1,16,16,3]" in text and "u8[8,16,16,3]" not in text
+  assert "u8[1,768]" in text and "u8[8,768]" not in text
 
 
 @pytest.mark.parametrize("args,message", [

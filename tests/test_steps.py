@@ -162,12 +162,14 @@ def test_same_batch_step_without_measuring_inv_loss():
   assert "inv_loss/conv1" in m
 
 
-@pytest.mark.parametrize("data_on_device,unroll,batch_norm", [
-    (True, False, "fused"), (False, True, "flax")])
-def test_chunk_of_steps_equals_single_steps(data_on_device, unroll, batch_norm):
+@pytest.mark.parametrize("data_on_device,unroll,batch_norm,rows", [
+    (True, False, "fused", False), (True, False, "fused", True),
+    (False, True, "flax", False)])
+def test_chunk_of_steps_equals_single_steps(data_on_device, unroll, batch_norm, rows):
   """3 steps in one program (looped as on a GPU, with its fused batch norm and the
   kernels in cuDNN's layout in the loop, or unrolled as on a CPU; seeds gathered on
-  device or given) = the same 3 steps one by one."""
+  device, from the images or from them as rows, or given) = the same 3 steps one by
+  one."""
   _, cfg, state, _ = _setup(copies=4, alpha=0.3, method="moments",
                             batch_norm=batch_norm)
   x, y = _seeds(12, seed=1)
@@ -181,9 +183,10 @@ def test_chunk_of_steps_equals_single_steps(data_on_device, unroll, batch_norm):
     expected, m = single(expected, x[idx], y[idx], jax.random.fold_in(key, s))
     singles.append(m)
   chunk = jax.jit(steps.make_train_chunk(cfg, 3, 4, data_on_device=data_on_device,
-                                         unroll=unroll, platform="gpu"))
+                                         unroll=unroll, platform="gpu",
+                                         image_shape=x.shape[1:] if rows else None))
   if data_on_device:
-    got, metrics = chunk(state, x, y, perms, 0, 2, key)
+    got, metrics = chunk(state, x.reshape(len(x), -1) if rows else x, y, perms, 0, 2, key)
   else:
     idx = seed_order.seed_indices(np.asarray(perms), 0, 2, 3, 4)
     got, metrics = chunk(state, x[idx], y[idx], 2, key)
