@@ -38,7 +38,6 @@ attack programs compile (`--mode=analyze`, `--mode=robustness`; not built here).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -305,7 +304,7 @@ def format_markdown(records: list[dict], topology: str) -> str:
   for r in records:
     head = f"| {r['config']} | {r['devices']} {r['device_kind']}"
     if "error" in r:
-      lines.append(f"{head} | not run: {r['error']} | | | | | | | |")
+      lines.append(f"{head} | not run: {' '.join(r['error'].split())} | | | | | | | |")
       continue
     progs = r["programs"]
     said = "; ".join(f"{p} " + (f"{v['compile_s']:.0f}" if "compile_s" in v else
@@ -337,14 +336,26 @@ def load(name: str, variant: str, sets: Sequence[str]):
 
 def main(argv):
   del argv
+  known = sorted(f[:-3] for f in os.listdir(os.path.join(common.ROOT, "configs"))
+                 if f.endswith(".py") and not f.startswith("_"))
+  unknown = sorted(set(FLAGS.configs) - set(known))
+  if unknown:
+    raise app.UsageError(f"--configs: no configs/{unknown[0]}.py; valid: {known}.")
+  configs = {}
+  for name in FLAGS.configs:  # every config made before anything compiles
+    for variant in FLAGS.variants:
+      try:
+        configs[f"{name}:{variant}"] = load(name, variant, FLAGS.set)
+      except (errors.ConfigError, ValueError, TypeError) as e:
+        raise app.UsageError(f"configs/{name}.py:{variant} with --set {FLAGS.set}: "
+                             f"{e}") from e
   devices = topology_devices(FLAGS.topology)
   records = []
-  for name in FLAGS.configs:
-    for variant in FLAGS.variants:
-      r = check(load(name, variant, FLAGS.set), f"{name}:{variant}", devices)
-      r["topology"] = FLAGS.topology
-      print(json.dumps(r), flush=True)
-      records.append(r)
+  for label, config in configs.items():
+    r = check(config, label, devices)
+    r["topology"] = FLAGS.topology
+    print(json.dumps(r), flush=True)
+    records.append(r)
   text = format_markdown(records, FLAGS.topology)
   print(text)
   if FLAGS.out:
