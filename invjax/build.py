@@ -16,6 +16,7 @@ import numpy as np
 from invjax import augment
 from invjax import config_lib
 from invjax import errors
+from invjax import flat_state
 from invjax import input_pipeline
 from invjax import losses
 from invjax import models
@@ -36,6 +37,7 @@ class Run:
   layer_shapes: dict[str, tuple[int, ...]]  # sown layers in depth order, per example
   param_count: int
   steps_per_dispatch: int  # config.steps_per_dispatch, resolved (`dispatch_steps`)
+  platform: str = "cpu"  # of the devices it is built for
 
 
 def create_model(config, num_classes: int, platform: str | None = None):
@@ -185,11 +187,12 @@ def build(config, data: input_pipeline.Dataset | None = None,
       loss_parts=losses.moment_parts(config.batch_size // config.copies, num_devices))
   return Run(config, data, model, step_config, steps_per_epoch, total_steps, lr_fn,
              shapes.layers, shapes.params,
-             dispatch_steps(config, steps_per_epoch, n, total_steps, platform))
+             dispatch_steps(config, steps_per_epoch, n, total_steps, platform), platform)
 
 
 def _optimizer(run: Run):
-  return steps_lib.create_optimizer(run.lr_fn, run.config.momentum, run.config.nesterov)
+  return steps_lib.create_optimizer(run.lr_fn, run.config.momentum, run.config.nesterov,
+                                    flat_state.vector_in_loop(run.platform))
 
 
 def initial_state(run: Run, placement: placement_lib.Placement) -> steps_lib.TrainState:

@@ -6,8 +6,10 @@ Two layouts of one train state (`steps.TrainState`), the same numbers:
     (`opt_state_per_param`, `opt_state_flat`);
   - the step loop's (`flat_parameters`): the parameters and the momentum one vector
     each, on a GPU every convolution kernel output axis first (cuDNN's filter layout,
-    `filters_out_first`). Off a CPU a run keeps its state in it between programs
+    `filters_out_first`). On a GPU a run keeps its state in it between programs
     (`enter_and_leave`, `programs.TrainPrograms.enter` and `leave`).
+On a TPU neither: there the vectors cost copies of every kernel and gradient, and
+save nothing (`vector_in_loop`).
 
 Pure JAX: no TensorFlow, tfds, clu or orbax.
 """
@@ -53,6 +55,19 @@ def opt_state_flat(opt_state, params):
 # A convolution kernel's axes (H, W, in, out) -> (out, H, W, in), and back: the filter
 # layout of cuDNN's NHWC convolutions, which XLA:GPU otherwise transposes to and from.
 _OUT_FIRST, _OUT_LAST = (3, 0, 1, 2), (1, 2, 3, 0)
+
+
+def vector_in_loop(platform: str) -> bool:
+  """Whether the step loop keeps the parameters and the optimizer's buffers as one
+  vector each on `platform` (`flat_parameters`, and the optimizer's flat layout,
+  `steps.create_optimizer`): everywhere but on a TPU. A GPU launches a kernel per
+  tensor for a per-tensor update, hence the vector. A TPU launches nothing from the
+  host inside a program, and stores an array's two minor axes in tiles: there every
+  convolution kernel is a copy out of the vector in the forward pass and its gradient
+  one into it in the backward. Compiled for 8 v5e chips without them
+  (`experiments/tpu_compile.py`), WRN-28-10's step relaid 438 MB a chip that way
+  (3 x its 146 MB of float32 parameters); per parameter, none."""
+  return platform != "tpu"
 
 
 def filters_out_first(platform: str) -> bool:
@@ -159,7 +174,8 @@ class _ApplyFlat:
 def enter_and_leave(state, platform: str) -> tuple[Callable, Callable]:
   """(enter, leave): functions of arrays (jit them) that put a train state shaped like
   `state` (arrays or ShapeDtypeStructs) into the step loop's layout on `platform`
-  (`flat_parameters`, `filters_out_first`) and take it back out, bit for bit.
+  (`flat_parameters`, `filters_out_first`; on a TPU the parameters' own,
+  `vector_in_loop`) and take it back out, bit for bit.
 
   A run keeps its state in the loop's layout between programs (`make_train_chunk`
   with loop_state=True), so that no training program converts it: on a GPU the
@@ -167,6 +183,8 @@ def enter_and_leave(state, platform: str) -> tuple[Callable, Callable]:
   copy per tensor, each way (DenseNet-BC-100: 810 kernels a program). The state in
   that layout serves every eval-mode forward pass as it is (its `apply_fn` unravels
   the vector); checkpoints and weights take it back out."""
+  if not vector_in_loop(platform):  # the parameters' own layout: nothing to convert
+    return (lambda s: s), (lambda s: s)
   out_first = filters_out_first(platform)
   leave = []
   jax.eval_shape(lambda s: leave.append(flat_parameters(s, out_first)[1]), state)

@@ -96,11 +96,11 @@ class TrainPrograms:
   host gathers each program's batches and sends them.
 
   Where the steps run in a loop (off a CPU), the programs take and return the state in
-  the loop's layout (`flat_state.enter_and_leave`: parameters and momentum one vector each, on a
-  GPU the convolution kernels in cuDNN's layout): `enter(state)` puts a train state
-  into it before the first program, `leave(loop_state)` takes it back out for a
-  checkpoint or the weights, both compiled beside the 1-step program. Elsewhere both
-  are the identity. The eval-mode programs (evaluation, probe) read either layout.
+  the loop's layout (`flat_state.enter_and_leave`: on a GPU the parameters and
+  momentum one vector each, the convolution kernels in cuDNN's layout; on a TPU the
+  parameters' own): `enter(state)` puts a train state into it before the first
+  program, `leave(loop_state)` takes it back out for a checkpoint or the weights, both
+  compiled beside the 1-step program. Elsewhere both are the identity. The eval-mode programs (evaluation, probe) read either layout.
   """
 
   def __init__(self, run: build_lib.Run, placement: placement_lib.Placement, state,

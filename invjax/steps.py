@@ -87,7 +87,8 @@ FLAT_UPDATE_MOST_TENSORS = 128
 
 
 def create_optimizer(lr_fn: optax.Schedule, momentum: float = 0.9,
-                     nesterov: bool = True) -> optax.GradientTransformation:
+                     nesterov: bool = True,
+                     flat_update: bool = True) -> optax.GradientTransformation:
   """SGD with Nesterov momentum; no weight decay (the paper uses none).
 
   For a model of at most FLAT_UPDATE_MOST_TENSORS parameter tensors, on one vector of
@@ -100,11 +101,14 @@ def create_optimizer(lr_fn: optax.Schedule, momentum: float = 0.9,
   the same results. Checkpoints keep the state per parameter
   (`flat_state.opt_state_per_param`). Inside the step loop every model's update is now
   on one vector (`flat_state.flat_parameters`), and off a CPU a run keeps its state in
-  that layout between programs (`flat_state.enter_and_leave`).
+  that layout between programs (`flat_state.enter_and_leave`). `flat_update=False`
+  keeps every model's update per tensor, as a TPU's runs do
+  (`flat_state.vector_in_loop`).
   """
   per_tensor = optax.sgd(lr_fn, momentum=momentum, nesterov=nesterov)
   flat = optax.flatten(per_tensor)
-  pick = lambda tree: (flat if len(jax.tree.leaves(tree)) <= FLAT_UPDATE_MOST_TENSORS
+  pick = lambda tree: (flat if flat_update and
+                       len(jax.tree.leaves(tree)) <= FLAT_UPDATE_MOST_TENSORS
                        else per_tensor)
   return optax.GradientTransformation(
       lambda params: pick(params).init(params),
@@ -280,11 +284,11 @@ def make_train_chunk(cfg: StepConfig, num_steps: int, seeds_per_step: int,
         names[:], dtypes[:] = list(m), [jnp.result_type(v) for v in m.values()]
         return state, jnp.stack([jnp.asarray(v, jnp.float32) for v in m.values()])
 
-      if loop_state:
+      on = platform or flat_state.platform_of(batch_sharding)
+      if loop_state or not flat_state.vector_in_loop(on):
         flat, back = state, lambda s: s
       else:
-        flat, back = flat_state.flat_parameters(state, flat_state.filters_out_first(
-            platform or flat_state.platform_of(batch_sharding)))
+        flat, back = flat_state.flat_parameters(state, flat_state.filters_out_first(on))
       flat, rows = jax.lax.scan(packed, flat, jnp.arange(num_steps))
       return back(flat), {k: rows[:, j].astype(d)
                           for j, (k, d) in enumerate(zip(names, dtypes))}

@@ -162,14 +162,15 @@ def test_same_batch_step_without_measuring_inv_loss():
   assert "inv_loss/conv1" in m
 
 
-@pytest.mark.parametrize("data_on_device,unroll,batch_norm,rows", [
-    (True, False, "fused", False), (True, False, "fused", True),
-    (False, True, "flax", False)])
-def test_chunk_of_steps_equals_single_steps(data_on_device, unroll, batch_norm, rows):
+@pytest.mark.parametrize("data_on_device,unroll,batch_norm,rows,platform", [
+    (True, False, "fused", False, "gpu"), (True, False, "fused", True, "gpu"),
+    (True, False, "fused", True, "tpu"), (False, True, "flax", False, "gpu")])
+def test_chunk_of_steps_equals_single_steps(data_on_device, unroll, batch_norm, rows,
+                                            platform):
   """3 steps in one program (looped as on a GPU, with its fused batch norm and the
-  kernels in cuDNN's layout in the loop, or unrolled as on a CPU; seeds gathered on
-  device, from the images or from them as rows, or given) = the same 3 steps one by
-  one."""
+  kernels in cuDNN's layout in one vector in the loop, or as on a TPU, per parameter;
+  or unrolled as on a CPU; seeds gathered on device, from the images or from them as
+  rows, or given) = the same 3 steps one by one."""
   _, cfg, state, _ = _setup(copies=4, alpha=0.3, method="moments",
                             batch_norm=batch_norm)
   x, y = _seeds(12, seed=1)
@@ -183,7 +184,7 @@ def test_chunk_of_steps_equals_single_steps(data_on_device, unroll, batch_norm, 
     expected, m = single(expected, x[idx], y[idx], jax.random.fold_in(key, s))
     singles.append(m)
   chunk = jax.jit(steps.make_train_chunk(cfg, 3, 4, data_on_device=data_on_device,
-                                         unroll=unroll, platform="gpu",
+                                         unroll=unroll, platform=platform,
                                          image_shape=x.shape[1:] if rows else None))
   if data_on_device:
     got, metrics = chunk(state, x.reshape(len(x), -1) if rows else x, y, perms, 0, 2, key)

@@ -3,6 +3,7 @@ a run built for other devices than JAX's own, the training program's arguments a
 run passes them, and the record of a compile."""
 
 import dataclasses
+import math
 
 import jax
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from experiments import tpu_compile
 from invjax import build as build_lib
+from invjax import flat_state
 from invjax import placement as placement_lib
 from invjax import programs as programs_lib
 from tests import helpers
@@ -43,6 +45,18 @@ def test_a_run_is_built_for_the_devices_it_is_given():
   assert (cpu.model.batch_norm, cpu.step_config.moments_form) == ("flax", "per_seed")
   assert tpu.step_config.loss_parts == 2 and cpu.step_config.loss_parts == 1
   assert tpu.steps_per_dispatch > 1 and cpu.steps_per_dispatch == 1
+  # On a TPU the update is per parameter and the step loop keeps the parameters' own
+  # layout (flat_state.vector_in_loop); elsewhere the momentum is one vector.
+  placement = placement_lib.Placement.create()
+  momentum = lambda run: [a.shape for a in jax.tree.leaves(  # (and a step count)
+      build_lib.initial_state(run, placement).opt_state) if a.ndim]
+  params = [a.shape for a in jax.tree.leaves(build_lib.initial_state(
+      tpu, placement).params)]
+  assert momentum(tpu) == params
+  assert momentum(cpu) == [(sum(math.prod(p) for p in params),)]
+  state = build_lib.initial_state(tpu, placement)
+  enter, leave = flat_state.enter_and_leave(state, "tpu")
+  assert enter(state) is state and leave(state) is state
 
 
 def test_a_slice_the_batch_does_not_split_over_is_refused_before_compiling():
