@@ -94,3 +94,8 @@ def test_a_model_of_many_tensors_keeps_its_update_per_tensor(monkeypatch):
     np.testing.assert_array_equal(a, b)
   monkeypatch.setattr(steps, "FLAT_UPDATE_MOST_TENSORS", 3)
   assert jax.tree.structure(tx.init(params)) != jax.tree.structure(ref.init(params))
+  # A TPU's runs (flat_update=False): optax.sgd's own layout at any size, the one
+  # checkpoints keep (so a GPU's checkpoint restores there as it is, and back).
+  per_tensor = steps.create_optimizer(lr, flat_update=False)
+  assert jax.tree.structure(per_tensor.init(params)) == jax.tree.structure(
+      ref.init(params))
