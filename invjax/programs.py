@@ -100,7 +100,8 @@ class TrainPrograms:
   momentum one vector each, the convolution kernels in cuDNN's layout; on a TPU the
   parameters' own): `enter(state)` puts a train state into it before the first
   program, `leave(loop_state)` takes it back out for a checkpoint or the weights, both
-  compiled beside the 1-step program. Elsewhere both are the identity. The eval-mode programs (evaluation, probe) read either layout.
+  compiled beside the 1-step program. Elsewhere both are the identity. The eval-mode
+  programs (evaluation, probe) read either layout.
   """
 
   def __init__(self, run: build_lib.Run, placement: placement_lib.Placement, state,

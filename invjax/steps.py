@@ -258,8 +258,9 @@ def make_train_chunk(cfg: StepConfig, num_steps: int, seeds_per_step: int,
   keeps the compile time from growing with S. The loop carries the parameters and the
   optimizer's buffers as one vector each (`flat_state.flat_parameters`; on a GPU,
   `platform` or else the devices of `batch_sharding` or JAX's default, with the
-  convolution kernels in cuDNN's layout) and its metrics as one vector a step; the
-  state comes out as it went in. `loop_state=True` (with unroll=False): the state goes
+  convolution kernels in cuDNN's layout; on a TPU as they are,
+  `flat_state.vector_in_loop`) and its metrics as one vector a step; the state comes
+  out as it went in. `loop_state=True` (with unroll=False): the state goes
   in and comes out already in that layout (`flat_state.enter_and_leave`), so the
   program converts nothing.
   """
