@@ -158,8 +158,8 @@ def lowered_programs(run: build_lib.Run, placement: placement_lib.Placement) -> 
   args = train_args(run, placement, size)
   train = jax.jit(chunk, donate_argnums=0, out_shardings=(
       placement.replicated, placement.replicated)).lower(*args)
-  n = placement.mesh.size  # placement.TestBatches' batch size
-  batch = max(n, run.config.eval_batch_size - run.config.eval_batch_size % n)
+  batch = placement_lib.device_multiple(run.config.eval_batch_size,
+                                        placement.mesh.size)  # as TestBatches has it
   split = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=placement.batch)
   x = run.data.x_test
   evaluate = jax.jit(steps_lib.make_eval_step(run.step_config.top5),

@@ -130,7 +130,7 @@ class LoadedRun:
   def _batch_size(self, n: int, batch_size: int) -> int:
     """A multiple of the device count, no larger than n needs."""
     n_dev = jax.device_count()
-    return min(max(n_dev, batch_size - batch_size % n_dev), -(-n // n_dev) * n_dev)
+    return min(placement_lib.device_multiple(batch_size, n_dev), -(-n // n_dev) * n_dev)
 
   @staticmethod
   def _preprocess(x: np.ndarray):

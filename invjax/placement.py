@@ -151,6 +151,12 @@ def pad_batch(x: np.ndarray, y: np.ndarray, size: int):
 
 
 
+def device_multiple(batch_size: int, devices: int) -> int:
+  """`batch_size` rounded down to a multiple of `devices`, and at least `devices`: a
+  batch that splits evenly over the devices (test and scoring batches)."""
+  return max(devices, batch_size - batch_size % devices)
+
+
 class TestBatches:
   """The test images as padded batches of one shape (eval_batch_size rounded down to a
   multiple of the device count), split over the devices. With `on_device`, they are
@@ -158,8 +164,7 @@ class TestBatches:
 
   def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int,
                placement: Placement, on_device: bool = False):
-    n_dev = jax.device_count()
-    self.batch_size = max(n_dev, batch_size - batch_size % n_dev)
+    self.batch_size = device_multiple(batch_size, placement.mesh.size)
     self.placement = placement
     self.host = [pad_batch(images[start:start + self.batch_size],
                            labels[start:start + self.batch_size], self.batch_size)
