@@ -326,12 +326,13 @@ def format_markdown(records: list[dict], topology: str) -> str:
 
 
 def load(name: str, variant: str, sets: Sequence[str]):
+  """configs/<name>.py as `variant`, with --set's FIELD=VALUE overrides applied as the
+  command line's --config.FIELD does (`config_lib.override`: the variant follows, so
+  that invariance_alpha reaches alpha)."""
   config = paper.load_config_module(os.path.join("configs", f"{name}.py")).get_config(
       variant)
   with config.unlocked():
-    for text in sets:
-      config_lib.set_field(config, *paper.parse_override(text))
-  return config
+    return config_lib.override(config, dict(paper.parse_override(t) for t in sets))
 
 
 def main(argv):

@@ -143,6 +143,15 @@ ENTRY %main (a: f32[4,8]) -> (s32[], f32[4,8]) {
                                                           "largest_bytes": 128}}
 
 
+def test_set_overrides_as_the_command_line_does():
+  """--set FIELD=VALUE on a config file: the field is set, and the variant follows it
+  (invariance_alpha reaches alpha, as --config.invariance_alpha does)."""
+  config = tpu_compile.load("allcnn", "invariance",
+                            ["invariance_alpha=0.3", "half_precision=True"])
+  assert config.alpha == pytest.approx(0.3) and config.half_precision
+  assert tpu_compile.load("allcnn", "baseline", ["invariance_alpha=0.3"]).alpha == 0
+
+
 @pytest.mark.parametrize("kind,per_chip,hbm", [("TPU v5 lite", 1, 16),
                                                ("TPU v4", 2, 16)])
 def test_floors_take_a_devices_share_of_its_chip(kind, per_chip, hbm):
