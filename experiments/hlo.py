@@ -226,17 +226,26 @@ def kernel_bytes(index: HloIndex, name: str) -> int:
       if o in index.instrs)
 
 
+def step_and_program_kernels(text: str) -> tuple[HloIndex, list[str], list[str]]:
+  """(the index of an optimised HLO module, the kernels it launches at each step (in
+  its loops; all of them if it has no loop), those it launches once per program
+  outside its loops)."""
+  index = HloIndex(text)
+  entry = next(line.split()[1].lstrip("%") for line in text.splitlines()
+               if line.startswith("ENTRY "))
+  found = kernels(index, entry)
+  has_loop = any(looped for _, looped in found)
+  return (index, [n for n, looped in found if looped or not has_loop],
+          [n for n, looped in found if has_loop and not looped])
+
+
 def census(text: str) -> dict:
   """{"kernels": n, "parts": {part: kernels (a mixed fusion split among its parts)},
   "kinds": {fusion | cuDNN / cuBLAS target | opcode: n}, "bytes": what they move
   (`kernel_bytes`)} of the kernels an optimised HLO module launches at each step (in
   its loops), or of all of them if it has no loop; "per_program": the same of those
   launched once per program outside its loops."""
-  index = HloIndex(text)
-  entry = next(line.split()[1].lstrip("%") for line in text.splitlines()
-               if line.startswith("ENTRY "))
-  found = kernels(index, entry)
-  has_loop = any(looped for _, looped in found)
+  index, step_kernels, program_kernels = step_and_program_kernels(text)
 
   def count(names):
     parts, kinds = collections.Counter(), collections.Counter()
@@ -248,8 +257,8 @@ def census(text: str) -> dict:
     return {"kernels": len(names), "parts": dict(parts), "kinds": dict(kinds),
             "bytes": sum(kernel_bytes(index, n) for n in names)}
 
-  step = count([n for n, looped in found if looped or not has_loop])
-  step["per_program"] = count([n for n, looped in found if has_loop and not looped])
+  step = count(step_kernels)
+  step["per_program"] = count(program_kernels)
   return step
 
 

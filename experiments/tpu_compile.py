@@ -194,22 +194,16 @@ def relayout_bytes(hlo_text: str) -> dict[str, Any]:
   optimised program executes: "step", in its loop's body (per step), "program", once
   per program outside it, and "step_by_part": the step's by part of the step
   (`hlo.PARTS`, from invjax/steps.py's named scopes)."""
-  index = hlo.HloIndex(hlo_text)
-  entry = next(line.split()[1].lstrip("%") for line in hlo_text.splitlines()
-               if line.startswith("ENTRY "))
-  found = hlo.kernels(index, entry)
-  has_loop = any(looped for _, looped in found)
-  out = {"step": 0, "program": 0, "step_by_part": {}}
-  for name, looped in found:
-    if index.instrs[name]["opcode"] not in RELAYOUTS:
-      continue
+  index, step_kernels, program_kernels = hlo.step_and_program_kernels(hlo_text)
+  relayouts = lambda names: [n for n in names if index.instrs[n]["opcode"] in RELAYOUTS]
+  out = {"step": 0, "program": sum(hlo.kernel_bytes(index, n)
+                                   for n in relayouts(program_kernels)),
+         "step_by_part": {}}
+  for name in relayouts(step_kernels):
     moved = hlo.kernel_bytes(index, name)
-    if looped or not has_loop:
-      out["step"] += moved
-      for (part, _), share in index.split(name).items():
-        out["step_by_part"][part] = out["step_by_part"].get(part, 0) + share * moved
-    else:
-      out["program"] += moved
+    out["step"] += moved
+    for (part, _), share in index.split(name).items():
+      out["step_by_part"][part] = out["step_by_part"].get(part, 0) + share * moved
   return out
 
 
