@@ -22,9 +22,13 @@ import re
 
 from absl import app
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from invjax import build as build_lib
+from invjax import flat_state
 from invjax import placement as placement_lib
+from invjax import programs as programs_lib
 
 PARTS = (
     "seed gather",
@@ -356,6 +360,25 @@ def compile_error(text: str) -> str:
   op = re.search(r'op_name="([^"]+)"', text)
   example = ", ".join(m.group(1) for m in (called, op) if m)
   return f"{first} (for example {example})" if example else first
+
+
+def train_args(run: build_lib.Run, placement: placement_lib.Placement) -> tuple:
+  """The shapes and shardings of `run`'s training program's arguments on
+  `placement`'s devices, as `programs.TrainPrograms.args` passes them with the training
+  set on the devices: (the state in the loop's layout on those devices' platform, the
+  training images as rows, labels, this pass's and the next's seed order, first,
+  step0, the augmentation key), all replicated. For compiling without the devices
+  (kernel_census.py for a GPU, tpu_compile.py for a TPU slice)."""
+  state = jax.eval_shape(lambda: build_lib.initial_state(
+      run, placement_lib.Placement.create()))
+  state = jax.eval_shape(flat_state.enter_and_leave(
+      state, flat_state.platform_of(placement.batch))[0], state)
+  rep = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
+                                                  sharding=placement.replicated)
+  x, y = programs_lib.as_rows(run.data.x_train), run.data.y_train
+  return (jax.tree.map(lambda a: rep(a.shape, a.dtype), state),
+          rep(x.shape, x.dtype), rep(y.shape, y.dtype), rep((2, len(x)), jnp.int32),
+          rep((), jnp.int32), rep((), jnp.int32), rep((), jax.random.key(0).dtype))
 
 
 def gpu_placement(target: str) -> placement_lib.Placement:

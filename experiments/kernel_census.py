@@ -52,15 +52,12 @@ os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no CUDA librari
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 import jax
-import jax.numpy as jnp
 
 from experiments import benchmark
 from experiments import hlo
 from invjax import build as build_lib
-from invjax import flat_state
 from invjax import models
 from invjax import placement as placement_lib
-from invjax import programs as programs_lib
 from invjax import steps as steps_lib
 
 FLAGS = flags.FLAGS
@@ -108,17 +105,7 @@ def step_hlo(model: str, key: str, placement: placement_lib.Placement,
                                      config.batch_size // config.copies,
                                      placement.batch, data_on_device=True, unroll=False,
                                      loop_state=True, image_shape=data.image_shape)
-  state = jax.eval_shape(lambda: build_lib.initial_state(run, placement_lib.Placement.create()))
-  # in the loop's layout, as a run keeps it between programs (programs.TrainPrograms)
-  state = jax.eval_shape(flat_state.enter_and_leave(state, "gpu")[0], state)
-  on_gpu = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
-                                                     sharding=placement.replicated)
-  n = len(data.x_train)
-  args = (jax.tree.map(lambda a: on_gpu(a.shape, a.dtype), state),
-          on_gpu(programs_lib.as_rows(data.x_train).shape, data.x_train.dtype),
-          on_gpu(data.y_train.shape, data.y_train.dtype), on_gpu((2, n), jnp.int32),
-          on_gpu((), jnp.int32), on_gpu((), jnp.int32),
-          on_gpu((), jax.random.key(0).dtype))
+  args = hlo.train_args(run, placement)  # the state in the loop's layout, as a run's
   options = dict(dataclasses.replace(placement, gpu_compile=config.gpu_compile)
                  .compiler_options)
   if dump_to:

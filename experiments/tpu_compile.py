@@ -64,10 +64,8 @@ from experiments import paper
 from invjax import build as build_lib
 from invjax import config_lib
 from invjax import errors
-from invjax import flat_state
 from invjax import input_pipeline
 from invjax import placement as placement_lib
-from invjax import programs as programs_lib
 from invjax import steps as steps_lib
 
 FLAGS = flags.FLAGS
@@ -129,24 +127,6 @@ def stand_in_data(config) -> input_pipeline.Dataset:
       np.zeros((n_test, *shape), np.uint8), labels(n_test), num_classes=classes)
 
 
-def train_args(run: build_lib.Run, placement: placement_lib.Placement, size: int):
-  """The shapes and shardings of a training program's arguments, as
-  `programs.TrainPrograms.args` gives them for a run with the training set on its
-  devices: (state in the loop's layout, x_train as rows, y_train, permutations, first,
-  step0, augmentation key), all replicated."""
-  state = jax.eval_shape(lambda: build_lib.initial_state(
-      run, placement_lib.Placement.create()))
-  state = jax.eval_shape(flat_state.enter_and_leave(
-      state, flat_state.platform_of(placement.batch))[0], state)
-  rep = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
-                                                  sharding=placement.replicated)
-  x, y = programs_lib.as_rows(run.data.x_train), run.data.y_train
-  return (jax.tree.map(lambda a: rep(a.shape, a.dtype), state),
-          rep(x.shape, x.dtype), rep(y.shape, y.dtype),
-          rep((2, len(x)), jnp.int32),  # this epoch's and the next's seed order
-          rep((), jnp.int32), rep((), jnp.int32), rep((), jax.random.key(0).dtype))
-
-
 def lowered_programs(run: build_lib.Run, placement: placement_lib.Placement) -> dict:
   """{"train": the training program of the run's steps per dispatch, "eval": the
   evaluation step on a test batch}, lowered for `placement`'s devices."""
@@ -155,7 +135,7 @@ def lowered_programs(run: build_lib.Run, placement: placement_lib.Placement) -> 
       run.step_config, size, run.config.batch_size // run.config.copies,
       placement.batch, data_on_device=True, unroll=False, loop_state=True,
       image_shape=run.data.image_shape)
-  args = train_args(run, placement, size)
+  args = hlo.train_args(run, placement)
   train = jax.jit(chunk, donate_argnums=0, out_shardings=(
       placement.replicated, placement.replicated)).lower(*args)
   batch = placement_lib.device_multiple(run.config.eval_batch_size,

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from experiments import hlo
 from experiments import tpu_compile
 from invjax import build as build_lib
 from invjax import flat_state
@@ -74,8 +75,9 @@ def test_a_slice_the_batch_does_not_split_over_is_refused_before_compiling():
 
 
 def test_training_arguments_are_those_a_run_passes():
-  """train_args gives the shapes, dtypes and structure of what TrainPrograms.args
-  passes a training program in the loop's layout (the program it lowers is the run's)."""
+  """hlo.train_args (tpu_compile's and kernel_census's) gives the shapes, dtypes and
+  structure of what TrainPrograms.args passes a training program in the loop's layout
+  (the program they lower is the run's)."""
   config = _config()
   run = build_lib.build(config, tpu_compile.stand_in_data(config).subset(256, 32))
   placement = placement_lib.Placement.create()
@@ -83,7 +85,7 @@ def test_training_arguments_are_those_a_run_passes():
   programs = programs_lib.TrainPrograms(run, placement, state, compile_now=False,
                                         unroll=False)
   real = programs.args(programs.enter(state), 0, 3)
-  abstract = tpu_compile.train_args(run, placement, 3)
+  abstract = hlo.train_args(run, placement)
   def leaves(args):  # (path, shape, dtype) of each array
     return [(jax.tree_util.keystr(path), tuple(np.shape(a)), str(a.dtype))
             for path, a in jax.tree_util.tree_flatten_with_path(args)[0]]
