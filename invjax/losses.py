@@ -430,7 +430,7 @@ def _all_layer_sums(copies, parts, xs):
     for i in group:
       sums[i] = tuple(v[start:start + size(xs[i])] for v in joined)
       start += size(xs[i])
-  flat = lambda sums: tuple(v.reshape(-1) for v in sums)
+  flat = lambda vectors: tuple(v.reshape(-1) for v in vectors)
   return [sums[i] if i in sums else flat(_layer_sums(copies, parts, x))
           for i, x in enumerate(xs)]
 
