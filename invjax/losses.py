@@ -258,9 +258,15 @@ def _normalised(f: jax.Array) -> jax.Array:
 
 def _distances(f: jax.Array) -> jax.Array:
   """Eq. 1 for every pair of rows of f [B, D]: [B, B], from ||a||^2 - 2 a.b + ||b||^2
-  (matrix products, no [B, B, D] array)."""
-  sq = jnp.sum(f * f, axis=1)
+  (matrix products, no [B, B, D] array).
+
+  The squared norms are the Gram matrix's diagonal, not a sum of their own: two equal
+  rows then come out exactly 0 apart, as a.a and a.b are the same sum. A separate sum
+  rounds differently and left equal rows ~1e-7 apart, so a denominator made only of
+  such pairs (the class denominator with one seed per class) gave a loss of 1 for 0/0.
+  """
   gram = f @ f.T
+  sq = jnp.diagonal(gram)
   d = (sq[:, None] + sq[None, :] - 2.0 * gram) / f.shape[1]
   return jnp.maximum(d, 0.0)
 
