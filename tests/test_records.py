@@ -473,16 +473,28 @@ def test_window_runs_with_overrides_of_their_own(npz, tmp_path):
                                        str(tmp_path / "records"))).config
   assert (config.variant, config.invariance_denominator) == ("invariance", "class")
   assert config.probe_seeds == 3 and config.probe_copies == 2  # own, and --set's
-  for extra, message in [
+  cases = [
       (["--run=invariance", "--variants=baseline"], "give --variants or --run"),
       (["--run=invariance:alpha=0.2", "--run=invariance:alpha=0.2"], "trained twice"),
       (["--run=vgg"], r"--run: unknown variant\(s\) \['vgg'\]"),
-      (["--run=invariance:model.colour=1"], "no field 'model.colour'")]:
-    out = subprocess.run(
-        [sys.executable, "-m", "experiments.window", f"--data={npz}",
-         f"--out={tmp_path / 'bad'}", f"--workdir={tmp_path / 'bad'}", *extra],
-        cwd=helpers.ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and re.search(message, out.stderr), (extra, out.stderr)
+      (["--run=invariance:model.colour=1"], "no field 'model.colour'")]
+  # Each command line parsed and checked by window.main as `python -m
+  # experiments.window` would, in one process (a start each took seconds).
+  common = [f"--data={npz}", f"--out={tmp_path / 'bad'}",
+            f"--workdir={tmp_path / 'bad'}"]
+  code = ("import json, sys; from absl import app, flags; from experiments import "
+          "window\nerrors = []\nfor argv in json.loads(sys.argv[1]):\n"
+          "  flags.FLAGS.unparse_flags(); argv = flags.FLAGS(['window'] + argv)\n"
+          "  try: window.main(argv); errors.append(None)\n"
+          "  except app.UsageError as e: errors.append(str(e))\n"
+          "print(json.dumps(errors))")
+  out = subprocess.run(
+      [sys.executable, "-c", code, json.dumps([common + c for c, _ in cases])],
+      cwd=helpers.ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  errors = json.loads(out.stdout.strip().splitlines()[-1])
+  for (extra, message), error in zip(cases, errors):
+    assert error is not None and re.search(message, error), (extra, error)
   assert not os.path.exists(tmp_path / "bad")
 
 

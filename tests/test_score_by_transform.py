@@ -24,9 +24,13 @@ def test_parts_turn_on_one_transformation_each():
   assert list(sbt.parts(light)) == ["all", "no flip", "flip", "translate"]
 
 
-def test_each_part_scores_its_transformation_alone(trained):
+def test_each_part_scores_its_transformation_alone(trained, monkeypatch):
   """A part's median is the API's score under that part's scoring transformations;
-  the flip alone mirrors every copy; "all" is the run's own scoring scheme."""
+  the flip alone mirrors every copy; "all" is the run's own scoring scheme. (Three of
+  the nine parts: each compiles a scoring program of its own.)"""
+  every_part = sbt.parts
+  monkeypatch.setattr(sbt, "parts", lambda ranges: {
+      k: v for k, v in every_part(ranges).items() if k in ("all", "flip", "rotation")})
   _, workdir, _ = trained
   run = api.load_run(workdir)
   x = run.data.x_test[:10]

@@ -23,9 +23,10 @@ def test_averaged_accuracy_is_that_of_the_mean_softmax_of_each_copy(trained):
   assert got == tta.evaluate(state, x, y, 2, light, seed=4, batch_size=11)
   key = jax.random.key(4)
   probs = []
+  one_image = jax.jit(lambda k, im: augment.augment(k, steps.to_float(im), light))
   for r in range(2):
-    copies = [augment.augment(tta.copy_keys(key, r, np.array([i]))[0],
-                              steps.to_float(x[i:i + 1]), light) for i in range(len(x))]
+    copies = [one_image(tta.copy_keys(key, r, np.array([i]))[0], x[i:i + 1])
+              for i in range(len(x))]
     logits = steps.eval_logits(state, np.concatenate(copies))
     probs.append(np.asarray(jax.nn.softmax(logits)))
   right = lambda p: float(np.mean(np.argmax(p, -1) == y))

@@ -147,27 +147,41 @@ def test_steps_per_dispatch_and_data_placement_do_not_change_the_run(npz, tmp_pa
   steps) and batches gathered on the host: the run of single steps on device data.
   So is a run whose programs loop over their steps as on an accelerator, with the
   state kept in the loop's layout between programs (cuDNN's filter layout, as on a
-  GPU) and taken out for its checkpoints. (tests/test_steps.py compares each change
-  alone at the step level.)"""
+  GPU): stopped by its time limit after its first program, it checkpoints the state
+  taken out of that layout, and the next session restores it, puts it back in and
+  finishes the run. (tests/test_steps.py compares each change alone at the step
+  level.)"""
   runs = {"one": {}, "host": {"steps_per_dispatch": 3, "data_on_device": False},
           "loop": {"steps_per_dispatch": 3}}
   losses = {}
   for name, fields in runs.items():
     config = helpers.tiny_config(npz, num_epochs=3.0, lr_boundaries=(2,),
                                  log_every_steps=5, **fields)
+    workdir = str(tmp_path / name)
     with monkeypatch.context() as mp:
       if name == "loop":
         mp.setattr(programs_lib, "unrolled_by_default", lambda: False)
         mp.setattr(flat_state, "filters_out_first", lambda platform: True)
-      train.train_and_evaluate(config, str(tmp_path / name))
-    losses[name] = metrics_io.series(metrics_io.read(str(tmp_path / name)),
-                                     "train/loss")
+        with config.unlocked():
+          config.time_limit_minutes = 1e-4
+        first = train.train_and_evaluate(config, workdir, tensorboard=False)
+        assert first["stopped"] == "time_limit" and 0 < first["step"] < 12
+        with config.unlocked():
+          config.time_limit_minutes = 0.0
+      result = train.train_and_evaluate(config, workdir, tensorboard=False)
+      assert result["finished"] and result["step"] == 12
+    losses[name] = metrics_io.series(metrics_io.read(workdir), "train/loss")
   np.testing.assert_array_equal(losses["one"][0], [4, 5, 8, 10, 12])
   params = {name: _restored_params(str(tmp_path / name)) for name in runs}
   weights = checkpoints.load_weights(str(tmp_path / "loop" / workdirs.WEIGHTS_FILE))[0]
   jax.tree.map(np.testing.assert_array_equal, weights, params["loop"])
+  # The stopped session logged the mean loss of steps 1-3, the next the loss of step 4.
+  np.testing.assert_array_equal(losses["loop"][0], [3, 4, 5, 8, 10, 12])
+  (l3, l4), rest = losses["loop"][1][:2], losses["loop"][1][2:]
+  assert (3 * l3 + l4) / 4 == pytest.approx(losses["one"][1][0], rel=1e-5)
+  np.testing.assert_allclose(rest, losses["one"][1][1:], rtol=1e-5)
+  np.testing.assert_allclose(losses["host"][1], losses["one"][1], rtol=1e-5)
   for name in ("host", "loop"):
-    np.testing.assert_allclose(losses[name][1], losses["one"][1], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  params[name], params["one"])
   # ...and the run moved: a wrong schedule could not pass as the same run.
@@ -175,29 +189,6 @@ def test_steps_per_dispatch_and_data_placement_do_not_change_the_run(npz, tmp_pa
                              placement_lib.Placement.create()).params
   moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params["one"], init)
   assert max(jax.tree.leaves(moved)) > 1e-3
-
-
-def test_a_run_in_the_loop_layout_resumes_as_the_same_run(npz, tmp_path, monkeypatch):
-  """Steps in a loop with the state in its layout (cuDNN's, as on a GPU): a session
-  stopped by its time limit after its first program checkpoints the state taken out
-  of that layout; the next session restores it, puts it back in and ends with the
-  weights of the same run trained at once, unrolled."""
-  fields = dict(num_epochs=3.0, lr_boundaries=(2,), log_every_steps=3,
-                steps_per_dispatch=3)
-  whole = str(tmp_path / "whole")
-  train.train_and_evaluate(helpers.tiny_config(npz, **fields), whole, tensorboard=False)
-  monkeypatch.setattr(programs_lib, "unrolled_by_default", lambda: False)
-  monkeypatch.setattr(flat_state, "filters_out_first", lambda platform: True)
-  resumed = str(tmp_path / "resumed")
-  first = train.train_and_evaluate(
-      helpers.tiny_config(npz, time_limit_minutes=1e-4, **fields), resumed,
-      tensorboard=False)
-  assert first["stopped"] == "time_limit" and 0 < first["step"] < 12
-  second = train.train_and_evaluate(helpers.tiny_config(npz, **fields), resumed,
-                                    tensorboard=False)
-  assert second["finished"] and second["step"] == 12
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               _restored_params(resumed), _restored_params(whole))
 
 
 @pytest.mark.parametrize("layout", ["unrolled", "loop"])
