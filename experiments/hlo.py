@@ -62,6 +62,7 @@ _CALLS = re.compile(r"\b(?:calls|body|condition)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _TARGET = re.compile(r'custom_call_target="([^"]*)"')
+_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
 class HloIndex:
@@ -96,6 +97,9 @@ class HloIndex:
                            "shape": i.group(2), "operands": _OPERAND.findall(args)}
       if opcode == "parameter":
         self.instrs[name]["number"] = int(args) if args.strip().isdigit() else -1
+      if opcode == "while":
+        trips = _TRIPS.search(line)
+        self.instrs[name]["trips"] = int(trips.group(1)) if trips else None
       self.computations[comp].append(name)
     self._split: dict[str, dict] = {}
 
@@ -164,6 +168,24 @@ _NO_KERNEL = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", 
               "partition-id", "replica-id"}
 
 
+def executions(index: HloIndex, entry: str) -> dict[str, int]:
+  """{kernel: how often one execution of the program runs it}: a loop's body and
+  condition as often as XLA's known trip count says (once, where it knows none), the
+  branches of a conditional once each (at most)."""
+  out: dict[str, int] = collections.Counter()
+  todo = [(entry, 1)]
+  while todo:
+    comp, times = todo.pop()
+    for name in index.computations.get(comp, ()):
+      ins = index.instrs[name]
+      if ins["opcode"] in ("while", "conditional", "call"):
+        n = (ins.get("trips") or 1) if ins["opcode"] == "while" else 1
+        todo += [(c, times * n) for c in ins["calls"]]
+      elif ins["opcode"] not in _NO_KERNEL:
+        out[name] += times
+  return dict(out)
+
+
 def kernels(index: HloIndex, entry: str) -> list[tuple[str, bool]]:
   """(instruction, in a loop) of each kernel-launching instruction of the computations
   a program executes: its entry computation and, from there, the bodies, conditions
@@ -230,14 +252,18 @@ def kernel_bytes(index: HloIndex, name: str) -> int:
       if o in index.instrs)
 
 
+def entry_computation(text: str) -> str:
+  """The name of an HLO module's entry computation."""
+  return next(line.split()[1].lstrip("%") for line in text.splitlines()
+              if line.startswith("ENTRY "))
+
+
 def step_and_program_kernels(text: str) -> tuple[HloIndex, list[str], list[str]]:
   """(the index of an optimised HLO module, the kernels it launches at each step (in
   its loops; all of them if it has no loop), those it launches once per program
   outside its loops)."""
   index = HloIndex(text)
-  entry = next(line.split()[1].lstrip("%") for line in text.splitlines()
-               if line.startswith("ENTRY "))
-  found = kernels(index, entry)
+  found = kernels(index, entry_computation(text))
   has_loop = any(looped for _, looped in found)
   return (index, [n for n, looped in found if looped or not has_loop],
           [n for n, looped in found if has_loop and not looped])
@@ -362,6 +388,15 @@ def compile_error(text: str) -> str:
   return f"{first} (for example {example})" if example else first
 
 
+def state_args(run: build_lib.Run, placement: placement_lib.Placement):
+  """The shapes of `run`'s training state as checkpoints keep it, replicated over
+  `placement`'s devices (what scoring and attacks take)."""
+  state = jax.eval_shape(lambda: build_lib.initial_state(
+      run, placement_lib.Placement.create()))
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+      a.shape, a.dtype, sharding=placement.replicated), state)
+
+
 def train_args(run: build_lib.Run, placement: placement_lib.Placement) -> tuple:
   """The shapes and shardings of `run`'s training program's arguments on
   `placement`'s devices, as `programs.TrainPrograms.args` passes them with the training
@@ -369,8 +404,7 @@ def train_args(run: build_lib.Run, placement: placement_lib.Placement) -> tuple:
   training images as rows, labels, this pass's and the next's seed order, first,
   step0, the augmentation key), all replicated. For compiling without the devices
   (kernel_census.py for a GPU, tpu_compile.py for a TPU slice)."""
-  state = jax.eval_shape(lambda: build_lib.initial_state(
-      run, placement_lib.Placement.create()))
+  state = state_args(run, placement)
   state = jax.eval_shape(flat_state.enter_and_leave(
       state, flat_state.platform_of(placement.batch))[0], state)
   rep = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,

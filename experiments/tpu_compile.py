@@ -15,7 +15,10 @@ accelerator's steps per dispatch; the data-parallel mesh over every chip,
 set's shape and size (zeros: only shapes matter; the training set resident on every
 chip, as a run keeps it), and compiles its training program (`steps.make_train_chunk`:
 the steps per dispatch in a loop, the state in the loop's layout, each chip gathering
-its own seeds) and its evaluation program. Per program:
+its own seeds), its evaluation program, the two programs of `--mode=analyze`
+(`analyze.scorer`: the clean images' layer statistics, then every layer's scores of
+the transformed copies) and `--mode=robustness`'s PGD attack, each on a batch as the
+run passes it (`--programs` picks some). Per program:
 
   - whether XLA compiles it, or its error; a config the slice cannot run (e.g. fewer
     seed images a batch than chips) stops at the config check, as a run would;
@@ -28,12 +31,14 @@ its own seeds) and its evaluation program. Per program:
     counts the convolutions; the loop's body once, so per step): its FLOPs, and the
     floor the chip's peak sets on the step (a floor from a count, not a timing);
   - the bytes the program spends changing layouts (copies, transposes, reshapes that
-    are not views), per step by part of the step and once per program: a TPU stores
+    are not views), per step by part of the step and once per program (the analysis
+    programs: all of a batch's, loops as often as they run): a TPU stores
     an array's two minor axes in tiles, laid out for the convolutions, so that a
     reshape which is free on a CPU or GPU (row-major) can be a copy there.
 
-What it cannot say: how fast a step runs (nothing runs), or whether the scoring and
-attack programs compile (`--mode=analyze`, `--mode=robustness`; not built here).
+What it cannot say: how fast anything runs (nothing runs). Of the analysis, only the
+programs a batch runs are built: not the corruptions' scoring (`--corruptions`), nor
+the merging of statistics between batches (small).
 """
 
 from __future__ import annotations
@@ -61,11 +66,14 @@ import numpy as np
 from experiments import common
 from experiments import hlo
 from experiments import paper
+from invjax import analysis
+from invjax import analyze as analyze_lib
 from invjax import build as build_lib
 from invjax import config_lib
 from invjax import errors
 from invjax import input_pipeline
 from invjax import placement as placement_lib
+from invjax import robustness
 from invjax import steps as steps_lib
 
 FLAGS = flags.FLAGS
@@ -79,6 +87,11 @@ CHIPS = {"TPU v4": (275, 1228, 32), "TPU v5 lite": (197, 819, 16),
 DATA_SIZES = {"cifar10": (50_000, 10_000), "tiny_imagenet": (100_000, 10_000)}
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
                "collective-permute")
+# "train": the steps of a dispatch; "eval": a test batch's metrics; "score": the two
+# passes of --mode=analyze over a batch ("score_stats", the clean images' layer
+# statistics; "score", every layer's scores of the transformed copies); "attack": PGD
+# on a batch, as --mode=robustness runs it (robustness.Settings()'s steps).
+PROGRAMS = ("train", "eval", "score", "attack")
 
 
 def define_flags():
@@ -89,6 +102,7 @@ def define_flags():
   flags.DEFINE_list("variants", ["baseline", "invariance"], "Their variants.")
   flags.DEFINE_multi_string("set", [], "FIELD=VALUE override of every config, e.g. "
                             "--set batch_size=256.")
+  flags.DEFINE_list("programs", list(PROGRAMS), f"Which of {list(PROGRAMS)} to compile.")
   flags.DEFINE_string("out", None, "Output path without extension (OUT.md, OUT.json); "
                       "default: only print.")
 
@@ -127,26 +141,51 @@ def stand_in_data(config) -> input_pipeline.Dataset:
       np.zeros((n_test, *shape), np.uint8), labels(n_test), num_classes=classes)
 
 
-def lowered_programs(run: build_lib.Run, placement: placement_lib.Placement) -> dict:
-  """{"train": the training program of the run's steps per dispatch, "eval": the
-  evaluation step on a test batch}, lowered for `placement`'s devices."""
-  size = run.steps_per_dispatch
-  chunk = steps_lib.make_train_chunk(
-      run.step_config, size, run.config.batch_size // run.config.copies,
-      placement.batch, data_on_device=True, unroll=False, loop_state=True,
-      image_shape=run.data.image_shape)
+def lowered_programs(run: build_lib.Run, placement: placement_lib.Placement,
+                     which: Sequence[str] = PROGRAMS) -> dict:
+  """{name: program lowered for `placement`'s devices} of the programs in `which`
+  (PROGRAMS), on the shapes and shardings a run passes them."""
+  out = {}
   args = hlo.train_args(run, placement)
-  train = jax.jit(chunk, donate_argnums=0, out_shardings=(
-      placement.replicated, placement.replicated)).lower(*args)
-  batch = placement_lib.device_multiple(run.config.eval_batch_size,
-                                        placement.mesh.size)  # as TestBatches has it
-  split = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=placement.batch)
+  if "train" in which:
+    chunk = steps_lib.make_train_chunk(
+        run.step_config, run.steps_per_dispatch,
+        run.config.batch_size // run.config.copies, placement.batch,
+        data_on_device=True, unroll=False, loop_state=True,
+        image_shape=run.data.image_shape)
+    out["train"] = jax.jit(chunk, donate_argnums=0, out_shardings=(
+        placement.replicated, placement.replicated)).lower(*args)
   x = run.data.x_test
-  evaluate = jax.jit(steps_lib.make_eval_step(run.step_config.top5),
-                     out_shardings=placement.replicated).lower(
-                         args[0], split((batch, *x.shape[1:]), x.dtype),
-                         split((batch,), jnp.int32), split((batch,), jnp.float32))
-  return {"train": train, "eval": evaluate}
+  split = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
+                                                    sharding=placement.batch)
+  rep = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
+                                                  sharding=placement.replicated)
+  def batch(size):  # images, labels and the mask of padding, split over the devices
+    return (split((size, *x.shape[1:]), x.dtype), split((size,), jnp.int32),
+            split((size,), jnp.float32))
+  n = placement.mesh.size
+  if "eval" in which:  # a test batch, as TestBatches has it
+    size = placement_lib.device_multiple(run.config.eval_batch_size, n)
+    out["eval"] = jax.jit(steps_lib.make_eval_step(run.step_config.top5),
+                          out_shardings=placement.replicated).lower(args[0], *batch(size))
+  # Scoring and attacks take the state as checkpoints keep it (not the loop's layout).
+  state = hlo.state_args(run, placement)
+  if "score" in which:  # a batch as analyze.batches pads it: up to a multiple of n
+    scorer = analyze_lib.scorer(run.config, run, placement)
+    scored = analysis.Batch(*batch(-(-run.config.analysis.batch_size // n) * n))
+    out["score_stats"] = scorer.stats_program.lower(state, scored)
+    stats = jax.eval_shape(scorer.stats_program, state, scored)[0]
+    out["score"] = scorer.scores_program.lower(
+        state, jax.tree.map(lambda a: rep(a.shape, a.dtype), stats), scored,
+        rep((), jax.random.key(0).dtype))
+  if "attack" in which:  # a batch as robustness.attack_accuracy's TestBatches has it
+    size = placement_lib.device_multiple(run.config.analysis.batch_size, n)
+    settings = robustness.Settings()
+    pgd = robustness.make_attack_program("pgd", run.step_config.top5,
+                                         settings.pgd_steps)
+    out["attack"] = pgd.lower(state, *batch(size), rep((), jnp.float32),
+                              rep((), jnp.float32), rep((), jax.random.key(0).dtype))
+  return out
 
 
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
@@ -171,14 +210,20 @@ RELAYOUTS = ("copy", "transpose", "reshape")
 
 def relayout_bytes(hlo_text: str) -> dict[str, Any]:
   """Bytes (read and written, `hlo.kernel_bytes`) of the relayouts (RELAYOUTS) an
-  optimised program executes: "step", in its loop's body (per step), "program", once
-  per program outside it, and "step_by_part": the step's by part of the step
-  (`hlo.PARTS`, from invjax/steps.py's named scopes)."""
+  optimised program executes: "step", in its loops' bodies (per step; all of them if
+  it has no loop), "program", once per program outside them, "step_by_part": the
+  step's by part of the step (`hlo.PARTS`, from invjax/steps.py's named scopes), and
+  "execution": all that one execution moves, each loop's as often as XLA's known trip
+  count says (`hlo.executions`)."""
   index, step_kernels, program_kernels = hlo.step_and_program_kernels(hlo_text)
   relayouts = lambda names: [n for n in names if index.instrs[n]["opcode"] in RELAYOUTS]
+  runs = hlo.executions(index, hlo.entry_computation(hlo_text))
   out = {"step": 0, "program": sum(hlo.kernel_bytes(index, n)
                                    for n in relayouts(program_kernels)),
-         "step_by_part": {}}
+         "step_by_part": {},
+         "execution": sum(hlo.kernel_bytes(index, n) * times
+                          for n, times in runs.items()
+                          if index.instrs[n]["opcode"] in RELAYOUTS)}
   for name in relayouts(step_kernels):
     moved = hlo.kernel_bytes(index, name)
     out["step"] += moved
@@ -219,9 +264,11 @@ def floors(record: dict, device_kind: str, per_chip: int) -> dict[str, float] | 
           "hbm_gib": gib / per_chip}
 
 
-def check(config, name: str, devices: Sequence[Any]) -> dict[str, Any]:
+def check(config, name: str, devices: Sequence[Any],
+          programs: Sequence[str] = PROGRAMS) -> dict[str, Any]:
   """The record of one config on `devices`: the run's settings, then per program
-  whether and how it compiled (`inspect`), or the error that stopped it."""
+  (`programs`, of PROGRAMS) whether and how it compiled (`inspect`), or the error that
+  stopped it."""
   record: dict[str, Any] = {"config": name, "devices": len(devices),
                             "device_kind": devices[0].device_kind}
   try:
@@ -236,9 +283,11 @@ def check(config, name: str, devices: Sequence[Any]) -> dict[str, Any]:
                 batch_norm=getattr(run.model, "batch_norm", None),
                 moments_form=run.step_config.moments_form,
                 precision="bfloat16" if config.half_precision else "float32",
-                programs={})
+                scoring_batch=config.analysis.batch_size,
+                scored_copies=config.analysis.num_transforms,
+                pgd_steps=robustness.Settings().pgd_steps, programs={})
   t = time.perf_counter()
-  lowered = lowered_programs(run, placement)
+  lowered = lowered_programs(run, placement, programs)
   record["trace_lower_s"] = time.perf_counter() - t
   for program, low in lowered.items():
     t = time.perf_counter()
@@ -296,7 +345,36 @@ def format_markdown(records: list[dict], topology: str) -> str:
         f"{fl.get('compute_ms', math.nan):.2f} | "
         f"{moved.get('step', math.nan) / 1e6:.0f} ({loss / 1e6:.0f}) | "
         f"{moved.get('program', math.nan) / 1e6:.0f} |")
+  analysis_rows = [r for r in records if "error" not in r and any(
+      p in r["programs"] for p in ANALYSIS_PROGRAMS)]
+  if analysis_rows:
+    lines += ["", "The analysis programs on the same slice, a batch each (scoring: "
+              "`--mode=analyze`'s two passes, the second scoring every copy; PGD: "
+              "`--mode=robustness`'s attack); memory per device in GiB; relayouts in MB "
+              "a batch (PGD: every step's):", "",
+              "| config | batch (copies; PGD steps) | compiled (this CPU, s) | memory: "
+              "statistics / scores / PGD | collectives: scores | collectives: PGD "
+              "| relayouts: statistics / scores / PGD |",
+              "| --- | --- | --- | ---: | --- | --- | ---: |"]
+    for r in analysis_rows:
+      progs = r["programs"]
+      get = lambda p, f: f(progs[p]) if p in progs and "memory" in progs[p] else "-"
+      said = "; ".join(f"{p} " + (f"{progs[p]['compile_s']:.0f}" if "compile_s" in
+                                  progs[p] else f"failed: {progs[p]['error']}")
+                       for p in ANALYSIS_PROGRAMS if p in progs)
+      lines.append(
+          f"| {r['config']} | {r['scoring_batch']} ({r['scored_copies']}; "
+          f"{r['pgd_steps']}) | {said} | "
+          + " / ".join(get(p, lambda v: _gb(v["memory"]["total"]))
+                       for p in ANALYSIS_PROGRAMS) + " | "
+          f"{get('score', lambda v: _exchanges(v['collectives']))} | "
+          f"{get('attack', lambda v: _exchanges(v['collectives']))} | "
+          + " / ".join(get(p, lambda v: f"{v['relayout_bytes']['execution'] / 1e6:.0f}")
+                       for p in ANALYSIS_PROGRAMS) + " |")
   return "\n".join(lines) + "\n"
+
+
+ANALYSIS_PROGRAMS = ("score_stats", "score", "attack")
 
 
 def load(name: str, variant: str, sets: Sequence[str]):
@@ -324,10 +402,13 @@ def main(argv):
       except (errors.ConfigError, ValueError, TypeError) as e:
         raise app.UsageError(f"configs/{name}.py:{variant} with --set {FLAGS.set}: "
                              f"{e}") from e
+  bad = sorted(set(FLAGS.programs) - set(PROGRAMS))
+  if bad:
+    raise app.UsageError(f"--programs: unknown {bad}; valid: {list(PROGRAMS)}.")
   devices = topology_devices(FLAGS.topology)
   records = []
   for label, config in configs.items():
-    r = check(config, label, devices)
+    r = check(config, label, devices, FLAGS.programs)
     r["topology"] = FLAGS.topology
     print(json.dumps(r), flush=True)
     records.append(r)

@@ -26,6 +26,7 @@ from invjax import checkpoints
 from invjax import distributed
 from invjax import errors
 from invjax import evaluation
+from invjax import flat_state
 from invjax import placement as placement_lib
 from invjax import run_card
 from invjax import steps as steps_lib
@@ -118,27 +119,35 @@ def with_weights(state, placement, path: str, model_config):
                        batch_stats=placement.replicate(batch_stats)), step
 
 
+def scorer(config, run, placement, weights=None) -> analysis.Scorer:
+  """The programs of `--mode=analyze` (`analysis.Scorer`): Eq. 2 for every sown layer
+  under the config's scoring transformations, with the classification sums of the
+  same forward passes, for `placement`'s devices."""
+  ranges = augment.AugmentRanges.from_config(config.augment)
+  # Image i of a batch gets split(batch key, n)[i]: the same with or without padding.
+  transform = lambda key, x: augment.augment_each(key, x, ranges, scoring=True)
+  top5 = run.step_config.top5
+  return analysis.Scorer(
+      steps_lib.features_and_logits, config.analysis.num_transforms, transform,
+      preprocess=steps_lib.to_float,
+      metrics_fn=lambda logits, labels, mask: steps_lib.classification_sums(
+          logits, labels, top5, mask), weights=weights,
+      platform=flat_state.platform_of(placement.batch))
+
+
 def score_state(config, run, state, step: int, placement):
   """(per-image scores, summary) of the model in `state`: Eq. 2 for every sown layer
   over the test set, and the accuracy on the clean and the scored transformed
   images. Writes nothing."""
-  ranges = augment.AugmentRanges.from_config(config.augment)
   ac = config.analysis
-  # Image i of a batch gets split(batch key, n)[i]: the same with or without padding.
-  transform = lambda key, x: augment.augment_each(key, x, ranges, scoring=True)
-  top5 = run.step_config.top5
   logging.info("scoring %d test images x %d transformations, %d layers",
                len(run.data.x_test), ac.num_transforms, len(run.layer_shapes) + 1)
   # One clean and num_transforms transformed forward passes per image give the scores
   # and the accuracy on the clean and on exactly the scored transformed images.
   # The state goes in as an argument (weights), not as constants of the programs.
-  scores, sums = analysis.score_dataset(
-      steps_lib.features_and_logits,
+  scores, sums = scorer(config, run, placement, weights=state)(
       batches(run.data.x_test, run.data.y_test, ac.batch_size, placement),
-      jax.random.key(ac.seed), ac.num_transforms, transform,
-      preprocess=steps_lib.to_float,
-      metrics_fn=lambda logits, labels, mask: steps_lib.classification_sums(
-          logits, labels, top5, mask), weights=state)
+      jax.random.key(ac.seed))
   test = evaluation.rates(sums["clean"])
   passes = [evaluation.rates(s) for s in sums["transformed"]]
   robustness = {k: float(np.mean([p[k] for p in passes])) for k in passes[0]}

@@ -290,7 +290,7 @@ def test_analyze_checks_it_can_write_before_scoring(good_run, tmp_path, monkeypa
   shutil.rmtree(os.path.join(workdir, "analysis"), ignore_errors=True)
   with open(os.path.join(workdir, "analysis"), "w") as f:  # in the way of the outputs
     f.write("")
-  monkeypatch.setattr(analysis, "score_dataset",
+  monkeypatch.setattr(analysis.Scorer, "__call__",
                       lambda *a, **k: pytest.fail("scored before checking the outputs"))
   with pytest.raises(errors.WorkdirError, match=r"analysis cannot be written.*nothing "
                      "was scored"):

@@ -11,6 +11,7 @@ import pytest
 
 from experiments import hlo
 from experiments import tpu_compile
+from invjax import analyze
 from invjax import build as build_lib
 from invjax import flat_state
 from invjax import placement as placement_lib
@@ -94,11 +95,12 @@ def test_training_arguments_are_those_a_run_passes():
 
 
 def test_the_record_of_a_compile_on_this_cpu():
-  """Both programs compile on this CPU's device; the record has their memory, XLA's
-  counts and no collectives (one device), and the table its row."""
+  """Every program (training, evaluation, the two scoring passes, PGD) compiles on
+  this CPU's device; the record has their memory, XLA's counts and no collectives
+  (one device), and each table its row."""
   config = _config(steps_per_dispatch=2)
   record = tpu_compile.check(config, "tiny:invariance", jax.devices())
-  assert set(record["programs"]) == {"train", "eval"}
+  assert set(record["programs"]) == {"train", "eval", "score_stats", "score", "attack"}
   for program in record["programs"].values():
     assert program["memory"]["total"] > 0 and program["compile_s"] > 0
     assert program["collectives"] == {}
@@ -108,6 +110,30 @@ def test_the_record_of_a_compile_on_this_cpu():
   assert record["steps_per_dispatch"] == 2
   table = tpu_compile.format_markdown([record], "cpu")
   assert "| tiny:invariance | 1 cpu | train " in table
+  assert ("| tiny:invariance | 16 (2; 10) | score_stats " in table)  # the analysis table
+  only = tpu_compile.check(config, "tiny:invariance", jax.devices(), ["score"])
+  assert set(only["programs"]) == {"score_stats", "score"}
+
+
+def test_scoring_and_attack_programs_take_what_a_run_passes_them():
+  """The scoring programs lowered for a slice take what analyze.batches makes (images,
+  labels, the mask of padding: shapes and dtypes) and the state as restored; PGD a
+  batch of the analysis batch size. (One device here: the rounding of a batch to the
+  devices is not exercised.)"""
+  config = _config()
+  with config.unlocked():
+    config.analysis.batch_size = 10
+  run = build_lib.build(config, tpu_compile.stand_in_data(config).subset(64, 32))
+  placement = placement_lib.Placement.create()
+  lowered = tpu_compile.lowered_programs(run, placement, ["score", "attack"])
+  assert set(lowered) == {"score_stats", "score", "attack"}
+  real = next(iter(analyze.batches(run.data.x_test, run.data.y_test, 10, placement)()))
+  shapes = lambda tree: [(tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(tree)]
+  scored = lowered["score_stats"].args_info[0][1]
+  assert shapes(scored) == shapes(real)
+  state = build_lib.initial_state(run, placement)
+  assert shapes(lowered["score"].args_info[0][0]) == shapes(state)
+  assert shapes(lowered["attack"].args_info[0][1])[0] == ((10, 16, 16, 3), "uint8")
 
 
 def test_collectives_and_relayouts_are_read_from_the_program():
@@ -141,6 +167,12 @@ ENTRY %main (a: f32[4,8]) -> (s32[], f32[4,8]) {
   moved = tpu_compile.relayout_bytes(text)
   assert (moved["step"], moved["program"]) == (2 * 128, 2 * 128)
   assert sum(moved["step_by_part"].values()) == 2 * 128
+  assert moved["execution"] == 2 * 128 + 2 * 128  # XLA knows no trip count: once
+  # With XLA's trip count (a PGD attack's steps), an execution runs the body 10 times.
+  counted = text.replace("body=%body\n", 'body=%body, backend_config='
+                         '{"known_trip_count":{"n":"10"}}\n')
+  assert counted != text
+  assert tpu_compile.relayout_bytes(counted)["execution"] == 2 * 128 + 10 * 2 * 128
   assert tpu_compile.collectives(text) == {"all-reduce": {"count": 2,
                                                           "largest_bytes": 128}}
 
