@@ -245,11 +245,22 @@ def inspect(compiled) -> dict[str, Any]:
             "code": m.generated_code_size_in_bytes}
   memory["total"] = (memory["arguments"] + memory["outputs"] - memory["aliased"]
                      + memory["temporaries"] + memory["code"])
+  # XLA's own peak of live buffers. On a TPU the sum above can undercount: XLA reports
+  # no temporaries at all for the evaluation and PGD programs, whose peaks are 7 and 9
+  # times their arguments (All-CNN-C, 8 v5e chips); the tables give the larger
+  # (`program_memory`).
+  memory["peak"] = getattr(m, "peak_memory_in_bytes", 0)
   cost = _first(compiled.cost_analysis())
   text = compiled.as_text()
   return {"memory": memory, "flops": float(cost.get("flops", 0.0)),
           "bytes": float(cost.get("bytes accessed", 0.0)),
           "relayout_bytes": relayout_bytes(text), "collectives": collectives(text)}
+
+
+def program_memory(program: dict) -> float:
+  """A compiled program's memory a device: the larger of the sum of its parts and
+  XLA's peak of live buffers (`inspect`)."""
+  return max(program["memory"]["total"], program["memory"].get("peak", 0))
 
 
 def floors(record: dict, device_kind: str, per_chip: int) -> dict[str, float] | None:
@@ -310,7 +321,8 @@ def _gb(n: float) -> str:
 
 def _exchanges(found: dict) -> str:
   """"all-reduce x21 (<= 5.5 MB), ..." of `collectives`."""
-  size = lambda n: f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.0f} kB"
+  size = lambda n: (f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.0f} kB" if n >= 1e3
+                    else f"{n} B")
   return ", ".join(f"{op} x{c['count']} (<= {size(c['largest_bytes'])})"
                    for op, c in found.items())
 
@@ -318,28 +330,30 @@ def _exchanges(found: dict) -> str:
 def format_markdown(records: list[dict], topology: str) -> str:
   lines = [f"Programs compiled for a TPU slice `{topology}` without one "
            f"(`python -m experiments.tpu_compile`, jax {jax.__version__}); memory per "
-           "device in GiB, XLA's counts per training step and device; the floor from a "
-           "count, not a timing:", "",
-           "| config | devices | compiled (this CPU, s) | train memory / HBM | eval memory "
-           "| collectives a step | GFLOP a step | compute floor, ms | relayouts a step, MB "
-           "(the loss's) | relayouts a program, MB |",
-           "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
-  for r in records:
+           "device in GiB (the larger of XLA's peak of live buffers and the sum of "
+           "arguments, outputs, temporaries and code), XLA's counts per training step "
+           "and device; the floor from a count, not a timing:", ""]
+  training = [r for r in records if "error" in r or {"train", "eval"} & set(r["programs"])]
+  if training:
+    lines += ["| config | devices | compiled (this CPU, s) | train memory / HBM | eval "
+              "memory | collectives a step | GFLOP a step | compute floor, ms | relayouts "
+              "a step, MB (the loss's) | relayouts a program, MB |",
+              "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+  for r in training:
     head = f"| {r['config']} | {r['devices']} {r['device_kind']}"
     if "error" in r:
       lines.append(f"{head} | not run: {' '.join(r['error'].split())} | | | | | | | |")
       continue
     progs = r["programs"]
-    said = "; ".join(f"{p} " + (f"{v['compile_s']:.0f}" if "compile_s" in v else
-                               f"failed: {v['error']}") for p, v in progs.items())
+    said = _compiled(progs, ("train", "eval"))
     train, ev, fl = progs.get("train", {}), progs.get("eval", {}), r.get("floors") or {}
-    memory = (f"{_gb(train['memory']['total'])} / {fl.get('hbm_gib', float('nan')):.0f}"
-              if "memory" in train else "")
+    train_memory = (f"{_gb(program_memory(train))} / {fl.get('hbm_gib', math.nan):.0f}"
+                    if "memory" in train else "")
     moved = train.get("relayout_bytes", {})
     loss = moved.get("step_by_part", {}).get("invariance loss", 0)
     lines.append(
-        f"{head} | {said} | {memory} | "
-        f"{_gb(ev['memory']['total']) if 'memory' in ev else ''} | "
+        f"{head} | {said} | {train_memory} | "
+        f"{_gb(program_memory(ev)) if 'memory' in ev else ''} | "
         f"{_exchanges(train.get('collectives', {}))} | "
         f"{train.get('flops', math.nan) / 1e9:.1f} | "
         f"{fl.get('compute_ms', math.nan):.2f} | "
@@ -348,9 +362,10 @@ def format_markdown(records: list[dict], topology: str) -> str:
   analysis_rows = [r for r in records if "error" not in r and any(
       p in r["programs"] for p in ANALYSIS_PROGRAMS)]
   if analysis_rows:
-    lines += ["", "The analysis programs on the same slice, a batch each (scoring: "
+    lines += [""] * bool(training) + ["The analysis programs on the same slice, a batch each (scoring: "
               "`--mode=analyze`'s two passes, the second scoring every copy; PGD: "
-              "`--mode=robustness`'s attack); memory per device in GiB; relayouts in MB "
+              "`--mode=robustness`'s attack); memory per device in GiB, as above; relayouts "
+              "in MB "
               "a batch (PGD: every step's):", "",
               "| config | batch (copies; PGD steps) | compiled (this CPU, s) | memory: "
               "statistics / scores / PGD | collectives: scores | collectives: PGD "
@@ -359,13 +374,11 @@ def format_markdown(records: list[dict], topology: str) -> str:
     for r in analysis_rows:
       progs = r["programs"]
       get = lambda p, f: f(progs[p]) if p in progs and "memory" in progs[p] else "-"
-      said = "; ".join(f"{p} " + (f"{progs[p]['compile_s']:.0f}" if "compile_s" in
-                                  progs[p] else f"failed: {progs[p]['error']}")
-                       for p in ANALYSIS_PROGRAMS if p in progs)
+      said = _compiled(progs, ANALYSIS_PROGRAMS)
       lines.append(
           f"| {r['config']} | {r['scoring_batch']} ({r['scored_copies']}; "
           f"{r['pgd_steps']}) | {said} | "
-          + " / ".join(get(p, lambda v: _gb(v["memory"]["total"]))
+          + " / ".join(get(p, lambda v: _gb(program_memory(v)))
                        for p in ANALYSIS_PROGRAMS) + " | "
           f"{get('score', lambda v: _exchanges(v['collectives']))} | "
           f"{get('attack', lambda v: _exchanges(v['collectives']))} | "
@@ -375,6 +388,13 @@ def format_markdown(records: list[dict], topology: str) -> str:
 
 
 ANALYSIS_PROGRAMS = ("score_stats", "score", "attack")
+
+
+def _compiled(programs: dict, names: Sequence[str]) -> str:
+  """"train 41; eval 3" (this CPU's compile seconds) or the error, of `names`."""
+  return "; ".join(f"{p} " + (f"{programs[p]['compile_s']:.0f}" if "compile_s" in
+                              programs[p] else f"failed: {programs[p]['error']}")
+                   for p in names if p in programs)
 
 
 def load(name: str, variant: str, sets: Sequence[str]):

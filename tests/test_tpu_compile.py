@@ -103,6 +103,8 @@ def test_the_record_of_a_compile_on_this_cpu():
   assert set(record["programs"]) == {"train", "eval", "score_stats", "score", "attack"}
   for program in record["programs"].values():
     assert program["memory"]["total"] > 0 and program["compile_s"] > 0
+    assert tpu_compile.program_memory(program) == max(program["memory"]["total"],
+                                                      program["memory"]["peak"])
     assert program["collectives"] == {}
   train = record["programs"]["train"]
   assert train["flops"] > 0 and train["bytes"] > 0
