@@ -169,9 +169,9 @@ _NO_KERNEL = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", 
 
 
 def executions(index: HloIndex, entry: str) -> dict[str, int]:
-  """{kernel: how often one execution of the program runs it}: a loop's body and
-  condition as often as XLA's known trip count says (once, where it knows none), the
-  branches of a conditional once each (at most)."""
+  """{kernel: how often one execution of the program runs it}: a loop's body as often
+  as XLA's known trip count says (once, where it knows none; its condition as often,
+  one run short), the branches of a conditional once each (at most)."""
   out: dict[str, int] = collections.Counter()
   todo = [(entry, 1)]
   while todo:

@@ -92,6 +92,7 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
 # statistics; "score", every layer's scores of the transformed copies); "attack": PGD
 # on a batch, as --mode=robustness runs it (robustness.Settings()'s steps).
 PROGRAMS = ("train", "eval", "score", "attack")
+ANALYSIS_PROGRAMS = ("score_stats", "score", "attack")  # the compiled programs' names
 
 
 def define_flags():
@@ -362,11 +363,12 @@ def format_markdown(records: list[dict], topology: str) -> str:
   analysis_rows = [r for r in records if "error" not in r and any(
       p in r["programs"] for p in ANALYSIS_PROGRAMS)]
   if analysis_rows:
-    lines += [""] * bool(training) + ["The analysis programs on the same slice, a batch each (scoring: "
+    if training:
+      lines.append("")
+    lines += ["The analysis programs on the same slice, a batch each (scoring: "
               "`--mode=analyze`'s two passes, the second scoring every copy; PGD: "
-              "`--mode=robustness`'s attack); memory per device in GiB, as above; relayouts "
-              "in MB "
-              "a batch (PGD: every step's):", "",
+              "`--mode=robustness`'s attack); memory per device in GiB, as above; "
+              "relayouts in MB a batch (PGD: every step's):", "",
               "| config | batch (copies; PGD steps) | compiled (this CPU, s) | memory: "
               "statistics / scores / PGD | collectives: scores | collectives: PGD "
               "| relayouts: statistics / scores / PGD |",
@@ -385,9 +387,6 @@ def format_markdown(records: list[dict], topology: str) -> str:
           + " / ".join(get(p, lambda v: f"{v['relayout_bytes']['execution'] / 1e6:.0f}")
                        for p in ANALYSIS_PROGRAMS) + " |")
   return "\n".join(lines) + "\n"
-
-
-ANALYSIS_PROGRAMS = ("score_stats", "score", "attack")
 
 
 def _compiled(programs: dict, names: Sequence[str]) -> str:

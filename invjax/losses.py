@@ -261,7 +261,8 @@ def _distances(f: jax.Array) -> jax.Array:
   (matrix products, no [B, B, D] array).
 
   The squared norms are the Gram matrix's diagonal, not a sum of their own: two equal
-  rows then come out exactly 0 apart, as a.a and a.b are the same sum. A separate sum
+  rows then come out exactly 0 apart, as a.a and a.b are the same sum taken the same
+  way (a matrix product computes its entries alike). A separate sum
   rounds differently and left equal rows ~1e-7 apart, so a denominator made only of
   such pairs (the class denominator with one seed per class) gave a loss of 1 for 0/0.
   """
