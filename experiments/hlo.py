@@ -29,6 +29,7 @@ from invjax import build as build_lib
 from invjax import flat_state
 from invjax import placement as placement_lib
 from invjax import programs as programs_lib
+from invjax import steps as steps_lib
 
 PARTS = (
     "seed gather",
@@ -395,6 +396,16 @@ def state_args(run: build_lib.Run, placement: placement_lib.Placement):
       run, placement_lib.Placement.create()))
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
       a.shape, a.dtype, sharding=placement.replicated), state)
+
+
+def train_chunk(run: build_lib.Run, placement: placement_lib.Placement, steps: int):
+  """`run`'s training program of `steps` steps, as a run with its training set on
+  `placement`'s devices runs it (in a loop, the state in the loop's layout, the set as
+  rows): the function to lower on `train_args`."""
+  return steps_lib.make_train_chunk(
+      run.step_config, steps, run.config.batch_size // run.config.copies,
+      placement.batch, data_on_device=True, unroll=False, loop_state=True,
+      image_shape=run.data.image_shape)
 
 
 def train_args(run: build_lib.Run, placement: placement_lib.Placement) -> tuple:

@@ -58,7 +58,6 @@ from experiments import hlo
 from invjax import build as build_lib
 from invjax import models
 from invjax import placement as placement_lib
-from invjax import steps as steps_lib
 
 FLAGS = flags.FLAGS
 # --models and --variants are experiments/benchmark.py's (defined there, on import),
@@ -101,10 +100,7 @@ def step_hlo(model: str, key: str, placement: placement_lib.Placement,
   run = build_lib.build(config, data)
   run.step_config = dataclasses.replace(
       run.step_config, **{"moments_form": "one_read", **overrides})
-  chunk = steps_lib.make_train_chunk(run.step_config, steps,
-                                     config.batch_size // config.copies,
-                                     placement.batch, data_on_device=True, unroll=False,
-                                     loop_state=True, image_shape=data.image_shape)
+  chunk = hlo.train_chunk(run, placement, steps)
   args = hlo.train_args(run, placement)  # the state in the loop's layout, as a run's
   options = dict(dataclasses.replace(placement, gpu_compile=config.gpu_compile)
                  .compiler_options)

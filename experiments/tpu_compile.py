@@ -147,13 +147,10 @@ def lowered_programs(run: build_lib.Run, placement: placement_lib.Placement,
   """{name: program lowered for `placement`'s devices} of the programs in `which`
   (PROGRAMS), on the shapes and shardings a run passes them."""
   out = {}
-  args = hlo.train_args(run, placement)
+  if {"train", "eval"} & set(which):
+    args = hlo.train_args(run, placement)
   if "train" in which:
-    chunk = steps_lib.make_train_chunk(
-        run.step_config, run.steps_per_dispatch,
-        run.config.batch_size // run.config.copies, placement.batch,
-        data_on_device=True, unroll=False, loop_state=True,
-        image_shape=run.data.image_shape)
+    chunk = hlo.train_chunk(run, placement, run.steps_per_dispatch)
     out["train"] = jax.jit(chunk, donate_argnums=0, out_shardings=(
         placement.replicated, placement.replicated)).lower(*args)
   x = run.data.x_test
@@ -170,10 +167,12 @@ def lowered_programs(run: build_lib.Run, placement: placement_lib.Placement,
     out["eval"] = jax.jit(steps_lib.make_eval_step(run.step_config.top5),
                           out_shardings=placement.replicated).lower(args[0], *batch(size))
   # Scoring and attacks take the state as checkpoints keep it (not the loop's layout).
-  state = hlo.state_args(run, placement)
+  if {"score", "attack"} & set(which):
+    state = hlo.state_args(run, placement)
   if "score" in which:  # a batch as analyze.batches pads it: up to a multiple of n
-    scorer = analyze_lib.scorer(run.config, run, placement)
-    scored = analysis.Batch(*batch(-(-run.config.analysis.batch_size // n) * n))
+    scorer = analyze_lib.scorer(run.config, run)
+    scored = analysis.Batch(*batch(placement_lib.padded_to_devices(
+        run.config.analysis.batch_size, n)))
     out["score_stats"] = scorer.stats_program.lower(state, scored)
     stats = jax.eval_shape(scorer.stats_program, state, scored)[0]
     out["score"] = scorer.scores_program.lower(

@@ -26,7 +26,6 @@ from invjax import checkpoints
 from invjax import distributed
 from invjax import errors
 from invjax import evaluation
-from invjax import flat_state
 from invjax import placement as placement_lib
 from invjax import run_card
 from invjax import steps as steps_lib
@@ -57,7 +56,8 @@ def batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
     t0, quarters = time.perf_counter(), [n * q // 4 for q in (1, 2, 3, 4)]
     for start in range(0, n, batch_size):
       x, y = images[start:start + batch_size], labels[start:start + batch_size]
-      x, y, valid = placement_lib.pad_batch(x, y, -(-len(x) // n_dev) * n_dev)
+      x, y, valid = placement_lib.pad_batch(
+          x, y, placement_lib.padded_to_devices(len(x), n_dev))
       yield analysis.Batch(placement.shard(x), placement.shard(y), placement.shard(valid))
       done = start + len(x)
       if any(start < q <= done for q in quarters):
@@ -119,10 +119,10 @@ def with_weights(state, placement, path: str, model_config):
                        batch_stats=placement.replicate(batch_stats)), step
 
 
-def scorer(config, run, placement, weights=None) -> analysis.Scorer:
+def scorer(config, run, weights=None) -> analysis.Scorer:
   """The programs of `--mode=analyze` (`analysis.Scorer`): Eq. 2 for every sown layer
   under the config's scoring transformations, with the classification sums of the
-  same forward passes, for `placement`'s devices."""
+  same forward passes, for the devices `run` was built for."""
   ranges = augment.AugmentRanges.from_config(config.augment)
   # Image i of a batch gets split(batch key, n)[i]: the same with or without padding.
   transform = lambda key, x: augment.augment_each(key, x, ranges, scoring=True)
@@ -132,7 +132,7 @@ def scorer(config, run, placement, weights=None) -> analysis.Scorer:
       preprocess=steps_lib.to_float,
       metrics_fn=lambda logits, labels, mask: steps_lib.classification_sums(
           logits, labels, top5, mask), weights=weights,
-      platform=flat_state.platform_of(placement.batch))
+      platform=run.platform)
 
 
 def score_state(config, run, state, step: int, placement):
@@ -145,7 +145,7 @@ def score_state(config, run, state, step: int, placement):
   # One clean and num_transforms transformed forward passes per image give the scores
   # and the accuracy on the clean and on exactly the scored transformed images.
   # The state goes in as an argument (weights), not as constants of the programs.
-  scores, sums = scorer(config, run, placement, weights=state)(
+  scores, sums = scorer(config, run, weights=state)(
       batches(run.data.x_test, run.data.y_test, ac.batch_size, placement),
       jax.random.key(ac.seed))
   test = evaluation.rates(sums["clean"])

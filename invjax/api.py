@@ -130,7 +130,8 @@ class LoadedRun:
   def _batch_size(self, n: int, batch_size: int) -> int:
     """A multiple of the device count, no larger than n needs."""
     n_dev = jax.device_count()
-    return min(placement_lib.device_multiple(batch_size, n_dev), -(-n // n_dev) * n_dev)
+    return min(placement_lib.device_multiple(batch_size, n_dev),
+               placement_lib.padded_to_devices(n, n_dev))
 
   @staticmethod
   def _preprocess(x: np.ndarray):

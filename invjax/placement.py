@@ -157,6 +157,12 @@ def device_multiple(batch_size: int, devices: int) -> int:
   return max(devices, batch_size - batch_size % devices)
 
 
+def padded_to_devices(size: int, devices: int) -> int:
+  """`size` rounded up to a multiple of `devices`: what a batch of `size` is padded to
+  (`pad_batch`) to split evenly over the devices."""
+  return -(-size // devices) * devices
+
+
 class TestBatches:
   """The test images as padded batches of one shape (eval_batch_size rounded down to a
   multiple of the device count), split over the devices. With `on_device`, they are
